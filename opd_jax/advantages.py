@@ -1,0 +1,239 @@
+"""Advantage estimators for on-policy distillation: stop-gradient OPD and OPD+.
+
+With ``ℓ_n = log q(y_n|s_n) − log π(y_n|s_n)`` at the sampled tokens and the generator ``f`` of a
+:class:`~opd_jax.divergences.Divergence`, the estimators are (reward convention: higher is better)
+
+=============  =========================================================  ====================
+estimator      token level, discount γ                                    sequence level
+=============  =========================================================  ====================
+``stop_grad``  ``A_n = −Σ_{k≥n} γ^{k−n} m_k f(u_k)``                      ``A = −f(U)``
+``opd_plus``   ``A_n = −Σ_{k≥n} γ^{k−n} m_k f(u_k) + u_n f'(u_n)``        ``A = −f(U) + U f'(U)``
+=============  =========================================================  ====================
+
+where ``log U = Σ_n m_n ℓ_n``. Minimising ``−Σ_n m_n A_n log π(y_n|s_n)`` follows, in expectation,
+the exact gradient of ``J_tok = E[Σ_n m_n f(u_n)]`` for token-level ``opd_plus`` with ``γ = 1`` and of
+``J_seq = E[f(U)]`` for sequence-level ``opd_plus``. ``γ = 0`` (the per-token form used in practice)
+drops the effect of ``y_n`` on later states and is biased for ``J_tok`` beyond one step; stop-gradient
+OPD is biased for every generator but reverse KL. :mod:`opd_jax.exact` measures both biases exactly.
+
+The discount counts response tokens only: ``k − n`` is the number of response tokens between
+positions ``n`` and ``k`` (masked positions are skipped, not discounted), so left padding, prompts
+and masked tool outputs inside a response never change the weights.
+
+Numerics. Log-ratios are formed only at response positions (padding may hold ``-inf`` log-probs).
+``u = e^ℓ`` overflows for ``ℓ ≳ 88`` in float32 (``≳ 709`` in float64), and ``U`` is a product over
+the whole response, so in training pass ``log_ratio_clip``: it clamps each token's ``ℓ`` (token
+level) or ``log U`` (sequence level) to ``[−c, c]``. It is off by default so that exact checks stay
+exact; without it, a ratio that overflows gives an infinite advantage for generators that grow
+with ``u`` (forward KL, χ², α > 0, …) and stays finite for the ones that grow like ``log u``
+(reverse KL, JS, total variation). The generators needing the clip in training are the ones whose
+OPD+ reward grows with ``u``: ``forward_kl`` (``u``), ``pearson_chi2`` (``u²``), ``alpha`` with α > 0
+(``u^α``), ``neyman_chi2`` (``1/u`` as ``u → 0``) and ``alpha`` with α < 0; sequence-level estimators
+need it for every generator except ``reverse_kl``, ``js``/``generalized_js`` and ``total_variation``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from opd_jax import divergences as divergences_lib
+
+Array = jax.Array
+
+ESTIMATORS = ("stop_grad", "opd_plus")
+
+__all__ = [
+    "ESTIMATORS",
+    "leave_one_out_baseline",
+    "masked_log_ratio",
+    "sequence_advantages",
+    "token_advantages",
+]
+
+
+def check_same_shape(**arrays: Array) -> None:
+    """Raise a ``ValueError`` naming every shape unless all ``[B, T]`` arrays agree."""
+    shapes = {name: tuple(jnp.shape(a)) for name, a in arrays.items()}
+    first = next(iter(shapes.values()))
+    if len(first) != 2 or any(s != first for s in shapes.values()):
+        described = ", ".join(f"{name} {list(s)}" for name, s in shapes.items())
+        raise ValueError(f"expected matching [B, T] shapes, got {described}")
+
+
+def _check_estimator(estimator: str) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
+
+
+def _check_clip(log_ratio_clip: float | None) -> None:
+    if log_ratio_clip is not None and not (float(log_ratio_clip) > 0.0):
+        raise ValueError(f"log_ratio_clip must be None or a number > 0, got {log_ratio_clip!r}")
+
+
+def _float_dtype(*arrays: Array):
+    dtype = jnp.result_type(*arrays)
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
+
+
+def masked_log_ratio(
+    student_logp: Array, teacher_logp: Array, mask: Array, *, log_ratio_clip: float | None = None
+) -> Array:
+    """``ℓ = teacher_logp − student_logp`` at response tokens, ``0`` elsewhere, under stop-gradient.
+
+    Args:
+      student_logp: ``[B, T]`` float, log-probabilities of the sampled tokens under the student.
+      teacher_logp: ``[B, T]`` float, the same tokens under the teacher.
+      mask: ``[B, T]`` bool or {0, 1}; 1 at response tokens.
+      log_ratio_clip: if set, ``ℓ`` is clamped to ``[−c, c]``.
+
+    Returns:
+      ``[B, T]`` log-ratios in the promoted float dtype of the log-probabilities.
+    """
+    check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, mask=mask)
+    _check_clip(log_ratio_clip)
+    dtype = _float_dtype(student_logp, teacher_logp)
+    student_logp = jax.lax.stop_gradient(jnp.asarray(student_logp, dtype))
+    teacher_logp = jax.lax.stop_gradient(jnp.asarray(teacher_logp, dtype))
+    in_response = jnp.asarray(mask).astype(bool)
+    # `where`, not multiplication by the mask: padding may hold -inf, and -inf * 0 is NaN.
+    log_u = jnp.where(in_response, teacher_logp - student_logp, jnp.zeros((), dtype))
+    if log_ratio_clip is not None:
+        log_u = jnp.clip(log_u, -log_ratio_clip, log_ratio_clip)
+    return log_u
+
+
+def _discounted_future(cost_BxT: Array, in_response_BxT: Array, gamma: float) -> Array:
+    """``Σ_{k>n} γ^{j(k)−j(n)} cost_k`` over response tokens ``k``, with ``j`` the response index.
+
+    Solved as the linear recurrence ``C_n = a_n C_{n+1} + cost_n`` (``a_n = γ`` at response tokens,
+    ``1`` at masked ones, which are skipped rather than discounted) by a parallel associative scan;
+    the future of token ``n`` is ``γ C_{n+1}``.
+    """
+    if gamma == 0.0:
+        return jnp.zeros_like(cost_BxT)
+    decay = jnp.where(in_response_BxT, jnp.asarray(gamma, cost_BxT.dtype), 1)
+
+    def compose(earlier, later):  # on time-reversed arrays: x_t = a_t x_{t−1} + b_t
+        a_1, b_1 = earlier
+        a_2, b_2 = later
+        return a_2 * a_1, a_2 * b_1 + b_2
+
+    _, to_go_reversed = jax.lax.associative_scan(
+        compose, (decay[:, ::-1], cost_BxT[:, ::-1]), axis=1
+    )
+    to_go = to_go_reversed[:, ::-1]  # C_n, including token n's own cost
+    next_to_go = jnp.pad(to_go[:, 1:], ((0, 0), (0, 1)))
+    return gamma * next_to_go
+
+
+def token_advantages(
+    student_logp: Array,
+    teacher_logp: Array,
+    mask: Array,
+    *,
+    divergence: str | divergences_lib.Divergence,
+    estimator: str = "opd_plus",
+    gamma: float = 0.0,
+    log_ratio_clip: float | None = None,
+    baseline: Array | None = None,
+) -> Array:
+    """Per-token advantages of stop-gradient OPD or OPD+.
+
+    Args:
+      student_logp: ``[B, T]`` float, student log-probabilities of the sampled tokens (the policy
+        that sampled them).
+      teacher_logp: ``[B, T]`` float, teacher log-probabilities of the same tokens.
+      mask: ``[B, T]`` bool or {0, 1}, 1 at response tokens.
+      divergence: a name for :func:`opd_jax.divergences.get` or a ``Divergence``.
+      estimator: ``"stop_grad"`` (standard OPD) or ``"opd_plus"``.
+      gamma: discount in ``[0, 1]``; ``1`` is unbiased for ``J_tok`` with ``opd_plus``, ``0`` is the
+        per-token form.
+      log_ratio_clip: clamp each ``ℓ_n`` to ``[−c, c]`` (see the module notes); ``None`` is exact.
+      baseline: optional array broadcastable to ``[B, T]`` subtracted from the advantages. It keeps
+        the estimator unbiased if ``baseline[b, n]`` does not depend on the token ``y_n`` (e.g.
+        :func:`leave_one_out_baseline` over a group of samples of the same prompt).
+
+    Returns:
+      ``[B, T]`` advantages, computed under stop-gradient, 0 at masked positions; dtype of the
+      log-probabilities.
+    """
+    divergence = divergences_lib.get(divergence)
+    _check_estimator(estimator)
+    if not 0.0 <= float(gamma) <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma!r}")
+    log_u = masked_log_ratio(student_logp, teacher_logp, mask, log_ratio_clip=log_ratio_clip)
+    in_response = jnp.asarray(mask).astype(bool)
+    zero = jnp.zeros((), log_u.dtype)
+    cost = jnp.where(in_response, divergence.f(log_u), zero)
+    if estimator == "stop_grad":
+        own = -cost
+    else:
+        own = jnp.where(in_response, divergence.opd_plus_reward(log_u), zero)
+    advantages = own - _discounted_future(cost, in_response, float(gamma))
+    if baseline is not None:
+        advantages = advantages - jax.lax.stop_gradient(jnp.asarray(baseline, log_u.dtype))
+    return jnp.where(in_response, advantages, zero)
+
+
+def sequence_advantages(
+    student_logp: Array,
+    teacher_logp: Array,
+    mask: Array,
+    *,
+    divergence: str | divergences_lib.Divergence,
+    estimator: str = "opd_plus",
+    log_ratio_clip: float | None = None,
+    baseline: Array | None = None,
+) -> Array:
+    """Sequence-level advantages, from ``log U = Σ_n m_n ℓ_n``.
+
+    Args:
+      student_logp, teacher_logp, mask, divergence, estimator: as in :func:`token_advantages`.
+      log_ratio_clip: clamp ``log U`` (not the per-token ratios) to ``[−c, c]``.
+      baseline: optional ``[B]`` array subtracted from the advantages; unbiased if it does not
+        depend on the row's own response.
+
+    Returns:
+      ``[B]`` advantages under stop-gradient; 0 for rows without response tokens.
+    """
+    divergence = divergences_lib.get(divergence)
+    _check_estimator(estimator)
+    log_u = masked_log_ratio(student_logp, teacher_logp, mask)
+    _check_clip(log_ratio_clip)
+    log_big_u = jnp.sum(log_u, axis=-1)
+    if log_ratio_clip is not None:
+        log_big_u = jnp.clip(log_big_u, -log_ratio_clip, log_ratio_clip)
+    if estimator == "stop_grad":
+        advantages = -divergence.f(log_big_u)
+    else:
+        advantages = divergence.opd_plus_reward(log_big_u)
+    if baseline is not None:
+        advantages = advantages - jax.lax.stop_gradient(jnp.asarray(baseline, log_u.dtype))
+    has_response = jnp.any(jnp.asarray(mask).astype(bool), axis=-1)
+    return jnp.where(has_response, advantages, jnp.zeros((), log_u.dtype))
+
+
+def leave_one_out_baseline(values: Array, group_size: int) -> Array:
+    """For each sample, the mean of ``values`` over the *other* samples of its group.
+
+    Samples of one prompt must be contiguous: rows ``[g·k, g·(k+1))`` form group ``k``. Because
+    the baseline of a sample is computed from independent samples only, subtracting it leaves
+    every estimator's expected gradient unchanged while lowering its variance.
+
+    Args:
+      values: ``[B, ...]`` float, e.g. ``[B]`` sequence advantages or ``[B, T]`` token advantages.
+      group_size: samples per prompt, ``≥ 2``, dividing ``B``.
+
+    Returns:
+      ``[B, ...]`` baseline, same dtype as ``values``.
+    """
+    values = jnp.asarray(values)
+    batch = values.shape[0]
+    if int(group_size) < 2 or batch % int(group_size):
+        raise ValueError(
+            f"group_size must be >= 2 and divide the batch size {batch}, got {group_size!r}"
+        )
+    grouped = values.reshape(batch // group_size, group_size, *values.shape[1:])
+    others = (jnp.sum(grouped, axis=1, keepdims=True) - grouped) / (group_size - 1)
+    return others.reshape(values.shape)

@@ -1,0 +1,218 @@
+"""Losses built on the advantages: policy-gradient surrogates and full-vocabulary divergences.
+
+All losses return per-sequence values ``[B]`` (sums over the response tokens of each row). Reduce
+them with the *global* response-token count of the batch, not a per-row or per-device mean, so that
+gradient accumulation and data-parallel size do not change the loss.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from opd_jax import divergences as divergences_lib
+from opd_jax.advantages import check_same_shape
+
+Array = jax.Array
+
+__all__ = [
+    "clipped_token_mask",
+    "full_vocab_divergence",
+    "importance_surrogate",
+    "pg_surrogate",
+]
+
+
+def _broadcast_advantages(advantages: Array, mask: Array) -> Array:
+    advantages = jnp.asarray(advantages)
+    if advantages.ndim == 1:
+        if advantages.shape[0] != jnp.shape(mask)[0]:
+            raise ValueError(
+                f"sequence advantages {list(advantages.shape)} do not match mask {list(jnp.shape(mask))}"
+            )
+        advantages = advantages[:, None]
+    else:
+        check_same_shape(advantages=advantages, mask=mask)
+    return jnp.broadcast_to(advantages, jnp.shape(mask))
+
+
+def pg_surrogate(student_logp: Array, advantages: Array, mask: Array) -> Array:
+    """The policy-gradient surrogate ``L = −Σ_t m_t · sg(A_t) · log π(y_t|s_t)``.
+
+    Its gradient, averaged over responses sampled from the student, is the gradient the advantage
+    estimator claims to follow (exactly so for unbiased estimators).
+
+    Args:
+      student_logp: ``[B, T]`` float, differentiable log-probabilities of the sampled tokens.
+      advantages: ``[B, T]`` token advantages or ``[B]`` sequence advantages (broadcast over t).
+      mask: ``[B, T]`` bool or {0, 1}.
+
+    Returns:
+      ``[B]`` per-sequence loss in the dtype of ``student_logp``; masked positions contribute
+      nothing, even if they hold ``-inf`` or NaN.
+    """
+    check_same_shape(student_logp=student_logp, mask=mask)
+    in_response = jnp.asarray(mask).astype(bool)
+    advantages = jax.lax.stop_gradient(_broadcast_advantages(advantages, mask)).astype(student_logp.dtype)
+    zero = jnp.zeros((), student_logp.dtype)
+    # Both factors are masked before the product so no -inf * 0 reaches values or gradients.
+    terms = jnp.where(in_response, advantages, zero) * jnp.where(in_response, student_logp, zero)
+    return -jnp.sum(terms, axis=-1)
+
+
+def _importance_ratio(student_logp: Array, behavior_logp: Array, mask: Array) -> tuple[Array, Array]:
+    check_same_shape(student_logp=student_logp, behavior_logp=behavior_logp, mask=mask)
+    in_response = jnp.asarray(mask).astype(bool)
+    zero = jnp.zeros((), student_logp.dtype)
+    log_ratio = jnp.where(
+        in_response, student_logp - jax.lax.stop_gradient(behavior_logp).astype(student_logp.dtype), zero
+    )
+    return jnp.exp(log_ratio), in_response
+
+
+def _check_clip_epsilons(clip_epsilon: float, clip_epsilon_high: float | None) -> tuple[float, float]:
+    high = clip_epsilon if clip_epsilon_high is None else clip_epsilon_high
+    if not 0.0 < float(clip_epsilon) < 1.0:
+        raise ValueError(f"clip_epsilon must lie in (0, 1), got {clip_epsilon!r}")
+    if not float(high) > 0.0:
+        raise ValueError(f"clip_epsilon_high must be > 0, got {clip_epsilon_high!r}")
+    return float(clip_epsilon), float(high)
+
+
+def importance_surrogate(
+    student_logp: Array,
+    behavior_logp: Array,
+    advantages: Array,
+    mask: Array,
+    *,
+    clip_epsilon: float = 0.2,
+    clip_epsilon_high: float | None = None,
+) -> Array:
+    """PPO-style clipped surrogate for updates on rollouts sampled by an older policy.
+
+    ``L = −Σ_t m_t · min(r_t A_t, clip(r_t, 1 − ε, 1 + ε_high) A_t)`` with the per-token importance
+    ratio ``r_t = π_θ(y_t|s_t) / π_old(y_t|s_t)``. On the rollout policy itself (``r = 1``) its
+    gradient equals that of :func:`pg_surrogate`.
+
+    Args:
+      student_logp: ``[B, T]`` differentiable log-probabilities under the current policy.
+      behavior_logp: ``[B, T]`` log-probabilities under the policy that sampled the tokens.
+      advantages: ``[B, T]`` or ``[B]``, treated as constants.
+      mask: ``[B, T]`` bool or {0, 1}.
+      clip_epsilon: lower clip ``ε`` in (0, 1).
+      clip_epsilon_high: upper clip, ``ε`` if ``None`` (a larger value is the "clip-higher" variant).
+
+    Returns:
+      ``[B]`` per-sequence loss, dtype of ``student_logp``.
+    """
+    low, high = _check_clip_epsilons(clip_epsilon, clip_epsilon_high)
+    ratio, in_response = _importance_ratio(student_logp, behavior_logp, mask)
+    advantages = jax.lax.stop_gradient(_broadcast_advantages(advantages, mask)).astype(ratio.dtype)
+    advantages = jnp.where(in_response, advantages, 0)
+    objective = jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - low, 1 + high) * advantages)
+    return -jnp.sum(jnp.where(in_response, objective, 0), axis=-1)
+
+
+def clipped_token_mask(
+    student_logp: Array,
+    behavior_logp: Array,
+    advantages: Array,
+    mask: Array,
+    *,
+    clip_epsilon: float = 0.2,
+    clip_epsilon_high: float | None = None,
+) -> Array:
+    """``[B, T]`` bool: response tokens whose gradient :func:`importance_surrogate` clips to zero."""
+    low, high = _check_clip_epsilons(clip_epsilon, clip_epsilon_high)
+    ratio, in_response = _importance_ratio(student_logp, behavior_logp, mask)
+    advantages = _broadcast_advantages(advantages, mask)
+    clipped = ((advantages > 0) & (ratio > 1 + high)) | ((advantages < 0) & (ratio < 1 - low))
+    return in_response & clipped
+
+
+def full_vocab_divergence(
+    student_logits: Array,
+    teacher_logits: Array,
+    mask: Array,
+    *,
+    divergence: str | divergences_lib.Divergence,
+    chunk_size: int | None = None,
+) -> Array:
+    """Per-token ``D_f(q ‖ π)(s_t) = Σ_v π(v|s_t) f(q(v|s_t)/π(v|s_t))`` from two logit tensors.
+
+    Differentiable in ``student_logits``; the teacher is a constant. Log-softmax runs in float32
+    at least (float64 inputs stay float64), whatever the logits' dtype.
+
+    With ``chunk_size``, tokens are processed ``chunk_size`` at a time under ``jax.checkpoint``, so
+    the temporaries of the forward and backward pass are ``O(chunk_size · V)`` instead of
+    ``O(B · T · V)``; the result is the same as the unchunked one.
+
+    Numerics: terms are ``π(v) f(u_v)``; a token with ``π(v)`` below the float range and ``q(v)``
+    not (``|ℓ| ≳ 88`` in float32) can give ``inf · 0``. Pass float64 logits when that matters.
+
+    Args:
+      student_logits: ``[B, T, V]`` float (any float dtype).
+      teacher_logits: ``[B, T, V]`` float.
+      mask: ``[B, T]`` bool or {0, 1}.
+      divergence: a name or a ``Divergence``.
+      chunk_size: tokens per chunk (over the flattened ``B · T`` axis), ``None`` for no chunking.
+
+    Returns:
+      ``[B, T]`` divergences in the compute dtype (float32, or float64 for float64 logits), 0 at
+      masked positions.
+    """
+    divergence = divergences_lib.get(divergence)
+    student_logits = jnp.asarray(student_logits)
+    teacher_logits = jnp.asarray(teacher_logits)
+    if student_logits.ndim != 3 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "expected matching [B, T, V] logits, got student_logits "
+            f"{list(student_logits.shape)}, teacher_logits {list(teacher_logits.shape)}"
+        )
+    batch, length, vocab = student_logits.shape
+    if tuple(jnp.shape(mask)) != (batch, length):
+        raise ValueError(
+            f"mask {list(jnp.shape(mask))} does not match logits [B, T] = {[batch, length]}"
+        )
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+    compute_dtype = jnp.promote_types(student_logits.dtype, jnp.float32)
+
+    def divergence_per_token(student_NxV: Array, teacher_NxV: Array) -> Array:
+        log_p = jax.nn.log_softmax(student_NxV.astype(compute_dtype), axis=-1)
+        log_q = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_NxV).astype(compute_dtype), axis=-1)
+        return jnp.sum(jnp.exp(log_p) * divergence.f(log_q - log_p), axis=-1)
+
+    num_tokens = batch * length
+    student_flat = student_logits.reshape(num_tokens, vocab)
+    teacher_flat = teacher_logits.reshape(num_tokens, vocab)
+    if chunk_size is None or chunk_size >= num_tokens:
+        per_token = divergence_per_token(student_flat, teacher_flat)
+    else:
+        per_token = _chunked_over_rows(divergence_per_token, student_flat, teacher_flat, int(chunk_size))
+    per_token = per_token.reshape(batch, length)
+    return jnp.where(jnp.asarray(mask).astype(bool), per_token, jnp.zeros((), compute_dtype))
+
+
+def _chunked_over_rows(fn, a_NxV: Array, b_NxV: Array, chunk_size: int) -> Array:
+    """``fn(a, b)`` row-wise in chunks of ``chunk_size`` rows, rematerialised in the backward pass.
+
+    Chunks are read with ``dynamic_slice`` from the unpadded inputs (padding would copy them);
+    the remainder rows that do not fill a chunk are one extra call.
+    """
+    num_rows = a_NxV.shape[0]
+    num_full = num_rows // chunk_size
+    checkpointed = jax.checkpoint(fn)
+
+    def one_chunk(index):
+        start = index * chunk_size
+        return checkpointed(
+            jax.lax.dynamic_slice_in_dim(a_NxV, start, chunk_size),
+            jax.lax.dynamic_slice_in_dim(b_NxV, start, chunk_size),
+        )
+
+    pieces = [jax.lax.map(one_chunk, jnp.arange(num_full)).reshape(-1)]
+    tail = num_full * chunk_size
+    if tail < num_rows:
+        pieces.append(checkpointed(a_NxV[tail:], b_NxV[tail:]))
+    return jnp.concatenate(pieces)
