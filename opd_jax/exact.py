@@ -293,9 +293,8 @@ def compare_gradients(estimate: PyTree, exact: PyTree) -> tuple[float, float]:
 class BiasRow:
     """One line of the bias report.
 
-    ``relative_error`` and ``cosine`` compare the estimator's expected gradient with the exact
-    gradient of ``target`` (``J_tok`` or ``J_seq``); over several problems they are the worst case
-    (largest error, smallest cosine).
+    Compares the estimator's expected gradient with the exact gradient of ``target`` (``J_tok`` or
+    ``J_seq``) over several problems: the largest relative error and the range of cosines.
     """
 
     divergence: str
@@ -304,7 +303,8 @@ class BiasRow:
     gamma: float | None
     target: str
     relative_error: float
-    cosine: float
+    cosine_min: float
+    cosine_max: float
 
     @property
     def unbiased(self) -> bool:
@@ -356,7 +356,8 @@ def bias_report(
     """Bias of every estimator against the exact gradient of its objective, on random tabular problems.
 
     Each seed draws a student and a teacher (:func:`random_tabular_problem`, EOS = token ``V − 1``
-    when ``eos``). Rows give the worst case over the seeds. Run under float64 for meaningful errors.
+    when ``eos``). Rows give the largest error and the range of cosines over the seeds.
+    Run under float64 for meaningful errors.
 
     Args:
       seeds: problem seeds.
@@ -374,7 +375,7 @@ def bias_report(
     student_tables = jnp.stack([table for _, table, _ in problems])
     teacher_logits = jnp.stack([teacher for _, _, teacher in problems])
     logits_fn = functools.partial(tabular_logits, space=space)
-    worst: dict[tuple[str, str, str, float | None], tuple[float, float]] = {}
+    summary: dict[tuple[str, str, str, float | None], tuple[float, float, float]] = {}
     for done, (name, params) in enumerate(divergences, start=1):
         divergence = divergences_lib.get(name, **params)
 
@@ -400,13 +401,11 @@ def bias_report(
             per_seed = [
                 compare_gradients(estimate[i], exact[level][i]) for i in range(len(problems))
             ]
-            worst[(label, level, estimator, gamma)] = (
-                max(error for error, _ in per_seed),
-                min(cosine for _, cosine in per_seed),
-            )
+            errors, cosines = zip(*per_seed)
+            summary[(label, level, estimator, gamma)] = (max(errors), min(cosines), max(cosines))
         if progress is not None:
             progress(done, len(divergences))
     return [
-        BiasRow(label, level, estimator, gamma, "J_tok" if level == "token" else "J_seq", error, cosine)
-        for (label, level, estimator, gamma), (error, cosine) in worst.items()
+        BiasRow(label, level, estimator, gamma, "J_tok" if level == "token" else "J_seq", *values)
+        for (label, level, estimator, gamma), values in summary.items()
     ]

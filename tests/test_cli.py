@@ -39,7 +39,7 @@ def test_verify_reports_opd_plus_exact_and_forward_kl_stop_grad_reversed(tmp_pat
         assert rows[(divergence, "token", "opd_plus", 1.0)]["relative_error"] <= 1e-10
         assert rows[(divergence, "sequence", "opd_plus", None)]["relative_error"] <= 1e-10
     assert rows[("reverse_kl", "sequence", "stop_grad", None)]["relative_error"] <= 1e-10
-    assert rows[("forward_kl", "sequence", "stop_grad", None)]["cosine"] < 0
+    assert rows[("forward_kl", "sequence", "stop_grad", None)]["cosine_max"] < 0
 
     with csv_path.open() as handle:
         csv_rows = list(csv.DictReader(handle))
