@@ -1,0 +1,242 @@
+"""Hugging Face checkpoints: ``config.json`` plus safetensors (single file or sharded), both ways.
+
+``from_pretrained`` builds the module abstractly (``nnx.eval_shape``, no random initialisation) and
+fills it tensor by tensor, so an 8B checkpoint is read once, straight into the requested dtype.
+``save_pretrained`` writes a folder that transformers' ``AutoModelForCausalLM.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.flax import save_file
+
+from opd_jax.models.config import DecoderConfig
+from opd_jax.models.decoder import Decoder
+
+Array = jax.Array
+Path = tuple[str | int, ...]
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+__all__ = ["from_pretrained", "hf_tensor_map", "save_pretrained"]
+
+
+def _identity(x):
+    return x
+
+
+def hf_tensor_map(config: DecoderConfig) -> dict[str, tuple[Path, Callable, Callable]]:
+    """HF tensor name -> (path in the NNX state, HF->ours transform, ours->HF transform)."""
+    n, k, h, d = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
+
+    def projection_in(heads):  # HF [heads·H, D] <-> ours [D, heads, H]
+        return (lambda w: w.reshape(heads, h, d).transpose(2, 0, 1), lambda w: w.transpose(1, 2, 0).reshape(heads * h, d))
+
+    def bias_in(heads):
+        return (lambda b: b.reshape(heads, h), lambda b: b.reshape(heads * h))
+
+    transpose = (lambda w: w.T, lambda w: w.T)
+    same = (_identity, _identity)
+    names: dict[str, tuple[Path, Callable, Callable]] = {
+        "model.embed_tokens.weight": (("embedding",), *same),
+        "model.norm.weight": (("final_norm", "weight"), *same),
+    }
+    if not config.tie_word_embeddings:
+        names["lm_head.weight"] = (("lm_head",), *transpose)
+    for i in range(config.num_layers):
+        hf, ours = f"model.layers.{i}", ("layers", i)
+        layer = {
+            "input_layernorm.weight": (("attention_norm", "weight"), *same),
+            "post_attention_layernorm.weight": (("mlp_norm", "weight"), *same),
+            "self_attn.q_proj.weight": (("attention", "q"), *projection_in(n)),
+            "self_attn.k_proj.weight": (("attention", "k"), *projection_in(k)),
+            "self_attn.v_proj.weight": (("attention", "v"), *projection_in(k)),
+            "self_attn.o_proj.weight": (
+                ("attention", "o"),
+                lambda w: w.reshape(d, n, h).transpose(1, 2, 0),
+                lambda w: w.transpose(2, 0, 1).reshape(d, n * h),
+            ),
+            "mlp.gate_proj.weight": (("mlp", "gate"), *transpose),
+            "mlp.up_proj.weight": (("mlp", "up"), *transpose),
+            "mlp.down_proj.weight": (("mlp", "down"), *transpose),
+        }
+        if config.qkv_bias:
+            layer["self_attn.q_proj.bias"] = (("attention", "q_bias"), *bias_in(n))
+            layer["self_attn.k_proj.bias"] = (("attention", "k_bias"), *bias_in(k))
+            layer["self_attn.v_proj.bias"] = (("attention", "v_bias"), *bias_in(k))
+        if config.o_bias:
+            layer["self_attn.o_proj.bias"] = (("attention", "o_bias"), *same)
+        if config.qk_norm:
+            layer["self_attn.q_norm.weight"] = (("attention", "q_norm", "weight"), *same)
+            layer["self_attn.k_norm.weight"] = (("attention", "k_norm", "weight"), *same)
+        if config.mlp_bias:
+            for proj, name in (("gate_proj", "gate_bias"), ("up_proj", "up_bias"), ("down_proj", "down_bias")):
+                layer[f"mlp.{proj}.bias"] = (("mlp", name), *same)
+        names.update({f"{hf}.{key}": (ours + path, *fns) for key, (path, *fns) in layer.items()})
+    return names
+
+
+def load_config(path: str | pathlib.Path) -> DecoderConfig:
+    """The :class:`DecoderConfig` of a checkpoint folder; errors name the file and field."""
+    config_path = pathlib.Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {pathlib.Path(path)} (expected {config_path})")
+    try:
+        hf = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+    try:
+        return DecoderConfig.from_hf(hf)
+    except ValueError as error:
+        raise ValueError(f"{config_path}: {error}") from None
+
+
+def _weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+    """HF tensor name -> safetensors file holding it."""
+    index, single = folder / INDEX_FILE, folder / SINGLE_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: folder / filename for name, filename in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise FileNotFoundError(f"{index} lists {file.name}, which is missing from {folder}")
+        return files
+    if single.is_file():
+        with safe_open(single, framework="flax") as handle:
+            return {name: single for name in handle.keys()}
+    raise FileNotFoundError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _read_tensors(files: dict[str, pathlib.Path], names: list[str]) -> Iterator[tuple[str, Array]]:
+    by_file: dict[pathlib.Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    for file, file_names in by_file.items():
+        # framework="flax": the numpy backend cannot represent bfloat16 tensors.
+        with safe_open(file, framework="flax") as handle:
+            for name in file_names:
+                yield name, handle.get_tensor(name)
+
+
+def from_pretrained(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[Decoder, DecoderConfig]:
+    """Load a Qwen3 / Qwen2 / Llama checkpoint folder.
+
+    Args:
+      path: folder with ``config.json`` and ``model.safetensors`` or a sharded
+        ``model.safetensors.index.json`` (float32, bfloat16 or float16 tensors).
+      dtype: parameter dtype of the returned model.
+
+    Returns:
+      ``(model, config)``.
+
+    Raises:
+      FileNotFoundError: missing folder, ``config.json`` or weight files (named).
+      ValueError: unsupported architecture; a missing tensor or a tensor of the wrong shape (named).
+    """
+    folder = pathlib.Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    config = load_config(folder)
+    files = _weight_files(folder)
+    expected = hf_tensor_map(config)
+    missing = [name for name in expected if name not in files]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{folder}: missing tensor(s) {shown} for a {config.model_type} model")
+
+    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), param_dtype=dtype))
+    graphdef, state = nnx.split(abstract)
+    shapes = {path: variable.shape for path, variable in nnx.to_flat_state(state)}
+    loaded: dict[Path, Array] = {}
+    for name, tensor in _read_tensors(files, list(expected)):
+        target, to_ours, to_hf = expected[name]
+        expected_shape = tuple(to_hf(np.empty(shapes[target], np.float32)).shape)
+        if tuple(tensor.shape) != expected_shape:
+            raise ValueError(
+                f"{folder}: tensor {name} has shape {list(tensor.shape)}, but config.json implies "
+                f"{list(expected_shape)}"
+            )
+        loaded[target] = to_ours(jnp.asarray(tensor, dtype))
+    nnx.replace_by_pure_dict(state, _nested(loaded))
+    return nnx.merge(graphdef, state), config
+
+
+def _nested(flat: dict[Path, Array]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def save_pretrained(
+    model: Decoder,
+    config: DecoderConfig,
+    path: str | pathlib.Path,
+    *,
+    dtype=None,
+    max_shard_bytes: int | None = None,
+) -> None:
+    """Write ``config.json`` and safetensors that transformers loads back.
+
+    Args:
+      model: the decoder.
+      config: its configuration.
+      path: output folder (created); existing weight files of the same names are replaced.
+      dtype: tensor dtype on disk (default: the parameters' dtype).
+      max_shard_bytes: if set, split the weights into ``model-0000i-of-0000n.safetensors`` files of
+        at most this many bytes each plus ``model.safetensors.index.json``.
+    """
+    folder = pathlib.Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    tensors: dict[str, Array] = {}
+    for name, (target, _, to_hf) in hf_tensor_map(config).items():
+        value = state[target][...]
+        tensors[name] = jnp.asarray(to_hf(value), dtype or value.dtype)
+    disk_dtype = next(iter(tensors.values())).dtype
+    hf_config = config.to_hf() | {"dtype": str(jnp.dtype(disk_dtype))}
+    shards = _split_into_shards(tensors, max_shard_bytes)
+    for stale in folder.glob("model*.safetensors*"):
+        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale.name):
+            stale.unlink()
+    if len(shards) == 1:
+        save_file(shards[0], folder / SINGLE_FILE, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, folder / filename, metadata={"format": "pt"})
+            weight_map.update({name: filename for name in shard})
+        total = sum(t.size * t.dtype.itemsize for t in tensors.values())
+        index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (folder / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
+def _split_into_shards(tensors: dict[str, Array], max_shard_bytes: int | None) -> list[dict[str, Array]]:
+    if max_shard_bytes is None:
+        return [tensors]
+    shards: list[dict[str, Array]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.size * tensor.dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
