@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from opd_jax import divergences as divergences_lib
 from opd_jax.advantages import check_same_shape
+from opd_jax.chunking import map_row_chunks
 
 Array = jax.Array
 
@@ -174,8 +175,6 @@ def full_vocab_divergence(
         raise ValueError(
             f"mask {list(jnp.shape(mask))} does not match logits [B, T] = {[batch, length]}"
         )
-    if chunk_size is not None and int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
     compute_dtype = jnp.promote_types(student_logits.dtype, jnp.float32)
 
     def divergence_per_token(student_NxV: Array, teacher_NxV: Array) -> Array:
@@ -186,33 +185,6 @@ def full_vocab_divergence(
     num_tokens = batch * length
     student_flat = student_logits.reshape(num_tokens, vocab)
     teacher_flat = teacher_logits.reshape(num_tokens, vocab)
-    if chunk_size is None or chunk_size >= num_tokens:
-        per_token = divergence_per_token(student_flat, teacher_flat)
-    else:
-        per_token = _chunked_over_rows(divergence_per_token, student_flat, teacher_flat, int(chunk_size))
+    per_token = map_row_chunks(divergence_per_token, student_flat, teacher_flat, chunk_size=chunk_size)
     per_token = per_token.reshape(batch, length)
     return jnp.where(jnp.asarray(mask).astype(bool), per_token, jnp.zeros((), compute_dtype))
-
-
-def _chunked_over_rows(fn, a_NxV: Array, b_NxV: Array, chunk_size: int) -> Array:
-    """``fn(a, b)`` row-wise in chunks of ``chunk_size`` rows, rematerialised in the backward pass.
-
-    Chunks are read with ``dynamic_slice`` from the unpadded inputs (padding would copy them);
-    the remainder rows that do not fill a chunk are one extra call.
-    """
-    num_rows = a_NxV.shape[0]
-    num_full = num_rows // chunk_size
-    checkpointed = jax.checkpoint(fn)
-
-    def one_chunk(index):
-        start = index * chunk_size
-        return checkpointed(
-            jax.lax.dynamic_slice_in_dim(a_NxV, start, chunk_size),
-            jax.lax.dynamic_slice_in_dim(b_NxV, start, chunk_size),
-        )
-
-    pieces = [jax.lax.map(one_chunk, jnp.arange(num_full)).reshape(-1)]
-    tail = num_full * chunk_size
-    if tail < num_rows:
-        pieces.append(checkpointed(a_NxV[tail:], b_NxV[tail:]))
-    return jnp.concatenate(pieces)
