@@ -1,0 +1,88 @@
+"""Tokenizers from local folders, prompt encoding with chat templates, and the compatibility check."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tokenizers
+import transformers
+
+from opd_jax import models, tokenization
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
+CORPUS = ["what is 12 + 30 ?", "the answer is 42", "step by step we add the numbers", "user assistant"] * 20
+
+
+def _make_tokenizer(folder, corpus=CORPUS, vocab_size=300, eos="<|im_end|>"):
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token=eos, unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return _make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def _config(vocab_size):
+    return models.DecoderConfig("qwen3", vocab_size, 32, 64, 1, 2, 1, 16)
+
+
+def test_load_and_encode_left_padded_with_chat_template(folder):
+    tokenizer = tokenization.load_tokenizer(folder)
+    tokens, mask = tokenization.encode_prompts(tokenizer, ["what is 12 + 30 ?", "add"], max_length=40)
+    assert tokens.shape == mask.shape == (2, 40) and tokens.dtype == np.int32
+    for row, text in enumerate(["what is 12 + 30 ?", "add"]):
+        real = tokens[row][mask[row]].tolist()
+        assert mask[row, -1] and mask[row].sum() == len(real)  # left padded
+        expected = tokenizer.encode(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+        assert real == expected
+        assert np.all(tokens[row][~mask[row]] == tokenizer.pad_token_id)
+    assert tokenizer.decode(tokens[0][mask[0]]).endswith("<|im_start|>assistant\n")
+    plain, plain_mask = tokenization.encode_prompts(tokenizer, ["the answer"], max_length=8, use_chat_template=False)
+    assert plain[0][plain_mask[0]].tolist() == tokenizer.encode("the answer")
+
+
+def test_too_long_prompt_and_missing_tokenizer_are_named(folder, tmp_path):
+    tokenizer = tokenization.load_tokenizer(folder)
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens, more than max_length 14"):
+        tokenization.encode_prompts(tokenizer, ["add", "step by step we add the numbers"], max_length=14)
+    with pytest.raises(FileNotFoundError, match="no tokenizer in"):
+        tokenization.load_tokenizer(tmp_path)
+
+
+def test_compatible_pair_passes(folder, tmp_path):
+    same = tokenization.load_tokenizer(_make_tokenizer(tmp_path / "copy"))
+    tokenization.check_compatible(tokenization.load_tokenizer(folder), same, _config(512), _config(512))
+
+
+def test_mismatches_fail_loudly_naming_both_sides(folder, tmp_path):
+    teacher = tokenization.load_tokenizer(folder)
+    other_corpus = tokenization.load_tokenizer(
+        _make_tokenizer(tmp_path / "other", corpus=["completely different words here"] * 20 + CORPUS[:2])
+    )
+    with pytest.raises(ValueError, match="teacher/student (tokenizer size|token ids of the probe text) mismatch"):
+        tokenization.check_compatible(teacher, other_corpus, _config(512), _config(512))
+    other_eos = tokenization.load_tokenizer(_make_tokenizer(tmp_path / "eos", eos="<|im_start|>"))
+    with pytest.raises(ValueError, match=r"teacher/student eos_token_id mismatch: teacher \d+, student \d+"):
+        tokenization.check_compatible(teacher, other_eos, _config(512), _config(512))
+    with pytest.raises(ValueError, match=r"vocab_size \(config.json\) mismatch: teacher 512, student 1024"):
+        tokenization.check_compatible(teacher, teacher, _config(512), _config(1024))
+    with pytest.raises(ValueError, match="smaller than the tokenizer"):
+        small = dataclasses.replace(_config(512), vocab_size=len(teacher) - 1)
+        tokenization.check_compatible(teacher, teacher, small, small)
