@@ -1,10 +1,11 @@
 """opd_jax: on-policy distillation of language models with f-divergences, including OPD+.
 
-The estimators are pure functions of ``[B, T]`` log-probabilities; see ``DESIGN``-level docs in
-:mod:`opd_jax.advantages`, :mod:`opd_jax.objectives` and :mod:`opd_jax.exact`.
+The estimators are pure functions of ``[B, T]`` log-probabilities (:mod:`opd_jax.advantages`,
+:mod:`opd_jax.objectives`); :mod:`opd_jax.exact` computes their exact expected gradients on tiny
+problems; :mod:`opd_jax.models` and :mod:`opd_jax.sampling` run them on real language models.
 """
 
-from opd_jax import divergences, exact
+from opd_jax import divergences, exact, models, sampling
 from opd_jax.advantages import leave_one_out_baseline, sequence_advantages, token_advantages
 from opd_jax.objectives import (
     clipped_token_mask,
@@ -22,7 +23,9 @@ __all__ = [
     "full_vocab_divergence",
     "importance_surrogate",
     "leave_one_out_baseline",
+    "models",
     "pg_surrogate",
+    "sampling",
     "sequence_advantages",
     "token_advantages",
 ]

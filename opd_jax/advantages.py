@@ -23,13 +23,16 @@ and masked tool outputs inside a response never change the weights.
 Numerics. Log-ratios are formed only at response positions (padding may hold ``-inf`` log-probs).
 ``u = e^ℓ`` overflows for ``ℓ ≳ 88`` in float32 (``≳ 709`` in float64), and ``U`` is a product over
 the whole response, so in training pass ``log_ratio_clip``: it clamps each token's ``ℓ`` (token
-level) or ``log U`` (sequence level) to ``[−c, c]``. It is off by default so that exact checks stay
-exact; without it, a ratio that overflows gives an infinite advantage for generators that grow
-with ``u`` (forward KL, χ², α > 0, …) and stays finite for the ones that grow like ``log u``
-(reverse KL, JS, total variation). The generators needing the clip in training are the ones whose
-OPD+ reward grows with ``u``: ``forward_kl`` (``u``), ``pearson_chi2`` (``u²``), ``alpha`` with α > 0
-(``u^α``), ``neyman_chi2`` (``1/u`` as ``u → 0``) and ``alpha`` with α < 0; sequence-level estimators
-need it for every generator except ``reverse_kl``, ``js``/``generalized_js`` and ``total_variation``.
+level) or ``log U`` (sequence level) to ``[−c, c]``; pick ``c`` so the generator stays in range
+(``c = 20`` keeps ``u² = e^40`` finite in float32). It is off by default so that exact checks stay
+exact. Without it, an overflowing ratio gives ±inf, never NaN,
+at ``γ = 0`` and at sequence level; with ``γ > 0`` the discounted sum can meet two overflowed terms
+(inf − inf) or a discount that underflowed times an overflowed cost (0 · inf), so the affected row
+may hold NaN. OPD+ rewards that grow like ``log u`` or stay bounded never overflow: ``reverse_kl``,
+``js`` / ``generalized_js``, ``total_variation``. The ones that need the clip grow like a power of
+the ratio: ``forward_kl`` (``u``), ``pearson_chi2`` (``u²``), ``squared_hellinger`` (``√u``),
+``alpha`` (``u^α``), ``neyman_chi2`` (``1/u``). Stop-gradient OPD uses ``f`` itself, which grows
+at least linearly in ``u`` for every generator but reverse KL, so it needs the clip for all others.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ and dtype. Three quantities are exposed per generator:
 * ``opd_plus_reward(log_u)`` ``u f'(u) − f(u)``, the per-token OPD+ advantage; a closed form of its
   own because the difference of the two previous terms cancels catastrophically for large ``u``.
 
+Values are ±inf, never NaN, where the true value overflows. Automatic derivatives of ``f`` in
+float32 can be NaN where the true derivative overflows (``|ℓ| ≳ 88``); use ``u_fprime``, which is
+computed in closed form, or float64 there.
+
 ``u f'(u) − f(u)`` is the convex conjugate ``f*`` evaluated at the slope ``f'(u)``; its derivative
 in ``u`` is ``u f''(u) ≥ 0``, so the OPD+ reward never decreases as the teacher/student ratio grows.
 
@@ -91,7 +95,9 @@ def _as_float(x) -> Array:
 
 # ---------------------------------------------------------------------------------------------
 # Built-in generators. Each is written so that no intermediate overflows before the true value
-# does, and so that values near u = 1 keep full relative precision (expm1 instead of exp − 1).
+# does (values are ±inf, never NaN, where the true value overflows), and so that values near u = 1
+# avoid exp − 1 (expm1 instead). js / generalized_js and alpha are differences of O(ℓ) terms for an
+# O(ℓ²) value, so near u = 1 they keep absolute, not relative, precision (~1e-16 in float64).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -119,22 +125,55 @@ def _forward_kl_reward(log_u):
     return jnp.exp(log_u)
 
 
+def _near_or_far(log_u, near, far, radius=1.0):
+    """``near(ℓ)`` for ``|ℓ| < radius``, ``far(ℓ)`` elsewhere; each branch sees only its own inputs
+    (the double-where idiom), so neither's overflow reaches the other's values or gradients."""
+    is_near = jnp.abs(log_u) < radius
+    return jnp.where(is_near, near(jnp.where(is_near, log_u, 0)), far(jnp.where(is_near, 2 * radius, log_u)))
+
+
 def _log_mixture(log_u, beta):
-    """``log(β u + 1 − β)`` without forming ``u``."""
-    return jnp.logaddexp(math.log(beta) + log_u, math.log1p(-beta))
+    """``log m``, ``m = β u + 1 − β``, without forming ``u``; ``log1p`` near ``u = 1``."""
+    return _near_or_far(
+        log_u,
+        lambda ell: jnp.log1p(beta * jnp.expm1(ell)),
+        lambda ell: jnp.logaddexp(math.log(beta) + ell, math.log1p(-beta)),
+    )
 
 
 def _log_u_over_mixture(log_u, beta):
-    """``log(u / (β u + 1 − β))`` = ``−log(β + (1 − β)/u)``, bounded above by ``−log β``."""
-    return -jnp.logaddexp(math.log(beta), math.log1p(-beta) - log_u)
+    """``log(u/m)`` = ``−log(β + (1 − β)/u)``, bounded above by ``−log β``; ``log1p`` near ``u = 1``."""
+    return _near_or_far(
+        log_u,
+        lambda ell: -jnp.log1p((1 - beta) * jnp.expm1(-ell)),
+        lambda ell: -jnp.logaddexp(math.log(beta), math.log1p(-beta) - ell),
+    )
+
+
+def _expm1_minus_identity(z):
+    """``e^z − 1 − z`` with full relative precision for ``|z| ≤ 1`` (Taylor series to z^20 below
+    1/2, where ``expm1(z) − z`` would cancel)."""
+    series = jnp.zeros_like(z)
+    for order in range(20, 1, -1):  # Horner: z²/2! + z³/3! + …
+        series = (series + 1 / math.factorial(order)) * (z if order > 2 else 1)
+    series = series * jnp.square(z)
+    return jnp.where(jnp.abs(z) < 0.5, series, jnp.expm1(z) - z)
 
 
 def _generalized_js_f(log_u, beta):
-    # β u log u − (βu + 1 − β) log(βu + 1 − β), regrouped as β u log(u/m) − (1 − β) log m so that
-    # the two terms growing like u log u never get subtracted from each other.
-    return beta * jnp.exp(log_u) * _log_u_over_mixture(log_u, beta) - (1 - beta) * _log_mixture(
-        log_u, beta
-    )
+    # β u log u − m log m. Far from u = 1 regrouped as β u log(u/m) − (1 − β) log m, so the two
+    # terms growing like u log u never get subtracted. Near u = 1 that is a difference of O(ℓ)
+    # terms for an O(ℓ²) value, so there it is written as x·log(u/m) − log1p(y) with
+    # x = β(u − 1) and y = (1 − β) h(−βℓ) + β h((1 − β)ℓ), h(z) = e^z − 1 − z: the two pieces
+    # are O(ℓ²) and of opposite sign with ratio about −2, so nothing cancels.
+    def near(ell):
+        y = (1 - beta) * _expm1_minus_identity(-beta * ell) + beta * _expm1_minus_identity((1 - beta) * ell)
+        return beta * jnp.expm1(ell) * _log_u_over_mixture(ell, beta) - jnp.log1p(y)
+
+    def far(ell):
+        return beta * jnp.exp(ell) * _log_u_over_mixture(ell, beta) - (1 - beta) * _log_mixture(ell, beta)
+
+    return _near_or_far(log_u, near, far)
 
 
 def _generalized_js_u_fprime(log_u, beta):
@@ -195,37 +234,60 @@ def _neyman_chi2_reward(log_u):  # 2 − 2/u
 
 
 def _alpha_f(log_u, alpha):
-    # (u^α − αu − (1 − α)) / (α(α − 1)), with u^α − 1 − α(u − 1) written via expm1 for precision
-    # near u = 1. For α > 1 and large u both expm1 terms overflow (inf − inf); there the value is
-    # taken in log space as u^α · (1 − αu^{1−α} − (1 − α)u^{−α}) / (α(α − 1)).
-    def near_one(ell):
+    # (u^α − αu − (1 − α)) / (α(α − 1)) = (expm1(αℓ) − α expm1(ℓ)) / (α(α − 1)) at moderate ℓ. Near
+    # u = 1 that difference cancels (an O(ℓ²) value from O(ℓ) terms), so there the Taylor series
+    # Σ_{k≥2} (1 + α + … + α^{k−2}) ℓ^k / k! is used: its coefficients are sums, nothing cancels.
+    # For α > 0 and large u both expm1 terms overflow (inf − inf), so there the dominant power
+    # u^a, a = max(α, 1), is factored out and the rest is taken in log space.
+    def series(ell):
+        total = jnp.zeros_like(ell)
+        for order in range(24, 1, -1):
+            coefficient = sum(alpha**j for j in range(order - 1)) / math.factorial(order)
+            total = (total + coefficient) * (ell if order > 2 else 1)
+        return total * jnp.square(ell)
+
+    def moderate(ell):
         return (jnp.expm1(alpha * ell) - alpha * jnp.expm1(ell)) / (alpha * (alpha - 1))
 
     def large(ell):
-        bracket = (alpha - 1) * jnp.expm1(-alpha * ell) - alpha * jnp.expm1((1 - alpha) * ell)
-        return jnp.exp(alpha * ell + jnp.log(bracket) - math.log(alpha * (alpha - 1)))
+        if alpha > 1:  # u^α (1 − α u^{1−α} − (1 − α) u^{−α}) / (α(α − 1))
+            rest = (alpha - 1) * jnp.expm1(-alpha * ell) - alpha * jnp.expm1((1 - alpha) * ell)
+            return jnp.exp(alpha * ell + jnp.log(rest) - math.log(alpha * (alpha - 1)))
+        # 0 < α < 1: u (α − u^{α−1} + (1 − α) u^{−1}) / (α(1 − α))
+        rest = (1 - alpha) * jnp.expm1(-ell) - jnp.expm1((alpha - 1) * ell)
+        return jnp.exp(ell + jnp.log(rest) - math.log(alpha * (1 - alpha)))
 
-    return _split_at_one(log_u, near_one, large) if alpha > 1 else near_one(log_u)
-
-
-def _alpha_u_fprime(log_u, alpha):  # (u^α − u)/(α − 1), in log space for α > 1 and large u
-    def near_one(ell):
-        return (jnp.expm1(alpha * ell) - jnp.expm1(ell)) / (alpha - 1)
-
-    def large(ell):
-        return jnp.exp(alpha * ell + jnp.log(-jnp.expm1((1 - alpha) * ell)) - math.log(alpha - 1))
-
-    return _split_at_one(log_u, near_one, large) if alpha > 1 else near_one(log_u)
+    radius = 0.5 / max(abs(alpha), 1.0)
+    return _near_or_far(log_u, series, lambda ell: _split_large(ell, alpha, moderate, large), radius)
 
 
-def _split_at_one(log_u, near_one, large):
-    """``near_one(ℓ)`` for ``ℓ ≤ 1``, ``large(ℓ)`` above, each fed only its own inputs so that
-    neither branch's overflow reaches values or gradients of the other (the double-where idiom)."""
-    is_large = log_u > 1
+def _alpha_u_fprime(log_u, alpha):
+    # (u^α − u)/(α − 1) = u·expm1((α − 1)ℓ)/(α − 1) = −u^α·expm1((1 − α)ℓ)/(α − 1): the first form
+    # where (α − 1)ℓ ≤ 0, the second elsewhere, so the expm1 factor always lies in (−1, 0] and the
+    # result has full relative precision with no inf − inf or 0 · inf anywhere.
+    first_form = (alpha - 1) * log_u <= 0
+    ell_first = jnp.where(first_form, log_u, 0)
+    ell_second = jnp.where(first_form, 0, log_u)
+    return jnp.where(
+        first_form,
+        jnp.exp(ell_first) * jnp.expm1((alpha - 1) * ell_first),
+        -jnp.exp(alpha * ell_second) * jnp.expm1((1 - alpha) * ell_second),
+    ) / (alpha - 1)
+
+
+def _split_large(log_u, alpha, moderate, large):
+    """``moderate(ℓ)`` up to ``ℓ = 20 / max(α, 1)`` (where ``u^max(α,1) = e^20`` is still far from
+    overflow), ``large(ℓ)`` above; each branch only sees its own inputs, so neither's overflow
+    reaches the other's values or gradients (the double-where idiom). For α < 0 nothing overflows
+    at large ``u`` and ``moderate`` is used throughout."""
+    if alpha < 0:
+        return moderate(log_u)
+    threshold = 20.0 / max(alpha, 1.0)
+    is_large = log_u > threshold
     return jnp.where(
         is_large,
-        large(jnp.where(is_large, log_u, 2)),
-        near_one(jnp.where(is_large, 0, log_u)),
+        large(jnp.where(is_large, log_u, 2 * threshold)),
+        moderate(jnp.where(is_large, 0, log_u)),
     )
 
 

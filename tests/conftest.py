@@ -1,0 +1,20 @@
+"""Test-wide settings.
+
+float64 is enabled at import so that the exact checks (closed forms, enumeration) can hold to
+~1e-12; tests of float32 / bfloat16 behaviour create arrays of those dtypes explicitly.
+"""
+
+import jax
+from hypothesis import HealthCheck, settings
+
+jax.config.update("jax_enable_x64", True)
+
+# JAX compiles each new shape on first use, so the first examples are slow: no deadline. A modest
+# example count keeps the suite fast on two CPU cores.
+settings.register_profile(
+    "opd_jax",
+    deadline=None,
+    max_examples=30,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("opd_jax")
