@@ -227,6 +227,13 @@ def score(
         raise ValueError(f"tokens {list(tokens.shape)} and token_mask {list(token_mask.shape)} must be the same [B, L]")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for scoring, got {temperature}")
+    graphdef, state = nnx.split(model)
+    return _score(graphdef, state, tokens, token_mask, float(temperature), chunk_size)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk_size"))
+def _score(graphdef, state, tokens, token_mask, temperature: float, chunk_size: int | None) -> Array:
+    model = nnx.merge(graphdef, state)
     hidden, _ = model.hidden_states(tokens, positions_BxT=positions_from_mask(token_mask), token_mask_BxT=token_mask)
     batch, length, width = hidden.shape
     projection = model.output_projection()
