@@ -21,7 +21,7 @@ from opd_jax.models.decoder import Decoder, KVCache
 
 Array = jax.Array
 
-__all__ = ["Rollout", "SamplingConfig", "generate", "positions_from_mask", "score"]
+__all__ = ["Rollout", "SamplingConfig", "generate", "positions_from_mask", "score", "token_log_probs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,15 +205,47 @@ def score(
     temperature: float = 1.0,
     chunk_size: int | None = None,
 ) -> Array:
-    """Per-token log-probabilities ``log p(tokens[t] | tokens[<t])`` in one forward pass.
+    """Per-token log-probabilities ``log p(tokens[t] | tokens[<t])`` in one jitted forward pass.
 
-    The vocabulary projection and log-softmax run ``chunk_size`` tokens at a time (float32), so
-    ``[B, L, V]`` logits are never materialised.
+    The jitted form of :func:`token_log_probs` (see there for the arguments); use that one inside
+    your own ``jax.jit`` / ``jax.grad``.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    token_mask = jnp.asarray(token_mask).astype(bool)
+    _check_scoring_input(tokens, token_mask, temperature)
+    graphdef, state = nnx.split(model)
+    return _score(graphdef, state, tokens, token_mask, float(temperature), chunk_size)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk_size"))
+def _score(graphdef, state, tokens, token_mask, temperature: float, chunk_size: int | None) -> Array:
+    return token_log_probs(nnx.merge(graphdef, state), tokens, token_mask, temperature=temperature, chunk_size=chunk_size)
+
+
+def _check_scoring_input(tokens: Array, token_mask: Array, temperature: float) -> None:
+    if tokens.shape != token_mask.shape or tokens.ndim != 2:
+        raise ValueError(f"tokens {list(tokens.shape)} and token_mask {list(token_mask.shape)} must be the same [B, L]")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for scoring, got {temperature}")
+
+
+def token_log_probs(
+    model: Decoder,
+    tokens: Array,
+    token_mask: Array,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> Array:
+    """Per-token log-probabilities ``log p(tokens[t] | tokens[<t])``, differentiable in the model.
+
+    The vocabulary projection and log-softmax run ``chunk_size`` tokens at a time (float32) under
+    ``jax.checkpoint``, so ``[B, L, V]`` logits are never materialised, forward or backward.
 
     Args:
       model: teacher or student.
       tokens: ``[B, L]`` int ids (e.g. ``Rollout.tokens``).
-      token_mask: ``[B, L]`` real tokens; padding is neither attended to nor scored.
+      token_mask: ``[B, L]`` bool, real tokens; padding is neither attended to nor scored.
       temperature: logits are divided by it before the softmax (match the rollout's temperature
         when scoring the sampling policy).
       chunk_size: tokens per projection chunk (``None``: all at once).
@@ -221,19 +253,7 @@ def score(
     Returns:
       ``[B, L]`` float32; 0 at slots that are not real tokens or have no real token before them.
     """
-    tokens = jnp.asarray(tokens, jnp.int32)
-    token_mask = jnp.asarray(token_mask).astype(bool)
-    if tokens.shape != token_mask.shape or tokens.ndim != 2:
-        raise ValueError(f"tokens {list(tokens.shape)} and token_mask {list(token_mask.shape)} must be the same [B, L]")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for scoring, got {temperature}")
-    graphdef, state = nnx.split(model)
-    return _score(graphdef, state, tokens, token_mask, float(temperature), chunk_size)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk_size"))
-def _score(graphdef, state, tokens, token_mask, temperature: float, chunk_size: int | None) -> Array:
-    model = nnx.merge(graphdef, state)
+    token_mask = token_mask.astype(bool)
     hidden, _ = model.hidden_states(tokens, positions_BxT=positions_from_mask(token_mask), token_mask_BxT=token_mask)
     batch, length, width = hidden.shape
     projection = model.output_projection()

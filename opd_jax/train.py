@@ -1,0 +1,417 @@
+"""The on-policy distillation loop.
+
+One step: prompts → ``group_size`` student rollouts per prompt (KV-cache sampler) → student and
+teacher log-probabilities of the sampled tokens → advantages (divergence, estimator, level, γ, clip,
+baseline) → PPO-style clipped importance-ratio surrogate over ``epochs × minibatches`` optax updates
+→ metrics → checkpoint.
+
+Every random choice is derived from ``(seed, step)`` and the prompt order from ``(seed, epoch)``, and
+the state saved at a checkpoint is everything the loop carries (parameters, optimiser state, step,
+PRNG key, data position), so a run that is killed and resumed ends with bitwise the same parameters
+as one that never stopped.
+
+The loss of a minibatch is its summed surrogate divided by the response-token count of the whole
+batch over the number of minibatches: a constant per step, so it does not depend on how tokens fall
+into minibatches or devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from opd_jax import divergences as divergences_lib
+from opd_jax.advantages import ESTIMATORS, leave_one_out_baseline, sequence_advantages, token_advantages
+from opd_jax.checkpoint import CheckpointStore
+from opd_jax.metrics import MetricsLog, plot_curves, read_jsonl
+from opd_jax.models import Decoder, save_pretrained
+from opd_jax.models.config import DecoderConfig
+from opd_jax.objectives import clipped_token_mask, importance_surrogate
+from opd_jax.sampling import SamplingConfig, generate, score, token_log_probs
+
+Array = jax.Array
+PyTree = Any
+
+__all__ = ["PromptSet", "TrainConfig", "TrainResult", "train"]
+
+LEVELS = ("token", "sequence")
+BASELINES = ("none", "leave_one_out")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a distillation run (saved as ``config.json`` in the output folder).
+
+    Objective: ``divergence`` (+ ``beta`` / ``alpha`` for the parametrised ones), ``estimator``
+    (``stop_grad`` | ``opd_plus``), ``level`` (``token`` | ``sequence``), ``gamma`` in [0, 1],
+    ``log_ratio_clip`` (> 0 or ``None``), ``baseline`` (``none`` | ``leave_one_out`` over the group).
+
+    Rollouts: ``prompts_per_step`` × ``group_size`` samples of up to ``max_new_tokens`` at
+    ``temperature``.
+
+    Update: AdamW at ``learning_rate`` with ``warmup_steps`` and a ``constant`` or ``cosine``
+    schedule, ``weight_decay``, global-norm clipping at ``grad_clip_norm``, ``epochs`` passes over
+    ``minibatches`` minibatches, PPO clip ``clip_epsilon``.
+
+    Loop: ``steps``, ``seed``, ``eval_every`` (0: only before and after), ``checkpoint_every``,
+    ``keep_checkpoints``, ``logit_chunk_size`` (tokens per vocabulary-projection chunk).
+    """
+
+    divergence: str = "reverse_kl"
+    beta: float | None = None
+    alpha: float | None = None
+    estimator: str = "opd_plus"
+    level: str = "token"
+    gamma: float = 0.0
+    log_ratio_clip: float | None = 20.0
+    baseline: str = "none"
+    prompts_per_step: int = 16
+    group_size: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0
+    epochs: int = 1
+    minibatches: int = 1
+    clip_epsilon: float = 0.2
+    steps: int = 100
+    seed: int = 0
+    eval_every: int = 0
+    checkpoint_every: int = 25
+    keep_checkpoints: int = 3
+    logit_chunk_size: int | None = None
+
+    def __post_init__(self):
+        self.divergence_fn()  # validates name, beta, alpha
+        _choice("estimator", self.estimator, ESTIMATORS)
+        _choice("level", self.level, LEVELS)
+        _choice("baseline", self.baseline, BASELINES)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _range("gamma", self.gamma, 0.0, 1.0)
+        if self.log_ratio_clip is not None:
+            _range("log_ratio_clip", self.log_ratio_clip, 0.0, None, open_low=True)
+        _range("temperature", self.temperature, 0.0, None, open_low=True)
+        _range("learning_rate", self.learning_rate, 0.0, None, open_low=True)
+        _range("weight_decay", self.weight_decay, 0.0, None)
+        _range("grad_clip_norm", self.grad_clip_norm, 0.0, None, open_low=True)
+        _range("clip_epsilon", self.clip_epsilon, 0.0, 1.0, open_low=True, open_high=True)
+        for name in ("prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches", "steps",
+                     "checkpoint_every", "keep_checkpoints"):
+            _range(name, getattr(self, name), 1, None)
+        for name in ("warmup_steps", "eval_every", "seed"):
+            _range(name, getattr(self, name), 0, None)
+        if self.logit_chunk_size is not None:
+            _range("logit_chunk_size", self.logit_chunk_size, 1, None)
+        if self.baseline == "leave_one_out" and self.group_size < 2:
+            raise ValueError("baseline 'leave_one_out' needs group_size >= 2")
+        if (self.prompts_per_step * self.group_size) % self.minibatches:
+            raise ValueError(
+                f"minibatches ({self.minibatches}) must divide prompts_per_step × group_size "
+                f"({self.prompts_per_step * self.group_size})"
+            )
+
+    def divergence_fn(self) -> divergences_lib.Divergence:
+        params = {k: v for k, v in (("beta", self.beta), ("alpha", self.alpha)) if v is not None}
+        return divergences_lib.get(self.divergence, **params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """From a mapping; unknown keys raise a ``ValueError`` listing the valid ones."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(fields)}")
+        return cls(**values)
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _range(name, value, low, high, *, open_low=False, open_high=False) -> None:
+    ok = value is not None and (value > low if open_low else value >= low)
+    if high is not None:
+        ok = ok and (value < high if open_high else value <= high)
+    if not ok:
+        bounds = f"{'(' if open_low else '['}{low}, {'∞)' if high is None else str(high) + (')' if open_high else ']')}"
+        raise ValueError(f"{name} must lie in {bounds}; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+    """Tokenised prompts: ``tokens`` / ``mask`` ``[N, P]`` (left-padded), read in a seeded order.
+
+    The order is a fresh permutation of all ``N`` prompts per epoch, from ``(seed, epoch)``, so the
+    batch at any data position can be recomputed after a restart.
+    """
+
+    tokens: np.ndarray
+    mask: np.ndarray
+
+    def __post_init__(self):
+        if self.tokens.ndim != 2 or self.tokens.shape != self.mask.shape or len(self.tokens) == 0:
+            raise ValueError(
+                f"prompt tokens {list(self.tokens.shape)} and mask {list(self.mask.shape)} must be the same non-empty [N, P]"
+            )
+
+    def batch(self, position: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        count = len(self.tokens)
+        indices = []
+        for i in range(position, position + size):
+            epoch, offset = divmod(i, count)
+            indices.append(np.random.default_rng([seed, epoch]).permutation(count)[offset])
+        return self.tokens[indices], self.mask[indices]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    student: Decoder
+    history: list[dict]
+    output_dir: pathlib.Path
+
+
+def _make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    updates_per_step = config.epochs * config.minibatches
+    total = config.steps * updates_per_step
+    warmup = config.warmup_steps * updates_per_step
+    if config.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(warmup, 1), max(total, warmup + 1))
+    else:
+        schedule = optax.linear_schedule(0.0, config.learning_rate, warmup) if warmup else config.learning_rate
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip_norm),
+        optax.adamw(schedule, weight_decay=config.weight_decay),
+    )
+
+
+def _advantages(config: TrainConfig, student_logp, teacher_logp, response_mask):
+    divergence = config.divergence_fn()
+    if config.level == "token":
+        advantages = token_advantages(
+            student_logp, teacher_logp, response_mask, divergence=divergence, estimator=config.estimator,
+            gamma=config.gamma, log_ratio_clip=config.log_ratio_clip,
+        )
+    else:
+        advantages = sequence_advantages(
+            student_logp, teacher_logp, response_mask, divergence=divergence, estimator=config.estimator,
+            log_ratio_clip=config.log_ratio_clip,
+        )
+    if config.baseline == "leave_one_out":
+        advantages = advantages - leave_one_out_baseline(advantages, config.group_size)
+        if config.level == "token":
+            advantages = jnp.where(response_mask, advantages, 0.0)
+    return advantages
+
+
+def _flatten(tree: PyTree) -> tuple[dict[str, Array], Any]:
+    """A flat ``{path: array}`` dict (what orbax stores) and the treedef to rebuild the tree."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}, treedef
+
+
+def train(
+    config: TrainConfig,
+    student: Decoder,
+    student_config: DecoderConfig,
+    teacher: Decoder,
+    prompts: PromptSet,
+    output_dir: str | pathlib.Path,
+    *,
+    stop_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+    evaluate: Callable[[Decoder], dict[str, float]] | None = None,
+    progress: bool = True,
+    label: str = "",
+) -> TrainResult:
+    """Distil ``teacher`` into ``student`` on the student's own rollouts.
+
+    Resumes from the newest good checkpoint in ``output_dir/checkpoints`` when there is one (the
+    saved ``config.json`` must then match ``config``).
+
+    Args:
+      config: the run's :class:`TrainConfig`.
+      student: the student decoder (its parameters are the starting point).
+      student_config: its :class:`DecoderConfig` (for the export).
+      teacher: the frozen teacher; it must share the student's vocabulary.
+      prompts: the prompt set.
+      output_dir: receives ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``,
+        ``curves.png`` and the exported student in ``student/``.
+      stop_ids, pad_id: sampling stop tokens and padding id.
+      evaluate: optional ``model -> {metric: value}``, run before training, every ``eval_every``
+        steps and at the end; its values are logged with an ``eval_`` prefix.
+      progress: show a progress bar.
+      label: shown in the progress bar.
+
+    Returns:
+      :class:`TrainResult` with the trained student and the metric records.
+
+    Raises:
+      ValueError: teacher and student vocabularies differ, or ``output_dir`` holds a run with a
+        different configuration (nothing there is modified).
+    """
+    from tqdm import tqdm
+
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise ValueError(
+            f"teacher vocab_size {teacher.config.vocab_size} != student vocab_size {student.config.vocab_size}"
+        )
+    output_dir = pathlib.Path(output_dir)
+    config_path = output_dir / "config.json"
+    if config_path.is_file():
+        previous = json.loads(config_path.read_text())
+        if previous != config.to_dict():
+            changed = sorted(k for k in config.to_dict() if previous.get(k) != config.to_dict()[k])
+            raise ValueError(f"{output_dir} holds a run with a different configuration (differs in {changed}); "
+                             "choose another output directory")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    graphdef, params = nnx.split(student)
+    teacher_graphdef, teacher_params = nnx.split(teacher)
+    optimizer = _make_optimizer(config)
+    state = {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "key": jax.random.key_data(jax.random.key(config.seed)),
+        "data_position": jnp.zeros((), jnp.int32),
+    }
+    flat_state, treedef = _flatten(state)
+    store = CheckpointStore(output_dir / "checkpoints", keep=config.keep_checkpoints)
+    restored = store.restore_latest(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), flat_state)
+    )
+    resume_step = None
+    if restored is not None:
+        resume_step, flat_state = restored
+        state = jax.tree_util.tree_unflatten(treedef, [flat_state[k] for k in _flatten(state)[0]])
+    log = MetricsLog(output_dir, resume_step=resume_step)
+
+    sampling_config = SamplingConfig(
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature, stop_ids=tuple(stop_ids), pad_id=pad_id
+    )
+    batch_size = config.prompts_per_step * config.group_size
+    minibatch = batch_size // config.minibatches
+
+    @jax.jit
+    def prepare(params, teacher_params, tokens, token_mask, response_mask):
+        """Behaviour (old) log-probs, teacher log-probs and advantages of one rollout batch."""
+        student_model = nnx.merge(graphdef, params)
+        teacher_model = nnx.merge(teacher_graphdef, teacher_params)
+        old_logp = token_log_probs(student_model, tokens, token_mask, chunk_size=config.logit_chunk_size)
+        teacher_logp = token_log_probs(teacher_model, tokens, token_mask, chunk_size=config.logit_chunk_size)
+        advantages = _advantages(config, old_logp, teacher_logp, response_mask)
+        return old_logp, teacher_logp, advantages
+
+    def loss_fn(params, tokens, token_mask, response_mask, old_logp, advantages, normalizer):
+        logp = token_log_probs(nnx.merge(graphdef, params), tokens, token_mask, chunk_size=config.logit_chunk_size)
+        per_sequence = importance_surrogate(logp, old_logp, advantages, response_mask, clip_epsilon=config.clip_epsilon)
+        clipped = clipped_token_mask(logp, old_logp, advantages, response_mask, clip_epsilon=config.clip_epsilon)
+        return jnp.sum(per_sequence) / normalizer, jnp.sum(clipped)
+
+    @jax.jit
+    def update(params, opt_state, tokens, token_mask, response_mask, old_logp, advantages, normalizer):
+        (loss, clipped), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, tokens, token_mask, response_mask, old_logp, advantages, normalizer
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads), clipped
+
+    def run_eval(step: int, params) -> None:
+        if evaluate is not None:
+            log.write(step, {f"eval_{k}": v for k, v in evaluate(nnx.merge(graphdef, params)).items()})
+
+    start = int(state["step"])
+    if start == 0:
+        run_eval(0, state["params"])
+    bar = tqdm(total=config.steps, initial=start, desc=label or "distil", disable=not progress, dynamic_ncols=True)
+    for step in range(start, config.steps):
+        began = time.perf_counter()
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), step)
+        sample_key, shuffle_key = jax.random.split(step_key)
+        prompt_tokens, prompt_mask = prompts.batch(int(state["data_position"]), config.prompts_per_step, config.seed)
+        prompt_tokens = np.repeat(prompt_tokens, config.group_size, axis=0)
+        prompt_mask = np.repeat(prompt_mask, config.group_size, axis=0)
+        rollout = generate(nnx.merge(graphdef, state["params"]), prompt_tokens, prompt_mask, sample_key, sampling_config)
+        old_logp, teacher_logp, advantages = prepare(
+            state["params"], teacher_params, rollout.tokens, rollout.token_mask, rollout.response_mask
+        )
+        response_tokens = jnp.sum(rollout.response_mask)
+        normalizer = jnp.maximum(response_tokens, 1).astype(jnp.float32) / config.minibatches
+        params, opt_state = state["params"], state["opt_state"]
+        losses, grad_norms, clipped_total = [], [], 0.0
+        for epoch in range(config.epochs):
+            order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), batch_size)
+            for start_row in range(0, batch_size, minibatch):
+                rows = order[start_row : start_row + minibatch]
+                params, opt_state, loss, grad_norm, clipped = update(
+                    params, opt_state, rollout.tokens[rows], rollout.token_mask[rows], rollout.response_mask[rows],
+                    old_logp[rows], advantages[rows], normalizer,
+                )
+                losses.append(loss)
+                grad_norms.append(grad_norm)
+                clipped_total += clipped
+        state = {
+            "params": params,
+            "opt_state": opt_state,
+            "step": jnp.asarray(step + 1, jnp.int32),
+            "key": state["key"],
+            "data_position": state["data_position"] + config.prompts_per_step,
+        }
+        mask = rollout.response_mask
+        count = jnp.maximum(response_tokens, 1)
+        token_advantage = jnp.broadcast_to(advantages if advantages.ndim == 2 else advantages[:, None], mask.shape)
+        elapsed = time.perf_counter() - began
+        record = {
+            "loss": float(np.mean(losses)),
+            "grad_norm": float(np.mean(grad_norms)),
+            "clip_fraction": float(clipped_total) / (config.epochs * float(count)),
+            "teacher_kl": float(jnp.sum(jnp.where(mask, old_logp - teacher_logp, 0.0)) / count),
+            "advantage_mean": float(jnp.sum(jnp.where(mask, token_advantage, 0.0)) / count),
+            "advantage_abs_max": float(jnp.max(jnp.abs(advantages))),
+            "response_length": float(response_tokens) / batch_size,
+            "tokens_per_second": float(response_tokens) / elapsed,
+            "step_seconds": elapsed,
+        }
+        log.write(step + 1, record)
+        bar.set_postfix(kl=f"{record['teacher_kl']:.3f}", len=f"{record['response_length']:.1f}")
+        bar.update(1)
+        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+            run_eval(step + 1, state["params"])
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            store.save(step + 1, _flatten(state)[0])
+    bar.close()
+    store.close()
+    if start < config.steps:
+        run_eval(config.steps, state["params"])
+    log.close()
+    final_student = nnx.merge(graphdef, state["params"])
+    save_pretrained(final_student, student_config, output_dir / "student")
+    history = read_jsonl(log.path)
+    plot_curves(
+        {label or "run": history},
+        [k for k in ("teacher_kl", "eval_accuracy", "response_length", "loss", "grad_norm", "clip_fraction")
+         if any(k in r for r in history)],
+        output_dir / "curves.png",
+        title=label or None,
+    )
+    return TrainResult(final_student, history, output_dir)
