@@ -95,7 +95,91 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", type=pathlib.Path, metavar="PATH", help="also write the rows as JSON")
     verify.add_argument("--csv", type=pathlib.Path, metavar="PATH", help="also write the rows as CSV")
     verify.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    train_parser = commands.add_parser(
+        "train",
+        help="distil a Hugging Face teacher into a student on the student's own rollouts",
+        description=(
+            "On-policy distillation of --student from --teacher (Hugging Face folders with config.json, "
+            "safetensors and the tokenizer) on the prompts of a JSONL file. Options come from --config "
+            "(JSON or TOML with the option names below, using underscores) and are overridden by flags. "
+            "Re-running with the same --output resumes from its newest good checkpoint."
+        ),
+    )
+    train_parser.add_argument("--teacher", type=pathlib.Path, required=True, help="teacher checkpoint folder")
+    train_parser.add_argument("--student", type=pathlib.Path, required=True, help="student checkpoint folder")
+    train_parser.add_argument("--prompts", type=pathlib.Path, required=True,
+                              help="JSONL file, one {\"prompt\": str} or {\"messages\": [...]} per line")
+    train_parser.add_argument("--output", type=pathlib.Path, required=True,
+                              help="run folder: config, metrics, TensorBoard, checkpoints, exported student")
+    train_parser.add_argument("--config", type=pathlib.Path, help="JSON or TOML file of training options")
+    train_parser.add_argument("--max-prompt-length", type=_positive_int(1), default=256,
+                              help="prompt slots P; longer prompts are an error (default 256)")
+    train_parser.add_argument("--no-chat-template", action="store_true",
+                              help="encode prompts as plain text even if the tokenizer has a chat template")
+    train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_train_options(train_parser)
     return parser
+
+
+_TRAIN_HELP = {
+    "divergence": "f-divergence generator: reverse_kl, forward_kl, js, generalized_js, total_variation, "
+                  "squared_hellinger, pearson_chi2, neyman_chi2, alpha",
+    "beta": "beta in (0, 1) for generalized_js",
+    "alpha": "alpha (not 0 or 1) for the alpha divergence",
+    "estimator": "advantage estimator: stop_grad (standard OPD) or opd_plus",
+    "level": "token (per-token advantages) or sequence (one advantage per response)",
+    "gamma": "discount in [0, 1] of the token-level reward-to-go (0: per-token form; 1: unbiased)",
+    "log_ratio_clip": "clamp log-ratios to [-c, c]; 'none' to disable",
+    "baseline": "none or leave_one_out (mean advantage of the other samples of the same prompt)",
+    "prompts_per_step": "prompts per training step",
+    "group_size": "rollouts per prompt",
+    "max_new_tokens": "longest response",
+    "temperature": "sampling temperature (> 0)",
+    "learning_rate": "peak AdamW learning rate (> 0)",
+    "warmup_steps": "linear warm-up steps",
+    "schedule": "learning-rate schedule after warm-up: constant or cosine",
+    "weight_decay": "AdamW weight decay (>= 0)",
+    "grad_clip_norm": "global gradient-norm clip (> 0)",
+    "epochs": "passes over each rollout batch (PPO epochs)",
+    "minibatches": "optimizer updates per pass; must divide prompts_per_step x group_size",
+    "clip_epsilon": "PPO clip of the importance ratio, in (0, 1)",
+    "steps": "training steps",
+    "seed": "seed of rollouts and prompt order",
+    "eval_every": "evaluate every N steps (0: only before and after; needs a task)",
+    "checkpoint_every": "save a checkpoint every N steps",
+    "keep_checkpoints": "checkpoints kept on disk",
+    "logit_chunk_size": "tokens per vocabulary-projection chunk ('none': all at once)",
+}
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    return parse
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, defaulting to None so that only given flags override."""
+    import dataclasses
+
+    from opd_jax.train import TrainConfig
+
+    group = parser.add_argument_group("training options (defaults in brackets)")
+    for field in dataclasses.fields(TrainConfig):
+        if "float" in str(field.type):
+            kind = float
+        elif "int" in str(field.type):
+            kind = int
+        else:
+            kind = str
+        if "None" in str(field.type):
+            kind = _optional(kind)
+        group.add_argument(
+            "--" + field.name.replace("_", "-"), dest=field.name, type=kind, default=None,
+            help=f"{_TRAIN_HELP[field.name]} [{field.default}]",
+        )
 
 
 def format_table(rows) -> str:
@@ -142,7 +226,7 @@ def _write_outputs(rows, metadata: dict, json_path: pathlib.Path | None, csv_pat
 
 def _check_writable(path: pathlib.Path | None, flag: str) -> None:
     if path is not None and path.is_dir():
-        raise SystemExit(f"opd-jax verify: {flag} {path} is a directory; give a file path")
+        _fail("verify", f"{flag} {path} is a directory; give a file path")
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -182,12 +266,83 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(command: str, message: str):
+    """Exit like argparse does for a bad argument: status 2 and the reason on stderr."""
+    print(f"opd-jax {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _train_config(args: argparse.Namespace):
+    import dataclasses
+    import tomllib
+
+    from opd_jax.train import TrainConfig
+
+    values: dict = {}
+    if args.config is not None:
+        if not args.config.is_file():
+            _fail("train", f"--config {args.config} does not exist")
+        text = args.config.read_text()
+        try:
+            values = tomllib.loads(text) if args.config.suffix == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+            _fail("train", f"--config {args.config}: cannot parse ({error})")
+    for field in dataclasses.fields(TrainConfig):
+        if getattr(args, field.name) is not None:
+            values[field.name] = getattr(args, field.name)
+    try:
+        return TrainConfig.from_dict(values)
+    except (ValueError, TypeError) as error:
+        _fail("train", str(error))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Validate everything cheap first (options, prompt file, folders, tokenizers), then train."""
+    from opd_jax import data, models, tokenization, train
+
+    config = _train_config(args)
+    try:
+        prompts = data.read_prompt_file(args.prompts)
+        student_config = models.load_config(args.student)
+        teacher_config = models.load_config(args.teacher)
+        student_tokenizer = tokenization.load_tokenizer(args.student)
+        tokenization.check_compatible(
+            tokenization.load_tokenizer(args.teacher), student_tokenizer, teacher_config, student_config
+        )
+        tokens, mask = tokenization.encode_prompts(
+            student_tokenizer, prompts, max_length=args.max_prompt_length,
+            use_chat_template=not args.no_chat_template,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        _fail("train", str(error))
+    student, student_config = models.from_pretrained(args.student)
+    teacher, _ = models.from_pretrained(args.teacher)
+    stop_ids = tuple(student_config.eos_token_id) or (
+        (student_tokenizer.eos_token_id,) if student_tokenizer.eos_token_id is not None else ()
+    )
+    pad_id = next((i for i in (student_tokenizer.pad_token_id, student_tokenizer.eos_token_id) if i is not None), 0)
+    try:
+        result = train.train(
+            config, student, student_config, teacher, train.PromptSet(tokens, mask), args.output,
+            stop_ids=stop_ids, pad_id=pad_id, progress=not args.quiet,
+        )
+    except ValueError as error:
+        _fail("train", str(error))
+    student_tokenizer.save_pretrained(result.output_dir / "student")
+    final = result.history[-1]
+    print(f"done: {config.steps} steps, teacher KL {final.get('teacher_kl', float('nan')):.4f}; "
+          f"student exported to {result.output_dir / 'student'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "train":
+        return run_train(args)
     return run_verify(args)
 
 

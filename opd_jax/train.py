@@ -334,7 +334,7 @@ def train(
             params, tokens, token_mask, response_mask, old_logp, advantages, normalizer
         )
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads), clipped
+        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads), clipped
 
     def run_eval(step: int, params) -> None:
         if evaluate is not None:

@@ -64,8 +64,9 @@ def test_bad_arguments_fail_before_any_work_with_a_named_reason(argv, message, c
     assert message in capsys.readouterr().err
 
 
-def test_output_path_that_is_a_directory_is_refused_and_left_untouched(tmp_path):
+def test_output_path_that_is_a_directory_is_refused_and_left_untouched(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("data")
-    with pytest.raises(SystemExit, match="is a directory"):
+    with pytest.raises(SystemExit) as exit_info:
         cli.main(["verify", "--quiet", "--divergence", "reverse_kl", "--json", str(tmp_path)])
+    assert exit_info.value.code == 2 and "is a directory" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "data"

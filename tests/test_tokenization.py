@@ -1,37 +1,17 @@
 """Tokenizers from local folders, prompt encoding with chat templates, and the compatibility check."""
 
 import dataclasses
+import pathlib
+import sys
 
 import numpy as np
 import pytest
-import tokenizers
-import transformers
 
 from opd_jax import models, tokenization
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
-CORPUS = ["what is 12 + 30 ?", "the answer is 42", "step by step we add the numbers", "user assistant"] * 20
-
-
-def _make_tokenizer(folder, corpus=CORPUS, vocab_size=300, eos="<|im_end|>"):
-    backend = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS,
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-    )
-    backend.train_from_iterator(corpus, trainer)
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token=eos, unk_token="<unk>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    return folder
+sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
+from hf_fixtures import CORPUS  # noqa: E402
+from hf_fixtures import make_tokenizer as _make_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
