@@ -15,7 +15,7 @@ def map_row_chunks(fn: Callable[..., Array], *arrays: Array, chunk_size: int | N
 
     ``fn`` must be row-wise: it maps inputs whose leading axis is ``R`` to an output whose leading
     axis is ``R``. Chunks are read with ``dynamic_slice`` from the unpadded inputs (padding would
-    copy them) under ``jax.checkpoint``, so the backward pass recomputes each chunk instead of
+    copy them) inside ``jax.checkpoint``, so the backward pass recomputes each chunk instead of
     storing its intermediates; the rows that do not fill a last chunk are one extra call.
 
     Args:
@@ -32,15 +32,18 @@ def map_row_chunks(fn: Callable[..., Array], *arrays: Array, chunk_size: int | N
     if chunk_size is None or chunk_size >= num_rows:
         return fn(*arrays)
     num_full = num_rows // chunk_size
-    checkpointed = jax.checkpoint(fn)
 
-    def one_chunk(index):
+    # The slice sits inside the checkpoint so that the backward pass keeps only the chunk index and
+    # the full inputs (already live) as residuals; slicing outside would save every chunk's slices,
+    # i.e. a second copy of the inputs, and lower no peak.
+    @jax.checkpoint
+    def one_chunk(index, *full_arrays):
         start = index * chunk_size
-        return checkpointed(*(jax.lax.dynamic_slice_in_dim(a, start, chunk_size) for a in arrays))
+        return fn(*(jax.lax.dynamic_slice_in_dim(a, start, chunk_size) for a in full_arrays))
 
-    full = jax.lax.map(one_chunk, jnp.arange(num_full))
+    full = jax.lax.map(lambda index: one_chunk(index, *arrays), jnp.arange(num_full))
     pieces = [full.reshape(num_full * chunk_size, *full.shape[2:])]
     tail = num_full * chunk_size
     if tail < num_rows:
-        pieces.append(checkpointed(*(a[tail:] for a in arrays)))
+        pieces.append(jax.checkpoint(fn)(*(a[tail:] for a in arrays)))
     return jnp.concatenate(pieces)

@@ -38,7 +38,7 @@ from opd_jax.metrics import MetricsLog, plot_curves, read_jsonl
 from opd_jax.models import Decoder, save_pretrained
 from opd_jax.models.config import DecoderConfig
 from opd_jax.objectives import clipped_token_mask, importance_surrogate
-from opd_jax.sampling import SamplingConfig, generate, score, token_log_probs
+from opd_jax.sampling import Rollout, SamplingConfig, generate, token_log_probs
 
 Array = jax.Array
 PyTree = Any
@@ -239,6 +239,7 @@ def train(
     stop_ids: tuple[int, ...] = (),
     pad_id: int = 0,
     evaluate: Callable[[Decoder], dict[str, float]] | None = None,
+    rollout_fn: Callable[..., Rollout] = generate,
     progress: bool = True,
     label: str = "",
 ) -> TrainResult:
@@ -258,6 +259,10 @@ def train(
       stop_ids, pad_id: sampling stop tokens and padding id.
       evaluate: optional ``model -> {metric: value}``, run before training, every ``eval_every``
         steps and at the end; its values are logged with an ``eval_`` prefix.
+      rollout_fn: ``(student, prompt_tokens, prompt_mask, key, sampling_config) -> Rollout``; the
+        default samples one response per prompt. Multi-turn tasks pass their own: tokens inserted
+        by the environment (tool outputs) stay in ``token_mask`` as context for both models but
+        out of ``response_mask``, so they get no advantage and no gradient.
       progress: show a progress bar.
       label: shown in the progress bar.
 
@@ -351,7 +356,7 @@ def train(
         prompt_tokens, prompt_mask = prompts.batch(int(state["data_position"]), config.prompts_per_step, config.seed)
         prompt_tokens = np.repeat(prompt_tokens, config.group_size, axis=0)
         prompt_mask = np.repeat(prompt_mask, config.group_size, axis=0)
-        rollout = generate(nnx.merge(graphdef, state["params"]), prompt_tokens, prompt_mask, sample_key, sampling_config)
+        rollout = rollout_fn(nnx.merge(graphdef, state["params"]), prompt_tokens, prompt_mask, sample_key, sampling_config)
         old_logp, teacher_logp, advantages = prepare(
             state["params"], teacher_params, rollout.tokens, rollout.token_mask, rollout.response_mask
         )

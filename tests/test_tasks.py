@@ -1,0 +1,243 @@
+"""The toy arithmetic task: generator, worked solutions, exact checker, tokenizer, shipped models."""
+
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from opd_jax import models, tokenization
+from opd_jax.tasks import arithmetic
+from opd_jax.tasks.arithmetic import ArithmeticTask, extract_answer, is_correct
+
+TASKS = [
+    ArithmeticTask(),
+    ArithmeticTask(digits=1),
+    ArithmeticTask(digits=3, operations=("-",)),
+    ArithmeticTask(digits=4, operations=("+",), test_fraction=0.5),
+]
+HELD_OUT_SEED = 2024
+
+
+def _check_steps(problem):
+    """Re-derive every column of the worked solution from the operands."""
+    body, marker, answer = problem.solution.partition(">")
+    assert marker and answer == str(problem.answer)
+    width = max(len(str(problem.a)), len(str(problem.b)))
+    columns = body.split(",")
+    assert len(columns) == width
+    op, carry = problem.op, 0
+    for position, column in enumerate(columns):
+        match = re.fullmatch(rf"(\d)\{op}(\d)\{op}([01])=([01])(\d)", column)
+        assert match, column
+        x, y, carry_in, carry_out, digit = map(int, match.groups())
+        assert x == problem.a // 10**position % 10 and y == problem.b // 10**position % 10
+        assert carry_in == carry
+        value = x + y + carry_in if op == "+" else x - y - carry_in
+        assert value == (10 * carry_out + digit if op == "+" else digit - 10 * carry_out)
+        carry = carry_out
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda t: f"{t.digits}{''.join(t.operations)}")
+def test_worked_solutions_are_correct_and_accepted(task):
+    problems = task.sample_problems(0, 400)
+    for problem in problems:
+        assert problem.answer == (problem.a + problem.b if problem.op == "+" else problem.a - problem.b)
+        assert problem.prompt == f"{problem.a}{problem.op}{problem.b}="
+        assert problem.answer >= 0 and problem.op in task.operations
+        low = 0 if task.digits == 1 else 10 ** (task.digits - 1)
+        assert low <= min(problem.a, problem.b) and max(problem.a, problem.b) < 10**task.digits
+        _check_steps(problem)
+        assert extract_answer(problem.solution) == problem.answer
+        assert is_correct(problem, problem.solution)
+        assert len(problem.prompt) <= task.max_prompt_length
+        assert len(problem.solution) + 1 <= task.max_response_length  # + EOS
+    assert {p.op for p in problems} == set(task.operations)
+
+
+def test_edge_problems_carry_and_borrow_through_every_column():
+    task = ArithmeticTask(digits=3)
+    assert task.make_problem(999, "+", 1).solution == "9+1+0=10,9+0+1=10,9+0+1=10>1000"
+    assert task.make_problem(100, "-", 1).solution == "0-1-0=19,0-0-1=19,1-0-1=00>99"
+    assert task.make_problem(57, "-", 57).solution == "7-7-0=00,5-5-0=00>0"
+    assert task.make_problem(57, "+", 68).solution == "7+8+0=15,5+6+1=12>125"
+
+
+def test_generator_is_deterministic_per_seed_and_splits_are_disjoint():
+    task = ArithmeticTask()
+    assert task.sample_problems(7, 50) == task.sample_problems(7, 50)
+    assert task.sample_problems(7, 50) != task.sample_problems(8, 50)
+    rng = np.random.default_rng(3)
+    first, second = task.sample_problems(rng, 10), task.sample_problems(rng, 10)
+    assert first != second  # a Generator is advanced in place
+    train = {p.prompt for p in task.sample_problems(1, 3000, split="train")}
+    test = {p.prompt for p in task.sample_problems(2, 300, split="test")}
+    assert train and test and not train & test
+    assert all(task.split_of(p.a, p.op, p.b) == "test" for p in task.sample_problems(5, 50, split="test"))
+    share = np.mean([task.split_of(p.a, p.op, p.b) == "test" for p in task.sample_problems(9, 4000)])
+    assert 0.07 < share < 0.13
+    assert task.sample_problems(0, 0) == []
+    assert ArithmeticTask.from_dict(json.loads(json.dumps(task.to_dict()))) == task
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(digits=0), "digits must be an integer >= 1"),
+        (dict(digits=-2), "digits must be an integer >= 1"),
+        (dict(digits=2.0), "digits must be an integer >= 1"),
+        (dict(digits=True), "digits must be an integer >= 1"),
+        (dict(operations=()), "operations must be distinct symbols"),
+        (dict(operations=("*",)), "operations must be distinct symbols"),
+        (dict(operations=("+", "+")), "operations must be distinct symbols"),
+        (dict(operations="+-"), "not the string"),
+        (dict(test_fraction=0.0), "test_fraction must be in"),
+        (dict(test_fraction=1.0), "test_fraction must be in"),
+    ],
+)
+def test_bad_task_configs_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ArithmeticTask(**kwargs)
+
+
+def test_bad_sampling_arguments_are_named():
+    task = ArithmeticTask()
+    with pytest.raises(ValueError, match="n must be an integer >= 0"):
+        task.sample_problems(0, -1)
+    with pytest.raises(ValueError, match="split must be"):
+        task.sample_problems(0, 3, split="validation")
+    tiny = ArithmeticTask(digits=1, operations=("-",), test_fraction=0.001)  # 55 problems, none in test
+    assert not any(tiny.split_of(a, "-", b) == "test" for a in range(10) for b in range(a + 1))
+    with pytest.raises(ValueError, match="'test' split of .* looks empty"):
+        tiny.sample_problems(0, 1, split="test")
+    with pytest.raises(ValueError, match="subtraction needs a >= b"):
+        task.make_problem(3, "-", 5)
+    with pytest.raises(ValueError, match="unknown operation"):
+        task.make_problem(3, "*", 5)
+
+
+def test_checker_rejects_wrong_and_malformed_answers():
+    problem = ArithmeticTask().make_problem(57, "+", 68)
+    body = problem.solution.rpartition(">")[0]
+    assert is_correct(problem, ">125") and extract_answer("junk>125") == 125
+    for response in [
+        body + ">124", body + ">-125", body + ">0125", body + ">125 ", body + "> 125", body + ">12>125",
+        body + ">125<pad>", body + ">", body, "125", "", "   ", ">>", ">-", ">-0", ">+125", ">1e3", ">١٢٥",
+    ]:
+        assert not is_correct(problem, response), response
+    assert extract_answer(">-7") == -7 and extract_answer(">0") == 0 and extract_answer(">-0") is None
+    assert extract_answer(None) is None and not is_correct(problem, None)
+
+
+@given(st.text(max_size=40))
+def test_checker_never_raises(text):
+    problem = ArithmeticTask().make_problem(12, "-", 3)
+    assert isinstance(is_correct(problem, text), bool)
+    answer = extract_answer(text)
+    assert answer is None or text.partition(">")[2] == str(answer)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return arithmetic.build_tokenizer()
+
+
+def test_tokenizer_round_trips_every_character(tokenizer, tmp_path):
+    assert len(tokenizer) == len(arithmetic.SPECIAL_TOKENS) + len(arithmetic.ALPHABET)
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    assert tokenizer.bos_token_id is None and not getattr(tokenizer, "chat_template", None)
+    texts = [p.prompt + p.solution for task in TASKS for p in task.sample_problems(1, 100)]
+    texts.append(arithmetic.ALPHABET)
+    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    for text, ids in zip(texts, encoded):
+        assert len(ids) == len(text) and tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.encode("7?") == [tokenizer.convert_tokens_to_ids("7"), tokenizer.unk_token_id]
+    assert tokenizer.decode([*tokenizer.encode("12"), tokenizer.eos_token_id]) == "12<eos>"
+
+    tokenizer.save_pretrained(tmp_path)
+    loaded = tokenization.load_tokenizer(tmp_path)
+    assert loaded.encode(texts[0]) == encoded[0] and loaded.get_vocab() == tokenizer.get_vocab()
+    assert (loaded.pad_token_id, loaded.eos_token_id) == (0, 1)
+    prompts = ["57+68=", "3-2="]
+    for use_chat_template in (False, True):
+        tokens, mask = tokenization.encode_prompts(loaded, prompts, max_length=8, use_chat_template=use_chat_template)
+        for row, prompt in enumerate(prompts):
+            assert tokens[row][mask[row]].tolist() == tokenizer.encode(prompt)
+            assert mask[row, -1] and np.all(tokens[row][~mask[row]] == tokenizer.pad_token_id)
+
+
+# --- the shipped toy models -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    loaded = {}
+    for role in ("teacher", "student"):
+        folder = arithmetic.toy_model_path(role)
+        model, config = models.from_pretrained(folder)
+        loaded[role] = (model, config, tokenization.load_tokenizer(folder))
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return arithmetic.toy_task().sample_problems(HELD_OUT_SEED, 64, split="test")
+
+
+def test_shipped_assets_are_small_and_consistent(shipped, tokenizer):
+    total = sum(f.stat().st_size for f in arithmetic.ASSETS_DIR.rglob("*") if f.is_file())
+    assert total < 5_000_000
+    metadata = json.loads((arithmetic.ASSETS_DIR / "metadata.json").read_text())
+    assert arithmetic.toy_task() == ArithmeticTask.from_dict(metadata["task"])
+    (_, teacher_config, teacher_tok), (_, student_config, student_tok) = shipped["teacher"], shipped["student"]
+    tokenization.check_compatible(teacher_tok, student_tok, teacher_config, student_config)
+    for config, loaded in ((teacher_config, teacher_tok), (student_config, student_tok)):
+        assert loaded.get_vocab() == tokenizer.get_vocab()
+        assert config.vocab_size == len(tokenizer) and config.eos_token_id == (tokenizer.eos_token_id,)
+        assert config.pad_token_id == tokenizer.pad_token_id
+    assert student_config.num_layers * student_config.hidden_size < teacher_config.num_layers * teacher_config.hidden_size
+    for role in ("teacher", "student"):
+        assert metadata["models"][role]["held_out"]["greedy_mean_response_length"] <= 24
+
+
+def test_shipped_teacher_is_strong_and_student_weak_on_held_out_problems(shipped, held_out):
+    teacher, _, tok = shipped["teacher"]
+    student, _, _ = shipped["student"]
+    budget = arithmetic.toy_task().max_response_length + 2
+    teacher_result = arithmetic.evaluate(teacher, tok, held_out, max_new_tokens=budget, batch_size=64)
+    student_result = arithmetic.evaluate(student, tok, held_out, max_new_tokens=budget, batch_size=64)
+    assert teacher_result.accuracy >= 0.9, teacher_result.accuracy
+    assert 0.05 <= student_result.accuracy <= 0.5, student_result.accuracy
+    # The student's mistakes are arithmetic, not format: it stops and writes an answer.
+    assert student_result.finished.mean() >= 0.9
+    for result in (teacher_result, student_result):
+        assert result.correct.shape == result.finished.shape == result.response_lengths.shape == (64,)
+        assert 18 <= result.mean_response_length <= 24
+        assert np.all(result.correct <= result.finished)
+        assert result.accuracy == pytest.approx(np.mean([is_correct(p, r) for p, r in zip(held_out, result.responses)]))
+    # A partly filled last batch gives the same greedy responses as one full batch.
+    split = arithmetic.evaluate(student, tok, held_out, max_new_tokens=budget, batch_size=48)
+    assert split.responses == student_result.responses
+
+
+def test_evaluate_counts_unfinished_responses_wrong_and_checks_input(shipped, held_out):
+    teacher, _, tok = shipped["teacher"]
+    truncated = arithmetic.evaluate(teacher, tok, held_out[:8], max_new_tokens=6, batch_size=8)
+    assert truncated.accuracy == 0.0 and not truncated.finished.any()
+    assert np.all(truncated.response_lengths == 6)
+    sampled = arithmetic.evaluate(
+        teacher, tok, held_out[:8], max_new_tokens=24, batch_size=8, key=jax.random.key(1), temperature=1.0
+    )
+    assert sampled.accuracy >= 0.5
+    with pytest.raises(ValueError, match="at least one problem"):
+        arithmetic.evaluate(teacher, tok, [], max_new_tokens=24)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        arithmetic.evaluate(teacher, tok, held_out, max_new_tokens=24, batch_size=0)
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        arithmetic.evaluate(teacher, tok, held_out[:2], max_new_tokens=1000)
+    with pytest.raises(ValueError, match="role must be"):
+        arithmetic.toy_model_path("assistant")
