@@ -130,6 +130,38 @@ def test_export_then_reload_is_bitwise_and_config_round_trips(tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(model(tokens)))
 
 
+def test_exported_weights_are_readable_by_others(tmp_path):
+    config = models.DecoderConfig("qwen2", 40, 32, 64, 1, 4, 2, 8)
+    models.save_pretrained(models.Decoder(config, rngs=nnx.Rngs(0)), config, tmp_path / "a", max_shard_bytes=20_000)
+    files = sorted((tmp_path / "a").iterdir())
+    assert len(files) > 3  # several shards, the index and config.json
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in files), [(f.name, oct(f.stat().st_mode)) for f in files]
+
+
+@pytest.mark.parametrize("model_type, implied", [
+    ("qwen3", {"qk_norm": True, "qkv_bias": False, "o_bias": False}),
+    ("qwen2", {"qk_norm": False, "qkv_bias": True, "o_bias": False}),
+    ("llama", {"qk_norm": False, "qkv_bias": False, "o_bias": False}),
+])
+def test_architecture_flags_follow_model_type_and_survive_export(tmp_path, model_type, implied):
+    config = models.DecoderConfig(model_type, 40, 32, 64, 1, 4, 2, 8)
+    assert {name: getattr(config, name) for name in implied} == implied
+    models.save_pretrained(models.Decoder(config, rngs=nnx.Rngs(0)), config, tmp_path)
+    assert models.load_config(tmp_path) == config
+
+
+@pytest.mark.parametrize("model_type, flags, named", [
+    ("qwen3", {"qk_norm": False}, "qk_norm"),
+    ("qwen2", {"qkv_bias": False}, "qkv_bias"),
+    ("llama", {"qk_norm": True}, "qk_norm"),
+    ("llama", {"qkv_bias": True, "o_bias": False}, "o_bias"),
+    ("qwen2", {"mlp_bias": True}, "mlp_bias"),
+])
+def test_architecture_flags_that_config_json_cannot_express_are_rejected(model_type, flags, named):
+    with pytest.raises(ValueError, match=f"{named}=.*model_type '{model_type}'"):
+        models.DecoderConfig(model_type, 40, 32, 64, 1, 4, 2, 8, **flags)
+
+
 def test_bad_checkpoints_name_the_file_field_or_tensor(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         models.from_pretrained(tmp_path / "absent")

@@ -62,10 +62,13 @@ class DecoderConfig:
       rms_norm_eps: RMSNorm epsilon.
       rope: rotary embedding settings.
       tie_word_embeddings: the output projection is the transposed input embedding.
-      qk_norm: RMSNorm over ``head_dim`` on queries and keys before RoPE (Qwen3).
-      qkv_bias: bias on the q/k/v projections (Qwen2, Llama ``attention_bias``).
-      o_bias: bias on the output projection (Llama ``attention_bias``).
-      mlp_bias: bias on the MLP projections (Llama ``mlp_bias``).
+      qk_norm: RMSNorm over ``head_dim`` on queries and keys before RoPE; Qwen3 always has it, the
+        others never (``None``: what ``model_type`` implies).
+      qkv_bias: bias on the q/k/v projections; Qwen2 always, Llama with ``attention_bias``, Qwen3
+        never (``None``: what ``model_type`` implies, no bias for Llama).
+      o_bias: bias on the output projection; Llama with ``attention_bias`` (then equal to
+        ``qkv_bias``), never otherwise (``None``: as ``qkv_bias`` for Llama).
+      mlp_bias: bias on the MLP projections (Llama ``mlp_bias`` only).
       max_position_embeddings: the longest context the checkpoint supports.
       bos_token_id, eos_token_id, pad_token_id: special tokens from ``config.json`` (eos may be a
         tuple of ids).
@@ -82,9 +85,9 @@ class DecoderConfig:
     rms_norm_eps: float = 1e-6
     rope: RopeConfig = RopeConfig()
     tie_word_embeddings: bool = False
-    qk_norm: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
+    qk_norm: bool | None = None
+    qkv_bias: bool | None = None
+    o_bias: bool | None = None
     mlp_bias: bool = False
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
@@ -100,11 +103,36 @@ class DecoderConfig:
             raise ValueError(
                 f"unsupported rope_type {self.rope.rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
+        self._resolve_architecture_flags()
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_kv_heads})"
             )
+
+    def _resolve_architecture_flags(self) -> None:
+        """Fill the ``None`` flags from ``model_type`` and reject the ones its ``config.json`` cannot say.
+
+        A config that the Hugging Face architecture cannot express would save a checkpoint that
+        loads back as a different model, so it is an error here rather than a surprise there.
+        """
+        if self.model_type == "qwen2":
+            implied = {"qkv_bias": True, "o_bias": False}
+        else:  # one attention_bias flag covers q/k/v and o
+            attention_bias = bool(self.qkv_bias or self.o_bias)
+            implied = {"qkv_bias": attention_bias, "o_bias": attention_bias}
+        implied["qk_norm"] = self.model_type == "qwen3"
+        for name, value in implied.items():
+            given = getattr(self, name)
+            if given is None:
+                object.__setattr__(self, name, value)
+            elif bool(given) != value:
+                raise ValueError(
+                    f"{name}={given} is not expressible for model_type {self.model_type!r} "
+                    f"(its config.json implies {name}={value})"
+                )
+        if self.mlp_bias and self.model_type != "llama":
+            raise ValueError(f"mlp_bias=True is not expressible for model_type {self.model_type!r}: only llama has it")
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> DecoderConfig:
@@ -157,9 +185,7 @@ class DecoderConfig:
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope=rope,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qk_norm=model_type == "qwen3",
             qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=model_type != "qwen2" and attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             bos_token_id=hf.get("bos_token_id"),
@@ -194,7 +220,7 @@ class DecoderConfig:
         if self.model_type == "llama":
             hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
         if self.model_type == "qwen3":
-            hf["attention_bias"] = False
+            hf["attention_bias"] = self.qkv_bias
         return hf
 
     @property

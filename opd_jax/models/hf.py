@@ -214,17 +214,24 @@ def save_pretrained(
         if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale.name):
             stale.unlink()
     if len(shards) == 1:
-        save_file(shards[0], folder / SINGLE_FILE, metadata={"format": "pt"})
+        _save_tensors(shards[0], folder / SINGLE_FILE)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, folder / filename, metadata={"format": "pt"})
+            _save_tensors(shard, folder / filename)
             weight_map.update({name: filename for name in shard})
         total = sum(t.size * t.dtype.itemsize for t in tensors.values())
         index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (folder / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
+def _save_tensors(tensors: dict[str, Array], file: pathlib.Path) -> None:
+    save_file(tensors, file, metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0600); a checkpoint is meant to be
+    # shared and served, so give it the usual permissions of a written file.
+    file.chmod(0o644)
 
 
 def _split_into_shards(tensors: dict[str, Array], max_shard_bytes: int | None) -> list[dict[str, Array]]:
