@@ -46,7 +46,9 @@ class CheckpointStore:
     def __init__(self, directory: str | pathlib.Path, keep: int = 3):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        self.directory = pathlib.Path(directory)
+        # orbax rejects relative paths inside its background commit thread, i.e. only after
+        # training has run up to the first save; resolving here makes `--output runs/x` work.
+        self.directory = pathlib.Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         training = ocp.v1.training
         self._checkpointer = training.Checkpointer(

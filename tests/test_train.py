@@ -85,6 +85,18 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     np.testing.assert_array_equal(state["w"], states[2]["w"])
 
 
+def test_checkpoints_under_a_relative_path_save_and_restore(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    state = {"w": jnp.arange(8.0)}
+    store = checkpoint.CheckpointStore(pathlib.Path("runs") / "relative", keep=1)
+    store.save(5, state)
+    store.close()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    step, restored = checkpoint.CheckpointStore("runs/relative").restore_latest(abstract)
+    assert step == 5
+    np.testing.assert_array_equal(restored["w"], state["w"])
+
+
 @pytest.mark.parametrize(
     "overrides, field",
     [({"divergence": "kl"}, "valid names"), ({"estimator": "ppo"}, "estimator"), ({"gamma": 1.5}, "gamma"),
