@@ -119,6 +119,52 @@ def build_parser() -> argparse.ArgumentParser:
                               help="encode prompts as plain text even if the tokenizer has a chat template")
     train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_train_options(train_parser)
+
+    from opd_jax.demo import DEMO_CONFIG, TASKS
+    from opd_jax.divergences import names as divergence_names
+
+    # The parametrised generators (generalized_js, alpha) need a value: they are in the grid script.
+    plain_divergences = [n for n in divergence_names() if n not in ("generalized_js", "alpha")]
+
+    demo = commands.add_parser(
+        "demo",
+        help="the embedded default: stop-gradient OPD vs OPD+ on a toy task (no downloads)",
+        description=(
+            "Distil the shipped toy teacher into the weak toy student with each divergence and "
+            "estimator, evaluate before and after on held-out problems (greedy accuracy, response "
+            "length, teacher-KL per token on temperature-1 samples), and print the table. Writes "
+            "results.md, results.json, curves.png and one folder per run (metrics, TensorBoard, "
+            "checkpoints, exported student) under --output; re-running resumes unfinished runs."
+        ),
+    )
+    demo.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="toy task (default arithmetic)")
+    demo.add_argument("--output", type=pathlib.Path, default=pathlib.Path("runs/demo"),
+                      help="output folder (default runs/demo)")
+    demo.add_argument("--divergence", action="append", choices=plain_divergences, metavar="NAME",
+                      help="divergence, repeatable (default: reverse_kl forward_kl js)")
+    demo.add_argument("--estimator", action="append", choices=("stop_grad", "opd_plus"),
+                      help="estimator, repeatable (default: both)")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
+    demo.add_argument("--steps", type=_positive_int(1), default=DEMO_CONFIG.steps,
+                      help=f"training steps per run (default {DEMO_CONFIG.steps})")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a checkpoint on a toy task (accuracy, response length, teacher-KL)",
+        description=(
+            "Greedy accuracy and response length of --model on held-out problems of --task, and its "
+            "per-token KL to the teacher on temperature-1 samples."
+        ),
+    )
+    evaluate.add_argument("--model", type=pathlib.Path, required=True, help="checkpoint folder (HF format)")
+    evaluate.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="toy task (default arithmetic)")
+    evaluate.add_argument("--teacher", type=pathlib.Path,
+                          help="teacher checkpoint folder for the teacher-KL (default: the task's shipped teacher)")
+    evaluate.add_argument("--no-teacher-kl", action="store_true", help="skip the teacher-KL")
+    evaluate.add_argument("--problems", type=_positive_int(1), default=512, help="held-out problems (default 512)")
+    evaluate.add_argument("--seed", type=int, default=0, help="problem and sampling seed (default 0)")
+    evaluate.add_argument("--json", type=pathlib.Path, metavar="PATH", help="also write the metrics as JSON")
     return parser
 
 
@@ -335,15 +381,59 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from opd_jax import demo
+
+    if args.output.exists() and not args.output.is_dir():
+        _fail("demo", f"--output {args.output} is a file; give a folder")
+    setup = demo.TASKS[args.task].setup()
+    base = dataclasses.replace(demo.DEMO_CONFIG, steps=args.steps, max_new_tokens=setup.max_new_tokens,
+                               eval_every=min(demo.DEMO_CONFIG.eval_every, args.steps))
+    axes = {"divergence": args.divergence or ["reverse_kl", "forward_kl", "js"],
+            "estimator": args.estimator or ["stop_grad", "opd_plus"]}
+    specs = demo.grid(base, axes, args.seeds)
+    records = demo.run_grid(setup, specs, args.output, progress=not args.quiet)
+    table = demo.write_results(setup, specs, records, args.output)
+    seconds = sum(r["seconds"] for r in records)
+    print(f"\n{setup.name}: {len(specs)} runs of {args.steps} steps in {seconds:.0f} s\n\n{table}\n")
+    print(f"wrote {args.output / 'results.md'}, {args.output / 'results.json'}, {args.output / 'curves.png'}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from opd_jax import demo, models, tokenization
+
+    try:
+        model, _ = models.from_pretrained(args.model)
+        tokenizer = tokenization.load_tokenizer(args.model)
+        task = demo.TASKS[args.task]
+        teacher_path = args.teacher or task.teacher_path()
+        teacher = None if args.no_teacher_kl else models.from_pretrained(teacher_path)[0]
+        if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"teacher vocab_size {teacher.config.vocab_size} != model vocab_size "
+                             f"{model.config.vocab_size}")
+    except (FileNotFoundError, ValueError) as error:
+        _fail("eval", str(error))
+    metrics = task.evaluator(tokenizer, teacher, eval_problems=args.problems, seed=args.seed)(model)
+    print(f"{args.task}, {args.problems} held-out problems, {args.model}:")
+    for key, value in metrics.items():
+        print(f"  {key:16s} {value:.4f}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": str(args.model), "task": args.task, **metrics}, indent=2) + "\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    if args.command == "train":
-        return run_train(args)
-    return run_verify(args)
+    runners = {"train": run_train, "demo": run_demo, "eval": run_eval, "verify": run_verify}
+    return runners[args.command](args)
 
 
 if __name__ == "__main__":

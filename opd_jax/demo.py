@@ -1,0 +1,315 @@
+"""The embedded default: distil the shipped toy teacher into the weak toy student, OPD vs OPD+.
+
+A demo is a grid of :class:`~opd_jax.train.TrainConfig` variations (divergence × estimator × …
+× seed) run through :func:`opd_jax.train.train` on one :class:`TaskSetup`. Each run evaluates the
+student before and after training on held-out problems: greedy accuracy and response length, and
+the teacher-KL ``KL(π‖q)`` per response token estimated on temperature-1 student samples. The
+summary is one row per variation with mean ± std over seeds, written as Markdown and JSON beside
+the per-run folders and a plot of the learning curves.
+
+Re-running into the same output folder resumes unfinished runs and reuses finished ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+import types
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax.metrics import plot_curves
+from opd_jax.models import Decoder, from_pretrained
+from opd_jax.sampling import Rollout, SamplingConfig, generate, score
+from opd_jax.train import PromptSet, TrainConfig, train
+
+__all__ = ["DEMO_CONFIG", "TASKS", "RunSpec", "TaskSetup", "ToyTask", "arithmetic_evaluator", "arithmetic_setup", "grid", "run_grid", "summarize", "format_table"]
+
+#: The demo's training settings on the toy arithmetic task: per-token OPD (γ = 0) as in the paper.
+DEMO_CONFIG = TrainConfig(
+    level="token",
+    gamma=0.0,
+    log_ratio_clip=20.0,
+    prompts_per_step=64,
+    group_size=4,
+    max_new_tokens=24,
+    learning_rate=3e-4,
+    steps=200,
+    eval_every=50,
+    checkpoint_every=50,
+    keep_checkpoints=1,
+)
+
+#: Row metrics of the summary table: (record key, column title).
+SUMMARY_COLUMNS = (
+    ("accuracy", "accuracy"),
+    ("teacher_kl", "teacher KL"),
+    ("response_length", "length"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSetup:
+    """What a task gives the distillation grid.
+
+    Attributes:
+      name: the task's name (shown in tables).
+      tokenizer: the student's tokenizer (saved beside every exported student).
+      teacher, student: the frozen teacher and the starting student.
+      student_config: the student's ``DecoderConfig`` (for the export).
+      prompts: the training prompts.
+      evaluate: ``model -> {metric: value}`` on held-out problems; the summary reads ``accuracy``,
+        ``teacher_kl`` and ``response_length`` from it (and any other keys it returns).
+      stop_ids, pad_id: sampling stop tokens and padding id.
+      rollout_fn: the rollout of :func:`opd_jax.train.train` (multi-turn tasks bring their own).
+      max_new_tokens: the response budget the task needs.
+    """
+
+    name: str
+    tokenizer: Any
+    teacher: Decoder
+    student: Decoder
+    student_config: Any
+    prompts: PromptSet
+    evaluate: Callable[[Decoder], dict[str, float]]
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    rollout_fn: Callable[..., Rollout] = generate
+    max_new_tokens: int = 24
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run of a grid: a label for the variation, its seed, and the full training config."""
+
+    variation: str
+    seed: int
+    config: TrainConfig
+
+    @property
+    def folder(self) -> str:
+        return f"{self.variation}-seed{self.seed}".replace("/", "-").replace("=", "")
+
+
+def teacher_kl(student: Decoder, teacher: Decoder, tokens, mask, key, *, max_new_tokens: int, stop_ids, pad_id) -> float:
+    """``KL(π‖q)`` per response token, estimated on temperature-1 samples of ``student``.
+
+    ``Σ_n (log π(y_n|s_n) − log q(y_n|s_n)) / Σ_n 1`` over the response tokens of one sample per
+    prompt: an unbiased estimate of the sequence-level KL divided by the mean response length.
+    """
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, stop_ids=tuple(stop_ids), pad_id=pad_id)
+    rollout = generate(student, tokens, mask, key, config)
+    teacher_logp = score(teacher, rollout.tokens, rollout.token_mask)
+    gap = jnp.where(rollout.response_mask, rollout.sampling_logp - teacher_logp, 0.0)
+    return float(jnp.sum(gap) / jnp.maximum(jnp.sum(rollout.response_mask), 1))
+
+
+def arithmetic_evaluator(
+    tokenizer, teacher: Decoder | None, *, eval_problems: int = 512, seed: int = 0
+) -> Callable[[Decoder], dict[str, float]]:
+    """``model -> {accuracy, response_length[, teacher_kl]}`` on held-out toy arithmetic problems.
+
+    ``eval_problems`` problems of the test split (drawn with ``seed + 1``); greedy decoding for
+    accuracy and length; one temperature-1 sample per problem for the teacher-KL (skipped when
+    ``teacher`` is ``None``).
+    """
+    from opd_jax import tasks, tokenization
+
+    task = tasks.toy_task()
+    held_out = task.sample_problems(seed + 1, eval_problems, split="test")
+    eos, pad = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
+    max_new_tokens = task.max_response_length + 2
+    tokens, mask = tokenization.encode_prompts(
+        tokenizer, [p.prompt for p in held_out], max_length=task.max_prompt_length, use_chat_template=False, pad_id=pad
+    )
+
+    def evaluate(model: Decoder) -> dict[str, float]:
+        result = tasks.evaluate(model, tokenizer, held_out, max_new_tokens=max_new_tokens, batch_size=256)
+        metrics = {"accuracy": result.accuracy, "response_length": result.mean_response_length}
+        if teacher is not None:
+            metrics["teacher_kl"] = teacher_kl(model, teacher, tokens, mask, jax.random.key(seed),
+                                               max_new_tokens=max_new_tokens, stop_ids=(eos,), pad_id=pad)
+        return metrics
+
+    return evaluate
+
+
+def arithmetic_setup(*, train_problems: int = 4096, eval_problems: int = 512, seed: int = 0) -> TaskSetup:
+    """The toy arithmetic task with its shipped teacher and student (:mod:`opd_jax.tasks`)."""
+    from opd_jax import tasks, tokenization
+
+    task = tasks.toy_task()
+    tokenizer = tokenization.load_tokenizer(tasks.toy_model_path("student"))
+    teacher, _ = from_pretrained(tasks.toy_model_path("teacher"))
+    student, student_config = from_pretrained(tasks.toy_model_path("student"))
+    pad = int(tokenizer.pad_token_id)
+    tokens, mask = tokenization.encode_prompts(
+        tokenizer, [p.prompt for p in task.sample_problems(seed, train_problems, split="train")],
+        max_length=task.max_prompt_length, use_chat_template=False, pad_id=pad,
+    )
+    return TaskSetup(
+        name="arithmetic", tokenizer=tokenizer, teacher=teacher, student=student, student_config=student_config,
+        prompts=PromptSet(tokens, mask),
+        evaluate=arithmetic_evaluator(tokenizer, teacher, eval_problems=eval_problems, seed=seed),
+        stop_ids=(int(tokenizer.eos_token_id),), pad_id=pad, max_new_tokens=task.max_response_length + 2,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyTask:
+    """A toy task as the CLI sees it.
+
+    Attributes:
+      setup: builds its :class:`TaskSetup` (shipped models, prompts, evaluation).
+      teacher_path: the folder of its shipped teacher.
+      evaluator: ``(tokenizer, teacher | None, *, eval_problems, seed) -> (model -> metrics)``.
+    """
+
+    setup: Callable[[], TaskSetup]
+    teacher_path: Callable[[], pathlib.Path]
+    evaluator: Callable[..., Callable[[Decoder], dict[str, float]]]
+
+
+def _arithmetic_teacher_path() -> pathlib.Path:
+    from opd_jax import tasks
+
+    return tasks.toy_model_path("teacher")
+
+
+#: The toy tasks of ``opd-jax demo`` / ``opd-jax eval`` (read-only).
+TASKS = types.MappingProxyType({
+    "arithmetic": ToyTask(arithmetic_setup, _arithmetic_teacher_path, arithmetic_evaluator),
+})
+
+
+def grid(base: TrainConfig, axes: dict[str | tuple[str, ...], Sequence[Any]], seeds: Sequence[int]) -> list[RunSpec]:
+    """Every combination of ``axes`` applied to ``base``, per seed.
+
+    An axis is a TrainConfig field with its values, or a tuple of fields with tuples of values that
+    vary together (e.g. ``("level", "gamma"): [("token", 0.0), ("token", 1.0), ("sequence", 0.0)]``).
+    The variation label joins the values in the order of ``axes`` (``None`` left out), e.g.
+    ``forward_kl/opd_plus``.
+
+    Raises:
+      ValueError: an axis that is not a TrainConfig field, or a combination it rejects.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    named = [name for key in axes for name in ((key,) if isinstance(key, str) else key)]
+    unknown = sorted(set(named) - fields)
+    if unknown:
+        raise ValueError(f"unknown grid axis {unknown}; valid: {sorted(fields)}")
+    combinations: list[dict[str, Any]] = [{}]
+    for key, values in axes.items():
+        names = (key,) if isinstance(key, str) else key
+        combinations = [
+            {**combo, **dict(zip(names, (value,) if isinstance(key, str) else value, strict=True))}
+            for combo in combinations for value in values
+        ]
+    specs = []
+    for combo in combinations:
+        variation = "/".join(_format_value(name, value) for name, value in combo.items() if value is not None)
+        for seed in seeds:
+            specs.append(RunSpec(variation, seed, dataclasses.replace(base, **combo, seed=seed)))
+    return specs
+
+
+def _format_value(name: str, value: Any) -> str:
+    return str(value) if name in ("divergence", "estimator", "level") else f"{name}={value:g}" if isinstance(
+        value, float) else f"{name}={value}"
+
+
+def run_grid(
+    setup: TaskSetup, specs: Sequence[RunSpec], output_dir: str | pathlib.Path, *, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Train every run of ``specs`` into ``output_dir/<run>/`` and return one record per run.
+
+    A record holds the variation, seed, the evaluation before (``*_before``) and after training,
+    and the wall time. The student is re-started from ``setup.student`` for every run.
+    """
+    from flax import nnx
+
+    output_dir = pathlib.Path(output_dir)
+    graphdef, initial_state = nnx.split(setup.student)
+    records = []
+    for index, spec in enumerate(specs):
+        began = time.perf_counter()
+        student = nnx.merge(graphdef, jax.tree.map(jnp.copy, initial_state))
+        result = train(
+            spec.config, student, setup.student_config, setup.teacher, setup.prompts, output_dir / spec.folder,
+            stop_ids=setup.stop_ids, pad_id=setup.pad_id, evaluate=setup.evaluate, rollout_fn=setup.rollout_fn,
+            progress=progress, label=f"[{index + 1}/{len(specs)}] {spec.variation} seed {spec.seed}",
+        )
+        setup.tokenizer.save_pretrained(result.output_dir / "student")
+        evaluations = [r for r in result.history if any(k.startswith("eval_") for k in r)]
+        first = {k[5:]: v for k, v in evaluations[0].items() if k.startswith("eval_")} if evaluations else {}
+        last = {k[5:]: v for k, v in evaluations[-1].items() if k.startswith("eval_")} if evaluations else {}
+        records.append({
+            "variation": spec.variation, "seed": spec.seed, "config": spec.config.to_dict(),
+            **{f"{k}_before": v for k, v in first.items()}, **last,
+            "seconds": time.perf_counter() - began,
+        })
+    return records
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per variation (in first-seen order): mean and std over seeds of every numeric metric."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        rows.setdefault(record["variation"], []).append(record)
+    summary = []
+    for variation, group in rows.items():
+        row: dict[str, Any] = {"variation": variation, "seeds": [r["seed"] for r in group]}
+        keys = [k for k in group[0] if k not in ("variation", "seed", "config")
+                and isinstance(group[0][k], (int, float))]
+        for key in keys:
+            values = np.asarray([r[key] for r in group if key in r], np.float64)
+            row[key] = float(values.mean())
+            row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        summary.append(row)
+    return summary
+
+
+def format_table(summary: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]] = SUMMARY_COLUMNS) -> str:
+    """A Markdown table: variation, then ``before → after`` for each column (mean ± std over seeds)."""
+
+    def cell(row, key):
+        if key not in row:
+            return "–"
+        text = f"{row[key]:.3f}"
+        return text + (f" ± {row[key + '_std']:.3f}" if len(row["seeds"]) > 1 else "")
+
+    header = ["run", "seeds"] + [f"{title} before → after" for _, title in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in summary:
+        cells = [row["variation"], str(len(row["seeds"]))]
+        cells += [f"{cell(row, key + '_before')} → {cell(row, key)}" for key, _ in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(
+    setup: TaskSetup, specs: Sequence[RunSpec], records: Sequence[dict[str, Any]], output_dir: str | pathlib.Path,
+    columns: Sequence[tuple[str, str]] = SUMMARY_COLUMNS,
+) -> str:
+    """Write ``results.json``, ``results.md`` and ``curves.png`` (seed 0 of every variation) and return the table."""
+    output_dir = pathlib.Path(output_dir)
+    summary = summarize(records)
+    table = format_table(summary, columns)
+    (output_dir / "results.json").write_text(json.dumps({"task": setup.name, "runs": list(records),
+                                                         "summary": summary}, indent=2) + "\n")
+    (output_dir / "results.md").write_text(f"# {setup.name}: OPD vs OPD+\n\n{table}\n")
+    from opd_jax.metrics import read_jsonl
+
+    curves = {}
+    for spec in specs:
+        if spec.variation not in curves:
+            curves[spec.variation] = read_jsonl(output_dir / spec.folder / "metrics.jsonl")
+    plot_curves(curves, ["eval_accuracy", "eval_teacher_kl", "eval_response_length", "teacher_kl"],
+                output_dir / "curves.png", title=f"{setup.name}: on-policy distillation")
+    return table

@@ -1,0 +1,133 @@
+"""The embedded default (`opd-jax demo`), `opd-jax eval`, and the grid helpers behind them."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from opd_jax import cli, demo, models, sampling
+
+
+def test_grid_crosses_axes_and_seeds_with_joint_axes():
+    specs = demo.grid(
+        demo.DEMO_CONFIG,
+        {"divergence": ["reverse_kl", "forward_kl"], ("level", "gamma"): [("token", 1.0), ("sequence", 0.0)]},
+        seeds=[3, 4],
+    )
+    assert len(specs) == 8
+    assert [s.variation for s in specs[:4]] == ["reverse_kl/token/gamma=1"] * 2 + ["reverse_kl/sequence/gamma=0"] * 2
+    assert [(s.config.divergence, s.config.level, s.config.gamma, s.config.seed) for s in specs[:2]] == [
+        ("reverse_kl", "token", 1.0, 3), ("reverse_kl", "token", 1.0, 4)]
+    assert len({s.folder for s in specs}) == 8 and all("/" not in s.folder for s in specs)
+    # Every other field comes from the base config.
+    assert all(s.config.learning_rate == demo.DEMO_CONFIG.learning_rate for s in specs)
+
+
+def test_grid_rejects_unknown_axes_and_invalid_combinations():
+    with pytest.raises(ValueError, match="unknown grid axis.*'lr'"):
+        demo.grid(demo.DEMO_CONFIG, {"lr": [1e-3]}, [0])
+    with pytest.raises(ValueError, match="takes no parameters"):
+        demo.grid(demo.DEMO_CONFIG, {("divergence", "beta"): [("js", 0.3)]}, [0])
+
+
+def test_summary_is_the_mean_and_sample_std_over_seeds():
+    records = [
+        {"variation": "a", "seed": 0, "accuracy": 0.2, "accuracy_before": 0.1, "config": {}},
+        {"variation": "b", "seed": 0, "accuracy": 0.9, "config": {}},
+        {"variation": "a", "seed": 1, "accuracy": 0.6, "accuracy_before": 0.1, "config": {}},
+        {"variation": "a", "seed": 2, "accuracy": 0.7, "accuracy_before": 0.1, "config": {}},
+    ]
+    a, b = demo.summarize(records)
+    assert (a["variation"], a["seeds"], b["seeds"]) == ("a", [0, 1, 2], [0])
+    assert a["accuracy"] == pytest.approx(0.5)
+    assert a["accuracy_std"] == pytest.approx(np.sqrt(((0.2 - 0.5) ** 2 + 0.1**2 + 0.2**2) / 2))
+    assert (b["accuracy"], b["accuracy_std"]) == (0.9, 0.0)
+    table = demo.format_table([a, b], [("accuracy", "acc")])
+    assert "| a | 3 | 0.100 ± 0.000 → 0.500 ± 0.265 |" in table
+    assert "| b | 1 | – → 0.900 |" in table
+
+
+def _tiny(seed):
+    config = models.DecoderConfig("qwen3", 24, 32, 48, 1, 4, 2, 8, max_position_embeddings=32)
+    return models.Decoder(config, rngs=nnx.Rngs(seed))
+
+
+def test_teacher_kl_is_the_mean_log_ratio_over_response_tokens():
+    student, teacher = _tiny(0), _tiny(1)
+    tokens = jnp.tile(jnp.arange(3, 8)[None], (16, 1))
+    mask = jnp.ones_like(tokens, bool)
+    key = jax.random.key(7)
+    kwargs = dict(max_new_tokens=6, stop_ids=(1,), pad_id=0)
+    assert demo.teacher_kl(student, student, tokens, mask, key, **kwargs) == pytest.approx(0.0, abs=1e-6)
+    # The same samples scored independently by both models' full forward passes.
+    rollout = sampling.generate(student, tokens, mask, key, sampling.SamplingConfig(temperature=1.0, **kwargs))
+    gap = sampling.score(student, rollout.tokens, rollout.token_mask) - sampling.score(
+        teacher, rollout.tokens, rollout.token_mask)
+    expected = float(jnp.sum(jnp.where(rollout.response_mask, gap, 0.0)) / jnp.sum(rollout.response_mask))
+    assert demo.teacher_kl(student, teacher, tokens, mask, key, **kwargs) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("demo") / "out"
+    assert cli.main(["demo", "--steps", "2", "--divergence", "forward_kl", "--estimator", "opd_plus",
+                     "--estimator", "stop_grad", "--output", str(output), "--quiet"]) == 0
+    return output
+
+
+def test_demo_writes_the_table_results_curves_and_exported_students(demo_run):
+    results = json.loads((demo_run / "results.json").read_text())
+    assert [r["variation"] for r in results["runs"]] == ["forward_kl/opd_plus", "forward_kl/stop_grad"]
+    for record in results["runs"]:
+        assert record["config"]["steps"] == 2 and record["config"]["divergence"] == "forward_kl"
+        for key in ("accuracy", "teacher_kl", "response_length"):
+            assert np.isfinite(record[key]) and np.isfinite(record[f"{key}_before"])
+        assert 0.0 <= record["accuracy"] <= 1.0
+        # The shipped student starts weak: the evaluation before training sees it so.
+        assert record["accuracy_before"] < 0.5 and record["teacher_kl_before"] > 0.5
+    table = (demo_run / "results.md").read_text()
+    assert "| forward_kl/opd_plus | 1 |" in table and "| forward_kl/stop_grad | 1 |" in table
+    assert (demo_run / "curves.png").stat().st_size > 10_000
+    for folder in ("forward_kl-opd_plus-seed0", "forward_kl-stop_grad-seed0"):
+        steps = [r["step"] for r in map(json.loads, (demo_run / folder / "metrics.jsonl").read_text().splitlines())]
+        assert steps == sorted(steps) and steps[-1] == 2
+
+
+def test_eval_of_an_exported_student_reproduces_the_demo_numbers(demo_run, tmp_path, capsys):
+    record = json.loads((demo_run / "results.json").read_text())["runs"][0]
+    output = tmp_path / "metrics.json"
+    assert cli.main(["eval", "--model", str(demo_run / "forward_kl-opd_plus-seed0" / "student"),
+                     "--json", str(output)]) == 0
+    measured = json.loads(output.read_text())
+    for key in ("accuracy", "response_length", "teacher_kl"):
+        assert measured[key] == pytest.approx(record[key], rel=1e-5, abs=1e-6), key
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_rerunning_the_demo_reuses_finished_runs(demo_run):
+    before = json.loads((demo_run / "results.json").read_text())["runs"]
+    assert cli.main(["demo", "--steps", "2", "--divergence", "forward_kl", "--estimator", "opd_plus",
+                     "--output", str(demo_run), "--quiet"]) == 0
+    after = json.loads((demo_run / "results.json").read_text())["runs"]
+    assert [r["accuracy"] for r in after] == [before[0]["accuracy"]]
+    lines = (demo_run / "forward_kl-opd_plus-seed0" / "metrics.jsonl").read_text().splitlines()
+    assert len([r for r in map(json.loads, lines) if "loss" in r]) == 2  # no step trained twice
+
+
+def test_bad_demo_and_eval_input_is_named_and_nothing_is_overwritten(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--output", str(taken), "--quiet"])
+    assert exit_info.value.code == 2 and "is a file" in capsys.readouterr().err
+    assert taken.read_text() == "keep me"
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--model", str(tmp_path / "absent")])
+    assert str(tmp_path / "absent") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--divergence", "alpha"])  # needs a parameter: only in the grid script
+    assert "invalid choice" in capsys.readouterr().err
+
