@@ -29,7 +29,10 @@ from opd_jax.models import Decoder, from_pretrained
 from opd_jax.sampling import Rollout, SamplingConfig, generate, score
 from opd_jax.train import PromptSet, TrainConfig, train
 
-__all__ = ["DEMO_CONFIG", "TASKS", "RunSpec", "TaskSetup", "ToyTask", "arithmetic_evaluator", "arithmetic_setup", "grid", "run_grid", "summarize", "format_table"]
+__all__ = [
+    "DEMO_CONFIG", "TASKS", "RunSpec", "TaskSetup", "ToyTask", "arithmetic_evaluator", "arithmetic_setup",
+    "format_table", "grid", "run_grid", "summarize", "teacher_kl", "write_results",
+]
 
 #: The demo's training settings on the toy arithmetic task: per-token OPD (γ = 0) as in the paper.
 DEMO_CONFIG = TrainConfig(
@@ -297,7 +300,7 @@ def write_results(
     setup: TaskSetup, specs: Sequence[RunSpec], records: Sequence[dict[str, Any]], output_dir: str | pathlib.Path,
     columns: Sequence[tuple[str, str]] = SUMMARY_COLUMNS,
 ) -> str:
-    """Write ``results.json``, ``results.md`` and ``curves.png`` (seed 0 of every variation) and return the table."""
+    """Write ``results.json``, ``results.md`` and ``curves.png`` (first seed of every variation); return the table."""
     output_dir = pathlib.Path(output_dir)
     summary = summarize(records)
     table = format_table(summary, columns)
