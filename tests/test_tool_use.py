@@ -432,3 +432,17 @@ def test_train_end_to_end_with_the_tool_rollout(tmp_path):
     assert abs(kl_without - kl) > 1e-3
     assert (result.output_dir / "student" / "model.safetensors").is_file()
     assert all(np.isfinite(r["loss"]) for r in steps)
+
+
+def test_demo_task_setup_matches_the_demo_contract():
+    from opd_jax import demo
+
+    setup = tool_use.demo_task_setup(train_problems=32, eval_problems=8)
+    assert isinstance(setup, demo.TaskSetup) and setup.name == "tool_use"
+    assert setup.prompts.tokens.shape == (32, ToolUseTask().max_prompt_length)
+    assert setup.stop_ids == (VOCAB.eos_id,) and setup.pad_id == VOCAB.pad_id
+    assert setup.max_new_tokens + setup.prompts.tokens.shape[1] * 1 + setup.max_new_tokens <= (
+        setup.student.config.max_position_embeddings)
+    assert tool_use.teacher_path() == tool_use.toy_model_path("teacher")
+    metrics = tool_use.evaluator(setup.tokenizer, None, eval_problems=8)(setup.teacher)
+    assert set(metrics) == {"accuracy", "call_validity", "call_exactness", "response_length", "transcript_length"}

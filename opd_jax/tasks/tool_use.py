@@ -66,10 +66,13 @@ __all__ = [
     "Vocabulary",
     "build_tokenizer",
     "check_response",
+    "demo_task_setup",
+    "encode_prompts",
     "evaluate",
     "evaluator",
     "execute_call",
     "make_rollout_fn",
+    "teacher_path",
     "tool_output",
     "tool_use_demo_setup",
     "transcript_segments",
@@ -855,3 +858,26 @@ def tool_use_demo_setup(*, train_problems: int = 4096, eval_problems: int = 512,
         pad_id=vocabulary.pad_id,
         max_new_tokens=task.max_response_length + 4,
     )
+
+
+def demo_task_setup(*, train_problems: int = 4096, eval_problems: int = 512, seed: int = 0):
+    """:func:`tool_use_demo_setup` as an :class:`opd_jax.demo.TaskSetup` (teacher and student loaded).
+
+    For ``opd_jax.demo.TASKS``: ``ToyTask(tool_use.demo_task_setup, tool_use.teacher_path,
+    tool_use.evaluator)``.
+    """
+    from opd_jax import demo, models
+
+    setup = tool_use_demo_setup(train_problems=train_problems, eval_problems=eval_problems, seed=seed)
+    teacher, _ = models.from_pretrained(setup.teacher_path)
+    student, student_config = models.from_pretrained(setup.student_path)
+    return demo.TaskSetup(
+        name="tool_use", tokenizer=setup.tokenizer, teacher=teacher, student=student, student_config=student_config,
+        prompts=setup.prompts, evaluate=setup.evaluate, stop_ids=setup.stop_ids, pad_id=setup.pad_id,
+        rollout_fn=setup.rollout_fn, max_new_tokens=setup.max_new_tokens,
+    )
+
+
+def teacher_path() -> pathlib.Path:
+    """The shipped tool-use teacher's folder (``toy_model_path("teacher")``)."""
+    return toy_model_path("teacher")

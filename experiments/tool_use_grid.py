@@ -1,0 +1,161 @@
+"""OPD vs OPD+ on the toy tool-use task: divergences × estimators × seeds through ``opd_jax.train.train``.
+
+Every run starts from the shipped weak student (``opd_jax/tasks/assets/tool_use/student``) and
+distils the shipped teacher on the student's own multi-turn rollouts
+(:func:`opd_jax.tasks.tool_use.make_rollout_fn`: tool outputs are context for both models and get no
+advantage or gradient). After training, the student is evaluated on held-out questions: greedy
+answer accuracy, call validity, exact calls, model tokens per response, and the teacher-KL
+``KL(π‖q)`` per model token on temperature-1 rollouts. The table gives mean ± std over seeds, with
+the starting student and the teacher as reference rows.
+
+Writes ``<out>/results.json``, ``<out>/results.md`` and one folder per run (train() output:
+metrics.jsonl, checkpoints, exported student, plus ``final_eval.json``). Re-running into the same
+folder reuses finished runs and resumes unfinished ones.
+
+Usage:
+    nice -n 10 .venv/bin/python experiments/tool_use_grid.py --out runs/tool_use_grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+from opd_jax import models
+from opd_jax.tasks import tool_use
+from opd_jax.train import PromptSet, TrainConfig, train
+
+COLUMNS = (
+    ("accuracy", "answer acc."),
+    ("call_validity", "call validity"),
+    ("call_exactness", "exact calls"),
+    ("teacher_kl", "teacher-KL"),
+    ("response_length", "length"),
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/tool_use_grid"))
+    parser.add_argument("--divergences", nargs="+", default=["reverse_kl", "forward_kl", "js"])
+    parser.add_argument("--estimators", nargs="+", default=["stop_grad", "opd_plus"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--prompts-per-step", type=int, default=32)
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--train-problems", type=int, default=4096)
+    parser.add_argument("--eval-problems", type=int, default=256)
+    parser.add_argument("--eval-seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def evaluate(model, teacher, problems, seed: int) -> dict[str, float]:
+    result = tool_use.evaluate(model, problems, teacher=teacher, batch_size=128, key=jax.random.key(seed))
+    return result.metrics()
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(record["variation"], []).append(record)
+    rows = []
+    for variation, group in groups.items():
+        row = {"variation": variation, "seeds": [r["seed"] for r in group]}
+        for key, _ in COLUMNS:
+            values = np.asarray([r[key] for r in group], np.float64)
+            row[key] = float(values.mean())
+            row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], reference: dict[str, dict]) -> str:
+    header = ["run", "seeds"] + [title for _, title in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, metrics in reference.items():
+        lines.append("| " + " | ".join([name, "–"] + [f"{metrics[k]:.3f}" for k, _ in COLUMNS]) + " |")
+    for row in rows:
+        cells = [row["variation"], str(len(row["seeds"]))]
+        cells += [f"{row[k]:.3f} ± {row[k + '_std']:.3f}" for k, _ in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    task = tool_use.toy_task()
+    vocabulary = tool_use.Vocabulary()
+    budget = task.max_response_length + 4
+    teacher, _ = models.from_pretrained(tool_use.toy_model_path("teacher"))
+    prompt_tokens, prompt_mask = tool_use.encode_prompts(
+        task.sample_problems(args.eval_seed, args.train_problems, split="train"), task.max_prompt_length, vocabulary
+    )
+    prompts = PromptSet(prompt_tokens, prompt_mask)
+    held_out = task.sample_problems(args.eval_seed + 1, args.eval_problems, split="test")
+    rollout_fn = tool_use.make_rollout_fn(vocabulary)
+
+    reference_path = args.out / "reference.json"
+    if reference_path.is_file():
+        reference = json.loads(reference_path.read_text())
+    else:
+        start, _ = models.from_pretrained(tool_use.toy_model_path("student"))
+        reference = {"student (start)": evaluate(start, teacher, held_out, args.eval_seed),
+                     "teacher": evaluate(teacher, teacher, held_out, args.eval_seed)}
+        reference_path.write_text(json.dumps(reference, indent=2) + "\n")
+    print(json.dumps(reference, indent=1), flush=True)
+
+    base = TrainConfig(
+        level="token", gamma=0.0, log_ratio_clip=20.0, prompts_per_step=args.prompts_per_step,
+        group_size=args.group_size, max_new_tokens=budget, learning_rate=args.learning_rate, steps=args.steps,
+        checkpoint_every=args.steps, keep_checkpoints=1,
+    )
+    records = []
+    # Seed-major, so an interrupted grid still covers every variation.
+    runs = [(d, e, s) for s in args.seeds for d in args.divergences for e in args.estimators]
+    for index, (divergence, estimator, seed) in enumerate(runs):
+        variation = f"{divergence}/{estimator}"
+        folder = args.out / f"{divergence}-{estimator}-seed{seed}"
+        done = folder / "final_eval.json"
+        if done.is_file():
+            records.append(json.loads(done.read_text()))
+            continue
+        began = time.perf_counter()
+        config = dataclasses.replace(base, divergence=divergence, estimator=estimator, seed=seed)
+        student, student_config = models.from_pretrained(tool_use.toy_model_path("student"))
+        result = train(config, student, student_config, teacher, prompts, folder, stop_ids=(vocabulary.eos_id,),
+                       pad_id=vocabulary.pad_id, rollout_fn=rollout_fn, progress=True,
+                       label=f"[{index + 1}/{len(runs)}] {variation} seed {seed}")
+        metrics = evaluate(result.student, teacher, held_out, args.eval_seed)
+        train_steps = [r for r in result.history if "teacher_kl" in r]
+        record = {"variation": variation, "divergence": divergence, "estimator": estimator, "seed": seed, **metrics,
+                  "train_teacher_kl_first": train_steps[0]["teacher_kl"], "train_teacher_kl_last": train_steps[-1]["teacher_kl"],
+                  "seconds": round(time.perf_counter() - began, 1)}
+        done.write_text(json.dumps(record, indent=2) + "\n")
+        records.append(record)
+        print(json.dumps(record), flush=True)
+
+    rows = summarize(records)
+    table = format_table(rows, reference)
+    settings = (f"{args.steps} steps × {args.prompts_per_step} prompts × {args.group_size} rollouts, token level, "
+                f"γ = 0, log_ratio_clip 20, lr {args.learning_rate}, budget {budget} tokens; "
+                f"{args.eval_problems} held-out questions; seeds {args.seeds}")
+    (args.out / "results.json").write_text(json.dumps(
+        {"settings": vars(args) | {"out": str(args.out)}, "reference": reference, "runs": records, "summary": rows,
+         "total_seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")
+    (args.out / "results.md").write_text(f"# Tool use: OPD vs OPD+\n\n{settings}\n\n{table}\n")
+    print(f"\n{settings}\n\n{table}\n\nwrote {args.out / 'results.md'} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
