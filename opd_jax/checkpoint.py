@@ -5,6 +5,9 @@ Orbax commits a step atomically but does not checksum the bytes it wrote, so a f
 the state's leaves in the step's custom metadata, and :meth:`CheckpointStore.restore_latest`
 checks it: a step that fails to load or to verify is reported with a warning and the previous
 good step is used instead.
+
+In a multi-process run no process can read arrays split over other processes' devices, so such
+states are saved without a digest (and restored unverified); orbax still commits them atomically.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ def state_digest(state: PyTree) -> str:
     return digest.hexdigest()
 
 
+def _readable(state: PyTree) -> bool:
+    """Whether this process holds every byte of ``state`` (always true in a single-process run)."""
+    return all(getattr(leaf, "is_fully_addressable", True) for leaf in jax.tree.leaves(state))
+
+
 class CheckpointStore:
     """Numbered checkpoints of a training-state pytree in ``directory``.
 
@@ -63,7 +71,8 @@ class CheckpointStore:
 
     def save(self, step: int, state: PyTree) -> None:
         """Start an asynchronous save of ``state`` as ``step``; returns once the arrays are copied."""
-        self._checkpointer.save_async(step, state, custom_metadata={_DIGEST_KEY: state_digest(state)})
+        metadata = {_DIGEST_KEY: state_digest(state)} if _readable(state) else {}
+        self._checkpointer.save_async(step, state, custom_metadata=metadata)
 
     def wait(self) -> None:
         """Block until every started save is committed."""
@@ -85,7 +94,7 @@ class CheckpointStore:
                 warnings.warn(f"checkpoint step {step} in {self.directory} cannot be loaded ({error!r}); "
                               "falling back to the previous one", stacklevel=2)
                 continue
-            if expected is not None and expected != state_digest(state):
+            if expected is not None and _readable(state) and expected != state_digest(state):
                 warnings.warn(f"checkpoint step {step} in {self.directory} is corrupted (checksum mismatch); "
                               "falling back to the previous one", stacklevel=2)
                 continue

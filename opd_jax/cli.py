@@ -119,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                               help="encode prompts as plain text even if the tokenizer has a chat template")
     train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_train_options(train_parser)
+    scale = train_parser.add_argument_group("scaling out (see README: Scaling out)")
+    scale.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                       help="shard over a device mesh, e.g. 1,8,1 or fsdp=4,tensor=2; the product must be the "
+                            "number of devices of all processes (default: one device)")
+    scale.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="multi-process run: address of process 0 (default: $JAX_COORDINATOR_ADDRESS, or "
+                            "what jax detects on TPU pods / SLURM)")
+    scale.add_argument("--num-processes", type=_positive_int(1), help="multi-process run: number of processes")
+    scale.add_argument("--process-id", type=_positive_int(0), help="multi-process run: this process's index")
 
     from opd_jax.demo import DEMO_CONFIG, TASKS
     from opd_jax.divergences import names as divergence_names
@@ -312,6 +321,30 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Join a multi-process JAX program with ``jax.distributed.initialize``, if one is asked for.
+
+    Asked for when any argument is given, or ``JAX_COORDINATOR_ADDRESS`` is set, or
+    ``OPD_JAX_DISTRIBUTED=1`` (TPU pod slices and SLURM, where jax finds everything itself). CPU
+    processes exchange collectives over gloo. Must run before anything touches a device.
+
+    Returns:
+      whether this is a multi-process run.
+    """
+    import os
+
+    import jax
+
+    asked = (coordinator is not None or num_processes is not None or process_id is not None
+             or "JAX_COORDINATOR_ADDRESS" in os.environ or os.environ.get("OPD_JAX_DISTRIBUTED") == "1")
+    if not asked or num_processes == 1:
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    return jax.process_count() > 1
+
+
 def _fail(command: str, message: str):
     """Exit like argparse does for a bad argument: status 2 and the reason on stderr."""
     print(f"opd-jax {command}: error: {message}", file=sys.stderr)
@@ -344,9 +377,16 @@ def _train_config(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     """Validate everything cheap first (options, prompt file, folders, tokenizers), then train."""
-    from opd_jax import data, models, tokenization, train
+    import jax
+
+    from opd_jax import data, models, sharding, tokenization, train
 
     config = _train_config(args)
+    try:
+        mesh = None if args.mesh is None else sharding.parse_mesh(args.mesh)
+    except ValueError as error:
+        _fail("train", f"--mesh: {error}")
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     try:
         prompts = data.read_prompt_file(args.prompts)
         student_config = models.load_config(args.student)
@@ -370,10 +410,12 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         result = train.train(
             config, student, student_config, teacher, train.PromptSet(tokens, mask), args.output,
-            stop_ids=stop_ids, pad_id=pad_id, progress=not args.quiet,
+            stop_ids=stop_ids, pad_id=pad_id, progress=not args.quiet and jax.process_index() == 0, mesh=mesh,
         )
     except ValueError as error:
         _fail("train", str(error))
+    if jax.process_index() != 0:  # process 0 exports and reports
+        return 0
     student_tokenizer.save_pretrained(result.output_dir / "student")
     final = result.history[-1]
     print(f"done: {config.steps} steps, teacher KL {final.get('teacher_kl', float('nan')):.4f}; "

@@ -32,6 +32,7 @@ import optax
 from flax import nnx
 
 from opd_jax import divergences as divergences_lib
+from opd_jax import sharding as sharding_lib
 from opd_jax.advantages import ESTIMATORS, leave_one_out_baseline, sequence_advantages, token_advantages
 from opd_jax.checkpoint import CheckpointStore
 from opd_jax.metrics import MetricsLog, plot_curves, read_jsonl
@@ -228,6 +229,173 @@ def _flatten(tree: PyTree) -> tuple[dict[str, Array], Any]:
     return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}, treedef
 
 
+def _sync_processes(name: str) -> None:
+    """A barrier across the processes of a multi-process run (nothing to do in a single one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+class _NoLog:
+    """The metrics log of processes other than 0: they compute every metric but write none."""
+
+    def __init__(self, directory: pathlib.Path):
+        self.path = pathlib.Path(directory) / "metrics.jsonl"
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _global_batch(rows: np.ndarray, sharding) -> Array:
+    """A ``[B, ...]`` host array (the same on every process) as a global array split by ``sharding``.
+
+    Each process transfers only the rows its own devices hold.
+    """
+    return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])
+
+
+def _addressable(tree: PyTree) -> PyTree:
+    """``tree`` with every array readable on this process (gathered if it spans other processes)."""
+    if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(tree)):
+        return tree
+    mesh = next(leaf.sharding.mesh for leaf in jax.tree.leaves(tree))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(lambda t: t, out_shardings=replicated)(tree)
+
+
+def _place_on_mesh(config, mesh_config, state, teacher_params, optimizer, student_rules, teacher_rules):
+    """Check the mesh against devices, parameters and batch, then place state and teacher on it.
+
+    All checks run on shapes only, before any compilation or transfer.
+
+    Returns:
+      ``(StepShardings, state, teacher_params)`` with the state's parameters and optimiser state
+      split by the rules and its counters and key replicated.
+    """
+    batch_size = config.prompts_per_step * config.group_size
+    mesh = mesh_config.make_mesh()
+    sharding_lib.check_batch(batch_size, mesh, what="rollout batch (prompts_per_step × group_size)")
+    sharding_lib.check_batch(batch_size // config.minibatches, mesh, what="minibatch")
+    param_shardings = sharding_lib.state_shardings(state["params"], mesh, student_rules, what="student parameter")
+    teacher_shardings = sharding_lib.state_shardings(teacher_params, mesh, teacher_rules, what="teacher parameter")
+    opt_shardings = sharding_lib.state_shardings(
+        jax.eval_shape(optimizer.init, state["params"]), mesh, student_rules, what="optimizer state of"
+    )
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shardings = StepShardings(param_shardings, opt_shardings, teacher_shardings,
+                              sharding_lib.batch_sharding(mesh), replicated)
+    params, _ = sharding_lib.shard_state(state["params"], mesh, student_rules, what="student parameter")
+    teacher_params, _ = sharding_lib.shard_state(teacher_params, mesh, teacher_rules, what="teacher parameter")
+    placed = {
+        "params": params,
+        # Initialised in place: the AdamW moments are never whole on one device.
+        "opt_state": jax.jit(optimizer.init, out_shardings=opt_shardings)(params),
+        **{k: jax.device_put(state[k], replicated) for k in ("step", "key", "data_position")},
+    }
+    return shardings, placed, teacher_params
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where the train step's inputs and outputs live on a mesh.
+
+    Attributes:
+      params, opt_state, teacher_params: :class:`jax.sharding.NamedSharding` trees matching the
+        student parameters, their optimiser state and the teacher parameters.
+      batch: rows over ``data × fsdp`` (every ``[B, ...]`` array of a rollout).
+      replicated: scalars (loss, normaliser, counters) on every device.
+    """
+
+    params: PyTree
+    opt_state: PyTree
+    teacher_params: PyTree
+    batch: Any
+    replicated: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The jitted pieces of one training step (see :func:`make_train_step`).
+
+    Attributes:
+      prepare: ``(params, teacher_params, tokens, token_mask, response_mask)`` with ``[B, L]``
+        arrays -> ``(old_logp [B, L], teacher_logp [B, L], advantages [B, L] or [B])``.
+      update: ``(params, opt_state, tokens, token_mask, response_mask, old_logp, advantages,
+        normalizer [])`` for one minibatch ``[M, L]`` -> ``(params, opt_state, loss [], grad_norm [],
+        clipped_tokens [])``.
+      take_rows: ``(arrays, rows [M])`` -> the ``rows`` of every ``[B, ...]`` array in the tuple
+        ``arrays`` (a minibatch), placed like the batch.
+    """
+
+    prepare: Callable
+    update: Callable
+    take_rows: Callable
+
+
+def make_train_step(
+    config: TrainConfig,
+    graphdef,
+    teacher_graphdef,
+    optimizer: optax.GradientTransformation,
+    shardings: StepShardings | None = None,
+) -> TrainStep:
+    """Build the jitted prepare / update functions of a step, pure in their array arguments.
+
+    Without ``shardings`` they are plain ``jax.jit`` on the default device (the single-device
+    path). With them, every input and output has an explicit sharding and ``update`` donates the
+    parameters and optimiser state, whose buffers it replaces, so a step holds one copy of each.
+    """
+
+    def prepare(params, teacher_params, tokens, token_mask, response_mask):
+        """Behaviour (old) log-probs, teacher log-probs and advantages of one rollout batch."""
+        student_model = nnx.merge(graphdef, params)
+        teacher_model = nnx.merge(teacher_graphdef, teacher_params)
+        old_logp = token_log_probs(student_model, tokens, token_mask, chunk_size=config.logit_chunk_size)
+        teacher_logp = token_log_probs(teacher_model, tokens, token_mask, chunk_size=config.logit_chunk_size)
+        advantages = _advantages(config, old_logp, teacher_logp, response_mask)
+        return old_logp, teacher_logp, advantages
+
+    def loss_fn(params, tokens, token_mask, response_mask, old_logp, advantages, normalizer):
+        logp = token_log_probs(nnx.merge(graphdef, params), tokens, token_mask, chunk_size=config.logit_chunk_size)
+        per_sequence = importance_surrogate(logp, old_logp, advantages, response_mask, clip_epsilon=config.clip_epsilon)
+        clipped = clipped_token_mask(logp, old_logp, advantages, response_mask, clip_epsilon=config.clip_epsilon)
+        return jnp.sum(per_sequence) / normalizer, jnp.sum(clipped)
+
+    def update(params, opt_state, tokens, token_mask, response_mask, old_logp, advantages, normalizer):
+        (loss, clipped), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, tokens, token_mask, response_mask, old_logp, advantages, normalizer
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads), clipped
+
+    def take_rows(arrays, rows):
+        return tuple(a[rows] for a in arrays)
+
+    if shardings is None:
+        # Row selection stays eager here, as it always was on one device.
+        return TrainStep(jax.jit(prepare), jax.jit(update), take_rows)
+    batch, replicated = shardings.batch, shardings.replicated
+    return TrainStep(
+        prepare=jax.jit(
+            prepare,
+            in_shardings=(shardings.params, shardings.teacher_params, batch, batch, batch),
+            out_shardings=(batch, batch, batch),
+        ),
+        update=jax.jit(
+            update,
+            in_shardings=(shardings.params, shardings.opt_state, batch, batch, batch, batch, batch, replicated),
+            out_shardings=(shardings.params, shardings.opt_state, replicated, replicated, replicated),
+            donate_argnums=(0, 1),
+        ),
+        # A gather of rows from a sharded batch, re-split over data × fsdp for the update.
+        take_rows=jax.jit(take_rows, out_shardings=batch),
+    )
+
+
 def train(
     config: TrainConfig,
     student: Decoder,
@@ -242,6 +410,9 @@ def train(
     rollout_fn: Callable[..., Rollout] = generate,
     progress: bool = True,
     label: str = "",
+    mesh: sharding_lib.MeshConfig | None = None,
+    student_rules: sharding_lib.PartitionRules = sharding_lib.DEFAULT_RULES,
+    teacher_rules: sharding_lib.PartitionRules = sharding_lib.DEFAULT_RULES,
 ) -> TrainResult:
     """Distil ``teacher`` into ``student`` on the student's own rollouts.
 
@@ -265,13 +436,19 @@ def train(
         out of ``response_mask``, so they get no advantage and no gradient.
       progress: show a progress bar.
       label: shown in the progress bar.
+      mesh: shard the run over a ``data × fsdp × tensor`` device mesh (all devices of all
+        processes; see :mod:`opd_jax.sharding`). ``None``: the single-device path. In a
+        multi-process run every process calls ``train`` with the same arguments; process 0 alone
+        writes metrics, config, curves and the export, and orbax writes checkpoints together.
+      student_rules, teacher_rules: partition rules of the two models under ``mesh``.
 
     Returns:
       :class:`TrainResult` with the trained student and the metric records.
 
     Raises:
-      ValueError: teacher and student vocabularies differ, or ``output_dir`` holds a run with a
-        different configuration (nothing there is modified).
+      ValueError: teacher and student vocabularies differ, ``output_dir`` holds a run with a
+        different configuration (nothing there is modified), or ``mesh`` does not fit the devices,
+        a parameter or the batch (raised before anything is compiled).
     """
     from tqdm import tqdm
 
@@ -288,18 +465,28 @@ def train(
             raise ValueError(f"{output_dir} holds a run with a different configuration (differs in {changed}); "
                              "choose another output directory")
     output_dir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    # Every process has read the old config before process 0 overwrites it.
+    _sync_processes("opd_jax_config_checked")
+    if jax.process_index() == 0:
+        config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     graphdef, params = nnx.split(student)
     teacher_graphdef, teacher_params = nnx.split(teacher)
     optimizer = _make_optimizer(config)
     state = {
         "params": params,
-        "opt_state": optimizer.init(params),
+        "opt_state": None,
         "step": jnp.zeros((), jnp.int32),
         "key": jax.random.key_data(jax.random.key(config.seed)),
         "data_position": jnp.zeros((), jnp.int32),
     }
+    step_shardings = None
+    if mesh is None:
+        state["opt_state"] = optimizer.init(params)
+    else:
+        step_shardings, state, teacher_params = _place_on_mesh(
+            config, mesh, state, teacher_params, optimizer, student_rules, teacher_rules
+        )
     flat_state, treedef = _flatten(state)
     store = CheckpointStore(output_dir / "checkpoints", keep=config.keep_checkpoints)
     restored = store.restore_latest(
@@ -309,7 +496,7 @@ def train(
     if restored is not None:
         resume_step, flat_state = restored
         state = jax.tree_util.tree_unflatten(treedef, [flat_state[k] for k in _flatten(state)[0]])
-    log = MetricsLog(output_dir, resume_step=resume_step)
+    log = MetricsLog(output_dir, resume_step=resume_step) if jax.process_index() == 0 else _NoLog(output_dir)
 
     sampling_config = SamplingConfig(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, stop_ids=tuple(stop_ids), pad_id=pad_id
@@ -317,29 +504,8 @@ def train(
     batch_size = config.prompts_per_step * config.group_size
     minibatch = batch_size // config.minibatches
 
-    @jax.jit
-    def prepare(params, teacher_params, tokens, token_mask, response_mask):
-        """Behaviour (old) log-probs, teacher log-probs and advantages of one rollout batch."""
-        student_model = nnx.merge(graphdef, params)
-        teacher_model = nnx.merge(teacher_graphdef, teacher_params)
-        old_logp = token_log_probs(student_model, tokens, token_mask, chunk_size=config.logit_chunk_size)
-        teacher_logp = token_log_probs(teacher_model, tokens, token_mask, chunk_size=config.logit_chunk_size)
-        advantages = _advantages(config, old_logp, teacher_logp, response_mask)
-        return old_logp, teacher_logp, advantages
-
-    def loss_fn(params, tokens, token_mask, response_mask, old_logp, advantages, normalizer):
-        logp = token_log_probs(nnx.merge(graphdef, params), tokens, token_mask, chunk_size=config.logit_chunk_size)
-        per_sequence = importance_surrogate(logp, old_logp, advantages, response_mask, clip_epsilon=config.clip_epsilon)
-        clipped = clipped_token_mask(logp, old_logp, advantages, response_mask, clip_epsilon=config.clip_epsilon)
-        return jnp.sum(per_sequence) / normalizer, jnp.sum(clipped)
-
-    @jax.jit
-    def update(params, opt_state, tokens, token_mask, response_mask, old_logp, advantages, normalizer):
-        (loss, clipped), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, tokens, token_mask, response_mask, old_logp, advantages, normalizer
-        )
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads), clipped
+    train_step = make_train_step(config, graphdef, teacher_graphdef, optimizer, step_shardings)
+    prepare, update = train_step.prepare, train_step.update
 
     def run_eval(step: int, params) -> None:
         if evaluate is not None:
@@ -356,7 +522,13 @@ def train(
         prompt_tokens, prompt_mask = prompts.batch(int(state["data_position"]), config.prompts_per_step, config.seed)
         prompt_tokens = np.repeat(prompt_tokens, config.group_size, axis=0)
         prompt_mask = np.repeat(prompt_mask, config.group_size, axis=0)
+        if step_shardings is not None:
+            prompt_tokens = _global_batch(prompt_tokens, step_shardings.batch)
+            prompt_mask = _global_batch(prompt_mask, step_shardings.batch)
         rollout = rollout_fn(nnx.merge(graphdef, state["params"]), prompt_tokens, prompt_mask, sample_key, sampling_config)
+        if step_shardings is not None:
+            # The sampler's outputs are placed by XLA's propagation; the step's inputs are explicit.
+            rollout = jax.device_put(rollout, step_shardings.batch)
         old_logp, teacher_logp, advantages = prepare(
             state["params"], teacher_params, rollout.tokens, rollout.token_mask, rollout.response_mask
         )
@@ -369,8 +541,11 @@ def train(
             for start_row in range(0, batch_size, minibatch):
                 rows = order[start_row : start_row + minibatch]
                 params, opt_state, loss, grad_norm, clipped = update(
-                    params, opt_state, rollout.tokens[rows], rollout.token_mask[rows], rollout.response_mask[rows],
-                    old_logp[rows], advantages[rows], normalizer,
+                    params, opt_state,
+                    *train_step.take_rows(
+                        (rollout.tokens, rollout.token_mask, rollout.response_mask, old_logp, advantages), rows
+                    ),
+                    normalizer,
                 )
                 losses.append(loss)
                 grad_norms.append(grad_norm)
@@ -382,6 +557,8 @@ def train(
             "key": state["key"],
             "data_position": state["data_position"] + config.prompts_per_step,
         }
+        if step_shardings is not None:  # a multi-process orbax save takes only global arrays
+            state["step"] = _global_batch(np.asarray(step + 1, np.int32), step_shardings.replicated)
         mask = rollout.response_mask
         count = jnp.maximum(response_tokens, 1)
         token_advantage = jnp.broadcast_to(advantages if advantages.ndim == 2 else advantages[:, None], mask.shape)
@@ -409,9 +586,13 @@ def train(
     if start < config.steps:
         run_eval(config.steps, state["params"])
     log.close()
-    final_student = nnx.merge(graphdef, state["params"])
-    save_pretrained(final_student, student_config, output_dir / "student")
+    final_student = nnx.merge(graphdef, _addressable(state["params"]))
+    if jax.process_index() == 0:
+        save_pretrained(final_student, student_config, output_dir / "student")
+    _sync_processes("opd_jax_exported")
     history = read_jsonl(log.path)
+    if jax.process_index() != 0:
+        return TrainResult(final_student, history, output_dir)
     plot_curves(
         {label or "run": history},
         [k for k in ("teacher_kl", "eval_accuracy", "response_length", "loss", "grad_norm", "clip_fraction")

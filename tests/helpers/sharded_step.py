@@ -1,0 +1,140 @@
+"""Sharded vs single-device train step on 8 CPU devices; run by tests/test_sharding.py in a child process.
+
+The device count is fixed when jax initialises, so this runs in its own process with
+``JAX_NUM_CPU_DEVICES=8`` and prints one JSON object of measurements for the test to assert on.
+
+Usage: JAX_NUM_CPU_DEVICES=8 python sharded_step.py
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from opd_jax import sharding, train
+from opd_jax.sampling import SamplingConfig, generate
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+import tiny_run  # noqa: E402
+
+MESHES = ((8, 1, 1), (2, 2, 2), (1, 4, 2))
+# No baseline: with leave-one-out the advantages are centred per group, the surrogate loss is
+# then a near-cancelling sum and its relative error says nothing about the sharding. At a small
+# learning rate AdamW moves each weight by ~lr whatever the sign noise of its near-zero gradients.
+CONFIG = train.TrainConfig(**{**tiny_run.TRAIN, "prompts_per_step": 8, "group_size": 2, "minibatches": 2,
+                              "baseline": "none", "learning_rate": 1e-4})
+UPDATES = 2  # one epoch over both minibatches: the updates of one training step
+
+
+def relative(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def run_step(step_fn, params, opt_state, teacher_params, batch, place=lambda x: x):
+    """prepare, then UPDATES minibatch updates on fixed row sets; returns losses and final params."""
+    old_logp, teacher_logp, advantages = step_fn.prepare(params, teacher_params, *batch)
+    normalizer = place(jnp.maximum(jnp.sum(batch[2]), 1).astype(jnp.float32) / CONFIG.minibatches)
+    losses = []
+    for update in range(UPDATES):
+        rows = place(jnp.arange(update % 2, 16, 2))  # 8 rows, a different half each time
+        minibatch = step_fn.take_rows((*batch, old_logp, advantages), rows)
+        params, opt_state, loss, _, _ = step_fn.update(params, opt_state, *minibatch, normalizer)
+        losses.append(float(loss))
+    return losses, params, (old_logp, teacher_logp, advantages)
+
+
+def main() -> None:
+    assert jax.device_count() == 8, jax.device_count()
+    student, teacher, prompts = tiny_run.models_and_prompts()
+    graphdef, params = nnx.split(student)
+    teacher_graphdef, teacher_params = nnx.split(teacher)
+    tokens, mask = prompts.batch(0, 16, seed=0)
+    rollout = generate(student, tokens, mask, jax.random.key(0), SamplingConfig(8, stop_ids=(3,)))
+    batch = (rollout.tokens, rollout.token_mask, rollout.response_mask)
+    optimizer = train._make_optimizer(CONFIG)
+
+    # Traces of the surrogate = traces of `update` (it runs once per trace of the loss).
+    traces = []
+    surrogate = train.importance_surrogate
+
+    def counting_surrogate(*args, **kwargs):
+        traces.append(1)
+        return surrogate(*args, **kwargs)
+
+    train.importance_surrogate = counting_surrogate
+    single = train.make_train_step(CONFIG, graphdef, teacher_graphdef, optimizer)
+    ref_losses, ref_params, ref_prepared = run_step(single, params, optimizer.init(params), teacher_params, batch)
+    results = {"single_traces": len(traces), "ref_losses": ref_losses, "meshes": {}}
+
+    for shape in MESHES:
+        traces.clear()
+        mesh = sharding.MeshConfig(*shape).make_mesh()
+        placed, param_shardings = sharding.shard_state(params, mesh)
+        teacher_placed, teacher_shardings = sharding.shard_state(teacher_params, mesh)
+        opt_shardings = sharding.state_shardings(jax.eval_shape(optimizer.init, params), mesh)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        batch_sharding = sharding.batch_sharding(mesh)
+        shardings = train.StepShardings(param_shardings, opt_shardings, teacher_shardings, batch_sharding, replicated)
+        step_fn = train.make_train_step(CONFIG, graphdef, teacher_graphdef, optimizer, shardings)
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(placed)
+        shard_shapes = {
+            name: list(_get_array(placed, path).addressable_shards[0].data.shape)
+            for name, path in (("q", ("layers", 0, "attention", "q")), ("down", ("layers", 1, "mlp", "down")),
+                               ("embedding", ("embedding",)), ("lm_head", ("lm_head",)))
+        }
+        mu_q_shard = list(opt_state[1][0].mu["layers"][0]["attention"]["q"][...].addressable_shards[0].data.shape)
+        losses, new_params, prepared = run_step(
+            step_fn, placed, opt_state, teacher_placed, jax.device_put(batch, batch_sharding),
+            place=lambda x: jax.device_put(x, replicated),
+        )
+        param_errors = jax.tree_util.tree_flatten_with_path(
+            jax.tree.map(relative, nnx.to_pure_dict(new_params), nnx.to_pure_dict(ref_params)))[0]
+        worst_path, worst = max(param_errors, key=lambda item: item[1])
+        donated = _get_array(placed, ("layers", 0, "mlp", "gate")).is_deleted()
+        results["meshes"]["x".join(map(str, shape))] = {
+            "loss_errors": [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)],
+            "param_error_max": worst,
+            "param_error_worst": sharding.path_name(worst_path),
+            "params_changed": relative(_get_array(new_params, ("lm_head",)), params["lm_head"][...]),
+            "prepared_errors": [relative(a, b) for a, b in zip(prepared, ref_prepared)],
+            "shard_shapes": shard_shapes,
+            "mu_q_shard": mu_q_shard,
+            "out_param_spec": str(_get_array(new_params, ("layers", 0, "attention", "q")).sharding.spec),
+            "update_traces": len(traces),
+            "update_cache_size": step_fn.update._cache_size(),
+            "params_donated": donated,
+            "student_untouched": not student.layers[0].mlp.gate[...].is_deleted(),
+        }
+    train.importance_surrogate = surrogate
+
+    errors = {}
+    for name, call in {
+        "device_count": lambda: sharding.MeshConfig(3, 1, 1).make_mesh(),
+        "parameter": lambda: sharding.state_shardings(params, sharding.MeshConfig(1, 1, 8).make_mesh()),
+        "batch": lambda: sharding.check_batch(12, sharding.MeshConfig(1, 8, 1).make_mesh()),
+    }.items():
+        try:
+            call()
+            errors[name] = None
+        except ValueError as error:
+            errors[name] = str(error)
+    results["errors"] = errors
+    print("RESULT " + json.dumps(results))
+
+
+def _get(state, path):
+    for key in path:
+        state = state[key]
+    return state
+
+
+def _get_array(state, path):
+    return _get(state, path)[...]
+
+
+if __name__ == "__main__":
+    main()
