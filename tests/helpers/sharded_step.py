@@ -3,7 +3,7 @@
 The device count is fixed when jax initialises, so this runs in its own process with
 ``JAX_NUM_CPU_DEVICES=8`` and prints one JSON object of measurements for the test to assert on.
 
-Usage: JAX_NUM_CPU_DEVICES=8 python sharded_step.py
+Usage: JAX_NUM_CPU_DEVICES=8 python sharded_step.py SCRATCH_DIR
 """
 
 import json
@@ -123,6 +123,27 @@ def main() -> None:
         except ValueError as error:
             errors[name] = str(error)
     results["errors"] = errors
+
+    # train() with a bad mesh: the error comes before any part of the step is traced (so compiled).
+    scored = []
+    token_log_probs = train.token_log_probs
+    train.token_log_probs = lambda *a, **k: scored.append(1) or token_log_probs(*a, **k)
+    train_errors = {}
+    for name, mesh_config, overrides in (
+        ("kv_heads", sharding.MeshConfig(1, 1, 8), {}),
+        ("batch", sharding.MeshConfig(8, 1, 1), {"prompts_per_step": 2, "group_size": 2, "minibatches": 1}),
+        ("minibatch", sharding.MeshConfig(2, 4, 1), {"minibatches": 4}),
+    ):
+        config = train.TrainConfig(**{**CONFIG.to_dict(), "steps": 1, **overrides})
+        try:
+            train.train(config, student, tiny_run.CONFIG, teacher, prompts, f"{sys.argv[1]}/{name}", progress=False,
+                        mesh=mesh_config)
+            train_errors[name] = None
+        except ValueError as error:
+            train_errors[name] = str(error)
+    train.token_log_probs = token_log_probs
+    results["train_errors"] = train_errors
+    results["traced_before_error"] = len(scored)
     print("RESULT " + json.dumps(results))
 
 
