@@ -267,6 +267,25 @@ def _addressable(tree: PyTree) -> PyTree:
     return jax.jit(lambda t: t, out_shardings=replicated)(tree)
 
 
+def _sharded_sampler(graphdef, shardings: StepShardings, sampling_config: SamplingConfig) -> Callable[..., Rollout]:
+    """:func:`generate` compiled with explicit shardings: parameters by the rules, prompts and rollout by rows.
+
+    Returns a function with ``rollout_fn``'s signature (the model's graph must be ``graphdef``).
+    """
+    batch = shardings.batch
+
+    @functools.partial(jax.jit, in_shardings=(shardings.params, batch, batch, shardings.replicated),
+                       out_shardings=batch)
+    def sample(params, prompt_tokens, prompt_mask, key):
+        return generate(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, sampling_config)
+
+    def rollout_fn(model, prompt_tokens, prompt_mask, key, config):
+        assert config == sampling_config, "the sharded sampler was built for another SamplingConfig"
+        return sample(nnx.state(model), prompt_tokens, prompt_mask, key)
+
+    return rollout_fn
+
+
 def _place_on_mesh(config, mesh_config, state, teacher_params, optimizer, student_rules, teacher_rules):
     """Check the mesh against devices, parameters and batch, then place state and teacher on it.
 
@@ -506,6 +525,8 @@ def train(
 
     train_step = make_train_step(config, graphdef, teacher_graphdef, optimizer, step_shardings)
     prepare, update = train_step.prepare, train_step.update
+    if step_shardings is not None and rollout_fn is generate:
+        rollout_fn = _sharded_sampler(graphdef, step_shardings, sampling_config)
 
     def run_eval(step: int, params) -> None:
         if evaluate is not None:

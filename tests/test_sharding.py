@@ -124,6 +124,11 @@ def test_two_processes_train_checkpoint_and_restore_like_one(tmp_path):
         # the second call restored the last checkpoint (saved by both processes) bit for bit
         np.testing.assert_array_equal(multi["restored/" + key[8:]], multi[key], err_msg=key)
     assert int(multi["traces"]) == 1 and int(single["traces"]) == 1  # 3 steps, one compilation
+    # ... and the sharded loop (sampling included) follows the single-device loop without a mesh.
+    np.testing.assert_allclose(single["losses"], single["reference_losses"], rtol=1e-5)
+    np.testing.assert_allclose(single["teacher_kl"], single["reference_teacher_kl"], rtol=1e-5)
+    for key in trained:
+        np.testing.assert_allclose(single[key], single["reference/" + key[8:]], rtol=1e-4, atol=1e-5, err_msg=key)
     records = (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in records] == [1, 2, 3]  # written once, by process 0
     assert sorted(p.name for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2", "3"]

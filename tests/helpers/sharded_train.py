@@ -4,7 +4,8 @@ Run by tests/test_sharding.py: once as a single process over 8 CPU devices, and 
 CPU devices joined by ``jax.distributed.initialize`` on localhost (gloo CPU collectives). It trains
 a few steps on a 2×2×2 mesh with a checkpoint every step, then calls ``train`` again on the same
 folder, which restores the last checkpoint across the processes and exports it. Process 0 writes
-``result.npz`` (losses, trace count, the exported and the restored parameters).
+``result.npz`` (losses, trace count, the exported and the restored parameters; for one process
+also those of the same run on one device without a mesh).
 
 Usage: python sharded_train.py OUTPUT_DIR NUM_PROCESSES PROCESS_ID PORT
 (set JAX_NUM_CPU_DEVICES to the devices per process first)
@@ -55,13 +56,23 @@ def main(output_dir: str, num_processes: int, process_id: int, port: int) -> Non
     again = train.train(config, fresh_student, tiny_run.CONFIG, fresh_teacher, prompts, output_dir, stop_ids=(3,),
                         progress=False, mesh=mesh)
     restored = nnx.to_pure_dict(nnx.state(again.student))
+    reference = {}
+    if num_processes == 1:  # the same run on one device, without a mesh
+        plain_student, plain_teacher, _ = tiny_run.models_and_prompts()
+        plain = train.train(config, plain_student, tiny_run.CONFIG, plain_teacher, prompts,
+                            pathlib.Path(output_dir) / "unsharded", stop_ids=(3,), progress=False)
+        reference = {f"reference/{sharding.path_name(p)}": np.asarray(x)
+                     for p, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(plain.student)))[0]}
+        plain_history = [r for r in plain.history if "loss" in r]
+        reference["reference_losses"] = np.array([r["loss"] for r in plain_history])
+        reference["reference_teacher_kl"] = np.array([r["teacher_kl"] for r in plain_history])
     if jax.process_index() == 0:
         flat = {f"trained/{sharding.path_name(p)}": np.asarray(x)
                 for p, x in jax.tree_util.tree_flatten_with_path(trained)[0]}
         flat.update({f"restored/{sharding.path_name(p)}": np.asarray(x)
                      for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]})
         history = [r for r in result.history if "loss" in r]
-        np.savez(pathlib.Path(output_dir) / "result.npz", **flat,
+        np.savez(pathlib.Path(output_dir) / "result.npz", **flat, **reference,
                  losses=np.array([r["loss"] for r in history]),
                  teacher_kl=np.array([r["teacher_kl"] for r in history]),
                  traces=np.array(len(traces)))
