@@ -171,3 +171,24 @@ def test_cli_mesh_flags_reach_the_parser_and_single_process_skips_distributed():
          "--coordinator", "host:1234", "--num-processes", "2", "--process-id", "1"])
     assert (args.mesh, args.coordinator, args.num_processes, args.process_id) == ("1,4,2", "host:1234", 2, 1)
     assert cli.initialize_distributed(None, 1, 0) is False  # one process: nothing to join
+
+
+def test_cli_trains_on_a_one_device_mesh_and_rejects_a_bad_one(tmp_path, capsys):
+    from hf_fixtures import make_qwen3_folder
+
+    teacher = make_qwen3_folder(tmp_path / "teacher", seed=1, layers=1)
+    student = make_qwen3_folder(tmp_path / "student", seed=2, layers=1)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("add the numbers", "the answer is")))
+    base = ["train", "--teacher", str(teacher), "--student", str(student), "--prompts", str(prompts), "--quiet",
+            "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4",
+            "--max-prompt-length", "24", "--checkpoint-every", "1"]
+    assert cli.main([*base, "--output", str(tmp_path / "run"), "--mesh", "1,1,1"]) == 0
+    assert [json.loads(r)["step"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if "loss" in r] == [1, 2]
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+    for mesh, message in (("2,1,1", "= 2 devices, but there are 1 devices"), ("1,1", "--mesh: mesh '1,1'")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*base, "--output", str(tmp_path / mesh), "--mesh", mesh])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
