@@ -259,12 +259,22 @@ def _global_batch(rows: np.ndarray, sharding) -> Array:
 
 
 def _addressable(tree: PyTree) -> PyTree:
-    """``tree`` with every array readable on this process (gathered if it spans other processes)."""
+    """``tree`` with every array readable on this process (gathered if it spans other processes).
+
+    Gathered one leaf at a time into host memory, so a device never holds more than one whole
+    matrix (a whole float32 8B model would not fit on one).
+    """
     if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(tree)):
         return tree
-    mesh = next(leaf.sharding.mesh for leaf in jax.tree.leaves(tree))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(lambda t: t, out_shardings=replicated)(tree)
+
+    def gather(leaf):
+        if leaf.is_fully_addressable:
+            return leaf
+        whole = jax.jit(lambda x: x, out_shardings=jax.sharding.NamedSharding(leaf.sharding.mesh,
+                                                                            jax.sharding.PartitionSpec()))(leaf)
+        return np.asarray(whole.addressable_data(0))
+
+    return jax.tree.map(gather, tree)
 
 
 def _sharded_sampler(graphdef, shardings: StepShardings, sampling_config: SamplingConfig) -> Callable[..., Rollout]:
@@ -462,7 +472,9 @@ def train(
       student_rules, teacher_rules: partition rules of the two models under ``mesh``.
 
     Returns:
-      :class:`TrainResult` with the trained student and the metric records.
+      :class:`TrainResult` with the trained student and the metric records (in a multi-process
+      run the student's weights are whole host arrays on every process, and every process reads
+      the records that process 0 wrote).
 
     Raises:
       ValueError: teacher and student vocabularies differ, ``output_dir`` holds a run with a
@@ -535,7 +547,8 @@ def train(
     start = int(state["step"])
     if start == 0:
         run_eval(0, state["params"])
-    bar = tqdm(total=config.steps, initial=start, desc=label or "distil", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=start, desc=label or "distil", dynamic_ncols=True,
+               disable=not progress or jax.process_index() != 0)
     for step in range(start, config.steps):
         began = time.perf_counter()
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), step)
