@@ -16,7 +16,7 @@ with a message naming the axis, its size, the parameter and the dimension instea
 Weight layouts (see :mod:`opd_jax.models.decoder`), ``D`` width, ``N``/``K`` query/kv heads, ``H``
 head size, ``F`` MLP width, ``V`` vocabulary:
 
-    embedding [V, D] -> (tensor, fsdp)     lm_head [D, V] -> (fsdp, tensor)
+    embedding [V, D] -> (fsdp×tensor, -)   lm_head [D, V] -> (fsdp, tensor)
     q/k/v [D, N|K, H] -> (fsdp, tensor, -) o [N, H, D]    -> (tensor, -, fsdp)
     gate/up [D, F]   -> (fsdp, tensor)     down [F, D]    -> (tensor, fsdp)
     norms, output biases -> replicated     q/k/v / gate/up biases -> heads / width on tensor
@@ -59,9 +59,10 @@ BATCH_AXES = ("data", "fsdp")
 PartitionRules = tuple[tuple[str, P], ...]
 
 DEFAULT_RULES: PartitionRules = (
-    # The embedding gather over a vocabulary split on `tensor` becomes a masked gather plus an
-    # all-reduce; splitting V (151936 for Qwen3) keeps the largest matrices off every device.
-    (r"(^|/)embedding$", P("tensor", "fsdp")),
+    # A vocabulary-parallel embedding: the gather becomes a masked gather plus a reduction. Splitting
+    # D over fsdp instead made XLA re-shard the gathered [B, T, D] from rows-over-fsdp to
+    # D-over-fsdp by full rematerialisation (its "involuntary full rematerialization" warning).
+    (r"(^|/)embedding$", P(("fsdp", "tensor"), None)),
     (r"(^|/)lm_head$", P("fsdp", "tensor")),
     (r"attention/(q|k|v)$", P("fsdp", "tensor", None)),
     (r"attention/(q|k|v)_bias$", P("tensor", None)),

@@ -67,7 +67,7 @@ def test_parameters_and_adam_moments_are_really_split(step_results, mesh):
     result = step_results["meshes"][mesh]
     assert result["shard_shapes"] == {
         "q": [d // fsdp, n // tensor, h], "down": [f // tensor, d // fsdp],
-        "embedding": [v // tensor, d // fsdp], "lm_head": [d // fsdp, v // tensor],
+        "embedding": [v // (fsdp * tensor), d], "lm_head": [d // fsdp, v // tensor],
     }
     assert result["mu_q_shard"] == [d // fsdp, n // tensor, h]
     assert result["out_param_spec"] == "P('fsdp', 'tensor', None)"  # the update keeps the layout
@@ -158,8 +158,8 @@ def test_every_decoder_parameter_gets_a_rule_and_divisibility_is_checked_on_shap
     assert flat["layers/1/attention/o"] == P("tensor", None, "fsdp")
     assert flat["layers/0/mlp/gate"] == P("fsdp", "tensor") and flat["final_norm/weight"] == P()
     sharding.check_divisible(abstract, specs, sharding.MeshConfig(1, 4, 2))
-    with pytest.raises(ValueError, match=r"mesh axis 'fsdp' of size 3 does not divide dimension 1 \(size 32\) of "
-                                         r"parameter embedding with shape \[40, 32\]"):
+    with pytest.raises(ValueError, match=r"mesh axis 'fsdp×tensor' of size 3 does not divide dimension 0 \(size 40\) "
+                                         r"of parameter embedding with shape \[40, 32\]"):
         sharding.check_divisible(abstract, specs, sharding.MeshConfig(1, 3, 1))
     with pytest.raises(ValueError, match=r"no partition rule matches parameter layers/0/mlp/gate \(shape \[32, 64\]\)"):
         sharding.partition_specs(abstract, tuple(r for r in sharding.DEFAULT_RULES if "gate|up)$" not in r[0]))
