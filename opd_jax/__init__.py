@@ -5,7 +5,7 @@ The estimators are pure functions of ``[B, T]`` log-probabilities (:mod:`opd_jax
 problems; :mod:`opd_jax.models` and :mod:`opd_jax.sampling` run them on real language models.
 """
 
-from opd_jax import divergences, exact, models, sampling
+from opd_jax import divergences, exact, models, sampling, sharding
 from opd_jax.advantages import leave_one_out_baseline, sequence_advantages, token_advantages
 from opd_jax.objectives import (
     clipped_token_mask,
@@ -27,5 +27,6 @@ __all__ = [
     "pg_surrogate",
     "sampling",
     "sequence_advantages",
+    "sharding",
     "token_advantages",
 ]

@@ -44,7 +44,7 @@ from opd_jax.sampling import Rollout, SamplingConfig, generate, token_log_probs
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["PromptSet", "TrainConfig", "TrainResult", "train"]
+__all__ = ["PromptSet", "StepShardings", "TrainConfig", "TrainResult", "TrainStep", "make_train_step", "train"]
 
 LEVELS = ("token", "sequence")
 BASELINES = ("none", "leave_one_out")
