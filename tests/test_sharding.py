@@ -147,6 +147,10 @@ def test_mesh_config_parsing_and_validation():
         sharding.MeshConfig(1, 2, 1).make_mesh()
     mesh = sharding.MeshConfig().make_mesh()
     assert mesh.axis_names == sharding.AXES and set(mesh.axis_types) == {jax.sharding.AxisType.Auto}
+    explicit = sharding.MeshConfig(axis_types="explicit").make_mesh()
+    assert set(explicit.axis_types) == {jax.sharding.AxisType.Explicit}
+    with pytest.raises(ValueError, match="axis_types must be 'auto' or 'explicit'"):
+        sharding.MeshConfig(axis_types="manual")
 
 
 def test_every_decoder_parameter_gets_a_rule_and_divisibility_is_checked_on_shapes():
