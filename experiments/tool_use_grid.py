@@ -8,7 +8,7 @@ answer accuracy, call validity, exact calls, model tokens per response, and the 
 ``KL(π‖q)`` per model token on temperature-1 rollouts. The table gives mean ± std over seeds, with
 the starting student and the teacher as reference rows.
 
-Writes ``<out>/results.json``, ``<out>/results.md`` and one folder per run (train() output:
+Writes ``<out>/results.json``, ``<out>/results.md``, ``<out>/curves.png`` and one folder per run (train() output:
 metrics.jsonl, checkpoints, exported student, plus ``final_eval.json``). Re-running into the same
 folder reuses finished runs and resumes unfinished ones.
 
@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from opd_jax import models
+from opd_jax.metrics import plot_curves, read_jsonl
 from opd_jax.tasks import tool_use
 from opd_jax.train import PromptSet, TrainConfig, train
 
@@ -151,7 +152,14 @@ def main(argv=None) -> int:
                 f"{args.eval_problems} held-out questions; seeds {args.seeds}")
     (args.out / "results.json").write_text(json.dumps(
         {"settings": vars(args) | {"out": str(args.out)}, "reference": reference, "runs": records, "summary": rows,
-         "total_seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")
+         "run_seconds_total": round(sum(r["seconds"] for r in records), 1)}, indent=2) + "\n")
+    # Training curves of the first seed of every variation.
+    curves = {}
+    for divergence, estimator, seed in runs:
+        if seed == args.seeds[0]:
+            curves[f"{divergence}/{estimator}"] = read_jsonl(args.out / f"{divergence}-{estimator}-seed{seed}" / "metrics.jsonl")
+    plot_curves(curves, ["teacher_kl", "response_length", "grad_norm", "advantage_mean"], args.out / "curves.png",
+                title=f"tool use: training curves, seed {args.seeds[0]}")
     (args.out / "results.md").write_text(f"# Tool use: OPD vs OPD+\n\n{settings}\n\n{table}\n")
     print(f"\n{settings}\n\n{table}\n\nwrote {args.out / 'results.md'} in {time.perf_counter() - started:.0f} s")
     return 0
