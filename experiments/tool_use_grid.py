@@ -26,9 +26,8 @@ import sys
 import time
 
 import jax
-import numpy as np
 
-from opd_jax import models
+from opd_jax import demo, models
 from opd_jax.metrics import plot_curves, read_jsonl
 from opd_jax.tasks import tool_use
 from opd_jax.train import PromptSet, TrainConfig, train
@@ -61,21 +60,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate(model, teacher, problems, seed: int) -> dict[str, float]:
     result = tool_use.evaluate(model, problems, teacher=teacher, batch_size=128, key=jax.random.key(seed))
     return result.metrics()
-
-
-def summarize(records: list[dict]) -> list[dict]:
-    groups: dict[str, list[dict]] = {}
-    for record in records:
-        groups.setdefault(record["variation"], []).append(record)
-    rows = []
-    for variation, group in groups.items():
-        row = {"variation": variation, "seeds": [r["seed"] for r in group]}
-        for key, _ in COLUMNS:
-            values = np.asarray([r[key] for r in group], np.float64)
-            row[key] = float(values.mean())
-            row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        rows.append(row)
-    return rows
 
 
 def format_table(rows: list[dict], reference: dict[str, dict]) -> str:
@@ -145,7 +129,7 @@ def main(argv=None) -> int:
         records.append(record)
         print(json.dumps(record), flush=True)
 
-    rows = summarize(records)
+    rows = demo.summarize(records)
     table = format_table(rows, reference)
     settings = (f"{args.steps} steps × {args.prompts_per_step} prompts × {args.group_size} rollouts, token level, "
                 f"γ = 0, log_ratio_clip 20, lr {args.learning_rate}, budget {budget} tokens; "

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--num-processes", type=_positive_int(1), help="multi-process run: number of processes")
     scale.add_argument("--process-id", type=_positive_int(0), help="multi-process run: this process's index")
 
-    from opd_jax.demo import DEMO_CONFIG, TASKS
+    from opd_jax.demo import TASKS
     from opd_jax.divergences import names as divergence_names
 
     # The parametrised generators (generalized_js, alpha) need a value: they are in the grid script.
@@ -154,8 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--estimator", action="append", choices=("stop_grad", "opd_plus"),
                       help="estimator, repeatable (default: both)")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
-    demo.add_argument("--steps", type=_positive_int(1), default=DEMO_CONFIG.steps,
-                      help=f"training steps per run (default {DEMO_CONFIG.steps})")
+    default_steps = ", ".join(f"{name} {task.config.steps}" for name, task in sorted(TASKS.items()))
+    demo.add_argument("--steps", type=_positive_int(1),
+                      help=f"training steps per run (default: the task's, {default_steps})")
+    demo.add_argument("--eval-problems", type=_positive_int(1), default=512,
+                      help="held-out problems per evaluation (default 512)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
     evaluate = commands.add_parser(
@@ -430,16 +433,18 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if args.output.exists() and not args.output.is_dir():
         _fail("demo", f"--output {args.output} is a file; give a folder")
-    setup = demo.TASKS[args.task].setup()
-    base = dataclasses.replace(demo.DEMO_CONFIG, steps=args.steps, max_new_tokens=setup.max_new_tokens,
-                               eval_every=min(demo.DEMO_CONFIG.eval_every, args.steps))
+    task = demo.TASKS[args.task]
+    setup = task.setup(eval_problems=args.eval_problems)
+    steps = args.steps or task.config.steps
+    base = dataclasses.replace(task.config, steps=steps, max_new_tokens=setup.max_new_tokens,
+                               eval_every=min(task.config.eval_every, steps))
     axes = {"divergence": args.divergence or ["reverse_kl", "forward_kl", "js"],
             "estimator": args.estimator or ["stop_grad", "opd_plus"]}
     specs = demo.grid(base, axes, args.seeds)
     records = demo.run_grid(setup, specs, args.output, progress=not args.quiet)
-    table = demo.write_results(setup, specs, records, args.output)
+    table = demo.write_results(setup, specs, records, args.output, task.columns)
     seconds = sum(r["seconds"] for r in records)
-    print(f"\n{setup.name}: {len(specs)} runs of {args.steps} steps in {seconds:.0f} s\n\n{table}\n")
+    print(f"\n{setup.name}: {len(specs)} runs of {steps} steps in {seconds:.0f} s\n\n{table}\n")
     print(f"wrote {args.output / 'results.md'}, {args.output / 'results.json'}, {args.output / 'curves.png'}")
     return 0
 

@@ -27,11 +27,12 @@ import numpy as np
 from opd_jax.metrics import plot_curves
 from opd_jax.models import Decoder, from_pretrained
 from opd_jax.sampling import Rollout, SamplingConfig, generate, score
+from opd_jax.tasks import tool_use
 from opd_jax.train import PromptSet, TrainConfig, train
 
 __all__ = [
-    "DEMO_CONFIG", "TASKS", "RunSpec", "TaskSetup", "ToyTask", "arithmetic_evaluator", "arithmetic_setup",
-    "format_table", "grid", "run_grid", "summarize", "teacher_kl", "write_results",
+    "DEMO_CONFIG", "TASKS", "TOOL_USE_CONFIG", "RunSpec", "TaskSetup", "ToyTask", "arithmetic_evaluator",
+    "arithmetic_setup", "format_table", "grid", "run_grid", "summarize", "teacher_kl", "write_results",
 ]
 
 #: The demo's training settings on the toy arithmetic task: per-token OPD (γ = 0) as in the paper.
@@ -49,12 +50,21 @@ DEMO_CONFIG = TrainConfig(
     keep_checkpoints=1,
 )
 
+#: The demo's settings on the toy tool-use task (the settings of ``experiments/tool_use_grid.py``):
+#: multi-turn rollouts cost more per step, and the weak student moves within 40 steps at a higher
+#: learning rate.
+TOOL_USE_CONFIG = dataclasses.replace(
+    DEMO_CONFIG, prompts_per_step=32, learning_rate=1e-3, steps=40, eval_every=20, checkpoint_every=20
+)
+
 #: Row metrics of the summary table: (record key, column title).
 SUMMARY_COLUMNS = (
     ("accuracy", "accuracy"),
     ("teacher_kl", "teacher KL"),
     ("response_length", "length"),
 )
+#: The tool-use table adds the share of valid tool calls.
+TOOL_USE_COLUMNS = SUMMARY_COLUMNS[:1] + (("call_validity", "call validity"),) + SUMMARY_COLUMNS[1:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,14 +179,19 @@ class ToyTask:
     """A toy task as the CLI sees it.
 
     Attributes:
-      setup: builds its :class:`TaskSetup` (shipped models, prompts, evaluation).
+      setup: ``(*, eval_problems) -> TaskSetup`` (shipped models, prompts, evaluation).
       teacher_path: the folder of its shipped teacher.
       evaluator: ``(tokenizer, teacher | None, *, eval_problems, seed) -> (model -> metrics)``.
+      config: the demo's training settings on this task (divergence, estimator and seed are the
+        grid's; ``max_new_tokens`` is the setup's).
+      columns: the metrics of its summary table.
     """
 
-    setup: Callable[[], TaskSetup]
+    setup: Callable[..., TaskSetup]
     teacher_path: Callable[[], pathlib.Path]
     evaluator: Callable[..., Callable[[Decoder], dict[str, float]]]
+    config: TrainConfig = DEMO_CONFIG
+    columns: tuple[tuple[str, str], ...] = SUMMARY_COLUMNS
 
 
 def _arithmetic_teacher_path() -> pathlib.Path:
@@ -188,6 +203,8 @@ def _arithmetic_teacher_path() -> pathlib.Path:
 #: The toy tasks of ``opd-jax demo`` / ``opd-jax eval`` (read-only).
 TASKS = types.MappingProxyType({
     "arithmetic": ToyTask(arithmetic_setup, _arithmetic_teacher_path, arithmetic_evaluator),
+    "tool_use": ToyTask(tool_use.demo_task_setup, tool_use.teacher_path, tool_use.evaluator,
+                        config=TOOL_USE_CONFIG, columns=TOOL_USE_COLUMNS),
 })
 
 
@@ -313,6 +330,6 @@ def write_results(
     for spec in specs:
         if spec.variation not in curves:
             curves[spec.variation] = read_jsonl(output_dir / spec.folder / "metrics.jsonl")
-    plot_curves(curves, ["eval_accuracy", "eval_teacher_kl", "eval_response_length", "teacher_kl"],
+    plot_curves(curves, [f"eval_{key}" for key, _ in columns] + ["teacher_kl"],
                 output_dir / "curves.png", title=f"{setup.name}: on-policy distillation")
     return table

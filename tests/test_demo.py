@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from opd_jax import cli, demo, models, sampling
+from opd_jax.tasks import tool_use
 
 
 def test_grid_crosses_axes_and_seeds_with_joint_axes():
@@ -145,3 +146,25 @@ def test_grid_script_runs_parametrised_divergences_over_seeds(tmp_path):
     assert [(r["config"]["alpha"], r["config"]["level"], r["seed"]) for r in runs] == [(0.5, "sequence", 0),
                                                                                        (0.5, "sequence", 1)]
     assert "| alpha/alpha=0.5/opd_plus/sequence/gamma=0 | 2 | " in (tmp_path / "results.md").read_text()
+
+
+def test_tool_use_demo_trains_with_its_own_settings_and_eval_reproduces_it(tmp_path, capsys):
+    output = tmp_path / "tool_use"
+    assert cli.main(["demo", "--task", "tool_use", "--steps", "1", "--divergence", "js", "--estimator", "opd_plus",
+                     "--eval-problems", "32", "--output", str(output), "--quiet"]) == 0
+    (record,) = json.loads((output / "results.json").read_text())["runs"]
+    config = record["config"]
+    assert (config["prompts_per_step"], config["learning_rate"], config["steps"]) == (
+        demo.TOOL_USE_CONFIG.prompts_per_step, demo.TOOL_USE_CONFIG.learning_rate, 1)
+    assert config["max_new_tokens"] == tool_use.toy_task().max_response_length + 4
+    for key in ("accuracy", "call_validity", "call_exactness", "teacher_kl", "response_length"):
+        assert np.isfinite(record[key]) and np.isfinite(record[f"{key}_before"]), key
+    assert "call validity before → after" in (output / "results.md").read_text()
+    # The exported student evaluated on the same held-out questions gives the demo's numbers.
+    metrics = tmp_path / "metrics.json"
+    assert cli.main(["eval", "--task", "tool_use", "--model", str(output / "js-opd_plus-seed0" / "student"),
+                     "--problems", "32", "--json", str(metrics)]) == 0
+    measured = json.loads(metrics.read_text())
+    for key in ("accuracy", "call_validity", "response_length", "teacher_kl"):
+        assert measured[key] == pytest.approx(record[key], rel=1e-5, abs=1e-6), key
+    assert "call_validity" in capsys.readouterr().out
