@@ -30,7 +30,7 @@ import jax
 from opd_jax import demo, models
 from opd_jax.metrics import plot_curves, read_jsonl
 from opd_jax.tasks import tool_use
-from opd_jax.train import PromptSet, TrainConfig, train
+from opd_jax.train import PromptSet, train
 
 COLUMNS = (
     ("accuracy", "answer acc."),
@@ -47,10 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--divergences", nargs="+", default=["reverse_kl", "forward_kl", "js"])
     parser.add_argument("--estimators", nargs="+", default=["stop_grad", "opd_plus"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--prompts-per-step", type=int, default=32)
-    parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    # Defaults: the settings of `opd-jax demo --task tool_use`.
+    parser.add_argument("--steps", type=int, default=demo.TOOL_USE_CONFIG.steps)
+    parser.add_argument("--prompts-per-step", type=int, default=demo.TOOL_USE_CONFIG.prompts_per_step)
+    parser.add_argument("--group-size", type=int, default=demo.TOOL_USE_CONFIG.group_size)
+    parser.add_argument("--learning-rate", type=float, default=demo.TOOL_USE_CONFIG.learning_rate)
     parser.add_argument("--train-problems", type=int, default=4096)
     parser.add_argument("--eval-problems", type=int, default=256)
     parser.add_argument("--eval-seed", type=int, default=0)
@@ -99,10 +100,10 @@ def main(argv=None) -> int:
         reference_path.write_text(json.dumps(reference, indent=2) + "\n")
     print(json.dumps(reference, indent=1), flush=True)
 
-    base = TrainConfig(
-        level="token", gamma=0.0, log_ratio_clip=20.0, prompts_per_step=args.prompts_per_step,
-        group_size=args.group_size, max_new_tokens=budget, learning_rate=args.learning_rate, steps=args.steps,
-        checkpoint_every=args.steps, keep_checkpoints=1,
+    base = dataclasses.replace(
+        demo.TOOL_USE_CONFIG, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+        max_new_tokens=budget, learning_rate=args.learning_rate, steps=args.steps, eval_every=0,
+        checkpoint_every=args.steps,
     )
     records = []
     # Seed-major, so an interrupted grid still covers every variation.

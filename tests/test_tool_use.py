@@ -446,3 +446,22 @@ def test_demo_task_setup_matches_the_demo_contract():
     assert tool_use.teacher_path() == tool_use.toy_model_path("teacher")
     metrics = tool_use.evaluator(setup.tokenizer, None, eval_problems=8)(setup.teacher)
     assert set(metrics) == {"accuracy", "call_validity", "call_exactness", "response_length", "transcript_length"}
+
+
+def test_grid_script_runs_reuses_finished_runs_and_reports_references(tmp_path):
+    import pathlib
+    import runpy
+
+    script = pathlib.Path(__file__).parents[1] / "experiments" / "tool_use_grid.py"
+    main = runpy.run_path(str(script))["main"]
+    argv = ["--out", str(tmp_path), "--divergences", "js", "--estimators", "opd_plus", "--seeds", "0", "--steps", "1",
+            "--prompts-per-step", "4", "--group-size", "2", "--train-problems", "16", "--eval-problems", "8"]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    (run,) = results["runs"]
+    assert (run["variation"], run["seed"]) == ("js/opd_plus", 0)
+    assert set(results["reference"]) == {"student (start)", "teacher"}
+    assert results["reference"]["teacher"]["teacher_kl"] == pytest.approx(0.0, abs=1e-6)  # the teacher against itself
+    assert "| js/opd_plus | 1 |" in (tmp_path / "results.md").read_text()
+    assert main(argv) == 0  # the finished run is read back, not trained again
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == [run]

@@ -1,7 +1,6 @@
 """The distillation loop: outputs, exact resume after SIGKILL, corrupted checkpoints, bad input."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess

@@ -1,4 +1,4 @@
-"""Driver-side helpers shared by the benchmarks that run in ``.venv`` (loss, train step, scaling).
+"""Driver-side helpers shared by the benchmarks that run in ``.venv`` (loss, sampling, train step, scaling).
 
 Machine description (CPU model, cores, load average), running one measurement in a fresh
 subprocess through a JSON job file, setting up the PyTorch peer environment, and Markdown tables.
@@ -109,6 +109,20 @@ def run_job(python: pathlib.Path | str, script: str, job: dict, folder: pathlib.
             f"error: {script} failed on job {name} (exit {completed.returncode}):\n{completed.stderr[-4000:]}"
         )
     return json.loads(pathlib.Path(job["out"]).read_text())
+
+
+def warn_if_busy(other_loads, consequence: str) -> None:
+    """Print a warning when other processes took more than ``BUSY_WARNING`` of the CPUs in a timed call."""
+    busiest = max((load or 0.0) for load in other_loads)
+    if busiest > BUSY_WARNING:
+        print(f"WARNING: other processes used up to {100 * busiest:.0f}% of the CPUs during timed calls; {consequence}")
+
+
+def write_json(path: pathlib.Path | None, summary: dict) -> None:
+    """Write ``summary`` to ``path`` (the ``--json`` option) unless it is ``None``."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def markdown_table(headers: list[str], rows: list[list], align: str | None = None) -> str:

@@ -20,7 +20,6 @@ import json
 import pathlib
 import sys
 
-import numpy as np
 import torch
 import trl
 from trl.experimental.gkd import GKDTrainer

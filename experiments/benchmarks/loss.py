@@ -54,14 +54,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
 import tempfile
 
 from _common import (
-    BUSY_WARNING, ROOT, TORCH_PYTHON, ensure_trl, load_average, machine_info, machine_lines, markdown_table, mib, run_job,
+    TORCH_PYTHON, ensure_trl, load_average, machine_info, machine_lines, markdown_table, mib, run_job, warn_if_busy,
+    write_json,
 )
 
 DEFAULT_CASES = "2x256x8192,1x1024x32768,2x1024x32768,4x1024x32768"
@@ -208,10 +208,8 @@ def print_report(summary: dict) -> None:
         ])
     print(markdown_table(headers, table))
     print()
-    busiest = max((row["mean_other_load"] or 0.0) for row in summary["results"])
-    if busiest > BUSY_WARNING:
-        print(f"WARNING: other processes used up to {100 * busiest:.0f}% of the CPUs during timed calls; "
-              "times are inflated (unevenly between the sides); rerun on an idle machine.")
+    warn_if_busy([row["mean_other_load"] for row in summary["results"]],
+                 "times are inflated (unevenly between the sides); rerun on an idle machine.")
     print("'OPD+ sampled' rows use [B,T] inputs (no [B,T,V] tensor); their loss is a different quantity (surrogate).")
 
 
@@ -223,9 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = measure(args, machine, pathlib.Path(tmp))
     summary = summarise(args, machine, rows)
     print_report(summary)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.json, summary)
     return summary
 
 

@@ -53,15 +53,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from _cpuload import timed_call  # this script's folder is on sys.path when run as a script
+from _common import TORCH_PYTHON, warn_if_busy, write_json  # this script's folder is on sys.path
+from _cpuload import timed_call
 from opd_jax.models import Decoder, DecoderConfig, RopeConfig, save_pretrained
 from opd_jax.sampling import SamplingConfig, generate
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-TORCH_PYTHON = ROOT / ".venv-torch" / "bin" / "python"
 TORCH_SCRIPT = pathlib.Path(__file__).resolve().with_name("_torch_generate.py")
 MODES = {"sample": 1.0, "greedy": 0.0}  # mode -> temperature
-BUSY_WARNING = 0.05  # warn when other processes used more than this share of the CPUs while timing
 QUICK = dict(layers=2, hidden=64, vocab=128, heads=4, kv_heads=2, batch=2, prompt_len=8, new_tokens=8, repeats=1)
 
 
@@ -267,12 +265,8 @@ def print_report(summary: dict) -> None:
         load = "n/a" if row["other_load"] is None else f"{100 * row['other_load']:.0f}%"
         print(f"| {row['side']} | {row['mode']} | {row['median_s']:.4f} | {row['tokens_per_s']:.0f} | {ratio} | {load} |")
     print()
-    busiest = max((row["other_load"] or 0.0) for row in summary["results"])
-    if busiest > BUSY_WARNING:
-        print(
-            f"WARNING: other processes used up to {100 * busiest:.0f}% of the CPUs during timed calls; "
-            "the numbers are slowed down by them (rerun on an idle machine)."
-        )
+    warn_if_busy([row["other_load"] for row in summary["results"]],
+                 "the numbers are slowed down by them (rerun on an idle machine).")
     compile_s = ", ".join(f"{mode} {seconds:.2f} s" for mode, seconds in summary["compile_s"].items())
     print(f"opd_jax compile (first call minus median): {compile_s}")
     print(f"greedy agreement (rows with identical tokens on both sides): {summary['greedy_row_agreement']:.2f}")
@@ -289,9 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         ours = run_ours(args, model, prompts)
     summary = summarise(args, machine, ours, torch_side)
     print_report(summary)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.json, summary)
     return summary
 
 

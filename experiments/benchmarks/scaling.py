@@ -24,7 +24,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
 import statistics
@@ -33,7 +32,7 @@ import tempfile
 
 import numpy as np
 
-from _common import BUSY_WARNING, load_average, machine_info, machine_lines, markdown_table, run_job
+from _common import load_average, machine_info, machine_lines, markdown_table, run_job, warn_if_busy, write_json
 
 QUICK = dict(lengths="16,32,64,128", vocab=64, vocabs="32,64,128,256", length=32, chunk_size=8, repeats=1)
 
@@ -151,10 +150,8 @@ def print_report(summary: dict) -> None:
               k(f["rss_minus_gradient"])] for f in summary["fits"]]
     print(markdown_table(headers, table, align="llrrrr"))
     print()
-    busiest = max((r["mean_other_load"] or 0.0) for r in summary["results"])
-    if busiest > BUSY_WARNING:
-        print(f"WARNING: other processes used up to {100 * busiest:.0f}% of the CPUs during timed calls; "
-              "times (not memory) are inflated; rerun on an idle machine.")
+    warn_if_busy([r["mean_other_load"] for r in summary["results"]],
+                 "times (not memory) are inflated; rerun on an idle machine.")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -172,9 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fits": fits(rows),
     }
     print_report(summary)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.json, summary)
     return summary
 
 

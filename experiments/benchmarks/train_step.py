@@ -36,7 +36,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 
@@ -47,7 +46,7 @@ import optax
 from flax import nnx
 
 import opd_jax
-from _common import BUSY_WARNING, load_average, machine_info, machine_lines, markdown_table
+from _common import load_average, machine_info, machine_lines, markdown_table, warn_if_busy, write_json
 from _cpuload import timed_call
 from opd_jax.models import Decoder, DecoderConfig, RopeConfig
 from opd_jax.sampling import SamplingConfig, generate, token_log_probs
@@ -270,19 +269,15 @@ def print_report(summary: dict) -> None:
         ])
     print(markdown_table(headers, table, align="lrrrrrr"))
     print()
-    busiest = max((row["mean_other_load"] or 0.0) for row in summary["results"])
-    if busiest > BUSY_WARNING:
-        print(f"WARNING: other processes used up to {100 * busiest:.0f}% of the CPUs during timed calls; "
-              "the peak and the step are both slowed down by them; rerun on an idle machine.")
+    warn_if_busy([row["mean_other_load"] for row in summary["results"]],
+                 "the peak and the step are both slowed down by them; rerun on an idle machine.")
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     summary = run(args)
     print_report(summary)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.json, summary)
     return summary
 
 
