@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import tempfile
@@ -53,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from _common import TORCH_PYTHON, warn_if_busy, write_json  # this script's folder is on sys.path
+from _common import TORCH_PYTHON, machine_info, warn_if_busy, write_json  # this script's folder is on sys.path
 from _cpuload import timed_call
 from opd_jax.models import Decoder, DecoderConfig, RopeConfig, save_pretrained
 from opd_jax.sampling import SamplingConfig, generate
@@ -98,30 +96,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     return args
-
-
-def machine_info() -> dict:
-    """CPU model, cores available to this process, library versions and the JAX device."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import flax  # noqa: PLC0415 (only for the version)
-
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "jax_backend": jax.default_backend(),
-        "jax_devices": [str(device) for device in jax.devices()],
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
 
 
 def build_checkpoint(args: argparse.Namespace, folder: pathlib.Path) -> tuple[Decoder, np.ndarray]:
