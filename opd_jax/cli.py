@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="toy task (default arithmetic)")
-    demo.add_argument("--output", type=pathlib.Path, default=pathlib.Path("runs/demo"),
-                      help="output folder (default runs/demo)")
+    demo.add_argument("--output", type=pathlib.Path,
+                      help="output folder (default runs/demo, or runs/demo-TASK for another task)")
     demo.add_argument("--divergence", action="append", choices=plain_divergences, metavar="NAME",
                       help="divergence, repeatable (default: reverse_kl forward_kl js)")
     demo.add_argument("--estimator", action="append", choices=("stop_grad", "opd_plus"),
@@ -431,8 +431,14 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from opd_jax import demo
 
-    if args.output.exists() and not args.output.is_dir():
-        _fail("demo", f"--output {args.output} is a file; give a folder")
+    output = args.output or pathlib.Path("runs/demo" if args.task == "arithmetic" else f"runs/demo-{args.task}")
+    if output.exists() and not output.is_dir():
+        _fail("demo", f"--output {output} is a file; give a folder")
+    previous = output / "results.json"
+    previous_task = json.loads(previous.read_text()).get("task") if previous.is_file() else None
+    if previous_task not in (None, args.task):
+        _fail("demo", f"--output {output} holds results of task {previous_task!r}, not --task {args.task}; "
+                      "give another folder")
     task = demo.TASKS[args.task]
     setup = task.setup(eval_problems=args.eval_problems)
     steps = args.steps or task.config.steps
@@ -441,11 +447,14 @@ def run_demo(args: argparse.Namespace) -> int:
     axes = {"divergence": args.divergence or ["reverse_kl", "forward_kl", "js"],
             "estimator": args.estimator or ["stop_grad", "opd_plus"]}
     specs = demo.grid(base, axes, args.seeds)
-    records = demo.run_grid(setup, specs, args.output, progress=not args.quiet)
-    table = demo.write_results(setup, specs, records, args.output, task.columns)
+    try:
+        records = demo.run_grid(setup, specs, output, progress=not args.quiet)
+    except ValueError as error:  # e.g. a run folder that holds a run with other settings
+        _fail("demo", str(error))
+    table = demo.write_results(setup, specs, records, output, task.columns)
     seconds = sum(r["seconds"] for r in records)
     print(f"\n{setup.name}: {len(specs)} runs of {steps} steps in {seconds:.0f} s\n\n{table}\n")
-    print(f"wrote {args.output / 'results.md'}, {args.output / 'results.json'}, {args.output / 'curves.png'}")
+    print(f"wrote {output / 'results.md'}, {output / 'results.json'}, {output / 'curves.png'}")
     return 0
 
 

@@ -168,3 +168,9 @@ def test_tool_use_demo_trains_with_its_own_settings_and_eval_reproduces_it(tmp_p
     for key in ("accuracy", "call_validity", "response_length", "teacher_kl"):
         assert measured[key] == pytest.approx(record[key], rel=1e-5, abs=1e-6), key
     assert "call_validity" in capsys.readouterr().out
+    # An arithmetic demo into the tool-use folder is refused before anything is trained or written.
+    before = (output / "results.json").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--output", str(output), "--steps", "1", "--quiet"])
+    assert exit_info.value.code == 2 and "holds results of task 'tool_use'" in capsys.readouterr().err
+    assert (output / "results.json").read_text() == before
