@@ -21,6 +21,7 @@ import sys
 import time
 
 from opd_jax import demo
+from opd_jax.train import BASELINES
 
 #: divergence label -> (TrainConfig divergence, beta, alpha).
 DIVERGENCES = {
@@ -44,6 +45,8 @@ def main(argv=None) -> int:
     parser.add_argument("--estimators", nargs="+", choices=["stop_grad", "opd_plus"], default=["stop_grad", "opd_plus"])
     parser.add_argument("--forms", nargs="+", choices=list(FORMS), default=list(FORMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--baseline", choices=BASELINES, default=demo.DEMO_CONFIG.baseline,
+                        help="advantage baseline (leave_one_out: mean of the other rollouts of the prompt)")
     parser.add_argument("--steps", type=int, default=demo.DEMO_CONFIG.steps)
     parser.add_argument("--eval-problems", type=int, default=512, help="held-out problems per evaluation")
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("runs/grid"))
@@ -51,7 +54,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     setup = demo.arithmetic_setup(eval_problems=args.eval_problems)
-    base = dataclasses.replace(demo.DEMO_CONFIG, steps=args.steps, eval_every=min(demo.DEMO_CONFIG.eval_every, args.steps))
+    base = dataclasses.replace(demo.DEMO_CONFIG, steps=args.steps, eval_every=min(demo.DEMO_CONFIG.eval_every, args.steps),
+                               baseline=args.baseline)
     specs = demo.grid(
         base,
         {

@@ -141,10 +141,11 @@ def test_grid_script_runs_parametrised_divergences_over_seeds(tmp_path):
     script = pathlib.Path(__file__).parents[1] / "experiments" / "opd_grid.py"
     main = runpy.run_path(str(script))["main"]
     assert main(["--divergences", "alpha_0.5", "--estimators", "opd_plus", "--forms", "sequence", "--seeds", "0", "1",
-                 "--steps", "1", "--eval-problems", "32", "--output", str(tmp_path), "--quiet"]) == 0
+                 "--baseline", "leave_one_out", "--steps", "1", "--eval-problems", "32", "--output", str(tmp_path),
+                 "--quiet"]) == 0
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
-    assert [(r["config"]["alpha"], r["config"]["level"], r["seed"]) for r in runs] == [(0.5, "sequence", 0),
-                                                                                       (0.5, "sequence", 1)]
+    assert [(r["config"]["alpha"], r["config"]["level"], r["config"]["baseline"], r["seed"]) for r in runs] == [
+        (0.5, "sequence", "leave_one_out", 0), (0.5, "sequence", "leave_one_out", 1)]
     assert "| alpha/alpha=0.5/opd_plus/sequence/gamma=0 | 2 | " in (tmp_path / "results.md").read_text()
 
 
