@@ -81,12 +81,15 @@ def plot_curves(
     columns = min(3, len(keys))
     rows = math.ceil(len(keys) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    # Past ten runs the default colour cycle repeats; tab20 keeps up to twenty lines apart.
+    colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
     for axis, key in zip(axes.flat, keys):
-        for label, records in runs.items():
+        for index, (label, records) in enumerate(runs.items()):
             points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
             if points:
                 steps, values = zip(*points)
-                axis.plot(steps, values, label=label, marker="o" if len(points) < 12 else None, markersize=3)
+                axis.plot(steps, values, label=label, color=colours[index % len(colours)],
+                          marker="o" if len(points) < 12 else None, markersize=3)
         axis.set_title(key)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
