@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="toy task (default arithmetic)")
     demo.add_argument("--output", type=pathlib.Path,
-                      help="output folder (default runs/demo, or runs/demo-TASK for another task)")
+                      help="output folder (default: the task's, " + ", ".join(
+                          f"{name} {task.output}" for name, task in sorted(TASKS.items())) + ")")
     demo.add_argument("--divergence", action="append", choices=plain_divergences, metavar="NAME",
                       help="divergence, repeatable (default: reverse_kl forward_kl js)")
     demo.add_argument("--estimator", action="append", choices=("stop_grad", "opd_plus"),
@@ -431,7 +432,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from opd_jax import demo
 
-    output = args.output or pathlib.Path("runs/demo" if args.task == "arithmetic" else f"runs/demo-{args.task}")
+    task = demo.TASKS[args.task]
+    output = args.output or task.output
     if output.exists() and not output.is_dir():
         _fail("demo", f"--output {output} is a file; give a folder")
     previous = output / "results.json"
@@ -439,7 +441,6 @@ def run_demo(args: argparse.Namespace) -> int:
     if previous_task not in (None, args.task):
         _fail("demo", f"--output {output} holds results of task {previous_task!r}, not --task {args.task}; "
                       "give another folder")
-    task = demo.TASKS[args.task]
     setup = task.setup(eval_problems=args.eval_problems)
     steps = args.steps or task.config.steps
     base = dataclasses.replace(task.config, steps=steps, max_new_tokens=setup.max_new_tokens,

@@ -185,6 +185,7 @@ class ToyTask:
       config: the demo's training settings on this task (divergence, estimator and seed are the
         grid's; ``max_new_tokens`` is the setup's).
       columns: the metrics of its summary table.
+      output: the default output folder of ``opd-jax demo --task``.
     """
 
     setup: Callable[..., TaskSetup]
@@ -192,6 +193,7 @@ class ToyTask:
     evaluator: Callable[..., Callable[[Decoder], dict[str, float]]]
     config: TrainConfig = DEMO_CONFIG
     columns: tuple[tuple[str, str], ...] = SUMMARY_COLUMNS
+    output: pathlib.Path = pathlib.Path("runs/demo")
 
 
 def _arithmetic_teacher_path() -> pathlib.Path:
@@ -204,7 +206,7 @@ def _arithmetic_teacher_path() -> pathlib.Path:
 TASKS = types.MappingProxyType({
     "arithmetic": ToyTask(arithmetic_setup, _arithmetic_teacher_path, arithmetic_evaluator),
     "tool_use": ToyTask(tool_use.demo_task_setup, tool_use.teacher_path, tool_use.evaluator,
-                        config=TOOL_USE_CONFIG, columns=TOOL_USE_COLUMNS),
+                        config=TOOL_USE_CONFIG, columns=TOOL_USE_COLUMNS, output=pathlib.Path("runs/demo-tool_use")),
 })
 
 

@@ -47,8 +47,14 @@ def test_too_long_prompt_and_missing_tokenizer_are_named(folder, tmp_path):
 
 
 def test_compatible_pair_passes(folder, tmp_path):
-    same = tokenization.load_tokenizer(_make_tokenizer(tmp_path / "copy"))
-    tokenization.check_compatible(tokenization.load_tokenizer(folder), same, _config(512), _config(512))
+    teacher = tokenization.load_tokenizer(folder)
+    student = tokenization.load_tokenizer(_make_tokenizer(tmp_path / "copy"))
+    # An independently built pair with chat templates, so every check (chat-template ids included) runs.
+    assert student is not teacher and teacher.chat_template and student.chat_template
+    assert tokenization.check_compatible(teacher, student, _config(512), _config(512)) is None
+    # Boundary: an output layer exactly as large as the tokenizer is enough.
+    exact = _config(len(teacher))
+    assert tokenization.check_compatible(teacher, student, exact, exact) is None
 
 
 def test_mismatches_fail_loudly_naming_both_sides(folder, tmp_path):
