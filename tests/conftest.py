@@ -4,7 +4,13 @@ float64 is enabled at import so that the exact checks (closed forms, enumeration
 ~1e-12; tests of float32 / bfloat16 behaviour create arrays of those dtypes explicitly.
 """
 
-import jax
+import os
+
+# libtpu is installed (the tpu extra, for ahead-of-time TPU compiles); without a TPU it would print
+# an initialisation trace on every backend start. Tests run on the CPU; topologies still compile.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
 from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_enable_x64", True)
