@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                               help="encode prompts as plain text even if the tokenizer has a chat template")
     train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_train_options(train_parser)
+    add_model_options(train_parser)
     scale = train_parser.add_argument_group("scaling out (see README: Scaling out)")
     scale.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                        help="shard over a device mesh, e.g. 1,8,1 or fsdp=4,tensor=2; the product must be the "
@@ -239,6 +240,41 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             "--" + field.name.replace("_", "-"), dest=field.name, type=kind, default=None,
             help=f"{_TRAIN_HELP[field.name]} [{field.default}]",
         )
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """How the models run: attention kernel, rematerialisation and the three dtypes.
+
+    They change speed and memory, not the objective, so they are not part of the saved training
+    configuration: a resumed run may change them.
+    """
+    from opd_jax import models
+
+    group = parser.add_argument_group("model execution (speed and memory; see README: Pod scale)")
+    group.add_argument("--attention", choices=models.ATTENTION_IMPLEMENTATIONS, default="auto",
+                       help="attention kernel: auto picks splash on TPU, cudnn on GPU, chunked on CPU [auto]")
+    group.add_argument("--remat", choices=models.REMAT_POLICIES, default="full",
+                       help="what each block keeps for the backward pass: full recomputes the block (activations "
+                            "O(layers·tokens·width), the only choice that fits thousands of tokens per chip, for "
+                            "about a third more compute); dots keeps the matmul outputs; none keeps everything [full]")
+    group.add_argument("--param-dtype", choices=DTYPES, default="float32",
+                       help="student parameters and optimizer state (master weights) [float32]")
+    group.add_argument("--compute-dtype", choices=("auto", *DTYPES), default="auto",
+                       help="student and teacher matmuls, activations and KV cache; logits, log-softmax, "
+                            "divergences and advantages are float32 always; auto: bfloat16 on TPU/GPU, "
+                            "float32 on CPU (where bfloat16 matmuls are slow) [auto]")
+    group.add_argument("--teacher-dtype", choices=("auto", *DTYPES), default="auto",
+                       help="teacher parameters; auto: bfloat16 on TPU/GPU, float32 on CPU [auto]")
+
+
+def model_dtypes(args: argparse.Namespace, platform: str) -> tuple[str, str, str]:
+    """``(param, compute, teacher)`` dtype names with ``auto`` resolved for ``platform``."""
+    accelerated = "bfloat16" if platform in ("tpu", "gpu") else "float32"
+    compute, teacher = (accelerated if name == "auto" else name for name in (args.compute_dtype, args.teacher_dtype))
+    return args.param_dtype, compute, teacher
 
 
 def format_table(rows) -> str:
@@ -405,8 +441,15 @@ def run_train(args: argparse.Namespace) -> int:
         )
     except (FileNotFoundError, ValueError) as error:
         _fail("train", str(error))
-    student, student_config = models.from_pretrained(args.student)
-    teacher, _ = models.from_pretrained(args.teacher)
+    param_dtype, compute_dtype, teacher_dtype = model_dtypes(args, jax.default_backend())
+    try:
+        student, student_config = models.from_pretrained(
+            args.student, param_dtype, compute_dtype=compute_dtype, attention=args.attention, remat=args.remat
+        )
+        teacher, _ = models.from_pretrained(args.teacher, teacher_dtype, compute_dtype=compute_dtype,
+                                            attention=args.attention)
+    except ValueError as error:  # e.g. an attention kernel this platform lacks
+        _fail("train", str(error))
     stop_ids = tuple(student_config.eos_token_id) or (
         (student_tokenizer.eos_token_id,) if student_tokenizer.eos_token_id is not None else ()
     )

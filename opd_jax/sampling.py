@@ -147,7 +147,7 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, config: Sampling
     model = nnx.merge(graphdef, state)
     batch, prompt_length = prompt_tokens.shape
     new = config.max_new_tokens
-    cache = KVCache.zeros(model.config, batch, prompt_length + new, model.embedding[...].dtype)
+    cache = KVCache.zeros(model.config, batch, prompt_length + new, model.compute_dtype)
     prompt_positions = positions_from_mask(prompt_mask)
     hidden, cache = model.hidden_states(
         prompt_tokens, positions_BxT=prompt_positions, token_mask_BxT=prompt_mask, cache=cache

@@ -8,8 +8,10 @@ The mesh has three named axes:
 - ``tensor``: tensor parallelism over attention heads, the MLP width and the vocabulary.
 
 The batch is split over ``data × fsdp``. Parameters are mapped to a :class:`PartitionSpec` by
-regular-expression rules over their path in the NNX state (``layers/3/attention/q``), first match
-wins; the same rules place the optimiser state, whose leaves end in the parameter paths. Every
+regular-expression rules over their path in the NNX state (``layers/attention/q``), first match
+wins; the same rules place the optimiser state, whose leaves end in the parameter paths. The rules
+describe one layer's weight: the block parameters are stacked over layers (``[L, D, N, H]``), and
+their leading layer axis is never split (the scan over layers reads one layer at a time). Every
 divisibility requirement is checked here, before anything is compiled, so that a bad mesh fails
 with a message naming the axis, its size, the parameter and the dimension instead of an XLA error.
 
@@ -160,7 +162,8 @@ def path_name(keypath) -> str:
 def partition_specs(tree: PyTree, rules: PartitionRules = DEFAULT_RULES) -> PyTree:
     """A :class:`PartitionSpec` for every array leaf of ``tree`` (params, or optimiser state over them).
 
-    Scalars (optimiser step counts) are replicated. Every other leaf must match a rule.
+    Scalars (optimiser step counts) are replicated. Every other leaf must match a rule; a leaf
+    under ``layers/`` (a stacked block parameter) gets its rule's spec after an unsplit layer axis.
 
     Raises:
       ValueError: a leaf matches no rule, or its rule's spec has more entries than it has dimensions.
@@ -170,14 +173,15 @@ def partition_specs(tree: PyTree, rules: PartitionRules = DEFAULT_RULES) -> PyTr
         name = path_name(keypath)
         if np.ndim(leaf) == 0:
             return P()
+        stacked = re.search(r"(^|/)layers/", name) is not None
         for pattern, rule_spec in rules:
             if re.search(pattern, name):
-                if len(rule_spec) > np.ndim(leaf):
+                if len(rule_spec) + stacked > np.ndim(leaf):
                     raise ValueError(
                         f"partition rule {pattern!r} -> {rule_spec} has {len(rule_spec)} entries but parameter "
-                        f"{name} has shape {list(np.shape(leaf))}"
+                        f"{name} has shape {list(np.shape(leaf))}" + (" (its first axis is the layer)" if stacked else "")
                     )
-                return rule_spec
+                return P(None, *rule_spec) if stacked else rule_spec
         raise ValueError(f"no partition rule matches parameter {name} (shape {list(np.shape(leaf))}); "
                          "add a (regex, PartitionSpec) rule for it")
 

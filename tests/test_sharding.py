@@ -65,12 +65,13 @@ def test_parameters_and_adam_moments_are_really_split(step_results, mesh):
     config = tiny_run.CONFIG  # D 32, F 64, N 4, K 2, H 8, V 40
     d, f, n, h, v = config.hidden_size, config.intermediate_size, config.num_heads, config.head_dim, config.vocab_size
     result = step_results["meshes"][mesh]
+    layers = config.num_layers  # the stacked layer axis is never split
     assert result["shard_shapes"] == {
-        "q": [d // fsdp, n // tensor, h], "down": [f // tensor, d // fsdp],
+        "q": [layers, d // fsdp, n // tensor, h], "down": [layers, f // tensor, d // fsdp],
         "embedding": [v // (fsdp * tensor), d], "lm_head": [d // fsdp, v // tensor],
     }
-    assert result["mu_q_shard"] == [d // fsdp, n // tensor, h]
-    assert result["out_param_spec"] == "P('fsdp', 'tensor', None)"  # the update keeps the layout
+    assert result["mu_q_shard"] == [layers, d // fsdp, n // tensor, h]
+    assert result["out_param_spec"] == "P(None, 'fsdp', 'tensor', None)"  # the update keeps the layout
 
 
 def test_update_compiles_once_and_donates_its_buffers(step_results):
@@ -84,8 +85,8 @@ def test_update_compiles_once_and_donates_its_buffers(step_results):
 def test_bad_meshes_fail_before_compilation_naming_axis_size_and_dimension(step_results):
     errors = step_results["errors"]
     assert "3 devices, but there are 8 devices" in errors["device_count"]
-    assert "'tensor' of size 8" in errors["parameter"] and "dimension 1 (size 2)" in errors["parameter"]
-    assert "layers/0/attention/k" in errors["parameter"]
+    assert "'tensor' of size 8" in errors["parameter"] and "dimension 2 (size 2)" in errors["parameter"]
+    assert "layers/attention/k" in errors["parameter"]
     assert "'data' (1) × 'fsdp' (8) = 8" in errors["batch"] and "12 rows" in errors["batch"]
     train_errors = step_results["train_errors"]
     assert "'tensor' of size 8" in train_errors["kv_heads"] and "student parameter" in train_errors["kv_heads"]
@@ -159,13 +160,14 @@ def test_every_decoder_parameter_gets_a_rule_and_divisibility_is_checked_on_shap
     specs = sharding.partition_specs(abstract)
     flat = {sharding.path_name(p): s for p, s in jax.tree_util.tree_flatten_with_path(
         specs, is_leaf=lambda x: isinstance(x, P))[0]}
-    assert flat["layers/1/attention/o"] == P("tensor", None, "fsdp")
-    assert flat["layers/0/mlp/gate"] == P("fsdp", "tensor") and flat["final_norm/weight"] == P()
+    # Stacked block parameters: the rule's spec after an unsplit layer axis.
+    assert flat["layers/attention/o"] == P(None, "tensor", None, "fsdp")
+    assert flat["layers/mlp/gate"] == P(None, "fsdp", "tensor") and flat["final_norm/weight"] == P()
     sharding.check_divisible(abstract, specs, sharding.MeshConfig(1, 4, 2))
     with pytest.raises(ValueError, match=r"mesh axis 'fsdp×tensor' of size 3 does not divide dimension 0 \(size 40\) "
                                          r"of parameter embedding with shape \[40, 32\]"):
         sharding.check_divisible(abstract, specs, sharding.MeshConfig(1, 3, 1))
-    with pytest.raises(ValueError, match=r"no partition rule matches parameter layers/0/mlp/gate \(shape \[32, 64\]\)"):
+    with pytest.raises(ValueError, match=r"no partition rule matches parameter layers/mlp/gate \(shape \[2, 32, 64\]\)"):
         sharding.partition_specs(abstract, tuple(r for r in sharding.DEFAULT_RULES if "gate|up)$" not in r[0]))
 
 

@@ -1,10 +1,14 @@
 """Language models: an NNX decoder for Qwen3 / Qwen2 / Llama and Hugging Face checkpoint I/O."""
 
 from opd_jax.models.config import DecoderConfig, RopeConfig
-from opd_jax.models.decoder import Decoder, KVCache
+from opd_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from opd_jax.models.decoder import REMAT_POLICIES, AttentionConfig, Decoder, KVCache
 from opd_jax.models.hf import from_pretrained, load_config, save_pretrained
 
 __all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "REMAT_POLICIES",
+    "AttentionConfig",
     "Decoder",
     "DecoderConfig",
     "KVCache",

@@ -1,14 +1,27 @@
 """A Flax NNX decoder for the Llama family: Qwen3, Qwen2 and Llama from one set of config flags.
 
 Weights are stored in einsum-friendly layouts with named dimensions (``D`` model width, ``N`` query
-heads, ``K`` key/value heads, ``H`` head size, ``F`` MLP width, ``V`` vocabulary):
+heads, ``K`` key/value heads, ``H`` head size, ``F`` MLP width, ``V`` vocabulary, ``L`` layers):
 
-    embedding [V, D]   q [D, N, H]   k, v [D, K, H]   o [N, H, D]
-    gate, up [D, F]    down [F, D]   lm_head [D, V] (absent when tied)
+    embedding [V, D]      lm_head [D, V] (absent when tied)     final_norm [D]
+    layers/attention/q [L, D, N, H]   k, v [L, D, K, H]   o [L, N, H, D]
+    layers/mlp/gate, up [L, D, F]     down [L, F, D]       layers/*_norm [L, D]
+
+The blocks are **stacked**: every block parameter has a leading layer axis and the forward pass is
+one ``lax.scan`` over it, so compile time does not grow with depth. Each block can be
+rematerialised (``remat``): ``"none"`` keeps every activation for the backward pass, ``"full"``
+keeps only each block's input (the backward pass recomputes the block: activations
+O(layers · tokens · D) instead of O(layers · tokens · (F + N · keys))), ``"dots"`` also keeps the
+outputs of the weight matmuls and recomputes the rest (attention, norms, activations).
+
+Mixed precision: parameters live in ``param_dtype`` (float32 master weights by default) and are
+cast to ``compute_dtype`` layer by layer as they are used, so matmuls, activations and the KV
+cache run in the compute dtype (bfloat16 on accelerators) while gradients and optimizer state stay
+in the parameter dtype. RMSNorm statistics, softmax statistics and logits are float32 always, so
+log-softmax never runs in bfloat16.
 
 The KV cache is a plain pytree passed in and returned, so decoding is a pure function under
-``jax.jit`` / ``lax.while_loop``. Logits are produced in float32 whatever the parameter dtype, so
-log-softmax never runs in bfloat16.
+``jax.jit`` / ``lax.while_loop``.
 """
 
 from __future__ import annotations
@@ -21,11 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from opd_jax.models import attention as attention_lib
 from opd_jax.models.config import DecoderConfig, RopeConfig
 
 Array = jax.Array
 
-__all__ = ["Decoder", "KVCache", "rope_inverse_frequencies"]
+__all__ = ["REMAT_POLICIES", "AttentionConfig", "Decoder", "KVCache", "rope_inverse_frequencies"]
+
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, float]:
@@ -83,7 +99,8 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std: float = 0.02) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-    """``w · x / sqrt(mean(x²) + eps)``, the statistics in float32."""
+    """``w · x / sqrt(mean(x²) + eps)``: the statistics in float32, then (as in transformers) the
+    normalised ``x`` is cast back to its dtype before the weight multiplies it."""
 
     def __init__(self, size: int, eps: float, dtype):
         self.weight = nnx.Param(jnp.ones((size,), dtype))
@@ -92,31 +109,62 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * normed.astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every layer for ``S`` slots.
+    """Keys and values of every layer for ``S`` slots, stacked over layers.
 
     Attributes:
-      keys, values: per layer ``[B, S, K, H]``.
-      valid: ``[B, S]`` bool, slots holding a real (non-padding) token.
+      keys_LxBxSxKxH, values_LxBxSxKxH: the cache, in the model's compute dtype.
+      valid_BxS: bool, slots holding a real (non-padding) token.
       index: ``[]`` int32, the next slot to write; all rows write the same slot (prompts are
         left-padded, so rows stay aligned).
     """
 
-    keys: tuple[Array, ...]
-    values: tuple[Array, ...]
-    valid: Array
+    keys_LxBxSxKxH: Array
+    values_LxBxSxKxH: Array
+    valid_BxS: Array
     index: Array
 
     @classmethod
     def zeros(cls, config: DecoderConfig, batch_size: int, num_slots: int, dtype=jnp.float32) -> KVCache:
-        shape = (batch_size, num_slots, config.num_kv_heads, config.head_dim)
-        empty = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return cls(empty, empty, jnp.zeros((batch_size, num_slots), bool), jnp.zeros((), jnp.int32))
+        shape = (config.num_layers, batch_size, num_slots, config.num_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch_size, num_slots), bool),
+                   jnp.zeros((), jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Which attention kernel the decoder runs (see :mod:`opd_jax.models.attention`).
+
+    Attributes:
+      implementation: ``auto`` | ``xla`` | ``chunked`` | ``splash`` | ``cudnn``; ``auto`` picks
+        splash on TPU, cudnn on GPU and chunked elsewhere, and never one the platform lacks.
+      platform: the platform compiled for (``None``: jax's default backend). Set it when compiling
+        ahead of time for another platform (``opd-jax plan`` compiles for TPU on a CPU host).
+      interpret: run the Pallas splash kernel in interpret mode (on CPU, for tests).
+      block_size: query / key block of the chunked kernel.
+
+    Self-attention over a whole sequence (training, scoring) uses the chosen kernel. With a KV
+    cache (prefill and decoding in the sampler) ``xla`` stays ``xla`` and every other choice runs
+    ``chunked``: splash has no cache form, and one query row against the cache is small.
+    """
+
+    implementation: str = "auto"
+    platform: str | None = None
+    interpret: bool = False
+    block_size: int = 512
+
+    def resolved(self) -> str:
+        return attention_lib.resolve_implementation(self.implementation, self.platform, interpret=self.interpret)
+
+
+def _attention_config(attention: str | AttentionConfig) -> AttentionConfig:
+    config = attention if isinstance(attention, AttentionConfig) else AttentionConfig(attention)
+    return dataclasses.replace(config, implementation=config.resolved())
 
 
 class Attention(nnx.Module):
@@ -137,15 +185,8 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype)
         self.config = config
 
-    def __call__(
-        self,
-        x_BxTxD: Array,
-        positions_BxT: Array,
-        mask_BxTxS: Array,
-        inv_freq: np.ndarray,
-        attention_factor: float,
-        cached: tuple[Array, Array, Array] | None,
-    ) -> tuple[Array, tuple[Array, Array] | None]:
+    def project(self, x_BxTxD: Array, positions_BxT: Array, rope: tuple[np.ndarray, float]):
+        """Queries ``[B, T, N, H]``, keys and values ``[B, T, K, H]`` of the tokens, RoPE applied."""
         config = self.config
         q = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.q[...])
         k = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.k[...])
@@ -154,21 +195,11 @@ class Attention(nnx.Module):
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = _apply_rope(q, positions_BxT, inv_freq, attention_factor)
-        k = _apply_rope(k, positions_BxT, inv_freq, attention_factor)
-        new_cache = None
-        if cached is not None:
-            cache_k, cache_v, index = cached
-            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
-            new_cache = (k, v)
-        out = jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_BxTxS[:, None], scale=config.attention_scale
-        )
-        out = jnp.einsum("btnh,nhd->btd", out, self.o[...])
-        if config.o_bias:
-            out = out + self.o_bias[...]
-        return out, new_cache
+        return _apply_rope(q, positions_BxT, *rope), _apply_rope(k, positions_BxT, *rope), v
+
+    def output(self, attended_BxTxNxH: Array) -> Array:
+        out = jnp.einsum("btnh,nhd->btd", attended_BxTxNxH, self.o[...])
+        return out + self.o_bias[...] if self.config.o_bias else out
 
 
 class MLP(nnx.Module):
@@ -193,6 +224,8 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
+    """One pre-norm transformer block; in a :class:`Decoder` its parameters carry a layer axis."""
+
     def __init__(self, config: DecoderConfig, dtype, rngs: nnx.Rngs):
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.attention = Attention(config, dtype, rngs)
@@ -200,20 +233,62 @@ class Block(nnx.Module):
         self.mlp = MLP(config, dtype, rngs)
 
 
+def _stacked_blocks(config: DecoderConfig, dtype, rngs: nnx.Rngs) -> Block:
+    """A :class:`Block` whose parameters are the ``L`` layers' stacked on a leading axis.
+
+    The layers are drawn one after another from ``rngs``, as an unstacked model would draw them.
+    """
+    layers = [nnx.split(Block(config, dtype, rngs)) for _ in range(config.num_layers)]
+    stacked = jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *(state for _, state in layers))
+    return nnx.merge(layers[0][0], stacked)
+
+
+def _remat(body, policy: str):
+    if policy == "none":
+        return body
+    if policy == "full":
+        return jax.checkpoint(body)
+    return jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 class Decoder(nnx.Module):
-    """Decoder-only transformer (Qwen3 / Qwen2 / Llama).
+    """Decoder-only transformer (Qwen3 / Qwen2 / Llama) with stacked, scanned blocks.
 
     Args:
       config: the :class:`DecoderConfig`.
       rngs: initialisation randomness (weights ~ N(0, 0.02²), norms 1, biases 0).
-      param_dtype: dtype of every parameter (float32 or bfloat16); activations follow it, logits
-        are float32.
+      param_dtype: dtype of every parameter (float32 master weights, or bfloat16).
+      compute_dtype: dtype of matmuls, activations and the KV cache (``None``: ``param_dtype``);
+        logits are float32 either way.
+      attention: an implementation name or an :class:`AttentionConfig`.
+      remat: ``none`` | ``full`` | ``dots``, what each block keeps for the backward pass.
+
+    Raises:
+      ValueError: an unknown ``remat`` or attention implementation, or one the platform lacks.
     """
 
-    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        config: DecoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+        compute_dtype=None,
+        attention: str | AttentionConfig = "auto",
+        remat: str = "none",
+    ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}; got {remat!r}")
         self.config = config
+        self.compute_dtype = jnp.dtype(compute_dtype or param_dtype)
+        self.attention_config = _attention_config(attention)
+        self.remat = remat
         self.embedding = _normal(rngs, (config.vocab_size, config.hidden_size), param_dtype)
-        self.layers = nnx.List([Block(config, param_dtype, rngs) for _ in range(config.num_layers)])
+        self.layers = _stacked_blocks(config, param_dtype, rngs)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = _normal(rngs, (config.hidden_size, config.vocab_size), param_dtype)
@@ -226,7 +301,7 @@ class Decoder(nnx.Module):
         token_mask_BxT: Array | None = None,
         cache: KVCache | None = None,
     ) -> tuple[Array, KVCache | None]:
-        """Final-norm hidden states ``[B, T, D]`` (and the updated cache).
+        """Final-norm hidden states ``[B, T, D]`` in the compute dtype (and the updated cache).
 
         Args:
           tokens_BxT: int token ids.
@@ -236,42 +311,80 @@ class Decoder(nnx.Module):
             every valid earlier slot; the returned cache has ``index + T``.
         """
         batch, length = tokens_BxT.shape
-        if token_mask_BxT is None:
-            token_mask_BxT = jnp.ones((batch, length), bool)
-        token_mask_BxT = token_mask_BxT.astype(bool)
+        token_mask_BxT = jnp.ones((batch, length), bool) if token_mask_BxT is None else token_mask_BxT.astype(bool)
         start = jnp.zeros((), jnp.int32) if cache is None else cache.index
+        query_slots_T = start + jnp.arange(length, dtype=jnp.int32)
         if positions_BxT is None:
-            positions_BxT = jnp.broadcast_to(start + jnp.arange(length), (batch, length))
+            positions_BxT = jnp.broadcast_to(query_slots_T, (batch, length))
+        x_BxTxD = self.embedding[...][tokens_BxT].astype(self.compute_dtype)
         if cache is None:
-            key_valid_BxS = token_mask_BxT
-            key_slots = jnp.arange(length)
-        else:
-            key_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_mask_BxT, cache.index, axis=1)
-            key_slots = jnp.arange(cache.valid.shape[1])
-        query_slots = start + jnp.arange(length)
-        mask_BxTxS = (key_slots[None, :] <= query_slots[:, None])[None] & key_valid_BxS[:, None, :]
-        inv_freq, attention_factor = rope_inverse_frequencies(self.config.rope, self.config.head_dim)
+            x_BxTxD = self._scan_blocks(x_BxTxD, positions_BxT, token_mask_BxT)
+            return self.final_norm(x_BxTxD), None
+        valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, token_mask_BxT, cache.index, axis=1)
+        x_BxTxD, keys, values = self._scan_blocks_cached(
+            x_BxTxD, positions_BxT, query_slots_T, valid_BxS, cache
+        )
+        return self.final_norm(x_BxTxD), KVCache(keys, values, valid_BxS, cache.index + length)
 
-        x = self.embedding[...][tokens_BxT]
-        new_keys, new_values = [], []
-        for layer_index, block in enumerate(self.layers):
-            cached = None if cache is None else (cache.keys[layer_index], cache.values[layer_index], cache.index)
-            attended, layer_cache = block.attention(
-                block.attention_norm(x), positions_BxT, mask_BxTxS, inv_freq, attention_factor, cached
-            )
-            x = x + attended
-            x = x + block.mlp(block.mlp_norm(x))
-            if layer_cache is not None:
-                new_keys.append(layer_cache[0])
-                new_values.append(layer_cache[1])
-        new_cache = None
-        if cache is not None:
-            new_cache = KVCache(tuple(new_keys), tuple(new_values), key_valid_BxS, cache.index + length)
-        return self.final_norm(x), new_cache
+    def _layer_modules(self):
+        """``(graphdef, stacked params)`` of the blocks, cast to the compute dtype."""
+        graphdef, params = nnx.split(self.layers)
+        return graphdef, _cast_floats(params, self.compute_dtype)
+
+    def _attend(self, q, k, v, query_slots_T, key_valid_BxS, implementation: str) -> Array:
+        return attention_lib.attention(
+            q, k, v, query_slots_T=query_slots_T, key_valid_BxS=key_valid_BxS, scale=self.config.attention_scale,
+            implementation=implementation, block_size=self.attention_config.block_size,
+            interpret=self.attention_config.interpret,
+        )
+
+    def _scan_blocks(self, x_BxTxD: Array, positions_BxT: Array, token_mask_BxT: Array) -> Array:
+        """Self-attention over the whole sequence, one ``lax.scan`` step per block."""
+        graphdef, params = self._layer_modules()
+        rope = rope_inverse_frequencies(self.config.rope, self.config.head_dim)
+        query_slots_T = jnp.arange(x_BxTxD.shape[1], dtype=jnp.int32)
+        implementation = self.attention_config.implementation
+
+        def block_step(x, layer_params):
+            block = nnx.merge(graphdef, layer_params)
+            q, k, v = block.attention.project(block.attention_norm(x), positions_BxT, rope)
+            x = x + block.attention.output(self._attend(q, k, v, query_slots_T, token_mask_BxT, implementation))
+            return x + block.mlp(block.mlp_norm(x)), None
+
+        x_BxTxD, _ = jax.lax.scan(_remat(block_step, self.remat), x_BxTxD, params)
+        return x_BxTxD
+
+    def _scan_blocks_cached(self, x_BxTxD, positions_BxT, query_slots_T, valid_BxS, cache: KVCache):
+        """The blocks over new tokens written into the cache; the cache rides in the scan carry,
+        so each layer's slots are updated in place rather than the whole cache rebuilt."""
+        graphdef, params = self._layer_modules()
+        rope = rope_inverse_frequencies(self.config.rope, self.config.head_dim)
+        implementation = "xla" if self.attention_config.implementation == "xla" else "chunked"
+
+        def block_step(carry, layer):
+            x, keys, values = carry
+            index, layer_params = layer
+            block = nnx.merge(graphdef, layer_params)
+            q, k, v = block.attention.project(block.attention_norm(x), positions_BxT, rope)
+            zero = jnp.zeros((), jnp.int32)
+            start = (index, zero, cache.index, zero, zero)
+            keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), start)
+            values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype), start)
+            attended = self._attend(q, keys[index].astype(q.dtype), values[index].astype(q.dtype), query_slots_T,
+                                    valid_BxS, implementation)
+            x = x + block.attention.output(attended)
+            return (x + block.mlp(block.mlp_norm(x)), keys, values), None
+
+        layers = (jnp.arange(self.config.num_layers, dtype=jnp.int32), params)
+        (x_BxTxD, keys, values), _ = jax.lax.scan(
+            block_step, (x_BxTxD, cache.keys_LxBxSxKxH, cache.values_LxBxSxKxH), layers
+        )
+        return x_BxTxD, keys, values
 
     def output_projection(self) -> Array:
-        """``[D, V]``: the LM head, or the transposed embedding when tied."""
-        return self.embedding[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        """``[D, V]`` in the compute dtype: the LM head, or the transposed embedding when tied."""
+        projection = self.embedding[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return projection.astype(self.compute_dtype)
 
     def logits(self, hidden_BxTxD: Array) -> Array:
         """``[B, T, V]`` float32 logits from hidden states."""

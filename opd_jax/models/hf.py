@@ -1,7 +1,10 @@
 """Hugging Face checkpoints: ``config.json`` plus safetensors (single file or sharded), both ways.
 
 ``from_pretrained`` builds the module abstractly (``nnx.eval_shape``, no random initialisation) and
-fills it tensor by tensor, so an 8B checkpoint is read once, straight into the requested dtype.
+fills it tensor by tensor, so an 8B checkpoint is read once, straight into the requested dtype. HF
+stores one tensor per layer (``model.layers.3.mlp.up_proj.weight``); the decoder stacks them on a
+leading layer axis (``layers/mlp/up[3]``), so loading writes each into its layer's slot of a
+preallocated host array and export slices it back out.
 ``save_pretrained`` writes a folder that transformers' ``AutoModelForCausalLM.from_pretrained`` loads.
 """
 
@@ -11,6 +14,7 @@ import json
 import pathlib
 import re
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,19 +29,32 @@ from opd_jax.models.decoder import Decoder
 Array = jax.Array
 Path = tuple[str | int, ...]
 
+
+class TensorMapping(NamedTuple):
+    """Where an HF tensor lives in the NNX state, and how its layout converts both ways.
+
+    ``layer`` is the index on the leading layer axis of a stacked block parameter (``None`` for the
+    embedding, final norm and LM head).
+    """
+
+    path: Path
+    layer: int | None
+    to_ours: Callable
+    to_hf: Callable
+
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-__all__ = ["from_pretrained", "hf_tensor_map", "save_pretrained"]
+__all__ = ["TensorMapping", "from_pretrained", "hf_tensor_map", "save_pretrained"]
 
 
 def _identity(x):
     return x
 
 
-def hf_tensor_map(config: DecoderConfig) -> dict[str, tuple[Path, Callable, Callable]]:
-    """HF tensor name -> (path in the NNX state, HF->ours transform, ours->HF transform)."""
+def hf_tensor_map(config: DecoderConfig) -> dict[str, TensorMapping]:
+    """HF tensor name -> its :class:`TensorMapping` (per-layer transforms act on one layer's slice)."""
     n, k, h, d = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
 
     def projection_in(heads):  # HF [heads·H, D] <-> ours [D, heads, H]
@@ -48,14 +65,13 @@ def hf_tensor_map(config: DecoderConfig) -> dict[str, tuple[Path, Callable, Call
 
     transpose = (lambda w: w.T, lambda w: w.T)
     same = (_identity, _identity)
-    names: dict[str, tuple[Path, Callable, Callable]] = {
-        "model.embed_tokens.weight": (("embedding",), *same),
-        "model.norm.weight": (("final_norm", "weight"), *same),
+    names: dict[str, TensorMapping] = {
+        "model.embed_tokens.weight": TensorMapping(("embedding",), None, *same),
+        "model.norm.weight": TensorMapping(("final_norm", "weight"), None, *same),
     }
     if not config.tie_word_embeddings:
-        names["lm_head.weight"] = (("lm_head",), *transpose)
+        names["lm_head.weight"] = TensorMapping(("lm_head",), None, *transpose)
     for i in range(config.num_layers):
-        hf, ours = f"model.layers.{i}", ("layers", i)
         layer = {
             "input_layernorm.weight": (("attention_norm", "weight"), *same),
             "post_attention_layernorm.weight": (("mlp_norm", "weight"), *same),
@@ -83,7 +99,9 @@ def hf_tensor_map(config: DecoderConfig) -> dict[str, tuple[Path, Callable, Call
         if config.mlp_bias:
             for proj, name in (("gate_proj", "gate_bias"), ("up_proj", "up_bias"), ("down_proj", "down_bias")):
                 layer[f"mlp.{proj}.bias"] = (("mlp", name), *same)
-        names.update({f"{hf}.{key}": (ours + path, *fns) for key, (path, *fns) in layer.items()})
+        names.update({
+            f"model.layers.{i}.{key}": TensorMapping(("layers", *path), i, *fns) for key, (path, *fns) in layer.items()
+        })
     return names
 
 
@@ -129,13 +147,16 @@ def _read_tensors(files: dict[str, pathlib.Path], names: list[str]) -> Iterator[
                 yield name, handle.get_tensor(name)
 
 
-def from_pretrained(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[Decoder, DecoderConfig]:
+def from_pretrained(
+    path: str | pathlib.Path, dtype=jnp.float32, *, compute_dtype=None, attention="auto", remat: str = "none"
+) -> tuple[Decoder, DecoderConfig]:
     """Load a Qwen3 / Qwen2 / Llama checkpoint folder.
 
     Args:
       path: folder with ``config.json`` and ``model.safetensors`` or a sharded
         ``model.safetensors.index.json`` (float32, bfloat16 or float16 tensors).
       dtype: parameter dtype of the returned model.
+      compute_dtype, attention, remat: as for :class:`Decoder` (compute dtype ``None``: ``dtype``).
 
     Returns:
       ``(model, config)``.
@@ -155,20 +176,27 @@ def from_pretrained(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[Decode
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"{folder}: missing tensor(s) {shown} for a {config.model_type} model")
 
-    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), param_dtype=dtype))
+    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), param_dtype=dtype, compute_dtype=compute_dtype,
+                                                   attention=attention, remat=remat))
     graphdef, state = nnx.split(abstract)
-    shapes = {path: variable.shape for path, variable in nnx.to_flat_state(state)}
-    loaded: dict[Path, Array] = {}
+    targets = {path: variable for path, variable in nnx.to_flat_state(state)}
+    # Host buffers in the target dtype; a stacked parameter is filled one layer at a time.
+    loaded = {path: np.empty(v.shape, v.dtype) for path, v in targets.items()}
     for name, tensor in _read_tensors(files, list(expected)):
-        target, to_ours, to_hf = expected[name]
-        expected_shape = tuple(to_hf(np.empty(shapes[target], np.float32)).shape)
+        mapping = expected[name]
+        slot_shape = targets[mapping.path].shape[1:] if mapping.layer is not None else targets[mapping.path].shape
+        expected_shape = tuple(mapping.to_hf(np.empty(slot_shape, np.float32)).shape)
         if tuple(tensor.shape) != expected_shape:
             raise ValueError(
                 f"{folder}: tensor {name} has shape {list(tensor.shape)}, but config.json implies "
                 f"{list(expected_shape)}"
             )
-        loaded[target] = to_ours(jnp.asarray(tensor, dtype))
-    nnx.replace_by_pure_dict(state, _nested(loaded))
+        value = np.asarray(mapping.to_ours(jnp.asarray(tensor, dtype)))
+        if mapping.layer is None:
+            loaded[mapping.path] = value
+        else:
+            loaded[mapping.path][mapping.layer] = value
+    nnx.replace_by_pure_dict(state, _nested({path: jnp.asarray(value) for path, value in loaded.items()}))
     return nnx.merge(graphdef, state), config
 
 
@@ -204,9 +232,11 @@ def save_pretrained(
     folder.mkdir(parents=True, exist_ok=True)
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     tensors: dict[str, Array] = {}
-    for name, (target, _, to_hf) in hf_tensor_map(config).items():
-        value = state[target][...]
-        tensors[name] = jnp.asarray(to_hf(value), dtype or value.dtype)
+    for name, mapping in hf_tensor_map(config).items():
+        value = state[mapping.path][...]
+        if mapping.layer is not None:
+            value = value[mapping.layer]
+        tensors[name] = jnp.asarray(mapping.to_hf(value), dtype or value.dtype)
     disk_dtype = next(iter(tensors.values())).dtype
     hf_config = config.to_hf() | {"dtype": str(jnp.dtype(disk_dtype))}
     shards = _split_into_shards(tensors, max_shard_bytes)

@@ -83,10 +83,10 @@ def main() -> None:
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(placed)
         shard_shapes = {
             name: list(_get_array(placed, path).addressable_shards[0].data.shape)
-            for name, path in (("q", ("layers", 0, "attention", "q")), ("down", ("layers", 1, "mlp", "down")),
+            for name, path in (("q", ("layers", "attention", "q")), ("down", ("layers", "mlp", "down")),
                                ("embedding", ("embedding",)), ("lm_head", ("lm_head",)))
         }
-        mu_q_shard = list(opt_state[1][0].mu["layers"][0]["attention"]["q"][...].addressable_shards[0].data.shape)
+        mu_q_shard = list(opt_state[1][0].mu["layers"]["attention"]["q"][...].addressable_shards[0].data.shape)
         losses, new_params, prepared = run_step(
             step_fn, placed, opt_state, teacher_placed, jax.device_put(batch, batch_sharding),
             place=lambda x: jax.device_put(x, replicated),
@@ -94,7 +94,7 @@ def main() -> None:
         param_errors = jax.tree_util.tree_flatten_with_path(
             jax.tree.map(relative, nnx.to_pure_dict(new_params), nnx.to_pure_dict(ref_params)))[0]
         worst_path, worst = max(param_errors, key=lambda item: item[1])
-        donated = _get_array(placed, ("layers", 0, "mlp", "gate")).is_deleted()
+        donated = _get_array(placed, ("layers", "mlp", "gate")).is_deleted()
         results["meshes"]["x".join(map(str, shape))] = {
             "loss_errors": [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)],
             "param_error_max": worst,
@@ -103,11 +103,11 @@ def main() -> None:
             "prepared_errors": [relative(a, b) for a, b in zip(prepared, ref_prepared)],
             "shard_shapes": shard_shapes,
             "mu_q_shard": mu_q_shard,
-            "out_param_spec": str(_get_array(new_params, ("layers", 0, "attention", "q")).sharding.spec),
+            "out_param_spec": str(_get_array(new_params, ("layers", "attention", "q")).sharding.spec),
             "update_traces": len(traces),
             "update_cache_size": step_fn.update._cache_size(),
             "params_donated": donated,
-            "student_untouched": not student.layers[0].mlp.gate[...].is_deleted(),
+            "student_untouched": not student.layers.mlp.gate[...].is_deleted(),
         }
     train.importance_surrogate = surrogate
 
