@@ -392,7 +392,7 @@ def _splash(q, k, v, query_slots_T, key_valid_BxS, scale, interpret):
     ``T`` is padded at the end to a multiple of 128 (the kernel's lane width) with segment 0, which
     no real query can see past causality. Under an active mesh the kernel runs in ``jax.shard_map``
     (XLA cannot partition a Pallas call): batch over the mesh's ("data", "fsdp") axes, heads over
-    "tensor". The TPU kernel itself wants ``H`` a multiple of 128 (lane-aligned blocks).
+    "tensor". Kernel blocks are the largest of 512 / 256 / 128 dividing the padded length.
     """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -400,6 +400,12 @@ def _splash(q, k, v, query_slots_T, key_valid_BxS, scale, interpret):
         raise ValueError(f"attention 'splash' is self-attention only: key slots S={S} must equal queries T={T}")
     if not isinstance(query_slots_T, jax.core.Tracer) and not np.array_equal(np.asarray(query_slots_T), np.arange(T)):
         raise ValueError("attention 'splash' is self-attention only: query_slots_T must be arange(T)")
+    if not interpret and jax.config.jax_enable_x64:
+        # Mosaic lowers the kernel's index arithmetic to mixed i32 / i64 ops and fails verification.
+        raise ValueError(
+            "attention 'splash' does not lower for TPU with jax_enable_x64 on; turn it off "
+            "(jax.enable_x64(False) around tracing and lowering) or use 'chunked'"
+        )
     # The kernel takes q pre-scaled; scale in float32 so bfloat16 q rounds once.
     q = (q.astype(jnp.float32) * jnp.float32(scale)).astype(q.dtype)
     segment_BxT = key_valid_BxS.astype(jnp.int32)
@@ -444,15 +450,34 @@ def _splash_block(length: int) -> int:
 def _splash_local(q, k, v, segment_BxT, *, interpret):
     """The splash kernel on one device's shard: ``q [B, T, N, H]`` (pre-scaled), ``k, v [B, T, K, H]``,
     ``segment_BxT`` int32; returns ``[B, T, N, H]`` in the dtype of ``q``."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash  # TPU-only code: import late
 
     B, T, N, H = q.shape
+    K = k.shape[2]
     Tp = _round_up(T, _SPLASH_LANES)
     pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
-    # Heads-first per batch element: [B, heads, Tp, H].
-    q, k, v = (jnp.pad(x, pad).transpose(0, 2, 1, 3) for x in (q, k, v))
+    # Heads-first: q [B, K, G, Tp, H] (query heads grouped by their key/value head), k, v [B, K, Tp, H].
+    q = jnp.pad(q, pad).reshape(B, Tp, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    k, v = (jnp.pad(x, pad).transpose(0, 2, 1, 3) for x in (k, v))
     segment_BxT = jnp.pad(segment_BxT, ((0, 0), (0, Tp - T)))
-    block = _splash_block(Tp)
+    kernel = _splash_kernel(N // K, Tp, interpret)
+
+    def one(q_GxTxH, k_TxH, v_TxH, segment_T):
+        return kernel(q_GxTxH, k_TxH, v_TxH, splash.SegmentIds(q=segment_T, kv=segment_T))
+
+    # The MQA kernel per key/value head (its G query heads share k and v), vmapped over heads and
+    # batch. (The MHA kernel's own GQA path does not trace under jax_enable_x64: its head index
+    # arithmetic mixes int32 and int64.)
+    per_head = jax.vmap(one, in_axes=(0, 0, 0, None))
+    out = jax.vmap(per_head)(q, k, v, segment_BxT)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, Tp, N, H)[:, :T].astype(q.dtype)
+
+
+def _splash_kernel(num_heads: int, length: int, interpret: bool):
+    """The causal splash MQA kernel for ``num_heads`` query heads sharing one key/value head."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    block = _splash_block(length)
     block_sizes = splash.BlockSizes(
         block_q=block,
         block_kv=block,
@@ -463,14 +488,7 @@ def _splash_local(q, k, v, segment_BxT, *, interpret):
         block_q_dq=block,
         block_kv_dq=block,
     )
-    mask = splash.MultiHeadMask([splash.CausalMask((Tp, Tp)) for _ in range(N)])
-    # The MHA kernel does GQA itself (query head n reads key/value head n // (N // K)).
-    kernel = splash.make_splash_mha(
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(num_heads)])
+    return splash.make_splash_mqa(
         mask, block_sizes=block_sizes, head_shards=1, q_seq_shards=1, interpret=interpret
     )
-
-    def one(q_NxTxH, k_KxTxH, v_KxTxH, segment_T):
-        return kernel(q_NxTxH, k_KxTxH, v_KxTxH, splash.SegmentIds(q=segment_T, kv=segment_T))
-
-    out = jax.vmap(one)(q, k, v, segment_BxT)
-    return out.transpose(0, 2, 1, 3)[:, :T].astype(q.dtype)
