@@ -15,8 +15,9 @@ their leading layer axis is never split (the scan over layers reads one layer at
 divisibility requirement is checked here, before anything is compiled, so that a bad mesh fails
 with a message naming the axis, its size, the parameter and the dimension instead of an XLA error.
 
-Weight layouts (see :mod:`opd_jax.models.decoder`), ``D`` width, ``N``/``K`` query/kv heads, ``H``
-head size, ``F`` MLP width, ``V`` vocabulary:
+Weight layouts of one layer (see :mod:`opd_jax.models.decoder`; block weights carry a leading,
+unsplit layer axis ``L``), ``D`` width, ``N``/``K`` query/kv heads, ``H`` head size, ``F`` MLP
+width, ``V`` vocabulary:
 
     embedding [V, D] -> (fsdp×tensor, -)   lm_head [D, V] -> (fsdp, tensor)
     q/k/v [D, N|K, H] -> (fsdp, tensor, -) o [N, H, D]    -> (tensor, -, fsdp)
