@@ -179,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--problems", type=_positive_int(1), default=512, help="held-out problems (default 512)")
     evaluate.add_argument("--seed", type=int, default=0, help="problem and sampling seed (default 0)")
     evaluate.add_argument("--json", type=pathlib.Path, metavar="PATH", help="also write the metrics as JSON")
+
+    from opd_jax import plan
+
+    plan_parser = commands.add_parser(
+        "plan",
+        help="compile a step's rollout, scoring and update for a TPU topology and report memory, FLOPs and fit",
+        description=(
+            "Compile the three programs of one distillation step (rollout, score, update) for --topology "
+            "ahead of time, without running them (TPU topologies compile on any host through libtpu: "
+            'pip install "opd-jax[tpu]"), and report per-device memory, FLOPs, whether the step fits and a '
+            "roofline step time. Only config.json of a checkpoint folder is read."
+        ),
+    )
+    plan.add_arguments(plan_parser)
+    add_model_options(plan_parser)
     return parser
 
 
@@ -532,7 +547,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    runners = {"train": run_train, "demo": run_demo, "eval": run_eval, "verify": run_verify}
+    from opd_jax import plan
+
+    runners = {"train": run_train, "demo": run_demo, "eval": run_eval, "verify": run_verify, "plan": plan.run}
     return runners[args.command](args)
 
 

@@ -1,0 +1,784 @@
+"""Ahead-of-time plan of one OPD step for a device topology: compile the step's programs, run nothing.
+
+A step of :func:`opd_jax.train.train` runs three compiled programs:
+
+- ``rollout``: the sampler (:func:`opd_jax.train._sharded_sampler` over
+  :func:`opd_jax.sampling.generate`): prefill of ``prompt_length`` slots, then KV-cache decoding of
+  ``sequence_length - prompt_length`` tokens for ``prompts_per_step × group_size`` rows;
+- ``score``: :func:`opd_jax.train.make_train_step`'s ``prepare``: student and teacher log-probs of
+  the sampled tokens and the advantages, over ``[rows, sequence_length]``;
+- ``update``: its ``update`` on one minibatch of ``rows / minibatches`` rows (run
+  ``minibatches × epochs`` times per step).
+
+:func:`compile_programs` builds the models abstractly (``nnx.eval_shape``: no weights), gives every
+input a ``jax.ShapeDtypeStruct`` with its ``NamedSharding`` on a mesh over the topology's devices
+(compile-only TPU devices from libtpu on any host), and lowers and compiles each program with
+``jax.jit(...).trace(...).lower().compile()`` under ``jax.set_mesh``. :func:`plan` turns the
+compiled programs into a report.
+
+**Memory.** Per device, from ``compiled.memory_analysis()``: ``argument_bytes``, ``output_bytes``,
+``alias_bytes`` (outputs written into donated arguments), ``temp_bytes``; ``peak_bytes`` is the
+compiler's ``peak_memory_in_bytes`` (its buffer assignment's peak, ≤ argument + output + temp −
+alias; that sum where the runtime reports no peak). While a program runs, the step also holds
+buffers it does not take as arguments (the optimizer state during the rollout, the teacher and the
+whole rollout batch during an update, ...): their per-device bytes are ``resident_bytes``, and
+``total_bytes = peak_bytes + resident_bytes``. ``fits`` is every program's ``total_bytes`` ≤
+``device_memory_bytes``, the smaller of the chip's documented HBM and what the compiler lets one
+program use (see :mod:`opd_jax.topologies`; the runtime keeps the difference for itself). A program
+the compiler itself refuses (``CompileTimeHbmOom``) does not fit; its ``peak_bytes`` is the
+requirement from the compiler's message and its other figures are ``None``.
+
+**FLOPs and bytes accessed.** ``xla_flops`` / ``xla_bytes_accessed`` are ``cost_analysis()``'s, per
+device. XLA counts the body of every loop once (checked: a 10-trip ``while`` reports one trip's
+FLOPs), and the layers are a ``lax.scan``, the decode loop a ``lax.while_loop`` and the logit
+chunks a ``lax.map``. So the program's jaxpr is walked twice, counting matmul FLOPs and matmul /
+kernel operand bytes, once with every loop body counted once (as XLA does) and once with scan
+bodies × their length and the decode loop × ``max_new_tokens`` (every row decoding to the end: the
+worst case). ``flops`` and ``bytes_accessed`` are XLA's figures scaled by the ratio of the two.
+Pallas kernels (splash attention) are opaque to both counts: their FLOPs are added from the
+attention shapes (QKᵀ and PV over half the score matrix under the causal mask, the backward kernels
+3.5× that; see :func:`_attention_kernel_flops`). Checked on a 2-layer model with XLA attention: the
+jaxpr's count with each loop body once is within 4% of XLA's per-device FLOPs × devices.
+
+**Step time.** A roofline per program and phase: ``max(flops / peak_flops, bytes_accessed /
+hbm_bandwidth)`` with the chip's peak bf16 FLOP/s and HBM bandwidth. The rollout is two phases, the
+prefill and ``max_new_tokens`` decode steps, each decode step a roofline of its own (memory-bound:
+it reads every weight and the KV cache for one token per row). ``estimated_step_seconds = rollout
++ score + minibatches × epochs × update``. It ignores communication (FSDP all-gathers, gradient
+reduce-scatters) and kernel efficiency, so it is a lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from opd_jax import sharding as sharding_lib
+from opd_jax import topologies as topologies_lib
+from opd_jax import train as train_lib
+from opd_jax.models import REMAT_POLICIES, AttentionConfig, Decoder, DecoderConfig
+from opd_jax.models.presets import PRESETS, resolve_model
+from opd_jax.sampling import SamplingConfig
+
+__all__ = ["PROGRAMS", "CompiledPlan", "PlanCompileError", "PlanConfig", "add_arguments", "compile_programs",
+           "plan", "run"]
+
+PROGRAMS = ("rollout", "score", "update")
+DTYPES = ("float32", "bfloat16")
+GIB = 2**30
+_TENSOR_CHOICES = (1, 2, 4, 8)
+
+
+class PlanCompileError(RuntimeError):
+    """The compiler rejected a program for a reason other than memory; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig:
+    """One step to plan.
+
+    Attributes:
+      student, teacher: architectures (see :func:`opd_jax.models.presets.resolve_model`).
+      topology: a name accepted by :func:`opd_jax.topologies.parse_topology`.
+      sequence_length: prompt + response slots ``L``.
+      prompt_length: prompt slots ``P`` (< ``L``); the response has ``L - P`` tokens.
+      prompts_per_step, group_size: rows per step = their product.
+      minibatches, epochs: updates per step = their product; minibatches divides the rows.
+      mesh: ``data × fsdp × tensor`` sizes; ``None``: chosen by :func:`default_mesh`.
+      attention: ``auto`` | ``xla`` | ``chunked`` | ``splash`` | ``cudnn`` for both models.
+      remat: the student's rematerialisation (``none`` | ``full`` | ``dots``; only the update has a
+        backward pass).
+      param_dtype: student parameters and optimizer state.
+      compute_dtype: matmuls, activations and KV cache of both models.
+      teacher_dtype: teacher parameters.
+      logit_chunk_size: tokens per vocabulary-projection chunk (``None``: all at once).
+      student_name, teacher_name: labels for the report.
+    """
+
+    student: DecoderConfig
+    teacher: DecoderConfig
+    topology: str = "local"
+    sequence_length: int = 2048
+    prompt_length: int = 512
+    prompts_per_step: int = 64
+    group_size: int = 4
+    minibatches: int = 8
+    epochs: int = 1
+    mesh: sharding_lib.MeshConfig | None = None
+    attention: str = "auto"
+    remat: str = "full"
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    teacher_dtype: str = "bfloat16"
+    logit_chunk_size: int | None = None
+    student_name: str = "student"
+    teacher_name: str = "teacher"
+
+    @property
+    def rows(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    @property
+    def new_tokens(self) -> int:
+        return self.sequence_length - self.prompt_length
+
+    def train_config(self) -> train_lib.TrainConfig:
+        """The :class:`~opd_jax.train.TrainConfig` of the step (its objective options at their defaults)."""
+        return train_lib.TrainConfig(
+            prompts_per_step=self.prompts_per_step, group_size=self.group_size, max_new_tokens=self.new_tokens,
+            minibatches=self.minibatches, epochs=self.epochs, logit_chunk_size=self.logit_chunk_size,
+        )
+
+
+def check_config(config: PlanConfig) -> None:
+    """Everything that needs no devices, so that a bad plan fails before anything is built.
+
+    Raises:
+      ValueError: naming the field, its value and what is allowed.
+    """
+    for name in ("sequence_length", "prompt_length", "prompts_per_step", "group_size", "minibatches", "epochs"):
+        value = getattr(config, name)
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+    if config.prompt_length >= config.sequence_length:
+        raise ValueError(
+            f"prompt_length ({config.prompt_length}) must be < sequence_length ({config.sequence_length}): "
+            "the sequence is the prompt plus at least one response token"
+        )
+    for role, model in (("student", config.student), ("teacher", config.teacher)):
+        if config.sequence_length > model.max_position_embeddings:
+            raise ValueError(
+                f"sequence_length {config.sequence_length} exceeds the {role}'s "
+                f"({getattr(config, role + '_name')}) max_position_embeddings {model.max_position_embeddings}"
+            )
+    if config.student.vocab_size != config.teacher.vocab_size:
+        raise ValueError(f"teacher vocab_size {config.teacher.vocab_size} != student vocab_size "
+                         f"{config.student.vocab_size}: distillation needs one vocabulary")
+    for name in ("param_dtype", "compute_dtype", "teacher_dtype"):
+        if getattr(config, name) not in DTYPES:
+            raise ValueError(f"{name} must be one of {', '.join(DTYPES)}; got {getattr(config, name)!r}")
+    if config.remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}; got {config.remat!r}")
+    config.train_config()  # minibatches must divide the rows, chunk size >= 1
+
+
+def check_mesh(config: PlanConfig, mesh: sharding_lib.MeshConfig, num_devices: int) -> None:
+    """Refuse a mesh that does not fit the devices, the heads of either model or the batch.
+
+    (Parameter dimensions are checked against the mesh when the shardings are built.)
+    """
+    if mesh.size != num_devices:
+        raise ValueError(
+            f"mesh data={mesh.data} × fsdp={mesh.fsdp} × tensor={mesh.tensor} = {mesh.size} devices, but "
+            f"topology {config.topology} has {num_devices}; the product must equal the device count"
+        )
+    for role, model in (("student", config.student), ("teacher", config.teacher)):
+        if model.num_heads % mesh.tensor or model.num_kv_heads % mesh.tensor:
+            raise ValueError(
+                f"mesh axis 'tensor' ({mesh.tensor}) must divide the {role}'s ({getattr(config, role + '_name')}) "
+                f"num_heads ({model.num_heads}) and num_kv_heads ({model.num_kv_heads}): attention heads are "
+                "split over it"
+            )
+    sharding_lib.check_batch(config.rows, mesh, what="rollout batch (prompts_per_step × group_size)")
+    sharding_lib.check_batch(config.rows // config.minibatches, mesh,
+                             what="update minibatch (prompts_per_step × group_size / minibatches)")
+
+
+def default_mesh(config: PlanConfig, num_devices: int, student_params=None, teacher_params=None
+                 ) -> sharding_lib.MeshConfig:
+    """The mesh used when none is given: FSDP over every device, tensor parallelism only if needed.
+
+    Candidates in order: ``tensor`` = 1, 2, 4, 8, and for each ``data`` = 1, 2, 4, ... with
+    ``fsdp`` the rest of the devices. The first one that passes :func:`check_mesh` (the update
+    minibatch must have at least one row per ``data × fsdp`` shard, the heads must split over
+    ``tensor``) and whose parameter shardings divide every sharded dimension wins. So a minibatch
+    with fewer rows than devices moves a factor to ``tensor``, and a vocabulary that the device
+    count does not divide moves one to ``data``.
+
+    Raises:
+      ValueError: no candidate fits; the message gives the reason of the plain FSDP mesh.
+    """
+    first_error = None
+    for tensor in _TENSOR_CHOICES:
+        if num_devices % tensor:
+            continue
+        rest = num_devices // tensor
+        for data in (d for d in range(1, rest + 1) if rest % d == 0):
+            candidate = sharding_lib.MeshConfig(data=data, fsdp=rest // data, tensor=tensor)
+            try:
+                check_mesh(config, candidate, num_devices)
+                for tree, what in ((student_params, "student parameter"), (teacher_params, "teacher parameter")):
+                    if tree is not None:
+                        specs = sharding_lib.partition_specs(tree)
+                        sharding_lib.check_divisible(tree, specs, candidate, what=what)
+                return candidate
+            except ValueError as error:
+                first_error = first_error or error
+    raise ValueError(f"no data × fsdp × tensor mesh over {num_devices} devices fits this plan; with "
+                     f"fsdp={num_devices}: {first_error}; give --mesh")
+
+
+def _abstract_model(config: DecoderConfig, param_dtype, compute_dtype, attention: AttentionConfig,
+                    remat: str):
+    """``(graphdef, abstract params)`` of a :class:`Decoder`: shapes and dtypes only, no weights."""
+    model = nnx.eval_shape(lambda: Decoder(
+        config, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(param_dtype), compute_dtype=jnp.dtype(compute_dtype),
+        attention=attention, remat=remat,
+    ))
+    return nnx.split(model)
+
+
+def _with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _device_bytes(tree) -> int:
+    """Bytes of the largest shard of each leaf (``ShapeDtypeStruct`` with a sharding), summed."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+@dataclasses.dataclass
+class _Program:
+    jitted: Callable
+    args: tuple
+    executions: int
+    resident: tuple[str, ...]  # buffers of the step alive during the program but not among its arguments
+
+
+@dataclasses.dataclass
+class CompiledPlan:
+    """The compiled programs of a step and what was needed to build them.
+
+    Attributes:
+      config: the :class:`PlanConfig` (with the mesh filled in).
+      topology: the :class:`~opd_jax.topologies.Topology`.
+      mesh: the ``jax.sharding.Mesh``.
+      attention: the resolved attention implementation.
+      compiled: program name -> ``jax.stages.Compiled`` (missing where the compiler ran out of memory).
+      traced: program name -> ``jax.stages.Traced`` (its ``.jaxpr`` is what FLOPs are counted on).
+      compile_seconds: program name -> trace + lower + compile seconds.
+      oom: program name -> the compiler's out-of-memory message.
+      resident_bytes: program name -> per-device bytes of step buffers alive but not arguments.
+      executions: program name -> runs per step.
+      parameters: ``{"student": n, "teacher": n}`` parameter counts.
+    """
+
+    config: PlanConfig
+    topology: topologies_lib.Topology
+    mesh: jax.sharding.Mesh
+    attention: str
+    compiled: dict[str, Any]
+    traced: dict[str, Any]
+    compile_seconds: dict[str, float]
+    oom: dict[str, str]
+    resident_bytes: dict[str, int]
+    executions: dict[str, int]
+    parameters: dict[str, int]
+
+
+def _build_programs(config: PlanConfig, mesh, student, teacher) -> tuple[dict[str, _Program], dict[str, Any]]:
+    """The three jitted programs of a step with their abstract, sharded arguments, and the buffers a
+    step keeps alive between programs (by name)."""
+    (graphdef, params), (teacher_graphdef, teacher_params) = student, teacher
+    train_config = config.train_config()
+    optimizer = train_lib._make_optimizer(train_config)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    replicated = NamedSharding(mesh, P())
+    batch = sharding_lib.batch_sharding(mesh)
+    shardings = train_lib.StepShardings(
+        params=sharding_lib.state_shardings(params, mesh, what="student parameter"),
+        opt_state=sharding_lib.state_shardings(opt_state, mesh, what="optimizer state of"),
+        teacher_params=sharding_lib.state_shardings(teacher_params, mesh, what="teacher parameter"),
+        batch=batch,
+        replicated=replicated,
+    )
+    params = _with_shardings(params, shardings.params)
+    opt_state = _with_shardings(opt_state, shardings.opt_state)
+    teacher_params = _with_shardings(teacher_params, shardings.teacher_params)
+
+    def rows(n, length, dtype, sharding=batch):
+        return jax.ShapeDtypeStruct((n, length) if length else (n,), jnp.dtype(dtype), sharding=sharding)
+
+    B, L, M = config.rows, config.sequence_length, config.rows // config.minibatches
+    sequence_level = train_config.level == "sequence"
+    buffers = {  # what a step keeps alive between its programs
+        "params": params, "opt_state": opt_state, "teacher_params": teacher_params,
+        "rollout": tuple(rows(B, L, d) for d in ("int32", "bool", "bool", "float32")),
+        "scores": (rows(B, L, "float32"), rows(B, L, "float32"), rows(B, None if sequence_level else L, "float32")),
+    }
+    sampling_config = SamplingConfig(max_new_tokens=config.new_tokens, temperature=train_config.temperature,
+                                     stop_ids=tuple(config.student.eos_token_id))
+    rollout_fn = train_lib._sharded_sampler(graphdef, shardings, sampling_config)
+
+    def rollout(params, prompt_tokens, prompt_mask, key):
+        return rollout_fn(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, sampling_config)
+
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
+    step = train_lib.make_train_step(train_config, graphdef, teacher_graphdef, optimizer, shardings)
+    minibatch = (rows(M, L, "int32"), rows(M, L, "bool"), rows(M, L, "bool"), rows(M, L, "float32"),
+                 rows(M, None if sequence_level else L, "float32"))
+    return {
+        "rollout": _Program(
+            jax.jit(rollout), (params, rows(B, config.prompt_length, "int32"), rows(B, config.prompt_length, "bool"), key),
+            1, ("opt_state", "teacher_params"),
+        ),
+        "score": _Program(step.prepare, (params, teacher_params, *buffers["rollout"][:3]), 1, ("opt_state", "rollout")),
+        "update": _Program(
+            step.update, (params, opt_state, *minibatch, jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)),
+            config.minibatches * config.epochs, ("teacher_params", "rollout", "scores"),
+        ),
+    }, buffers
+
+
+_OOM = re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+
+
+def _parse_oom(message: str) -> tuple[int, int] | None:
+    """``(required, available)`` bytes from libtpu's ``CompileTimeHbmOom`` message (sizes in GiB-style units)."""
+    match = _OOM.search(message)
+    if match is None:
+        return None
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    return (int(float(match.group(1)) * scale[match.group(2)]), int(float(match.group(3)) * scale[match.group(4)]))
+
+
+def compile_programs(config: PlanConfig, *, programs: Sequence[str] = PROGRAMS,
+                     progress: Callable[[str], None] | None = None) -> CompiledPlan:
+    """Build the step's programs for ``config.topology`` and compile them (nothing runs).
+
+    Args:
+      config: the :class:`PlanConfig`.
+      programs: which of ``rollout``, ``score``, ``update`` to compile.
+      progress: called with a line before and after each compile (e.g. ``print`` to stderr).
+
+    Returns:
+      A :class:`CompiledPlan`; ``compiled[name].as_text()`` is the optimised HLO.
+
+    Raises:
+      ValueError: a bad topology, model, mesh, sequence length, dtype or attention choice (before
+        anything is compiled), or libtpu missing for a TPU topology.
+      PlanCompileError: the compiler failed on a program for a reason other than memory.
+    """
+    check_config(config)
+    unknown = [p for p in programs if p not in PROGRAMS]
+    if unknown:
+        raise ValueError(f"unknown program(s) {unknown}; programs are {', '.join(PROGRAMS)}")
+    topology = topologies_lib.parse_topology(config.topology)
+    devices = topology.devices()
+    platform = devices[0].platform
+    attention = AttentionConfig(config.attention, platform=platform)
+    resolved = attention.resolved()  # an attention kernel the platform lacks fails here
+    student = _abstract_model(config.student, config.param_dtype, config.compute_dtype, attention, config.remat)
+    teacher = _abstract_model(config.teacher, config.teacher_dtype, config.compute_dtype, attention, "none")
+    if config.mesh is None:
+        config = dataclasses.replace(config, mesh=default_mesh(config, len(devices), student[1], teacher[1]))
+    check_mesh(config, config.mesh, len(devices))
+    mesh = config.mesh.make_mesh(devices)
+    # Splash's Pallas kernel does not lower with 64-bit indices; every input here has an explicit dtype.
+    with jax.enable_x64(False), jax.set_mesh(mesh):
+        built, buffers = _build_programs(config, mesh, student, teacher)
+        result = CompiledPlan(
+            config, topology, mesh, resolved, {}, {}, {}, {}, {}, {},
+            {"student": _count(student[1]), "teacher": _count(teacher[1])},
+        )
+        for index, name in enumerate(programs, 1):
+            program = built[name]
+            result.executions[name] = program.executions
+            result.resident_bytes[name] = sum(_device_bytes(buffers[b]) for b in program.resident)
+            if progress:
+                progress(f"compiling {name} ({index}/{len(programs)})...")
+            began = time.perf_counter()
+            traced = program.jitted.trace(*program.args)
+            result.traced[name] = traced
+            try:
+                result.compiled[name] = traced.lower().compile()
+            except Exception as error:  # XLA raises JaxRuntimeError; an OOM is a finding, not a failure
+                message = str(error)
+                if "RESOURCE_EXHAUSTED" in message and _parse_oom(message) is not None:
+                    result.oom[name] = message.splitlines()[0]
+                else:
+                    raise PlanCompileError(f"compiling program {name!r} failed: {message}") from error
+            result.compile_seconds[name] = time.perf_counter() - began
+            if progress:
+                state = "out of memory" if name in result.oom else "done"
+                progress(f"  {name}: {state} in {result.compile_seconds[name]:.1f} s")
+    return result
+
+
+def _count(tree) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+# --------------------------------------------------------------------------------------------------
+# Counting work on the jaxpr (XLA counts each loop body once)
+
+
+@dataclasses.dataclass
+class _Work:
+    """Work of a jaxpr over all devices: matmul FLOPs, matmul / kernel operand bytes, and the FLOPs of
+    Pallas kernels (which XLA's cost analysis does not see)."""
+
+    flops: float = 0.0
+    bytes: float = 0.0
+    kernel_flops: float = 0.0
+
+    def __add__(self, other: _Work) -> _Work:
+        return _Work(self.flops + other.flops, self.bytes + other.bytes, self.kernel_flops + other.kernel_flops)
+
+    def __sub__(self, other: _Work) -> _Work:
+        return self + other * -1
+
+    def __mul__(self, k: float) -> _Work:
+        return _Work(self.flops * k, self.bytes * k, self.kernel_flops * k)
+
+
+def _aval_bytes(var) -> int:
+    aval = getattr(var, "aval", None)
+    if aval is None or not hasattr(aval, "shape") or not hasattr(aval, "dtype"):
+        return 0
+    try:
+        return math.prod(aval.shape) * jnp.dtype(aval.dtype).itemsize
+    except TypeError:  # key types
+        return 0
+
+
+def _attention_kernel_flops(eqn) -> float:
+    """FLOPs of a splash attention kernel from its operand shapes (0 for any other Pallas kernel).
+
+    Operands ``q [..., T, H]`` then ``k [..., S, H]`` (after scalar-prefetch arrays; the leading
+    dims are batch and heads): the forward computes QKᵀ and PV, ``2 · 2 · T · S · H`` per head,
+    halved because the causal mask lets the kernel skip the blocks above the diagonal. The ``dq``
+    kernel computes three products of that size (QKᵀ again, dO·Vᵀ, dS·K): 1.5× the forward; the
+    ``dkv`` kernel four (QKᵀ, dO·Vᵀ, Pᵀ·dO, dSᵀ·Q): 2×.
+    """
+    name = str(eqn.params.get("name") or "")
+    if not name.startswith("splash"):
+        return 0.0
+    shapes = [v.aval.shape for v in eqn.invars
+              if len(getattr(v.aval, "shape", ())) >= 3 and math.prod(v.aval.shape) > 1]
+    if len(shapes) < 2:
+        return 0.0
+    q, k = shapes[0], shapes[1]
+    forward = 2.0 * 2.0 * math.prod(q[:-2]) * q[-2] * k[-2] * q[-1] / 2
+    return forward * (2.0 if "_dkv" in name else 1.5 if "_dq" in name else 1.0)
+
+
+def _walk(jaxpr, *, multiply: bool, decode_trips: int) -> _Work:
+    """Matmul FLOPs and operand bytes of ``jaxpr``; loops multiplied out when ``multiply``."""
+    work = _Work()
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            out = eqn.outvars[0].aval.shape
+            work.flops += 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
+            work.bytes += sum(_aval_bytes(v) for v in (*eqn.invars, *eqn.outvars))
+            continue
+        if name == "pallas_call":
+            estimate = eqn.params.get("cost_estimate")
+            if estimate is not None and getattr(estimate, "flops", 0):
+                work += _Work(0.0, float(estimate.bytes_accessed), float(estimate.flops))
+            else:
+                work += _Work(0.0, sum(_aval_bytes(v) for v in (*eqn.invars, *eqn.outvars)),
+                              _attention_kernel_flops(eqn))
+            continue
+        if name == "scan":
+            trips = eqn.params["length"] if multiply else 1
+            work += _walk(eqn.params["jaxpr"].jaxpr, multiply=multiply, decode_trips=decode_trips) * trips
+            continue
+        if name == "while":
+            trips = decode_trips if multiply else 1
+            work += _walk(eqn.params["body_jaxpr"].jaxpr, multiply=multiply, decode_trips=decode_trips) * trips
+            continue
+        if name == "cond":
+            branches = [_walk(b.jaxpr, multiply=multiply, decode_trips=decode_trips) for b in eqn.params["branches"]]
+            work += max(branches, key=lambda w: w.flops)
+            continue
+        scale = 1
+        if name == "shard_map":  # the body sees one device's shard: count every device's
+            mesh, axes = eqn.params["mesh"], eqn.params.get("manual_axes", ())
+            scale = math.prod(mesh.shape[a] for a in axes) if axes else mesh.size
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                work += _walk(inner, multiply=multiply, decode_trips=decode_trips) * scale
+    return work
+
+
+def _decode_loop(jaxpr):
+    """The first ``while`` equation (the sampler's decode loop), searched depth-first."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":
+            return eqn
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns") and (found := _decode_loop(inner)) is not None:
+                return found
+    return None
+
+
+def _phases(traced, xla_flops: float, xla_bytes: float, decode_trips: int, num_devices: int
+            ) -> list[tuple[str, int, float, float]]:
+    """``[(phase, repeats, flops, bytes)]`` per device: XLA's figures with the loops multiplied out.
+
+    Matmul FLOPs and bytes are XLA's per-device counts scaled by (loops multiplied) / (each loop
+    body once) of the jaxpr's counts; Pallas kernel FLOPs, which XLA does not count, are added
+    split evenly over the devices. One phase for a program without a decode loop; ``prefill`` and
+    ``decode step`` (× trips) for the sampler.
+    """
+    jaxpr = traced.jaxpr.jaxpr
+    once = _walk(jaxpr, multiply=False, decode_trips=decode_trips)
+    flop_scale = xla_flops / once.flops if once.flops else 0.0
+    byte_scale = xla_bytes / once.bytes if once.bytes else 0.0
+
+    def per_device(work: _Work) -> tuple[float, float]:
+        return work.flops * flop_scale + work.kernel_flops / num_devices, work.bytes * byte_scale
+
+    full = _walk(jaxpr, multiply=True, decode_trips=decode_trips)
+    loop = _decode_loop(jaxpr)
+    if loop is None:
+        return [("all", 1, *per_device(full))]
+    step = _walk(loop.params["body_jaxpr"].jaxpr, multiply=True, decode_trips=decode_trips)
+    return [("prefill", 1, *per_device(full - step * decode_trips)),
+            ("decode step", decode_trips, *per_device(step))]
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+
+
+def plan(config: PlanConfig, *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Compile the step for the topology and report memory, FLOPs, fit and a roofline step time.
+
+    Returns:
+      A JSON-ready dict with ``topology``, ``devices``, ``device_memory_bytes``, ``programs.{rollout,
+      score, update}.{argument_bytes, output_bytes, temp_bytes, peak_bytes, flops,
+      compile_seconds, ...}``, ``fits``, ``estimated_step_seconds`` and ``mesh``, ``models``,
+      ``batch``, ``chip``, ``over`` (the programs that do not fit and by how many bytes).
+    """
+    compiled = compile_programs(config, progress=progress)
+    return report(compiled)
+
+
+def report(compiled: CompiledPlan) -> dict[str, Any]:
+    """The report of :func:`plan` from already compiled programs."""
+    config, topology = compiled.config, compiled.topology
+    chip = topology.chip
+    memory = topology.memory_bytes(list(compiled.mesh.devices.flat))
+    programs: dict[str, dict[str, Any]] = {}
+    over = []
+    step_seconds = 0.0
+    for name in compiled.traced:
+        entry: dict[str, Any] = {"executions": compiled.executions[name],
+                                 "compile_seconds": round(compiled.compile_seconds[name], 3),
+                                 "resident_bytes": compiled.resident_bytes[name]}
+        if name in compiled.oom:
+            required, available = _parse_oom(compiled.oom[name])
+            entry.update(argument_bytes=None, output_bytes=None, alias_bytes=None, temp_bytes=None,
+                         peak_bytes=required, total_bytes=required + compiled.resident_bytes[name],
+                         flops=None, bytes_accessed=None, xla_flops=None, xla_bytes_accessed=None,
+                         roofline_seconds=None, compiler_error=compiled.oom[name])
+            over.append({"program": name, "bytes_over": entry["total_bytes"] - memory})
+            step_seconds = None
+            programs[name] = entry
+            continue
+        executable = compiled.compiled[name]
+        stats = executable.memory_analysis()
+        argument, output, alias, temp = (int(getattr(stats, f"{k}_size_in_bytes")) for k in
+                                         ("argument", "output", "alias", "temp"))
+        peak = int(getattr(stats, "peak_memory_in_bytes", 0) or 0) or argument + output + temp - alias
+        cost = executable.cost_analysis() or {}
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        xla_flops, xla_bytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+        phases = _phases(compiled.traced[name], xla_flops, xla_bytes, config.new_tokens, compiled.mesh.size)
+        seconds = sum(repeats * max(f / chip.peak_flops, b / chip.hbm_bandwidth) for _, repeats, f, b in phases)
+        total = peak + compiled.resident_bytes[name]
+        entry.update(
+            argument_bytes=argument, output_bytes=output, alias_bytes=alias, temp_bytes=temp, peak_bytes=peak,
+            total_bytes=total,
+            flops=sum(r * f for _, r, f, _ in phases), bytes_accessed=sum(r * b for _, r, _, b in phases),
+            xla_flops=xla_flops, xla_bytes_accessed=xla_bytes, roofline_seconds=seconds,
+        )
+        if len(phases) > 1:
+            entry["phases"] = {p: {"repeats": r, "flops": f, "bytes_accessed": b,
+                                   "roofline_seconds": max(f / chip.peak_flops, b / chip.hbm_bandwidth)}
+                               for p, r, f, b in phases}
+        if total > memory:
+            over.append({"program": name, "bytes_over": total - memory})
+        if step_seconds is not None:
+            step_seconds += compiled.executions[name] * seconds
+        programs[name] = entry
+    mesh = config.mesh
+    return {
+        "topology": config.topology,
+        "devices": topology.num_devices,
+        "device_memory_bytes": memory,
+        "chip": {"name": chip.name, "peak_flops": chip.peak_flops, "hbm_bytes": chip.hbm_bytes,
+                 "hbm_bandwidth": chip.hbm_bandwidth, "source": chip.source},
+        "mesh": {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor},
+        "models": {
+            "student": {"name": config.student_name, "parameters": compiled.parameters["student"],
+                        "param_dtype": config.param_dtype, "compute_dtype": config.compute_dtype,
+                        "remat": config.remat},
+            "teacher": {"name": config.teacher_name, "parameters": compiled.parameters["teacher"],
+                        "param_dtype": config.teacher_dtype, "compute_dtype": config.compute_dtype},
+            "attention": compiled.attention,
+        },
+        "batch": {"rows": config.rows, "prompts_per_step": config.prompts_per_step, "group_size": config.group_size,
+                  "sequence_length": config.sequence_length, "prompt_length": config.prompt_length,
+                  "new_tokens": config.new_tokens, "minibatches": config.minibatches, "epochs": config.epochs,
+                  "logit_chunk_size": config.logit_chunk_size},
+        "programs": programs,
+        "fits": not over and len(programs) == len(PROGRAMS),
+        "over": over,
+        "estimated_step_seconds": step_seconds,
+    }
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The report as a readable table (GiB = 2**30 bytes per device)."""
+    def gib(x):
+        return "–" if x is None else f"{x / GIB:.3f}" if x < 10 * GIB else f"{x / GIB:.1f}"
+
+    def billions(n):
+        return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+    mesh, models, batch = result["mesh"], result["models"], result["batch"]
+    memory = result["device_memory_bytes"]
+    lines = [
+        f"{result['topology']}: {result['devices']} × {result['chip']['name']} ({gib(memory)} GiB per device), "
+        f"mesh data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}, attention {models['attention']}",
+        f"student {models['student']['name']} ({billions(models['student']['parameters'])}, "
+        f"{models['student']['param_dtype']} params, {models['student']['compute_dtype']} compute, "
+        f"remat {models['student']['remat']}); teacher {models['teacher']['name']} "
+        f"({billions(models['teacher']['parameters'])}, {models['teacher']['param_dtype']})",
+        f"{batch['rows']} rows ({batch['prompts_per_step']} prompts × {batch['group_size']}) of "
+        f"{batch['sequence_length']} = {batch['prompt_length']} prompt + {batch['new_tokens']} new tokens; "
+        f"{batch['minibatches']} minibatches × {batch['epochs']} epoch(s)",
+        "",
+        "| program | runs | args GiB | out GiB | temp GiB | peak GiB | + resident GiB | total GiB | TFLOP/device "
+        "| roofline s | compile s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, p in result["programs"].items():
+        flops = "–" if p["flops"] is None else f"{p['flops'] / 1e12:.3g}"
+        seconds = "–" if p["roofline_seconds"] is None else f"{p['roofline_seconds']:.3g}"
+        lines.append(
+            f"| {name} | {p['executions']} | {gib(p['argument_bytes'])} | {gib(p['output_bytes'])} | "
+            f"{gib(p['temp_bytes'])} | {gib(p['peak_bytes'])} | {gib(p['resident_bytes'])} | "
+            f"{gib(p['total_bytes'])} | {flops} | {seconds} | {p['compile_seconds']:.1f} |"
+        )
+    lines.append("")
+    if result["fits"]:
+        name, p = max(result["programs"].items(), key=lambda item: item[1]["total_bytes"])
+        lines.append(f"fits: yes (largest: {name}, {gib(p['total_bytes'])} of {gib(memory)} GiB, "
+                     f"{100 * (1 - p['total_bytes'] / memory):.0f}% headroom)")
+    else:
+        lines.append("fits: NO: " + "; ".join(
+            f"{o['program']} is {gib(o['bytes_over'])} GiB over the {gib(memory)} GiB of a device"
+            + (" (the compiler refused it)" if result["programs"][o["program"]].get("compiler_error") else "")
+            for o in result["over"]))
+    if result["estimated_step_seconds"] is not None:
+        lines.append(f"estimated step: {result['estimated_step_seconds']:.3g} s (roofline lower bound: "
+                     "rollout + score + minibatches × epochs × update)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``opd-jax plan`` options (the model-execution options come from the CLI's shared group)."""
+    def positive(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+        return value
+
+    def chunk(text: str) -> int | None:
+        return None if text.lower() == "none" else positive(text)
+
+    parser.add_argument("--topology", required=True,
+                        help="v5p-N / v4-N (N TensorCores), v5e-N / v6e-N (N chips), an explicit grid such as "
+                             "v5p:2x4x4, cpu:N (N virtual CPU devices) or local")
+    parser.add_argument("--student", required=True,
+                        help=f"preset ({', '.join(PRESETS)}) or a Hugging Face folder (only config.json is read)")
+    parser.add_argument("--teacher", required=True, help="preset or Hugging Face folder, as --student")
+    parser.add_argument("--sequence-length", type=positive, required=True, help="prompt + response slots")
+    parser.add_argument("--prompt-length", type=positive, required=True, help="prompt slots (< --sequence-length)")
+    parser.add_argument("--prompts-per-step", type=positive, default=64, help="prompts per step [64]")
+    parser.add_argument("--group-size", type=positive, default=4, help="rollouts per prompt [4]")
+    parser.add_argument("--minibatches", type=positive, default=8, help="updates per epoch; divides the rows [8]")
+    parser.add_argument("--epochs", type=positive, default=1, help="passes over the rollout batch [1]")
+    parser.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                        help="e.g. 1,16,2 or fsdp=16,tensor=2 (default: fsdp over every device; tensor 2, 4 or 8 "
+                             "only when the update minibatch has fewer rows than devices or the heads need it)")
+    parser.add_argument("--logit-chunk-size", type=chunk, default=None,
+                        help="tokens per vocabulary-projection chunk ('none': all at once) [none]")
+    parser.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write the report as JSON")
+
+
+def _error(message: str, status: int) -> int:
+    print(f"opd-jax plan: error: {message}", file=sys.stderr)
+    return status
+
+
+def run(args: argparse.Namespace) -> int:
+    """``opd-jax plan``: exit 0 with a report (also when it does not fit), 2 for bad input, 1 when a
+    program does not compile."""
+    import os
+
+    from opd_jax.cli import model_dtypes
+
+    if args.json is not None and args.json.is_dir():
+        return _error(f"--json {args.json} is a directory; give a file path", 2)
+    if args.topology.strip().lower() != "local" and "JAX_PLATFORMS" not in os.environ:
+        # Compiling for a named topology needs no accelerator here; do not start one.
+        jax.config.update("jax_platforms", "cpu")
+    try:
+        topology = topologies_lib.parse_topology(args.topology)
+        student, teacher = resolve_model(args.student), resolve_model(args.teacher)
+        mesh = None if args.mesh is None else sharding_lib.parse_mesh(args.mesh)
+        platform = "tpu" if topology.is_tpu else topology.devices()[0].platform
+        param_dtype, compute_dtype, teacher_dtype = model_dtypes(args, platform)
+        config = PlanConfig(
+            student=student, teacher=teacher, topology=args.topology, sequence_length=args.sequence_length,
+            prompt_length=args.prompt_length, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+            minibatches=args.minibatches, epochs=args.epochs, mesh=mesh, attention=args.attention,
+            remat=args.remat, param_dtype=param_dtype, compute_dtype=compute_dtype, teacher_dtype=teacher_dtype,
+            logit_chunk_size=args.logit_chunk_size, student_name=args.student, teacher_name=args.teacher,
+        )
+        result = plan(config, progress=functools.partial(print, file=sys.stderr, flush=True))
+    except ValueError as error:
+        return _error(str(error), 2)
+    except PlanCompileError as error:
+        return _error(str(error), 1)
+    print(format_report(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
