@@ -18,7 +18,7 @@ from opd_jax.models import attention as attn
 # Parity tolerance, max|a - b| / max|b|, for float32 implementations against the float32 reference.
 PARITY = 2e-6
 # xla (float32) against the float64 reference: float32 rounding of scores, softmax and sums.
-REFERENCE = 1e-5
+REFERENCE = 2e-6
 SCALE = 0.4
 
 
@@ -111,7 +111,7 @@ def test_xla_matches_float64_reference(name):
 
 def test_cache_shapes_match_float64_reference():
     q, k, v, _ = _inputs(2, 2, 3, 11, 4, 2, 8)
-    slots = np.array([4, 7, 9])
+    slots = np.array([4, 7, 8])  # slot 8 opens the third key block: the block skip must keep it
     valid = np.ones((2, 11), bool)
     valid[0, :3] = valid[1, 5:7] = False
     for impl in ("xla", "chunked"):
@@ -131,11 +131,12 @@ def test_chunked_matches_xla_ragged_self_attention(name):
     _assert_parity("chunked", q, k, v, slots, _ragged_valid(B, T, seed=1), cotangent, block_size=8)
 
 
-def test_chunked_matches_xla_decode_step():
+@pytest.mark.parametrize("slot", [20, 16])  # 16: the query's own slot starts a key block
+def test_chunked_matches_xla_decode_step(slot):
     q, k, v, cotangent = _inputs(4, 2, 1, 37, 4, 2, 8)
     valid = np.ones((2, 37), bool)
-    valid[0, :6] = valid[1, 10:13] = valid[:, 21:] = False  # padding, a hole, unwritten slots
-    slots = jnp.array([20], jnp.int32)
+    valid[0, :6] = valid[1, 10:13] = valid[:, slot + 1 :] = False  # padding, a hole, unwritten slots
+    slots = jnp.array([slot], jnp.int32)
     _assert_parity("chunked", q, k, v, slots, valid, cotangent, block_size=16)
 
 
@@ -247,9 +248,13 @@ def test_chunked_memory_is_linear_in_length():
     assert chunked_2x < 2.5 * chunked, (chunked, chunked_2x)  # O(T), not O(T²)
 
 
-def test_splash_compiles_for_tpu_topology():
+def test_splash_compiles_for_tpu_topology(monkeypatch):
     pytest.importorskip("libtpu", reason="libtpu (the tpu extra) is needed to compile for a TPU topology")
     from jax.experimental import topologies
+
+    # libtpu takes a machine-wide lock when it loads unless told otherwise; a compile-only topology
+    # needs no exclusive TPU, and another process (a parallel test run, `opd-jax plan`) may hold it.
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
     topology = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1")
     mesh = jax.sharding.Mesh(

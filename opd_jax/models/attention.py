@@ -185,7 +185,9 @@ def attention(
 
 def _check_shapes(q, k, v, query_slots_T, key_valid_BxS) -> None:
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-        raise ValueError(f"attention wants q [B, T, N, H] and k, v [B, S, K, H]; got q {q.shape}, k {k.shape}, v {v.shape}")
+        raise ValueError(
+            f"attention wants q [B, T, N, H] and k, v [B, S, K, H]; got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
     (B, T, N, H), (Bk, S, K, Hk) = q.shape, k.shape
     if Bk != B or Hk != H or N % K:
         raise ValueError(
@@ -359,7 +361,8 @@ def _flash_backward(q, k, v, slots_T, valid_BxS, out, lse, dout, scale, bq, bk):
             ds = p * (dp - delta_b[..., None]) * jnp.float32(scale)
             dk = dk + jnp.einsum("bkgqc,bqkgh->bckh", ds.astype(q_b.dtype), q_b, preferred_element_type=jnp.float32)
             dq_b = jnp.einsum("bkgqc,bckh->bqkgh", ds.astype(k_b.dtype), k_b, preferred_element_type=jnp.float32)
-            dq = lax.dynamic_update_slice_in_dim(dq, lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1) + dq_b, i * bq, axis=1)
+            dq_b = dq_b + lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1)
+            dq = lax.dynamic_update_slice_in_dim(dq, dq_b, i * bq, axis=1)
             return dq, dk, dv
 
         def maybe_query_step(i, carry):
