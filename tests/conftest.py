@@ -9,6 +9,9 @@ import os
 # libtpu is installed (the tpu extra, for ahead-of-time TPU compiles); without a TPU it would print
 # an initialisation trace on every backend start. Tests run on the CPU; topologies still compile.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests that compile for a TPU topology load libtpu, which takes a machine-wide lock by default; a
+# plan run in another process (or a test's child process) must not make them fail.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings
