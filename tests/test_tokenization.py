@@ -40,8 +40,12 @@ def test_load_and_encode_left_padded_with_chat_template(folder):
 
 def test_too_long_prompt_and_missing_tokenizer_are_named(folder, tmp_path):
     tokenizer = tokenization.load_tokenizer(folder)
-    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens, more than max_length 14"):
+    # 1-based numbers (or the caller's labels), every over-long prompt named with its length.
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) longer than max_length 14: prompt 2 has \d+ tokens"):
         tokenization.encode_prompts(tokenizer, ["add", "step by step we add the numbers"], max_length=14)
+    with pytest.raises(ValueError, match=r"p.jsonl:7 has \d+ tokens, p.jsonl:9 has \d+ tokens \(the longest"):
+        tokenization.encode_prompts(tokenizer, ["step by step we add", "add", "step by step we add the numbers"],
+                                    max_length=14, labels=["p.jsonl:7", "p.jsonl:8", "p.jsonl:9"])
     with pytest.raises(FileNotFoundError, match="no tokenizer in"):
         tokenization.load_tokenizer(tmp_path)
 

@@ -1,0 +1,274 @@
+"""What a run folder was started from, and who is using it.
+
+A run resumes from the checkpoints in its folder, so resuming it with another teacher, student,
+tokenizer or prompt file would silently mix two runs. :func:`compute_identity` digests those inputs
+(file bytes, SHA-256) and the prompt options; :func:`check_identity` compares them with the record
+(``run_identity.json``) written when the run started and refuses, naming every change, without
+touching the folder. :class:`RunLock` holds an exclusive ``flock`` on ``.opd_jax.lock`` in the
+folder for the whole run, so a second process on the same folder fails at once.
+
+Folder paths are recorded but not compared: moving a checkpoint folder does not change a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any
+
+__all__ = ["IDENTITY_FILE", "LOCK_FILE", "RunFolderError", "RunLock", "check_identity", "compute_identity",
+           "folder_digests", "write_identity"]
+
+IDENTITY_FILE = "run_identity.json"
+LOCK_FILE = ".opd_jax.lock"
+_FORMAT = 1
+_WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+# Files that mark a folder as holding a run (one started before identities were recorded, if the
+# identity file is missing).
+_RUN_MARKERS = ("config.json", "checkpoints", "metrics.jsonl")
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used: other inputs, in use by another process, or not writable."""
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_digests(folder: str | pathlib.Path, kind: str) -> dict[str, str]:
+    """``{file name: sha256}`` of a checkpoint folder's ``"weights"`` or ``"tokenizer"`` files.
+
+    Weights are ``config.json`` and the safetensors (one file, or the index and every shard it
+    lists); the tokenizer is every tokenizer file present.
+
+    Raises:
+      FileNotFoundError: ``kind="weights"`` and the folder has no safetensors (the message names
+        the folder and the files expected).
+    """
+    folder = pathlib.Path(folder)
+    if kind == "tokenizer":
+        names = [name for name in _TOKENIZER_FILES if (folder / name).is_file()]
+    elif kind == "weights":
+        names = [name for name in _WEIGHT_FILES if (folder / name).is_file()]
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                raise ValueError(f"{index}: not a safetensors index (expected a JSON object with 'weight_map')") from None
+            missing = [name for name in shards if not (folder / name).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} lists {', '.join(missing)}, missing from {folder}")
+            names += shards
+        elif not (folder / "model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"no weights in {folder}: expected model.safetensors or model.safetensors.index.json"
+            )
+    else:
+        raise ValueError(f"kind must be 'weights' or 'tokenizer', got {kind!r}")
+    return {name: _sha256(folder / name) for name in names}
+
+
+def compute_identity(teacher: str | pathlib.Path, student: str | pathlib.Path, prompts: str | pathlib.Path,
+                     prompt_options: dict[str, Any]) -> dict[str, Any]:
+    """The digests that define which inputs a run was started from.
+
+    Args:
+      teacher, student: checkpoint folders.
+      prompts: the prompt file.
+      prompt_options: how the prompts were turned into tokens (JSON-able values), e.g.
+        ``{"max_prompt_length": 256, "chat_template": True}``.
+
+    Returns:
+      a JSON-able record; hashing reads every byte of the weights once.
+    """
+    return {
+        "format": _FORMAT,
+        "teacher": {"path": str(pathlib.Path(teacher).resolve()), "weights": folder_digests(teacher, "weights"),
+                    "tokenizer": folder_digests(teacher, "tokenizer")},
+        "student": {"path": str(pathlib.Path(student).resolve()), "weights": folder_digests(student, "weights"),
+                    "tokenizer": folder_digests(student, "tokenizer")},
+        "prompts": {"path": str(pathlib.Path(prompts).resolve()), "sha256": _sha256(pathlib.Path(prompts))},
+        "prompt_options": dict(prompt_options),
+    }
+
+
+def identity_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two identity records (paths ignored)."""
+    changes = []
+    for side in ("teacher", "student"):
+        for kind in ("weights", "tokenizer"):
+            old, new = recorded.get(side, {}).get(kind, {}), current[side][kind]
+            files = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
+            if files:
+                detail = ", ".join(
+                    f"{name} {'added' if name not in old else 'removed' if name not in new else 'differs'}"
+                    for name in files
+                )
+                changes.append(f"{side} {kind} ({detail})")
+    old_prompts = recorded.get("prompts", {}).get("sha256")
+    if old_prompts != current["prompts"]["sha256"]:
+        changes.append(f"prompt file (sha256 {str(old_prompts)[:12]}… then, {current['prompts']['sha256'][:12]}… now)")
+    old_options = recorded.get("prompt_options", {})
+    for key in sorted(old_options.keys() | current["prompt_options"].keys()):
+        if old_options.get(key) != current["prompt_options"].get(key):
+            changes.append(f"prompt option {key} ({old_options.get(key)!r} then, "
+                           f"{current['prompt_options'].get(key)!r} now)")
+    return changes
+
+
+def check_identity(output: str | pathlib.Path, identity: dict[str, Any]) -> str:
+    """Compare ``identity`` with the record in ``output``; reads only.
+
+    Returns:
+      ``"new"`` (no run there yet: record it), ``"same"`` (resume) or ``"unrecorded"`` (a run
+      started before identities were recorded: it cannot be checked).
+
+    Raises:
+      RunFolderError: the folder's run was started from other inputs (every change named), or its
+        record cannot be read.
+    """
+    output = pathlib.Path(output)
+    record_path = output / IDENTITY_FILE
+    if not record_path.is_file():
+        return "unrecorded" if any((output / name).exists() for name in _RUN_MARKERS) else "new"
+    try:
+        recorded = json.loads(record_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunFolderError(f"{record_path} is damaged ({error}); cannot tell which inputs the run in "
+                             f"{output} was started from") from None
+    changes = identity_changes(recorded, identity)
+    if changes:
+        raise RunFolderError(
+            f"{output} holds a run started from other inputs; changed: {'; '.join(changes)}. Resume it with "
+            f"the inputs it was started from (recorded in {record_path}) or choose another --output; nothing "
+            f"in {output} was changed"
+        )
+    return "same"
+
+
+def write_identity(output: str | pathlib.Path, identity: dict[str, Any]) -> None:
+    """Record ``identity`` in ``output`` (atomically: a partial record is never left)."""
+    path = pathlib.Path(output) / IDENTITY_FILE
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, path)
+
+
+def check_output_folder(output: str | pathlib.Path) -> None:
+    """Refuse an ``--output`` that cannot hold a run folder, before anything is written.
+
+    Raises:
+      RunFolderError: it is a file, lies under a file, or it (or the folder it would be created
+        in) is not writable.
+    """
+    output = pathlib.Path(output)
+    if output.exists() and not output.is_dir():
+        raise RunFolderError(f"--output {output} is a file; give a folder (it is created if missing)")
+    existing = output
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunFolderError(f"--output {output} cannot be created: {existing} is a file")
+    if not _writable(existing):
+        what = "is" if existing == output else f"would be created in {existing}, which is"
+        raise RunFolderError(f"--output {output} {what} not writable; give a folder you can write to")
+
+
+def _writable(folder: pathlib.Path) -> bool:
+    # os.access says yes to root on a read-only mount; creating (and removing) a file is the test
+    # that answers for every user and file system.
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        descriptor = os.open(folder / f".opd_jax_write_test.{os.getpid()}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except OSError:
+        return False
+    os.close(descriptor)
+    os.unlink(folder / f".opd_jax_write_test.{os.getpid()}")
+    return True
+
+
+@dataclasses.dataclass
+class RunLock:
+    """An exclusive, non-blocking lock on a run folder (``flock`` on ``LOCK_FILE`` in it).
+
+    The lock belongs to this open file: it is released by :meth:`release`, on ``with`` exit, or by
+    the operating system when the process ends (even by SIGKILL), so a crashed run never leaves a
+    stale lock. The lock file stays in the folder, empty; the holder is found through
+    ``/proc/locks`` (Linux) for the error message.
+
+    Raises (on construction):
+      RunFolderError: another process holds the lock.
+    """
+
+    folder: pathlib.Path
+    _descriptor: int | None = dataclasses.field(default=None, repr=False)
+    created_lock_file: bool = False
+    created_folder: bool = False
+
+    def __post_init__(self):
+        self.folder = pathlib.Path(self.folder)
+        if not self.folder.is_dir():
+            self.folder.mkdir(parents=True)
+            self.created_folder = True
+        path = self.folder / LOCK_FILE
+        self.created_lock_file = not path.exists()
+        descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(descriptor)
+            os.close(descriptor)
+            raise RunFolderError(
+                f"{self.folder} is in use by another opd-jax run{f' (process {holder})' if holder else ''}: "
+                f"it holds the lock on {path}; wait for it to finish or choose another --output"
+            ) from None
+        self._descriptor = descriptor
+
+    def release(self, *, undo: bool = False) -> None:
+        """Release the lock; with ``undo``, also remove the lock file and folder if this lock created them
+        (for a run refused before it wrote anything)."""
+        if self._descriptor is None:
+            return
+        if undo and self.created_lock_file:
+            (self.folder / LOCK_FILE).unlink(missing_ok=True)
+        os.close(self._descriptor)
+        self._descriptor = None
+        if undo and self.created_folder:
+            try:
+                self.folder.rmdir()
+            except OSError:  # not empty: something was written after all; keep it
+                pass
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _lock_holder(descriptor: int) -> int | None:
+    """The process id holding a ``flock`` on the file open as ``descriptor`` (Linux), else ``None``."""
+    try:
+        inode = os.fstat(descriptor).st_ino
+        for line in pathlib.Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            # "1: FLOCK  ADVISORY  WRITE 12345 08:01:123456 0 EOF"; blocked waiters have a "->" field.
+            if len(fields) >= 6 and fields[1] == "FLOCK" and "->" not in fields:
+                if int(fields[5].rsplit(":", 1)[1]) == inode:
+                    return int(fields[4])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
