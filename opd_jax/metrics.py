@@ -11,32 +11,48 @@ __all__ = ["MetricsLog", "plot_curves", "read_jsonl"]
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict]:
-    """All records of a metrics file (a missing file is empty)."""
+    """All records of a metrics file (a missing file is empty; a cut-off last line is skipped)."""
     path = pathlib.Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise
+            # The last line of a process killed in the middle of a write: it is regenerated.
+    return records
 
 
 class MetricsLog:
     """Appends one JSON object per step to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
 
-    On resume from ``resume_step``, records of later steps (written after that checkpoint, before
-    an interruption) are dropped, since training regenerates them; earlier records are kept.
+    The records always agree with the checkpoint the run continues from. On resume from
+    ``resume_step``, records of later steps (written after that checkpoint, before an
+    interruption) are dropped, since training regenerates them, and TensorBoard is told to purge
+    its events from step ``resume_step + 1`` on; earlier records are kept. A fresh start
+    (``resume_step=None``) drops every record of an earlier attempt that never reached a
+    checkpoint, and purges TensorBoard from step 0.
     """
 
     def __init__(self, directory: str | pathlib.Path, *, resume_step: int | None = None, tensorboard: bool = True):
         self.directory = pathlib.Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "metrics.jsonl"
-        if resume_step is not None and self.path.is_file():
-            kept = [r for r in read_jsonl(self.path) if r.get("step", -1) <= resume_step]
+        if self.path.is_file():
+            kept = [] if resume_step is None else [r for r in read_jsonl(self.path) if r.get("step", -1) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._tensorboard = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(str(self.directory / "tensorboard"))
+            # purge_step writes a session-start event: TensorBoard drops the older events of
+            # every step from there on, so a resumed run shows each step once.
+            self._tensorboard = SummaryWriter(str(self.directory / "tensorboard"),
+                                              purge_step=0 if resume_step is None else resume_step + 1)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
@@ -47,9 +63,14 @@ class MetricsLog:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tensorboard.add_scalar(key, value, step)
 
+    def flush(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+            self._tensorboard = None
 
 
 def _plain(value):

@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,12 +41,16 @@ from opd_jax.metrics import MetricsLog, plot_curves, read_jsonl
 from opd_jax.models import Decoder, save_pretrained
 from opd_jax.models.config import DecoderConfig
 from opd_jax.objectives import clipped_token_mask, importance_surrogate
+from opd_jax.preemption import Preempted, StopSignals
 from opd_jax.sampling import Rollout, SamplingConfig, generate, token_log_probs
 
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["PromptSet", "StepShardings", "TrainConfig", "TrainResult", "TrainStep", "make_train_step", "train"]
+__all__ = [
+    "RESUME_FREE", "NonFiniteError", "Preempted", "PromptSet", "StepShardings", "TrainConfig", "TrainResult",
+    "TrainStep", "make_train_step", "train",
+]
 
 LEVELS = ("token", "sequence")
 BASELINES = ("none", "leave_one_out")
@@ -68,6 +74,14 @@ class TrainConfig:
 
     Loop: ``steps``, ``seed``, ``eval_every`` (0: only before and after), ``checkpoint_every``,
     ``keep_checkpoints``, ``logit_chunk_size`` (tokens per vocabulary-projection chunk).
+
+    Every float must be finite. ``learning_rate`` lies in (0, 1] (AdamW moves each parameter by
+    about the learning rate per update, so a larger one cannot train) and ``learning_rate ×
+    weight_decay`` below 1 (each update multiplies the parameters by ``1 − learning_rate ×
+    weight_decay``).
+
+    A run folder may be resumed with other values of :data:`RESUME_FREE` fields only (``steps``
+    too, to extend a finished run, unless the schedule is ``cosine``, whose shape depends on it).
     """
 
     divergence: str = "reverse_kl"
@@ -107,8 +121,13 @@ class TrainConfig:
         if self.log_ratio_clip is not None:
             _range("log_ratio_clip", self.log_ratio_clip, 0.0, None, open_low=True)
         _range("temperature", self.temperature, 0.0, None, open_low=True)
-        _range("learning_rate", self.learning_rate, 0.0, None, open_low=True)
+        _range("learning_rate", self.learning_rate, 0.0, 1.0, open_low=True)
         _range("weight_decay", self.weight_decay, 0.0, None)
+        if self.learning_rate * self.weight_decay >= 1:
+            raise ValueError(
+                f"learning_rate × weight_decay must be below 1 (each update multiplies the parameters by "
+                f"1 − learning_rate × weight_decay); got {self.learning_rate} × {self.weight_decay}"
+            )
         _range("grad_clip_norm", self.grad_clip_norm, 0.0, None, open_low=True)
         _range("clip_epsilon", self.clip_epsilon, 0.0, 1.0, open_low=True, open_high=True)
         for name in ("prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches", "steps",
@@ -128,6 +147,9 @@ class TrainConfig:
 
     def divergence_fn(self) -> divergences_lib.Divergence:
         params = {k: v for k, v in (("beta", self.beta), ("alpha", self.alpha)) if v is not None}
+        for name, value in params.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number; got {value!r}")
         return divergences_lib.get(self.divergence, **params)
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,11 +172,14 @@ def _choice(name: str, value, allowed) -> None:
 
 def _range(name, value, low, high, *, open_low=False, open_high=False) -> None:
     ok = value is not None and (value > low if open_low else value >= low)
+    # inf passes an open upper bound and nan fails every comparison: both are named "finite" here.
+    finite = not isinstance(value, float) or math.isfinite(value)
+    ok = ok and finite
     if high is not None:
         ok = ok and (value < high if open_high else value <= high)
     if not ok:
         bounds = f"{'(' if open_low else '['}{low}, {'∞)' if high is None else str(high) + (')' if open_high else ']')}"
-        raise ValueError(f"{name} must lie in {bounds}; got {value!r}")
+        raise ValueError(f"{name} must lie in {bounds}{'' if finite else ' and be finite'}; got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -478,8 +503,13 @@ def train(
 
     Raises:
       ValueError: teacher and student vocabularies differ, ``output_dir`` holds a run with a
-        different configuration (nothing there is modified), or ``mesh`` does not fit the devices,
-        a parameter or the batch (raised before anything is compiled).
+        different configuration (in a :data:`RESUME_FREE`-excluded field; nothing there is
+        modified) or one already past ``config.steps``, or ``mesh`` does not fit the devices, a
+        parameter or the batch (raised before anything is compiled).
+      Preempted: SIGTERM / SIGINT (or a preemption notice on any process) arrived; the state of
+        the step reached is committed, and calling ``train`` again resumes it.
+      NonFiniteError: a loss, gradient norm, parameter or optimiser state became non-finite; the
+        state of that step is neither checkpointed nor exported.
     """
     from tqdm import tqdm
 
@@ -489,17 +519,7 @@ def train(
         )
     output_dir = pathlib.Path(output_dir)
     config_path = output_dir / "config.json"
-    if config_path.is_file():
-        previous = json.loads(config_path.read_text())
-        if previous != config.to_dict():
-            changed = sorted(k for k in config.to_dict() if previous.get(k) != config.to_dict()[k])
-            raise ValueError(f"{output_dir} holds a run with a different configuration (differs in {changed}); "
-                             "choose another output directory")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    # Every process has read the old config before process 0 overwrites it.
-    _sync_processes("opd_jax_config_checked")
-    if jax.process_index() == 0:
-        config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    _check_resumable(output_dir, config)
 
     graphdef, params = nnx.split(student)
     teacher_graphdef, teacher_params = nnx.split(teacher)
@@ -526,7 +546,18 @@ def train(
     resume_step = None
     if restored is not None:
         resume_step, flat_state = restored
+        if resume_step > config.steps:
+            store.close()
+            raise ValueError(f"{output_dir} holds a checkpoint of step {resume_step}, past steps = {config.steps}; "
+                             f"set steps >= {resume_step} to continue it, or choose another output directory")
         state = jax.tree_util.tree_unflatten(treedef, [flat_state[k] for k in _flatten(state)[0]])
+        if jax.process_index() == 0:
+            print(f"resuming from step {resume_step} of {config.steps} (checkpoint {store.path(resume_step)})",
+                  file=sys.stderr, flush=True)
+    # Every process has read the old config before process 0 overwrites it (with new steps etc.).
+    _sync_processes("opd_jax_config_checked")
+    if jax.process_index() == 0:
+        config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     log = MetricsLog(output_dir, resume_step=resume_step) if jax.process_index() == 0 else _NoLog(output_dir)
 
     sampling_config = SamplingConfig(
@@ -539,91 +570,112 @@ def train(
     prepare, update = train_step.prepare, train_step.update
     if step_shardings is not None and rollout_fn is generate:
         rollout_fn = _sharded_sampler(graphdef, step_shardings, sampling_config)
+    finite_flags = jax.jit(_finite_flags, out_shardings=None if step_shardings is None else step_shardings.replicated)
 
     def run_eval(step: int, params) -> None:
         if evaluate is not None:
             log.write(step, {f"eval_{k}": v for k, v in evaluate(nnx.merge(graphdef, params)).items()})
 
     start = int(state["step"])
-    if start == 0:
-        run_eval(0, state["params"])
     bar = tqdm(total=config.steps, initial=start, desc=label or "distil", dynamic_ncols=True,
                disable=not progress or jax.process_index() != 0)
-    for step in range(start, config.steps):
-        began = time.perf_counter()
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), step)
-        sample_key, shuffle_key = jax.random.split(step_key)
-        prompt_tokens, prompt_mask = prompts.batch(int(state["data_position"]), config.prompts_per_step, config.seed)
-        prompt_tokens = np.repeat(prompt_tokens, config.group_size, axis=0)
-        prompt_mask = np.repeat(prompt_mask, config.group_size, axis=0)
-        if step_shardings is not None:
-            prompt_tokens = _global_batch(prompt_tokens, step_shardings.batch)
-            prompt_mask = _global_batch(prompt_mask, step_shardings.batch)
-        rollout = rollout_fn(nnx.merge(graphdef, state["params"]), prompt_tokens, prompt_mask, sample_key, sampling_config)
-        if step_shardings is not None:
-            # The sampler's outputs are placed by XLA's propagation; the step's inputs are explicit.
-            rollout = jax.device_put(rollout, step_shardings.batch)
-        old_logp, teacher_logp, advantages = prepare(
-            state["params"], teacher_params, rollout.tokens, rollout.token_mask, rollout.response_mask
-        )
-        response_tokens = jnp.sum(rollout.response_mask)
-        normalizer = jnp.maximum(response_tokens, 1).astype(jnp.float32) / config.minibatches
-        params, opt_state = state["params"], state["opt_state"]
-        losses, grad_norms, clipped_total = [], [], 0.0
-        for epoch in range(config.epochs):
-            order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), batch_size)
-            for start_row in range(0, batch_size, minibatch):
-                rows = order[start_row : start_row + minibatch]
-                params, opt_state, loss, grad_norm, clipped = update(
-                    params, opt_state,
-                    *train_step.take_rows(
-                        (rollout.tokens, rollout.token_mask, rollout.response_mask, old_logp, advantages), rows
-                    ),
-                    normalizer,
+    # From here on every exit waits for the started saves and closes the logs: a signal only sets a
+    # flag, and errors pass through the finally.
+    with StopSignals() as stop_signals:
+        try:
+            if start == 0:
+                run_eval(0, state["params"])
+            for step in range(start, config.steps):
+                began = time.perf_counter()
+                step_key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), step)
+                sample_key, shuffle_key = jax.random.split(step_key)
+                prompt_tokens, prompt_mask = prompts.batch(int(state["data_position"]), config.prompts_per_step,
+                                                           config.seed)
+                prompt_tokens = np.repeat(prompt_tokens, config.group_size, axis=0)
+                prompt_mask = np.repeat(prompt_mask, config.group_size, axis=0)
+                if step_shardings is not None:
+                    prompt_tokens = _global_batch(prompt_tokens, step_shardings.batch)
+                    prompt_mask = _global_batch(prompt_mask, step_shardings.batch)
+                rollout = rollout_fn(nnx.merge(graphdef, state["params"]), prompt_tokens, prompt_mask, sample_key,
+                                     sampling_config)
+                if step_shardings is not None:
+                    # The sampler's outputs are placed by XLA's propagation; the step's inputs are explicit.
+                    rollout = jax.device_put(rollout, step_shardings.batch)
+                old_logp, teacher_logp, advantages = prepare(
+                    state["params"], teacher_params, rollout.tokens, rollout.token_mask, rollout.response_mask
                 )
-                losses.append(loss)
-                grad_norms.append(grad_norm)
-                clipped_total += clipped
-        state = {
-            "params": params,
-            "opt_state": opt_state,
-            "step": jnp.asarray(step + 1, jnp.int32),
-            "key": state["key"],
-            "data_position": state["data_position"] + config.prompts_per_step,
-        }
-        if step_shardings is not None:  # a multi-process orbax save takes only global arrays
-            state["step"] = _global_batch(np.asarray(step + 1, np.int32), step_shardings.replicated)
-        mask = rollout.response_mask
-        count = jnp.maximum(response_tokens, 1)
-        token_advantage = jnp.broadcast_to(advantages if advantages.ndim == 2 else advantages[:, None], mask.shape)
-        elapsed = time.perf_counter() - began
-        record = {
-            "loss": float(np.mean(losses)),
-            "grad_norm": float(np.mean(grad_norms)),
-            "clip_fraction": float(clipped_total) / (config.epochs * float(count)),
-            "teacher_kl": float(jnp.sum(jnp.where(mask, old_logp - teacher_logp, 0.0)) / count),
-            "advantage_mean": float(jnp.sum(jnp.where(mask, token_advantage, 0.0)) / count),
-            "advantage_abs_max": float(jnp.max(jnp.abs(advantages))),
-            "response_length": float(response_tokens) / batch_size,
-            "tokens_per_second": float(response_tokens) / elapsed,
-            "step_seconds": elapsed,
-        }
-        log.write(step + 1, record)
-        bar.set_postfix(kl=f"{record['teacher_kl']:.3f}", len=f"{record['response_length']:.1f}")
-        bar.update(1)
-        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-            run_eval(step + 1, state["params"])
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            store.save(step + 1, _flatten(state)[0])
-    bar.close()
-    store.close()
-    if start < config.steps:
-        run_eval(config.steps, state["params"])
-    log.close()
-    final_student = nnx.merge(graphdef, _addressable(state["params"]))
-    if jax.process_index() == 0:
-        save_pretrained(final_student, student_config, output_dir / "student")
-    _sync_processes("opd_jax_exported")
+                response_tokens = jnp.sum(rollout.response_mask)
+                normalizer = jnp.maximum(response_tokens, 1).astype(jnp.float32) / config.minibatches
+                params, opt_state = state["params"], state["opt_state"]
+                losses, grad_norms, clipped_total = [], [], 0.0
+                for epoch in range(config.epochs):
+                    order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), batch_size)
+                    for start_row in range(0, batch_size, minibatch):
+                        rows = order[start_row : start_row + minibatch]
+                        params, opt_state, loss, grad_norm, clipped = update(
+                            params, opt_state,
+                            *train_step.take_rows(
+                                (rollout.tokens, rollout.token_mask, rollout.response_mask, old_logp, advantages),
+                                rows,
+                            ),
+                            normalizer,
+                        )
+                        losses.append(loss)
+                        grad_norms.append(grad_norm)
+                        clipped_total += clipped
+                state = {
+                    "params": params,
+                    "opt_state": opt_state,
+                    "step": jnp.asarray(step + 1, jnp.int32),
+                    "key": state["key"],
+                    "data_position": state["data_position"] + config.prompts_per_step,
+                }
+                if step_shardings is not None:  # a multi-process orbax save takes only global arrays
+                    state["step"] = _global_batch(np.asarray(step + 1, np.int32), step_shardings.replicated)
+                mask = rollout.response_mask
+                count = jnp.maximum(response_tokens, 1)
+                token_advantage = jnp.broadcast_to(advantages if advantages.ndim == 2 else advantages[:, None],
+                                                   mask.shape)
+                elapsed = time.perf_counter() - began
+                record = {
+                    "loss": float(np.mean(losses)),
+                    "grad_norm": float(np.mean(grad_norms)),
+                    "clip_fraction": float(clipped_total) / (config.epochs * float(count)),
+                    "teacher_kl": float(jnp.sum(jnp.where(mask, old_logp - teacher_logp, 0.0)) / count),
+                    "advantage_mean": float(jnp.sum(jnp.where(mask, token_advantage, 0.0)) / count),
+                    "advantage_abs_max": float(jnp.max(jnp.abs(advantages))),
+                    "response_length": float(response_tokens) / batch_size,
+                    "tokens_per_second": float(response_tokens) / elapsed,
+                    "step_seconds": elapsed,
+                }
+                log.write(step + 1, record)
+                # Before anything can checkpoint, evaluate or export this state.
+                _check_finite(config, step + 1, losses, grad_norms,
+                              finite_flags(params, opt_state), store)
+                bar.set_postfix(kl=f"{record['teacher_kl']:.3f}", len=f"{record['response_length']:.1f}")
+                bar.update(1)
+                if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+                    run_eval(step + 1, state["params"])
+                saved = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
+                if saved:
+                    store.save(step + 1, _flatten(state)[0])
+                if step + 1 < config.steps and stop_signals.agreed(step + 1):
+                    if not saved:
+                        store.save(step + 1, _flatten(state)[0])
+                    store.wait()
+                    raise Preempted(step + 1, config.steps, stop_signals.signal_name, str(store.path(step + 1)))
+            bar.close()
+            store.close()
+            if start < config.steps:
+                run_eval(config.steps, state["params"])
+        finally:
+            bar.close()
+            store.close()
+            log.close()
+        final_student = nnx.merge(graphdef, _addressable(state["params"]))
+        if jax.process_index() == 0:
+            save_pretrained(final_student, student_config, output_dir / "student")
+        _sync_processes("opd_jax_exported")
     history = read_jsonl(log.path)
     if jax.process_index() != 0:
         return TrainResult(final_student, history, output_dir)
@@ -635,3 +687,78 @@ def train(
         title=label or None,
     )
     return TrainResult(final_student, history, output_dir)
+
+
+# Options that change only when or how often something happens, or how fast, not the trajectory of
+# the state: a run may be resumed with other values (steps: unless the schedule is cosine).
+RESUME_FREE = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "logit_chunk_size")
+
+
+def _check_resumable(output_dir: pathlib.Path, config: TrainConfig) -> None:
+    """Refuse a run folder whose checkpoints were made under options this run would change.
+
+    Only fields a resume depends on count, and only when there is a checkpoint to resume from:
+    a run that failed before its first checkpoint may be re-run with any fix. Reads only.
+    """
+    config_path = output_dir / "config.json"
+    checkpoints = output_dir / "checkpoints"
+    if not config_path.is_file() or not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
+        return
+    previous = json.loads(config_path.read_text())
+    free = set(RESUME_FREE) - ({"steps"} if config.schedule == "cosine" else set())
+    current = config.to_dict()
+    changed = sorted(k for k in current if k not in free and previous.get(k) != current[k])
+    if changed:
+        raise ValueError(
+            f"{output_dir} holds a run with a different configuration (differs in {changed}); choose another "
+            f"output directory (a resume may change only {', '.join(sorted(free))})"
+        )
+
+
+def _finite_flags(params, opt_state) -> Array:
+    """``[2]`` bool: whether every float of the parameters, and of the optimiser state, is finite."""
+
+    def finite(tree):
+        checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+    return jnp.stack([finite(params), finite(opt_state)])
+
+
+class NonFiniteError(FloatingPointError):
+    """A step produced a non-finite loss, gradient norm, parameter or optimiser state.
+
+    Attributes:
+      step: the step whose update produced it (nothing of it was checkpointed or exported).
+      quantity: ``"loss"``, ``"grad_norm"``, ``"parameters"`` or ``"optimizer state"``.
+    """
+
+    def __init__(self, step: int, quantity: str, message: str):
+        self.step, self.quantity = step, quantity
+        super().__init__(message)
+
+
+def _check_finite(config: TrainConfig, step: int, losses, grad_norms, flags, store: CheckpointStore) -> None:
+    updates = len(losses)
+    found = None
+    for name, values in (("loss", losses), ("grad_norm", grad_norms)):
+        for index, value in enumerate(values):
+            value = float(value)
+            if not math.isfinite(value):
+                found = found or (name, f"{name} {value} in update {index + 1} of {updates}")
+    flags = np.asarray(flags)
+    for name, ok in zip(("parameters", "optimizer state"), flags):
+        if not ok:
+            found = found or (name, f"{name} (some entries are inf or nan)")
+    if found is None:
+        return
+    quantity, what = found
+    saved = store.steps()
+    hint = ("log_ratio_clip is off: exp(log-ratio) overflows float32 for divergences whose generator grows "
+            "faster than log (alpha, forward_kl, pearson_chi2, ...); set log_ratio_clip (e.g. 20)"
+            if config.log_ratio_clip is None else "lower learning_rate or log_ratio_clip")
+    raise NonFiniteError(
+        step, quantity,
+        f"step {step}: non-finite {what}; training stopped before this state was checkpointed or exported "
+        f"(newest checkpoint: {f'step {saved[-1]}' if saved else 'none'}); {hint}",
+    )
