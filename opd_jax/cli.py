@@ -11,6 +11,7 @@ import argparse
 import csv
 import json
 import pathlib
+import re
 import sys
 from collections.abc import Sequence
 
@@ -118,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--no-chat-template", action="store_true",
                               help="encode prompts as plain text even if the tokenizer has a chat template")
     train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    train_parser.add_argument("--export-dtype", choices=("auto", *DTYPES), default="auto",
+                              help="dtype of the exported student's weights; auto: the --student checkpoint's [auto]")
+    # argparse takes "-1e-3" or "-inf" for an unknown flag ("expected one argument"); plain "-1" and
+    # "-0.5" it already reads as numbers. No train flag looks like a number, so widen its matcher.
+    train_parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$",
+                                                       re.IGNORECASE)
     _add_train_options(train_parser)
     add_model_options(train_parser)
     scale = train_parser.add_argument_group("scaling out (see README: Scaling out)")
@@ -228,11 +235,27 @@ _TRAIN_HELP = {
 }
 
 
+class _ExplicitNone:
+    """``--flag none``: distinct from the flag's absence (``None``), which keeps the configured value."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+EXPLICIT_NONE = _ExplicitNone()
+
+
 def _optional(kind):
     def parse(text: str):
-        return None if text.lower() == "none" else kind(text)
+        return EXPLICIT_NONE if text.lower() == "none" else kind(text)
 
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid <type> value"
     return parse
+
+
+# TrainConfig fields opd-jax train does not offer: evaluation needs a task's evaluator, which only
+# `opd-jax demo` / `opd-jax eval` have.
+_NOT_IN_TRAIN = ("eval_every",)
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -243,6 +266,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("training options (defaults in brackets)")
     for field in dataclasses.fields(TrainConfig):
+        if field.name in _NOT_IN_TRAIN:
+            continue
         if "float" in str(field.type):
             kind = float
         elif "int" in str(field.type):
@@ -406,6 +431,27 @@ def _fail(command: str, message: str):
     raise SystemExit(2)
 
 
+def _config_value(field, value, source: str):
+    """A config-file value checked against the field's declared type (``"none"`` for an optional
+    field is None, as on the command line); the error names the field, the type and the value."""
+    declared = str(field.type)
+    optional = "None" in declared
+    if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
+        return None
+    if "int" in declared:
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif "float" in declared:
+        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, wanted = isinstance(value, str), "a string"
+    if not ok:
+        kind = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}.get(type(value),
+                                                                                           type(value).__name__)
+        alternative = ' or "none"' if optional else ""
+        _fail("train", f"{source}: {field.name} must be {wanted}{alternative}; got {value!r} ({kind})")
+    return float(value) if wanted == "a number" else value
+
+
 def _train_config(args: argparse.Namespace):
     import dataclasses
     import tomllib
@@ -416,25 +462,57 @@ def _train_config(args: argparse.Namespace):
     if args.config is not None:
         if not args.config.is_file():
             _fail("train", f"--config {args.config} does not exist")
-        text = args.config.read_text()
         try:
+            text = args.config.read_text(encoding="utf-8")
             values = tomllib.loads(text) if args.config.suffix == ".toml" else json.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
             _fail("train", f"--config {args.config}: cannot parse ({error})")
+        if not isinstance(values, dict):
+            _fail("train", f"--config {args.config}: expected a table of options, got {type(values).__name__}")
+        fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+        for name in _NOT_IN_TRAIN:
+            if values.get(name):
+                _fail("train", f"--config {args.config}: {name} is not an option of opd-jax train (it has no "
+                               "evaluator; opd-jax demo and opd-jax eval evaluate toy tasks); remove it")
+        values = {name: _config_value(fields[name], value, f"--config {args.config}") if name in fields else value
+                  for name, value in values.items()}
     for field in dataclasses.fields(TrainConfig):
-        if getattr(args, field.name) is not None:
-            values[field.name] = getattr(args, field.name)
+        given = getattr(args, field.name, None)
+        if given is not None:
+            values[field.name] = None if given is EXPLICIT_NONE else given
     try:
         return TrainConfig.from_dict(values)
     except (ValueError, TypeError) as error:
         _fail("train", str(error))
 
 
+def _check_positions(args, config, teacher_config, student_config, longest: int) -> None:
+    """Prompt slots plus new tokens must fit both models' positions; say which flag to change."""
+    total = args.max_prompt_length + config.max_new_tokens
+    limit, who, folder = min((student_config.max_position_embeddings, "student", args.student),
+                             (teacher_config.max_position_embeddings, "teacher", args.teacher))
+    if total <= limit:
+        return
+    fixes = []
+    if limit - config.max_new_tokens >= longest:
+        fixes.append(f"--max-prompt-length at most {limit - config.max_new_tokens} (the longest prompt has "
+                     f"{longest} tokens)")
+    if limit - args.max_prompt_length >= 1:
+        fixes.append(f"--max-new-tokens at most {limit - args.max_prompt_length}")
+    elif limit - longest >= 1:
+        fixes.append(f"--max-new-tokens at most {limit - longest} with --max-prompt-length {longest}")
+    advice = "; set " + " or ".join(fixes) if fixes else f"; the longest prompt alone has {longest} tokens"
+    _fail("train", f"--max-prompt-length {args.max_prompt_length} + --max-new-tokens {config.max_new_tokens} "
+                   f"= {total} positions, more than the {who}'s max_position_embeddings "
+                   f"{limit} ({folder / 'config.json'}){advice}")
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Validate everything cheap first (options, prompt file, folders, tokenizers), then train."""
     import jax
 
-    from opd_jax import data, models, sharding, tokenization, train
+    from opd_jax import data, models, run_folder, sharding, tokenization, train
+    from opd_jax.models.hf import checkpoint_dtype
 
     config = _train_config(args)
     try:
@@ -442,20 +520,62 @@ def run_train(args: argparse.Namespace) -> int:
     except ValueError as error:
         _fail("train", f"--mesh: {error}")
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    use_chat_template = not args.no_chat_template
+    # Every check that reads only inputs runs before anything is written (the run folder included).
     try:
-        prompts = data.read_prompt_file(args.prompts)
-        student_config = models.load_config(args.student)
-        teacher_config = models.load_config(args.teacher)
+        run_folder.check_output_folder(args.output)
+        records = data.read_prompt_records(args.prompts)
+        folder_configs = {}
+        for flag, folder in (("--teacher", args.teacher), ("--student", args.student)):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{flag} {folder} is not a folder")
+            try:
+                folder_configs[flag] = models.load_config(folder)
+                run_folder.weight_files(folder)
+            except (FileNotFoundError, ValueError) as error:
+                raise type(error)(f"{flag}: {error}") from None
+        teacher_config, student_config = folder_configs["--teacher"], folder_configs["--student"]
+        export_dtype = checkpoint_dtype(args.student) if args.export_dtype == "auto" else args.export_dtype
         student_tokenizer = tokenization.load_tokenizer(args.student)
         tokenization.check_compatible(
-            tokenization.load_tokenizer(args.teacher), student_tokenizer, teacher_config, student_config
+            tokenization.load_tokenizer(args.teacher), student_tokenizer, teacher_config, student_config,
+            chat_template=use_chat_template or any(not isinstance(p, str) for _, p in records),
         )
+        prompts = [prompt for _, prompt in records]
         tokens, mask = tokenization.encode_prompts(
-            student_tokenizer, prompts, max_length=args.max_prompt_length,
-            use_chat_template=not args.no_chat_template,
+            student_tokenizer, prompts, max_length=args.max_prompt_length, use_chat_template=use_chat_template,
+            labels=[f"prompt {k} ({args.prompts}:{line})" for k, (line, _) in enumerate(records, start=1)],
         )
-    except (FileNotFoundError, ValueError) as error:
+    except ValueError as error:
+        if "longer than max_length" in str(error):
+            _fail("train", f"{error}; raise --max-prompt-length or shorten them")
         _fail("train", str(error))
+    except FileNotFoundError as error:
+        _fail("train", str(error))
+    _check_positions(args, config, teacher_config, student_config, int(mask.sum(axis=1).max()))
+    identity = run_folder.compute_identity(
+        args.teacher, args.student, args.prompts,
+        {"max_prompt_length": args.max_prompt_length, "chat_template": use_chat_template},
+    )
+    try:
+        run_folder.check_identity(args.output, identity)  # read only; again under the lock below
+    except run_folder.RunFolderError as error:
+        _fail("train", str(error))
+    # Process 0 holds the run folder's lock for the whole run (the others write only checkpoints,
+    # which orbax coordinates).
+    run_lock = None
+    if jax.process_index() == 0:
+        try:
+            run_lock = run_folder.RunLock(args.output)
+            folder_state = run_folder.check_identity(args.output, identity)
+        except run_folder.RunFolderError as error:
+            if run_lock is not None:
+                run_lock.release(undo=True)
+            _fail("train", str(error))
+        if folder_state == "unrecorded":
+            print(f"opd-jax train: warning: {args.output} holds a run started before opd-jax recorded run "
+                  f"inputs ({run_folder.IDENTITY_FILE}); resuming it without checking that the teacher, student "
+                  "and prompts are the same", file=sys.stderr)
     param_dtype, compute_dtype, teacher_dtype = model_dtypes(args, jax.default_backend())
     try:
         student, student_config = models.from_pretrained(
@@ -463,8 +583,12 @@ def run_train(args: argparse.Namespace) -> int:
         )
         teacher, _ = models.from_pretrained(args.teacher, teacher_dtype, compute_dtype=compute_dtype,
                                             attention=args.attention)
-    except ValueError as error:  # e.g. an attention kernel this platform lacks
+    except (FileNotFoundError, ValueError) as error:  # e.g. an attention kernel this platform lacks
+        if run_lock is not None:
+            run_lock.release(undo=True)
         _fail("train", str(error))
+    if run_lock is not None and folder_state == "new":
+        run_folder.write_identity(args.output, identity)
     stop_ids = tuple(student_config.eos_token_id) or (
         (student_tokenizer.eos_token_id,) if student_tokenizer.eos_token_id is not None else ()
     )
@@ -473,9 +597,13 @@ def run_train(args: argparse.Namespace) -> int:
         result = train.train(
             config, student, student_config, teacher, train.PromptSet(tokens, mask), args.output,
             stop_ids=stop_ids, pad_id=pad_id, progress=not args.quiet and jax.process_index() == 0, mesh=mesh,
+            export_dtype=export_dtype,
         )
     except ValueError as error:
         _fail("train", str(error))
+    finally:
+        if run_lock is not None:
+            run_lock.release()
     if jax.process_index() != 0:  # process 0 exports and reports
         return 0
     student_tokenizer.save_pretrained(result.output_dir / "student")

@@ -20,8 +20,8 @@ import os
 import pathlib
 from typing import Any
 
-__all__ = ["IDENTITY_FILE", "LOCK_FILE", "RunFolderError", "RunLock", "check_identity", "compute_identity",
-           "folder_digests", "write_identity"]
+__all__ = ["IDENTITY_FILE", "LOCK_FILE", "RunFolderError", "RunLock", "check_identity", "check_output_folder",
+           "compute_identity", "folder_digests", "identity_changes", "weight_files", "write_identity"]
 
 IDENTITY_FILE = "run_identity.json"
 LOCK_FILE = ".opd_jax.lock"
@@ -46,35 +46,43 @@ def _sha256(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
-def folder_digests(folder: str | pathlib.Path, kind: str) -> dict[str, str]:
-    """``{file name: sha256}`` of a checkpoint folder's ``"weights"`` or ``"tokenizer"`` files.
-
-    Weights are ``config.json`` and the safetensors (one file, or the index and every shard it
-    lists); the tokenizer is every tokenizer file present.
+def weight_files(folder: str | pathlib.Path) -> list[str]:
+    """Names of a checkpoint folder's weight files: ``config.json`` and the safetensors (one file,
+    or the index and every shard it lists). Reads only the index.
 
     Raises:
-      FileNotFoundError: ``kind="weights"`` and the folder has no safetensors (the message names
-        the folder and the files expected).
+      FileNotFoundError: no safetensors, or a shard the index lists is missing (named).
+      ValueError: an index that is not a safetensors index.
     """
+    folder = pathlib.Path(folder)
+    names = [name for name in _WEIGHT_FILES if (folder / name).is_file()]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index}: not a safetensors index (expected a JSON object with 'weight_map')") from None
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists {', '.join(missing)}, missing from {folder}")
+        return names + shards
+    if not (folder / "model.safetensors").is_file():
+        found = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else []
+        raise FileNotFoundError(
+            f"no weights in {folder}: expected model.safetensors or model.safetensors.index.json with its shards"
+            + (f" (found {', '.join(found)})" if found else "")
+        )
+    return names
+
+
+def folder_digests(folder: str | pathlib.Path, kind: str) -> dict[str, str]:
+    """``{file name: sha256}`` of a checkpoint folder's ``"weights"`` (see :func:`weight_files`) or
+    ``"tokenizer"`` files (every tokenizer file present)."""
     folder = pathlib.Path(folder)
     if kind == "tokenizer":
         names = [name for name in _TOKENIZER_FILES if (folder / name).is_file()]
     elif kind == "weights":
-        names = [name for name in _WEIGHT_FILES if (folder / name).is_file()]
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError):
-                raise ValueError(f"{index}: not a safetensors index (expected a JSON object with 'weight_map')") from None
-            missing = [name for name in shards if not (folder / name).is_file()]
-            if missing:
-                raise FileNotFoundError(f"{index} lists {', '.join(missing)}, missing from {folder}")
-            names += shards
-        elif not (folder / "model.safetensors").is_file():
-            raise FileNotFoundError(
-                f"no weights in {folder}: expected model.safetensors or model.safetensors.index.json"
-            )
+        names = weight_files(folder)
     else:
         raise ValueError(f"kind must be 'weights' or 'tokenizer', got {kind!r}")
     return {name: _sha256(folder / name) for name in names}

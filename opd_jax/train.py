@@ -467,6 +467,7 @@ def train(
     mesh: sharding_lib.MeshConfig | None = None,
     student_rules: sharding_lib.PartitionRules = sharding_lib.DEFAULT_RULES,
     teacher_rules: sharding_lib.PartitionRules = sharding_lib.DEFAULT_RULES,
+    export_dtype: Any = None,
 ) -> TrainResult:
     """Distil ``teacher`` into ``student`` on the student's own rollouts.
 
@@ -495,6 +496,7 @@ def train(
         multi-process run every process calls ``train`` with the same arguments; process 0 alone
         writes metrics, config, curves and the export, and orbax writes checkpoints together.
       student_rules, teacher_rules: partition rules of the two models under ``mesh``.
+      export_dtype: dtype of the exported student's tensors (default: its parameters' dtype).
 
     Returns:
       :class:`TrainResult` with the trained student and the metric records (in a multi-process
@@ -674,7 +676,7 @@ def train(
             log.close()
         final_student = nnx.merge(graphdef, _addressable(state["params"]))
         if jax.process_index() == 0:
-            save_pretrained(final_student, student_config, output_dir / "student")
+            save_pretrained(final_student, student_config, output_dir / "student", dtype=export_dtype)
         _sync_processes("opd_jax_exported")
     history = read_jsonl(log.path)
     if jax.process_index() != 0:

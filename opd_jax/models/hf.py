@@ -45,8 +45,9 @@ class TensorMapping(NamedTuple):
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 
-__all__ = ["TensorMapping", "from_pretrained", "hf_tensor_map", "save_pretrained"]
+__all__ = ["TensorMapping", "checkpoint_dtype", "from_pretrained", "hf_tensor_map", "save_pretrained"]
 
 
 def _identity(x):
@@ -218,7 +219,7 @@ def save_pretrained(
     dtype=None,
     max_shard_bytes: int | None = None,
 ) -> None:
-    """Write ``config.json`` and safetensors that transformers loads back.
+    """Write ``config.json``, ``generation_config.json`` and safetensors that transformers loads back.
 
     Args:
       model: the decoder.
@@ -255,6 +256,32 @@ def save_pretrained(
         index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (folder / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+    # What transformers' generate() reads for its stop and padding ids (it warns when the file is missing).
+    generation = {key: hf_config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if hf_config[key] is not None}
+    (folder / GENERATION_CONFIG_FILE).write_text(json.dumps({"_from_model_config": True, **generation}, indent=2)
+                                                 + "\n")
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def checkpoint_dtype(path: str | pathlib.Path) -> str:
+    """The floating dtype most of a checkpoint folder's tensors are stored in (e.g. ``"bfloat16"``).
+
+    Reads only the safetensors headers.
+    """
+    files = sorted(set(_weight_files(pathlib.Path(path)).values()))
+    counts: dict[str, int] = {}
+    for file in files:
+        with file.open("rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__" and entry["dtype"] in _SAFETENSORS_DTYPES:
+                counts[_SAFETENSORS_DTYPES[entry["dtype"]]] = counts.get(_SAFETENSORS_DTYPES[entry["dtype"]], 0) + 1
+    if not counts:
+        raise ValueError(f"{path}: no floating-point tensors")
+    return max(counts, key=counts.get)
 
 
 def _save_tensors(tensors: dict[str, Array], file: pathlib.Path) -> None:
