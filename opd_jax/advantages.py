@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from opd_jax import divergences as divergences_lib
 
@@ -64,6 +65,45 @@ def check_same_shape(**arrays: Array) -> None:
         raise ValueError(f"expected matching [B, T] shapes, got {described}")
 
 
+def _dtype_of(x):
+    dtype = getattr(x, "dtype", None)
+    return np.dtype(dtype) if dtype is not None else np.asarray(x).dtype
+
+
+def check_float(**arrays: Array) -> None:
+    """Raise a ``ValueError`` naming the argument unless each array has a floating-point dtype.
+
+    Log-probabilities and logits are real numbers; an integer array is almost always a token-id
+    array passed in the wrong place, so it is refused rather than converted.
+    """
+    for name, a in arrays.items():
+        dtype = _dtype_of(a)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{name} must have a floating-point dtype (float16/bfloat16/float32/float64), got {dtype}")
+
+
+def check_mask(mask: Array, name: str = "mask") -> None:
+    """Raise a ``ValueError`` unless ``mask`` is bool, integer or float and holds only 0 and 1.
+
+    The values are checked only when ``mask`` is concrete (not a tracer inside ``jax.jit``,
+    ``vmap`` or ``grad`` of the mask): under tracing only the dtype can be checked, and a
+    non-binary traced mask is treated as ``mask != 0``.
+    """
+    dtype = _dtype_of(mask)
+    if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)
+            or jnp.issubdtype(dtype, jnp.floating)):
+        raise ValueError(f"{name} must be bool or hold 0/1 as integers or floats, got dtype {dtype}")
+    if jnp.issubdtype(dtype, jnp.bool_) or isinstance(mask, jax.core.Tracer):
+        return
+    values = np.asarray(mask)
+    bad = values[(values != 0) & (values != 1)]
+    if bad.size:
+        raise ValueError(
+            f"{name} must hold only 0 and 1 (or be bool), got {bad.size} other value(s), e.g. "
+            f"{', '.join(repr(v.item()) for v in bad.reshape(-1)[:3])}"
+        )
+
+
 def _check_estimator(estimator: str) -> None:
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
@@ -75,8 +115,7 @@ def _check_clip(log_ratio_clip: float | None) -> None:
 
 
 def _float_dtype(*arrays: Array):
-    dtype = jnp.result_type(*arrays)
-    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.result_type(float)
+    return jnp.result_type(*arrays)
 
 
 def masked_log_ratio(
@@ -88,12 +127,19 @@ def masked_log_ratio(
       student_logp: ``[B, T]`` float, log-probabilities of the sampled tokens under the student.
       teacher_logp: ``[B, T]`` float, the same tokens under the teacher.
       mask: ``[B, T]`` bool or {0, 1}; 1 at response tokens.
+
+    Raises:
+      ValueError: shapes differ, a log-probability array is not floating point (integers are
+        refused, not converted), or a concrete mask holds values other than 0 and 1 (a traced
+        mask cannot be checked; there any non-zero counts as 1).
       log_ratio_clip: if set, ``ℓ`` is clamped to ``[−c, c]``.
 
     Returns:
       ``[B, T]`` log-ratios in the promoted float dtype of the log-probabilities.
     """
     check_same_shape(student_logp=student_logp, teacher_logp=teacher_logp, mask=mask)
+    check_float(student_logp=student_logp, teacher_logp=teacher_logp)
+    check_mask(mask)
     _check_clip(log_ratio_clip)
     dtype = _float_dtype(student_logp, teacher_logp)
     student_logp = jax.lax.stop_gradient(jnp.asarray(student_logp, dtype))

@@ -26,6 +26,7 @@ arXiv 2606.01039 (2026).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 Array = jax.Array
 ElementwiseFn = Callable[..., Array]
 
-__all__ = ["Divergence", "custom", "get", "names"]
+__all__ = ["Divergence", "custom", "get", "names", "perspective"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,17 @@ class Divergence:
             return self.opd_plus_reward_fn(log_u, *self.params)
         return self.u_fprime(log_u) - self.f(log_u)
 
+    def conjugate(self) -> Divergence:
+        """The conjugate generator ``f̃(t) = t f(1/t)`` (Csiszár's dual): ``D_f̃(q ‖ π) = D_f(π ‖ q)``.
+
+        Every built-in's conjugate is a built-in: ``reverse_kl`` ↔ ``forward_kl``,
+        ``generalized_js(β)`` ↔ ``generalized_js(1 − β)``, ``pearson_chi2`` ↔ ``neyman_chi2``,
+        ``alpha(α)`` ↔ ``alpha(1 − α)``; ``js``, ``total_variation`` and ``squared_hellinger`` are
+        their own. For a custom generator it is ``f̃(s) = e^s f(−s)``, evaluated as written (exact
+        where ``f(−s)`` does not overflow).
+        """
+        return _conjugate(self)
+
     def __repr__(self) -> str:
         args = ", ".join(f"{p!r}" for p in self.params)
         return f"Divergence({self.name}{'(' + args + ')' if args else ''})"
@@ -113,12 +125,26 @@ def _reverse_kl_reward(log_u):
     return log_u - 1
 
 
-def _forward_kl_f(log_u):  # KL(q‖π): f(u) = u log u
-    return jnp.exp(log_u) * log_u
+def _with_limits(log_u, fn, at_minus_inf, at_plus_inf=None):
+    """``fn(ℓ)`` for finite ``ℓ``, the given limits at ``ℓ = −inf`` (``u = 0``) and, if set, at
+    ``ℓ = +inf``. ``fn`` only sees finite inputs (the double-where idiom), so an ``0 · inf`` inside
+    it reaches neither values nor gradients."""
+    replace = log_u == -jnp.inf
+    if at_plus_inf is not None:
+        replace = replace | (log_u == jnp.inf)
+    out = fn(jnp.where(replace, 0, log_u))
+    out = jnp.where(log_u == -jnp.inf, jnp.asarray(at_minus_inf, out.dtype), out)
+    if at_plus_inf is not None:
+        out = jnp.where(log_u == jnp.inf, jnp.asarray(at_plus_inf, out.dtype), out)
+    return out
 
 
-def _forward_kl_u_fprime(log_u):
-    return jnp.exp(log_u) * (log_u + 1)
+def _forward_kl_f(log_u):  # KL(q‖π): f(u) = u log u; 0 at u = 0
+    return _with_limits(log_u, lambda ell: jnp.exp(ell) * ell, 0.0)
+
+
+def _forward_kl_u_fprime(log_u):  # u log u + u; 0 at u = 0
+    return _with_limits(log_u, lambda ell: jnp.exp(ell) * (ell + 1), 0.0)
 
 
 def _forward_kl_reward(log_u):
@@ -173,11 +199,14 @@ def _generalized_js_f(log_u, beta):
     def far(ell):
         return beta * jnp.exp(ell) * _log_u_over_mixture(ell, beta) - (1 - beta) * _log_mixture(ell, beta)
 
-    return _near_or_far(log_u, near, far)
+    # f(0) = −(1 − β) log(1 − β); f(∞) = ∞ (the finite branches would give 0 · inf and inf − inf).
+    return _with_limits(
+        log_u, lambda ell: _near_or_far(ell, near, far), -(1 - beta) * math.log1p(-beta), jnp.inf
+    )
 
 
 def _generalized_js_u_fprime(log_u, beta):
-    return beta * jnp.exp(log_u) * _log_u_over_mixture(log_u, beta)
+    return _with_limits(log_u, lambda ell: beta * jnp.exp(ell) * _log_u_over_mixture(ell, beta), 0.0)
 
 
 def _generalized_js_reward(log_u, beta):
@@ -412,3 +441,139 @@ def custom(f: Callable[[Array], Array], name: str = "custom") -> Divergence:
     if not abs(at_one) <= 1e-6:
         raise ValueError(f"a generator needs f(1) = 0, but {name!r} gives f(1) = {at_one!r}")
     return Divergence(name, (), f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conjugates and the perspective p f(q/p), the per-entry term of a full-vocabulary divergence.
+# ---------------------------------------------------------------------------------------------
+
+# name -> params -> (name, params) of the conjugate t f(1/t)
+_CONJUGATES: dict[str, Callable[..., tuple[str, dict]]] = {
+    "reverse_kl": lambda: ("forward_kl", {}),
+    "forward_kl": lambda: ("reverse_kl", {}),
+    "js": lambda beta: ("js", {}),
+    "generalized_js": lambda beta: ("generalized_js", {"beta": 1.0 - beta}),
+    "total_variation": lambda: ("total_variation", {}),
+    "squared_hellinger": lambda: ("squared_hellinger", {}),
+    "pearson_chi2": lambda: ("neyman_chi2", {}),
+    "neyman_chi2": lambda: ("pearson_chi2", {}),
+    "alpha": lambda alpha: ("alpha", {"alpha": 1.0 - alpha}),
+}
+
+
+def _is_builtin(divergence: Divergence) -> bool:
+    entry = _REGISTRY.get(divergence.name)
+    return entry is not None and entry[1] is divergence.f_fn
+
+
+@functools.lru_cache(maxsize=None)
+def _conjugate(divergence: Divergence) -> Divergence:
+    # Cached so that a custom generator's conjugate is one object (a stable jit static argument).
+    if _is_builtin(divergence):
+        name, params = _CONJUGATES[divergence.name](*divergence.params)
+        return get(name, **params)
+    f_fn, params = divergence.f_fn, divergence.params
+    return Divergence(f"conjugate({divergence.name})", (), lambda s: jnp.exp(s) * f_fn(-s, *params))
+
+
+def _power_growth(divergence: Divergence) -> tuple[float, float] | None:
+    """``(a, c)`` when ``f = c · f_a`` with ``f_a`` the alpha generator and ``a < 0``: the built-ins
+    whose ``f(t)`` grows like ``t^a`` as ``t → 0`` (``neyman_chi2 = 2 · alpha(−1)``, ``alpha``
+    with ``α < 0``); ``None`` for every other generator (bounded or logarithmic at ``t → 0``)."""
+    if not _is_builtin(divergence):
+        return None
+    if divergence.name == "neyman_chi2":
+        return -1.0, 2.0
+    if divergence.name == "alpha" and divergence.params[0] < 0:
+        return divergence.params[0], 1.0
+    return None
+
+
+# Where a·log t exceeds this, the growing generators are evaluated as t^a times a mantissa of
+# order one; below it t^a ≤ e^5 cannot push a product out of range by much.
+_GROWTH_SWITCH = 5.0
+
+
+def _times_generator(log_scale, log_t, divergence: Divergence):
+    """``e^{log_scale} · (f, u f', u f' − f)(t)`` of ``divergence`` at ``t = e^{log_t} ≤ 1``.
+
+    ``log_t`` may be ``−inf`` (``t = 0``: the limits). For the generators that grow like ``t^a``
+    (:func:`_power_growth`) the product is formed in log space, ``exp(log_scale + a log t +
+    log|mantissa|)``, so it is finite wherever the true product is, even where ``t^a`` alone
+    overflows.
+    """
+    def times_scale(value):
+        # log_scale is finite, so the scale is > 0 even where exp underflows: ±inf stays ±inf
+        # (p f(0) = +inf for reverse KL at p = e^{-300}), never 0 · inf.
+        is_inf = jnp.isinf(value)
+        return jnp.where(is_inf, value, jnp.exp(log_scale) * jnp.where(is_inf, 0, value))
+
+    growth = _power_growth(divergence)
+    if growth is None:
+        return (
+            times_scale(divergence.f(log_t)),
+            times_scale(divergence.u_fprime(log_t)),
+            times_scale(divergence.opd_plus_reward(log_t)),
+        )
+    a, c = growth
+    is_large = a * log_t > _GROWTH_SWITCH
+    t_plain = jnp.where(is_large, 0, log_t)
+    plain = (
+        times_scale(divergence.f(t_plain)),
+        times_scale(divergence.u_fprime(t_plain)),
+        times_scale(divergence.opd_plus_reward(t_plain)),
+    )
+    s = jnp.where(is_large, log_t, 2 * _GROWTH_SWITCH / a)  # each branch sees only its own inputs
+    # f_a / t^a, (u f_a') / t^a, (u f_a' − f_a) / t^a; every exp below is ≤ e^{−5}.
+    mantissas = (
+        c * (1 - a * jnp.exp((1 - a) * s) - (1 - a) * jnp.exp(-a * s)) / (a * (a - 1)),
+        c * -jnp.expm1((1 - a) * s) / (a - 1),
+        c * -jnp.expm1(-a * s) / a,
+    )
+    log_growth = jnp.where(is_large, log_scale, 0) + a * s
+    return tuple(
+        jnp.where(is_large, jnp.sign(m) * jnp.exp(log_growth + jnp.log(jnp.abs(m))), value)
+        for m, value in zip(mantissas, plain)
+    )
+
+
+def perspective(divergence: str | Divergence, log_p: Array, log_q: Array) -> tuple[Array, Array]:
+    """The per-entry term ``p f(q/p)`` of ``D_f(q ‖ π) = Σ_v π(v) f(q(v)/π(v))`` and its derivative
+    in ``log p``, from log-probabilities, finite wherever the true values are.
+
+    With ``ℓ = log q − log p``: where ``u ≤ 1`` the term is ``p f(u)``; where ``u > 1`` it is
+    ``q f̃(1/u)`` with ``f̃`` the :meth:`Divergence.conjugate`, so ``f`` and ``f̃`` are only ever
+    evaluated at ratios in ``[0, 1]``, from ``−|ℓ|``, multiplied by the larger probability; no
+    ratio of probabilities is formed. The derivative ``∂/∂log p [p f(q/p)] = p (f(u) − u f'(u))``
+    gets the same treatment: ``−p (u f'(u) − f(u))`` where ``u ≤ 1`` and ``q · t f̃'(t)`` at
+    ``t = 1/u`` where ``u > 1``.
+
+    Conventions at zero probabilities (``−inf`` log-probabilities): ``p = q = 0`` gives term 0 and
+    derivative 0 (``0 · f(·) = 0``); ``p = 0 < q`` gives ``q · f̃(0) = q · lim_{u→∞} f(u)/u``, which
+    is ``+inf`` for ``forward_kl``, ``pearson_chi2`` and ``alpha`` with ``α > 1``; ``q = 0 < p``
+    gives ``p f(0)``, ``+inf`` for ``reverse_kl``, ``neyman_chi2`` and ``alpha`` with ``α < 0``.
+    Never NaN for the built-in generators (a custom generator's conjugate is evaluated as written).
+
+    Args:
+      divergence: a name or a ``Divergence``.
+      log_p: float array, the student's log-probabilities ``log π(v)`` (``≤ 0``, may be ``−inf``).
+      log_q: float array of the same shape, the teacher's ``log q(v)``.
+
+    Returns:
+      ``(term, d_term_d_log_p)``, arrays of the shape and dtype of ``log_p``.
+    """
+    divergence = get(divergence)
+    conjugate = divergence.conjugate()
+    log_p, log_q = _as_float(log_p), _as_float(log_q)
+    both_zero = (log_p == -jnp.inf) & (log_q == -jnp.inf)
+    log_p = jnp.where(both_zero, 0, log_p)
+    log_q = jnp.where(both_zero, 0, log_q)
+    above_one = log_q > log_p  # u > 1: the conjugate branch
+    log_larger = jnp.maximum(log_p, log_q)
+    log_t = jnp.minimum(log_p, log_q) - log_larger  # −|ℓ| ∈ [−inf, 0]
+    f_below, ufp_below, reward_below = _times_generator(log_larger, log_t, divergence)
+    f_above, ufp_above, _ = _times_generator(log_larger, log_t, conjugate)
+    term = jnp.where(above_one, f_above, f_below)
+    d_term = jnp.where(above_one, ufp_above, -reward_below)
+    zero = jnp.zeros((), term.dtype)
+    return jnp.where(both_zero, zero, term), jnp.where(both_zero, zero, d_term)

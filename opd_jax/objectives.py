@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from opd_jax import divergences as divergences_lib
-from opd_jax.advantages import check_same_shape
+from opd_jax.advantages import check_float, check_mask, check_same_shape
 from opd_jax.chunking import map_row_chunks
 
 Array = jax.Array
@@ -148,19 +148,35 @@ def full_vocab_divergence(
     the temporaries of the forward and backward pass are ``O(chunk_size · V)`` instead of
     ``O(B · T · V)``; the result is the same as the unchunked one.
 
-    Numerics: terms are ``π(v) f(u_v)``; a token with ``π(v)`` below the float range and ``q(v)``
-    not (``|ℓ| ≳ 88`` in float32) can give ``inf · 0``. Pass float64 logits when that matters.
+    Numerics (float32 included). Each term ``π(v) f(u_v)`` is formed by
+    :func:`opd_jax.divergences.perspective` from ``log π`` and ``log q``: as ``π f(u)`` where
+    ``u ≤ 1`` and as ``q f̃(1/u)`` (``f̃`` the conjugate generator) where ``u > 1``, so it is
+    finite and accurate for any finite logits wherever the true value is within the float range,
+    and its derivative gets the same treatment. ``−inf`` logits are zero-probability tokens:
+    ``0 · f(·) = 0`` where both models give a token probability 0; where only one does, the term
+    is its limit, ``+inf`` where the divergence is infinite (e.g. ``forward_kl`` with
+    ``π(v) = 0 < q(v)``, ``reverse_kl`` with ``q(v) = 0 < π(v)``). Values are never NaN. A row whose
+    value (or the derivative of one of its terms) is not finite gets a zero gradient: no finite
+    descent direction is available there, and its ``+inf`` value says so. Each row needs at least
+    one finite logit in each model.
+
+    Masked positions contribute 0 to values and gradients, whatever their logits hold (NaN and
+    ``±inf`` included): they are replaced before any arithmetic.
 
     Args:
       student_logits: ``[B, T, V]`` float (any float dtype).
       teacher_logits: ``[B, T, V]`` float.
-      mask: ``[B, T]`` bool or {0, 1}.
+      mask: ``[B, T]`` bool or {0, 1} (values are checked when the mask is concrete, not traced).
       divergence: a name or a ``Divergence``.
       chunk_size: tokens per chunk (over the flattened ``B · T`` axis), ``None`` for no chunking.
 
     Returns:
       ``[B, T]`` divergences in the compute dtype (float32, or float64 for float64 logits), 0 at
       masked positions.
+
+    Raises:
+      ValueError: shapes that do not match, non-float logits, or a concrete mask with values
+        other than 0 and 1.
     """
     divergence = divergences_lib.get(divergence)
     student_logits = jnp.asarray(student_logits)
@@ -175,27 +191,41 @@ def full_vocab_divergence(
         raise ValueError(
             f"mask {list(jnp.shape(mask))} does not match logits [B, T] = {[batch, length]}"
         )
+    check_float(student_logits=student_logits, teacher_logits=teacher_logits)
+    check_mask(mask)
     compute_dtype = jnp.promote_types(student_logits.dtype, jnp.float32)
-
+    in_response_BxT = jnp.asarray(mask).astype(bool)
     divergence_per_token = _per_token_divergence(divergence, compute_dtype)
+
+    def masked_per_token(student_NxV, teacher_NxV, keep_N):
+        # Padding is replaced before any arithmetic (not masked afterwards), so NaN / inf there
+        # never enters the backward pass: the cotangent of the replaced entries is exactly 0.
+        # Done per chunk, so no masked copy of the full logits is materialised.
+        keep_Nx1 = keep_N[:, None]
+        student_NxV = jnp.where(keep_Nx1, student_NxV, jnp.zeros((), student_NxV.dtype))
+        teacher_NxV = jnp.where(keep_Nx1, teacher_NxV, jnp.zeros((), teacher_NxV.dtype))
+        return divergence_per_token(student_NxV, teacher_NxV)
+
     num_tokens = batch * length
     student_flat = student_logits.reshape(num_tokens, vocab)
     teacher_flat = teacher_logits.reshape(num_tokens, vocab)
-    per_token = map_row_chunks(divergence_per_token, student_flat, teacher_flat, chunk_size=chunk_size)
+    per_token = map_row_chunks(
+        masked_per_token, student_flat, teacher_flat, in_response_BxT.reshape(num_tokens), chunk_size=chunk_size
+    )
     per_token = per_token.reshape(batch, length)
-    return jnp.where(jnp.asarray(mask).astype(bool), per_token, jnp.zeros((), compute_dtype))
+    return jnp.where(in_response_BxT, per_token, jnp.zeros((), compute_dtype))
 
 
 def _per_token_divergence(divergence: divergences_lib.Divergence, compute_dtype):
     """``[N, V], [N, V] -> [N]``: ``Σ_v π(v) f(q(v)/π(v))`` with a closed-form derivative.
 
     The derivative in the student logits ``z`` is written out instead of differentiating ``f``:
-    ``∂/∂log π(v) [π(v) f(q(v)/π(v))] = π(v) (f(u_v) − u_v f'(u_v)) = −π(v) R(ℓ_v)`` with ``R`` the
-    OPD+ reward ``u f'(u) − f(u)`` (:meth:`Divergence.opd_plus_reward`, closed form), and
-    ``d log π = dz − Σ_w π(w) dz_w``. Automatic differentiation would go through both branches of
-    every stable form of ``f`` (series, ``where``); the closed form costs one ``R`` per entry, is
-    exact (same value up to rounding) and, being a JVP rule, stays differentiable to any order.
-    The teacher is a constant: its tangent is ignored.
+    ``w_v = ∂/∂log π(v) [π(v) f(q(v)/π(v))] = π(v) (f(u_v) − u_v f'(u_v))`` comes from
+    :func:`opd_jax.divergences.perspective` (formed like the term itself, from the larger of the two
+    probabilities), and ``d log π = dz − Σ_w π(w) dz_w``. Automatic differentiation would go through
+    both branches of every stable form of ``f`` (series, ``where``); the closed form costs one weight
+    per entry, is exact (same value up to rounding) and, being a JVP rule, stays differentiable to
+    any order. The teacher is a constant: its tangent is ignored.
     """
 
     def log_probs(student_NxV, teacher_NxV):
@@ -205,19 +235,22 @@ def _per_token_divergence(divergence: divergences_lib.Divergence, compute_dtype)
 
     @jax.custom_jvp
     def per_token(student_NxV: Array, teacher_NxV: Array) -> Array:
-        log_p, log_q = log_probs(student_NxV, teacher_NxV)
-        return jnp.sum(jnp.exp(log_p) * divergence.f(log_q - log_p), axis=-1)
+        term, _ = divergences_lib.perspective(divergence, *log_probs(student_NxV, teacher_NxV))
+        return jnp.sum(term, axis=-1)
 
     @per_token.defjvp
     def per_token_jvp(primals, tangents):
         student_NxV, teacher_NxV = primals
         d_student_NxV = tangents[0].astype(compute_dtype)
         log_p, log_q = log_probs(student_NxV, teacher_NxV)
-        p = jnp.exp(log_p)
-        log_u = log_q - log_p
-        value = jnp.sum(p * divergence.f(log_u), axis=-1)
-        weight = p * divergence.opd_plus_reward(log_u)
-        d_log_p = d_student_NxV - jnp.sum(p * d_student_NxV, axis=-1, keepdims=True)
-        return value, -jnp.sum(weight * d_log_p, axis=-1)
+        term, weight = divergences_lib.perspective(divergence, log_p, log_q)
+        value = jnp.sum(term, axis=-1)
+        # A row whose value or a weight is not finite gets weight 0 (documented above): a
+        # non-finite weight would make the transposed product (cotangent · weight) NaN.
+        finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(weight), axis=-1)
+        finite = finite & jnp.isfinite(jnp.sum(jnp.where(finite[:, None], weight, 0), axis=-1))
+        weight = jnp.where(finite[:, None], weight, jnp.zeros((), weight.dtype))
+        d_log_p = d_student_NxV - jnp.sum(jnp.exp(log_p) * d_student_NxV, axis=-1, keepdims=True)
+        return value, jnp.sum(weight * d_log_p, axis=-1)
 
     return per_token
