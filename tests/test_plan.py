@@ -1,0 +1,297 @@
+"""opd-jax plan: ahead-of-time compiles of a step for TPU topologies (libtpu on this CPU host), its
+report, the topology names, the model presets and every refusal of bad input before compiling."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from opd_jax import plan, topologies
+from opd_jax.cli import main
+from opd_jax.models import DecoderConfig
+from opd_jax.models.presets import PRESETS, resolve_model
+
+pytest.importorskip("libtpu", reason='the TPU compiler comes with the tpu extra: pip install "opd-jax[tpu]"')
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PROGRAM_KEYS = ("argument_bytes", "output_bytes", "temp_bytes", "peak_bytes", "flops", "compile_seconds")
+TINY = DecoderConfig("qwen3", vocab_size=1024, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=64, max_position_embeddings=4096, eos_token_id=(1,))
+# A small plan: 8 rows of 256 = 64 prompt + 192 new tokens, 2 update minibatches of 4 rows.
+SMALL = ["--sequence-length", "256", "--prompt-length", "64", "--prompts-per-step", "4", "--group-size", "2",
+         "--minibatches", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> pathlib.Path:
+    folder = tmp_path_factory.mktemp("tiny")
+    (folder / "config.json").write_text(json.dumps(TINY.to_hf()))
+    return folder
+
+
+def _plan(capsys, *args) -> tuple[int, str, str]:
+    status = main(["plan", *args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def tpu_plan():
+    """The three programs of the small plan compiled for v5p-8 (4 chips), and their report."""
+    config = plan.PlanConfig(student=TINY, teacher=TINY, topology="v5p-8", sequence_length=256, prompt_length=64,
+                             prompts_per_step=4, group_size=2, minibatches=2)
+    compiled = plan.compile_programs(config)
+    return compiled, plan.report(compiled)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiling for a TPU topology
+
+
+def test_cli_json_has_the_contract_keys_and_fits_agrees_with_the_bytes(capsys, tiny_folder, tmp_path):
+    out_file = tmp_path / "plan.json"
+    status, out, err = _plan(capsys, "--topology", "v5p-8", "--student", str(tiny_folder), "--teacher",
+                             str(tiny_folder), *SMALL, "--json", str(out_file))
+    assert status == 0, err
+    for index, name in enumerate(plan.PROGRAMS, 1):
+        assert f"compiling {name} ({index}/3)..." in err
+    assert "fits: yes" in out and "| update | 2 |" in out
+    result = json.loads(out_file.read_text())
+    assert result["topology"] == "v5p-8" and result["devices"] == 4
+    assert result["device_memory_bytes"] == 95 * 2**30  # the documented 95 GiB, below the compiler's 95.73
+    assert set(result["programs"]) == set(plan.PROGRAMS)
+    for name, program in result["programs"].items():
+        for key in PROGRAM_KEYS:
+            assert program[key] > 0, (name, key)
+        assert program["peak_bytes"] <= program["argument_bytes"] + program["output_bytes"] + program["temp_bytes"]
+        # Loops multiplied out: never fewer FLOPs than XLA's count of each loop body once.
+        assert program["flops"] >= program["xla_flops"] > 0
+    totals = [p["peak_bytes"] + p["resident_bytes"] for p in result["programs"].values()]
+    assert result["fits"] is (max(totals) <= result["device_memory_bytes"]) is True
+    assert result["estimated_step_seconds"] == pytest.approx(sum(
+        p["executions"] * p["roofline_seconds"] for p in result["programs"].values()))
+    assert result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert result["models"]["attention"] == "splash"
+
+
+def test_splash_kernel_is_in_the_compiled_update_and_score(tpu_plan):
+    compiled, _ = tpu_plan
+    assert compiled.attention == "splash"
+    for name in ("update", "score"):
+        assert 'custom_call_target="tpu_custom_call"' in compiled.compiled[name].as_text(), name
+    # The sampler's cached attention has no splash form (it runs chunked).
+    assert "tpu_custom_call" not in compiled.compiled["rollout"].as_text()
+
+
+def test_rollout_is_prefill_plus_one_roofline_per_decode_step(tpu_plan):
+    _, result = tpu_plan
+    phases = result["programs"]["rollout"]["phases"]
+    assert phases["decode step"]["repeats"] == 192
+    decode, prefill = phases["decode step"], phases["prefill"]
+    assert result["programs"]["rollout"]["roofline_seconds"] == pytest.approx(
+        prefill["roofline_seconds"] + 192 * decode["roofline_seconds"])
+    # A decode step is one token per row: memory-bound on the chip (bytes / bandwidth > FLOPs / peak).
+    chip = topologies.CHIPS["v5p"]
+    assert decode["bytes_accessed"] / chip.hbm_bandwidth > decode["flops"] / chip.peak_flops
+
+
+def test_update_flops_follow_the_model_not_one_scanned_layer(tpu_plan):
+    """XLA counts the layer scan once; the report's FLOPs must be those of every layer.
+
+    Forward matmuls of the student over the minibatch, 2·params·tokens (attention's share at 256
+    tokens is small), then the backward (2×) and the recomputed forward under remat="full" (1×):
+    about 4× in all (the vocabulary projection is rematerialised too), split over 4 devices.
+    """
+    _, result = tpu_plan
+    tokens = 4 * 256
+    layer_params = 2 * 256 * 4 * 64 + 2 * 256 * 2 * 64 + 3 * 256 * 512
+    head = 256 * 1024
+    expected = 2 * tokens * 4 * (2 * layer_params + head) / 4
+    update = result["programs"]["update"]
+    assert update["flops"] == pytest.approx(expected, rel=0.15)
+    assert update["xla_flops"] < 0.8 * expected  # what a per-loop-body-once count misses
+
+
+def test_a_plan_that_does_not_fit_says_so_and_exits_0(capsys, tmp_path):
+    """Unchunked [rows · L, V] logits of a large vocabulary on one v5e chip: the compiler refuses
+    scoring (CompileTimeHbmOom), which the plan reports as not fitting, naming the program."""
+    wide = DecoderConfig("qwen3", vocab_size=65536, hidden_size=128, intermediate_size=256, num_layers=2,
+                         num_heads=2, num_kv_heads=1, head_dim=64, max_position_embeddings=8192)
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(wide.to_hf()))
+    out_file = tmp_path / "plan.json"
+    status, out, err = _plan(capsys, "--topology", "v5e-1", "--student", str(folder), "--teacher", str(folder),
+                             "--sequence-length", "4096", "--prompt-length", "64", "--prompts-per-step", "16",
+                             "--group-size", "1", "--minibatches", "1", "--json", str(out_file))
+    assert status == 0, err
+    result = json.loads(out_file.read_text())
+    assert result["fits"] is False
+    over = {o["program"]: o["bytes_over"] for o in result["over"]}
+    assert over["score"] > 0
+    score = result["programs"]["score"]
+    assert score["peak_bytes"] > result["device_memory_bytes"]
+    assert "fits: NO" in out and "score is" in out and "GiB over" in out and "--logit-chunk-size" in out
+
+
+def test_cpu_topology_in_a_subprocess(tiny_folder, tmp_path):
+    out_file = tmp_path / "plan.json"
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "opd_jax", "plan", "--topology", "cpu:8", "--student", str(tiny_folder),
+         "--teacher", str(tiny_folder), *SMALL, "--attention", "xla", "--json", str(out_file)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(out_file.read_text())
+    assert result["devices"] == 8 and result["chip"]["name"] == "cpu"
+    # 4-row update minibatches cannot split over 8 devices: the default mesh moves a factor to tensor.
+    assert result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert result["models"]["student"]["compute_dtype"] == "float32"  # "auto" on CPU
+    assert all(result["programs"][name]["peak_bytes"] > 0 for name in plan.PROGRAMS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Counting work on the jaxpr
+
+
+def test_walk_multiplies_scans_and_the_decode_loop():
+    w = jax.ShapeDtypeStruct((5, 64, 64), jnp.float32)
+    x = jax.ShapeDtypeStruct((8, 64), jnp.float32)
+
+    def scanned(x, w):
+        return jax.lax.scan(lambda c, w: (c @ w, None), x, w)[0]
+
+    def looped(x, w):
+        return jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, scanned(c[1], w)), (0, x))[1]
+
+    one_matmul = 2 * 8 * 64 * 64
+    jaxpr = jax.jit(scanned).trace(x, w).jaxpr.jaxpr
+    assert plan._walk(jaxpr, multiply=False, decode_trips=3).flops == one_matmul
+    assert plan._walk(jaxpr, multiply=True, decode_trips=3).flops == 5 * one_matmul
+    jaxpr = jax.jit(looped).trace(x, w).jaxpr.jaxpr
+    assert plan._walk(jaxpr, multiply=True, decode_trips=3).flops == 15 * one_matmul
+    assert plan._decode_loop(jaxpr) is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Topologies and presets
+
+
+@pytest.mark.parametrize("name, libtpu_name, devices", [
+    ("v5p-8", "v5p:2x2x1", 4), ("v5p-16", "v5p:2x2x2", 8), ("v5p-32", "v5p:2x2x4", 16), ("v5p-64", "v5p:2x4x4", 32),
+    ("v5p-128", "v5p:4x4x4", 64), ("v4-8", "v4:2x2x1", 4), ("v5e-4", "v5e:2x2", 4), ("v5litepod-8", "v5e:2x4", 8),
+    ("v6e-64", "v6e:8x8", 64), ("v6e-32", "v6e:4x8", 32), ("v5p:2x4x4", "v5p:2x4x4", 32),
+])
+def test_cloud_tpu_names_map_to_libtpu_topologies(name, libtpu_name, devices):
+    topology = topologies.parse_topology(name)
+    assert (topology.libtpu_name, topology.num_devices) == (libtpu_name, devices)
+    assert len(topology.devices()) == devices  # a v4 megacore chip is one device
+
+
+def test_chip_table_memory():
+    assert topologies.CHIPS["v5p"].memory_bytes == 95 * 2**30
+    assert topologies.CHIPS["v5e"].memory_bytes == int(15.75 * 2**30)  # the compiler keeps 256 MiB of 16 GiB
+    for chip in topologies.CHIPS.values():
+        assert chip.peak_flops > 0 and chip.hbm_bandwidth > 0 and chip.source
+
+
+def test_presets_hold_the_published_sizes():
+    assert set(PRESETS) == {"qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b",
+                            "llama3.1-8b", "qwen2.5-7b"}
+    assert [PRESETS[n].tie_word_embeddings for n in ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b")] == [
+        True, True, True, False]
+    q8 = resolve_model("Qwen3-8B")
+    assert (q8.hidden_size, q8.intermediate_size, q8.num_layers, q8.num_heads, q8.num_kv_heads, q8.head_dim) == (
+        4096, 12288, 36, 32, 8, 128)
+    assert resolve_model("llama3.1-8b").rope.rope_type == "llama3"
+    assert resolve_model("qwen2.5-7b").qkv_bias
+    counts = {name: plan._count(plan._abstract_model(PRESETS[name], "bfloat16", "bfloat16", "xla", "none")[1])
+              for name in ("qwen3-1.7b", "qwen3-8b", "llama3.1-8b")}
+    assert counts == {"qwen3-1.7b": pytest.approx(1.72e9, rel=0.01), "qwen3-8b": pytest.approx(8.19e9, rel=0.01),
+                      "llama3.1-8b": pytest.approx(8.03e9, rel=0.01)}
+
+
+def test_resolve_model_reads_a_folder(tiny_folder):
+    assert resolve_model(tiny_folder) == resolve_model(str(tiny_folder))
+    assert resolve_model(tiny_folder).hidden_size == 256
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: refused before compiling, naming the field and what is allowed
+
+
+def _refused(capsys, tiny_folder, *args) -> str:
+    base = {"--topology": "v5p-8", "--student": str(tiny_folder), "--teacher": str(tiny_folder)}
+    given = dict(zip(args[::2], args[1::2]))
+    argv = [x for key, value in {**base, **given}.items() for x in (key, value)]
+    defaults = dict(zip(SMALL[::2], SMALL[1::2]))
+    argv += [x for key, value in defaults.items() if key not in given for x in (key, value)]
+    status, out, err = _plan(capsys, *argv)
+    assert status == 2, (out, err)
+    assert "compiling" not in err  # refused before any compile
+    return err
+
+
+def test_unknown_topology_lists_the_valid_forms(capsys, tiny_folder):
+    err = _refused(capsys, tiny_folder, "--topology", "v7-8")
+    assert "unknown topology 'v7-8'" in err and "v5p-N" in err and "v6e-N" in err and "cpu:N" in err
+    err = _refused(capsys, tiny_folder, "--topology", "v5p-12")
+    assert "TensorCores" in err and "8, 16, 32, 64" in err
+    err = _refused(capsys, tiny_folder, "--topology", "v6e-2")
+    assert "v6e-N counts chips" in err and "1, 4, 8, 16, 32, 64, 128, 256" in err
+
+
+def test_unknown_preset_lists_the_presets(capsys, tiny_folder):
+    err = _refused(capsys, tiny_folder, "--student", "qwen9-1b")
+    assert "unknown model 'qwen9-1b'" in err and all(name in err for name in PRESETS)
+
+
+def test_mesh_must_divide_the_chips(capsys, tiny_folder):
+    err = _refused(capsys, tiny_folder, "--mesh", "1,3,1")
+    assert "mesh data=1 × fsdp=3 × tensor=1 = 3 devices" in err and "has 4" in err
+
+
+def test_mesh_tensor_must_divide_the_heads(capsys, tiny_folder):
+    err = _refused(capsys, tiny_folder, "--mesh", "1,1,4")
+    assert "'tensor' (4)" in err and "num_heads (4)" in err and "num_kv_heads (2)" in err
+
+
+def test_mesh_must_divide_the_batch(capsys, tiny_folder):
+    err = _refused(capsys, tiny_folder, "--mesh", "1,4,1", "--prompts-per-step", "2", "--minibatches", "2")
+    assert "update minibatch" in err and "'data' (1) × 'fsdp' (4) = 4" in err and "2 rows" in err
+
+
+def test_sequence_length_over_the_context_is_refused(capsys, tiny_folder):
+    err = _refused(capsys, tiny_folder, "--sequence-length", "8192", "--prompt-length", "64")
+    assert "sequence_length 8192 exceeds" in err and "max_position_embeddings 4096" in err
+
+
+def test_prompt_must_be_shorter_than_the_sequence(capsys, tiny_folder):
+    err = _refused(capsys, tiny_folder, "--sequence-length", "256", "--prompt-length", "256")
+    assert "prompt_length (256) must be < sequence_length (256)" in err
+
+
+def test_unavailable_attention_is_refused(capsys, tiny_folder):
+    err = _refused(capsys, tiny_folder, "--attention", "cudnn")
+    assert "'cudnn'" in err and "GPU" in err
+
+
+def test_missing_libtpu_says_how_to_install_it(capsys, tiny_folder, monkeypatch):
+    real_find_spec = topologies.importlib.util.find_spec
+    monkeypatch.setattr(topologies.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "libtpu" else real_find_spec(name, *a))
+    err = _refused(capsys, tiny_folder)
+    assert 'pip install "opd-jax[tpu]"' in err
+
+
+def test_cpu_topology_needs_the_devices_up_front():
+    jax.devices()  # the CPU backend of this process has started with its device count
+    count = len(jax.devices("cpu")) + 1
+    with pytest.raises(ValueError, match=f"JAX_NUM_CPU_DEVICES={count}"):
+        topologies.parse_topology(f"cpu:{count}").devices()
