@@ -1,6 +1,7 @@
 """Tokenizers from local folders, prompt encoding with chat templates, and the compatibility check."""
 
 import dataclasses
+import re
 import pathlib
 import sys
 
@@ -76,3 +77,100 @@ def test_mismatches_fail_loudly_naming_both_sides(folder, tmp_path):
     with pytest.raises(ValueError, match="smaller than the tokenizer"):
         small = dataclasses.replace(_config(512), vocab_size=len(teacher) - 1)
         tokenization.check_compatible(teacher, teacher, small, small)
+
+
+def _edited(folder, tmp_path, name, edit):
+    """A copy of the tokenizer in ``folder`` with ``edit(spec)`` applied to its tokenizer.json."""
+    import json
+    import shutil
+
+    copy = tmp_path / name
+    shutil.copytree(folder, copy)
+    spec = json.loads((copy / "tokenizer.json").read_text())
+    edit(spec)
+    (copy / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    return tokenization.load_tokenizer(copy)
+
+
+def _differences(teacher, student, **options):
+    return tokenization.compatibility_differences(teacher, student, _config(512), _config(512), **options)
+
+
+def test_swapped_ordinary_token_ids_are_caught_with_both_tokens_named(folder, tmp_path):
+    # Same size, same merges, same special tokens: a probe text need not contain either token.
+    teacher = tokenization.load_tokenizer(folder)
+    probed = set(teacher.encode(tokenization.DEFAULT_PROBE)) | set(
+        teacher.apply_chat_template(list(tokenization.PROBE_CONVERSATION), add_generation_prompt=True)["input_ids"])
+    i = next(i for i in range(len(tokenization.PROBE_CONVERSATION), 200) if not {i, i + 1} & probed)
+    swapped = tokenization.load_tokenizer(_make_tokenizer(tmp_path / "swapped", swap_ids=(i, i + 1)))
+    first, second = teacher.convert_ids_to_tokens([i, i + 1])
+    assert swapped.convert_tokens_to_ids([first, second]) == [i + 1, i] and len(swapped) == len(teacher)
+    assert _differences(teacher, swapped) == [
+        f"teacher/student vocabulary mismatch: 2 token(s) have different ids: {first!r} teacher {i}, student {i + 1}, "
+        f"{second!r} teacher {i + 1}, student {i}"
+    ]
+    with pytest.raises(ValueError, match=r"would not score the same token ids \(1 difference\)"):
+        tokenization.check_compatible(teacher, swapped, _config(512), _config(512))
+
+
+def test_merges_model_options_pre_tokenizer_and_special_flags_are_each_named(folder, tmp_path):
+    teacher = tokenization.load_tokenizer(folder)
+
+    def drop_last_merge(spec):
+        spec["model"]["merges"] = spec["model"]["merges"][:-1]
+
+    def byte_fallback(spec):
+        spec["model"]["byte_fallback"] = True
+
+    def prefix_space(spec):
+        spec["pre_tokenizer"]["add_prefix_space"] = True
+
+    def not_special(spec):
+        next(t for t in spec["added_tokens"] if t["content"] == "<|im_start|>")["special"] = False
+
+    expected = {
+        "merges": (drop_last_merge, r"teacher/student BPE merges mismatch: first difference at position 39 "
+                                    r"\(lengths 40 and 39\)"),
+        "fallback": (byte_fallback, r"tokenizer model option 'byte_fallback' mismatch: teacher False, student True"),
+        "prefix": (prefix_space, r"teacher/student pre_tokenizer mismatch: teacher \{.*\"add_prefix_space\": false"),
+        "special": (not_special, r"added/special tokens mismatch: 1 id\(s\) differ: id 1: teacher '<\|im_start\|>' "
+                                 r"\(special\), student '<\|im_start\|>'$"),
+    }
+    for name, (edit, message) in expected.items():
+        found = _differences(teacher, _edited(folder, tmp_path, name, edit))
+        assert any(re.search(message, d) for d in found), (name, found)
+
+
+def test_chat_templates_are_compared_by_their_rendering_of_a_probe_conversation(folder, tmp_path):
+    teacher = tokenization.load_tokenizer(folder)
+    # Renders user and assistant turns as the default does, a system turn differently.
+    other = "{% for m in messages %}<|im_start|>{{ 'sys' if m['role'] == 'system' else m['role'] }}\n" \
+            "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    other_template = tokenization.load_tokenizer(_make_tokenizer(tmp_path / "other", chat_template=other))
+    assert other_template.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
+        teacher.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    [found] = _differences(teacher, other_template)
+    assert found.startswith("teacher/student chat-template rendering of the probe conversation mismatch: "
+                            "first difference at position 15 (lengths 263 and 260): teacher 'system\\nY', "
+                            "student 'sys\\nYou '")
+    no_template = tokenization.load_tokenizer(_make_tokenizer(tmp_path / "none", chat_template=None))
+    [found] = _differences(teacher, no_template)
+    assert found.startswith("teacher/student chat template mismatch: teacher gives '<|im_start|>system")
+    assert found.endswith("student gives 'no chat_template'")
+    # Plain-text prompts (--no-chat-template) never use the templates.
+    assert _differences(teacher, no_template, chat_template=False) == []
+
+
+def test_every_difference_is_named_at_once(folder, tmp_path):
+    teacher = tokenization.load_tokenizer(folder)
+    student = tokenization.load_tokenizer(
+        _make_tokenizer(tmp_path / "many", eos="<|im_start|>", chat_template=None, swap_ids=(100, 101))
+    )
+    with pytest.raises(ValueError) as error:
+        tokenization.check_compatible(teacher, student, _config(512), _config(1024))
+    message = str(error.value)
+    assert "(4 differences)" in message
+    for part in ("vocabulary mismatch: 2 token(s) have different ids", "eos_token_id mismatch: teacher 2, student 1",
+                 "chat template mismatch",
+                 "model vocab_size (config.json) mismatch: teacher 512, student 1024"):
+        assert part in message, (part, message)
