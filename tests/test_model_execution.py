@@ -160,9 +160,10 @@ def test_bfloat16_compute_stays_close_to_float32_and_keeps_master_weights():
     logp, grads = _logp_and_grads(mixed, tokens, mask)
     assert logp.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
     real = np.asarray(mask)
-    # Documented tolerance (README, Pod scale): per-token log-probs within 0.1 nats of float32.
+    # Documented tolerance (docs/pod_scale.md): per-token log-probs within 0.01 nats of float32 here
+    # (measured 1.1e-3 at most, 3.6e-4 on average).
     error = np.max(np.abs(np.asarray(logp - logp_ref)[real]))
-    assert 1e-4 < error < 0.1, error  # it does run in bfloat16, and stays close
+    assert 1e-4 < error < 1e-2, error  # it does run in bfloat16, and stays close
     hidden, cache = mixed.hidden_states(tokens[:, :4], cache=models.KVCache.zeros(config, 3, 8, mixed.compute_dtype))
     assert hidden.dtype == jnp.bfloat16 and cache.keys_LxBxSxKxH.dtype == jnp.bfloat16
 
