@@ -527,8 +527,6 @@ def run_train(args: argparse.Namespace) -> int:
         records = data.read_prompt_records(args.prompts)
         folder_configs = {}
         for flag, folder in (("--teacher", args.teacher), ("--student", args.student)):
-            if not folder.is_dir():
-                raise FileNotFoundError(f"{flag} {folder} is not a folder")
             try:
                 folder_configs[flag] = models.load_config(folder)
                 run_folder.weight_files(folder)
