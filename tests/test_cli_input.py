@@ -126,6 +126,7 @@ def test_bad_options_and_inputs_fail_before_anything_is_written(folders, tmp_pat
         (config("d.toml", 'temperature = "hot"'), r"temperature must be a number; got 'hot'"),
         (config("e.toml", "log_ratio_clip = [1]"), r"log_ratio_clip must be a number or \"none\"; got \[1\]"),
         (config("f.toml", "eval_every = 5"), r"eval_every is not an option of opd-jax train"),
+        (["--steps", "2.5"], r"argument --steps: invalid int value: '2.5'"),
         (["--learning-rate", "-1e-3"], r"learning_rate must lie in \(0\.0, 1\.0\]; got -0\.001"),
         (["--gamma", "-.5"], r"gamma must lie in \[0\.0, 1\.0\]; got -0\.5"),
         (["--seed", "-1"], r"seed must lie in \[0, ∞\); got -1"),
