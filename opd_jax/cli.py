@@ -17,6 +17,11 @@ from collections.abc import Sequence
 
 from opd_jax import __version__
 
+# Exit status of `opd-jax train` stopped by SIGTERM / SIGINT after committing the step it reached:
+# re-running the same command resumes (EX_TEMPFAIL of sysexits.h; = opd_jax.preemption.EXIT_RESUMABLE,
+# not imported here so that the CLI starts without importing jax).
+EXIT_RESUMABLE = 75
+
 _CASES_HELP = """\
 rows: token level  = estimators stop_grad and opd_plus at gamma 0 and 1, and full_vocab (the
                      GKD-style per-state gradient), all compared with the exact gradient of J_tok;
@@ -599,6 +604,14 @@ def run_train(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         _fail("train", str(error))
+    except train.Preempted as stopped:  # the step reached is committed: re-running resumes it
+        if jax.process_index() == 0:
+            print(f"opd-jax train: {stopped}", file=sys.stderr)
+        return EXIT_RESUMABLE
+    except train.NonFiniteError as error:  # nothing of the bad step was checkpointed or exported
+        if jax.process_index() == 0:
+            print(f"opd-jax train: error: {error}", file=sys.stderr)
+        return 1
     finally:
         if run_lock is not None:
             run_lock.release()
