@@ -46,13 +46,17 @@ def pg_surrogate(student_logp: Array, advantages: Array, mask: Array) -> Array:
     Args:
       student_logp: ``[B, T]`` float, differentiable log-probabilities of the sampled tokens.
       advantages: ``[B, T]`` token advantages or ``[B]`` sequence advantages (broadcast over t).
-      mask: ``[B, T]`` bool or {0, 1}.
+      mask: ``[B, T]`` bool or {0, 1}; other values raise a ``ValueError`` when the mask is
+        concrete (a traced mask cannot be checked: there any non-zero value counts as 1).
 
     Returns:
       ``[B]`` per-sequence loss in the dtype of ``student_logp``; masked positions contribute
       nothing, even if they hold ``-inf`` or NaN.
     """
     check_same_shape(student_logp=student_logp, mask=mask)
+    check_float(student_logp=student_logp)
+    check_mask(mask)
+    student_logp = jnp.asarray(student_logp)
     in_response = jnp.asarray(mask).astype(bool)
     advantages = jax.lax.stop_gradient(_broadcast_advantages(advantages, mask)).astype(student_logp.dtype)
     zero = jnp.zeros((), student_logp.dtype)
@@ -63,6 +67,9 @@ def pg_surrogate(student_logp: Array, advantages: Array, mask: Array) -> Array:
 
 def _importance_ratio(student_logp: Array, behavior_logp: Array, mask: Array) -> tuple[Array, Array]:
     check_same_shape(student_logp=student_logp, behavior_logp=behavior_logp, mask=mask)
+    check_float(student_logp=student_logp, behavior_logp=behavior_logp)
+    check_mask(mask)
+    student_logp = jnp.asarray(student_logp)
     in_response = jnp.asarray(mask).astype(bool)
     zero = jnp.zeros((), student_logp.dtype)
     log_ratio = jnp.where(

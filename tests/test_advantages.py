@@ -769,3 +769,100 @@ def test_property_gamma_one_first_token_is_total_cost_plus_own_term(case, name):
         expected = -np.sum(f[b][mask[b]]) + ufp[b, first]
         scale = np.sum(np.abs(f[b][mask[b]])) + abs(ufp[b, first]) + 1.0
         assert abs(adv[b, first] - expected) <= tol * scale, (b, adv[b, first], expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Zero-probability tokens (issue 14): a teacher log-prob of -inf
+# --------------------------------------------------------------------------------------------
+
+
+def _limit_columns(spec):
+    """``(f(0), (u f' − f)(0))`` from the table's limits (tests/fdiv_reference.py): ``u f'(u) → 0``
+    as ``u → 0`` wherever ``f(0)`` is finite, and the reward is −inf wherever ``f(0)`` is +inf."""
+    from fdiv_reference import decimal_limits
+
+    f_at_zero = float(decimal_limits(*spec)[0])
+    return f_at_zero, -f_at_zero
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("spec", GEN_PARAMS)
+def test_teacher_log_prob_minus_inf_gives_the_limit_never_nan(spec, estimator):
+    """ℓ = −inf (the teacher gives the sampled token probability 0): f(0) and the OPD+ reward at
+    u = 0 are the table's limits, finite (forward KL: f = u log u → 0; JS: ½ log 2) or ±inf
+    (reverse KL, Neyman, alpha < 0). Before: NaN for forward KL and JS."""
+    div = _div(spec)
+    student = np.array([[-1.0, -2.0, -0.5], [-0.3, -1.0, -2.0]], np.float32)
+    teacher = np.array([[-np.inf, -1.0, -1.5], [-1.0, -np.inf, -np.inf]], np.float32)
+    mask = np.ones((2, 3), np.int32)
+    f_at_zero, reward_at_zero = _limit_columns(spec)
+    for gamma in GAMMAS:
+        adv = np.asarray(jit_token_advantages(student, teacher, mask, divergence=div, estimator=estimator, gamma=gamma))
+        assert not np.isnan(adv).any(), (gamma, adv)
+        if gamma == 0.0:
+            expected = -f_at_zero if estimator == "stop_grad" else reward_at_zero
+            assert adv[0, 0] == pytest.approx(expected, rel=1e-6, abs=1e-7), adv
+            assert adv[1, 1] == adv[1, 2] == adv[0, 0]
+    seq = np.asarray(jit_sequence_advantages(student, teacher, mask, divergence=div, estimator=estimator))
+    assert not np.isnan(seq).any(), seq
+    expected = -f_at_zero if estimator == "stop_grad" else reward_at_zero
+    np.testing.assert_allclose(seq, expected, rtol=1e-6, atol=1e-7)  # log U = −inf in both rows
+
+
+@pytest.mark.parametrize("spec", GEN_PARAMS)
+def test_student_log_prob_minus_inf_is_never_nan(spec):
+    """ℓ = +inf at a response token (an impossible sample; ill-posed but must not poison a batch):
+    ±inf or a finite limit at γ = 0 and at sequence level, never NaN."""
+    div = _div(spec)
+    student = np.array([[-np.inf, -1.0, -0.5]], np.float32)
+    teacher = np.array([[-1.0, -1.0, -1.5]], np.float32)
+    mask = np.ones((1, 3), np.int32)
+    for estimator in ESTIMATORS:
+        adv = np.asarray(jit_token_advantages(student, teacher, mask, divergence=div, estimator=estimator))
+        seq = np.asarray(jit_sequence_advantages(student, teacher, mask, divergence=div, estimator=estimator))
+        assert not np.isnan(adv).any() and not np.isnan(seq).any(), (estimator, adv, seq)
+        assert np.isfinite(adv[0, 1:]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Dtypes and mask values (issue 14)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argument", ["student_logp", "teacher_logp"])
+def test_integer_log_probs_are_refused_naming_the_argument(argument):
+    logp = {"student_logp": -np.ones((2, 3)), "teacher_logp": -np.ones((2, 3))}
+    logp[argument] = -np.ones((2, 3), np.int32)
+    for fn in (token_advantages, sequence_advantages):
+        with pytest.raises(ValueError, match=rf"{argument} must have a floating-point dtype.*int32"):
+            fn(logp["student_logp"], logp["teacher_logp"], np.ones((2, 3)), divergence="js")
+
+
+@pytest.mark.parametrize("bad", [0.5, 2.0, -1.0, np.nan])
+def test_non_binary_masks_are_refused(bad):
+    mask = np.ones((2, 3), np.float32)
+    mask[1, 2] = bad
+    student, teacher = -np.ones((2, 3)), -2 * np.ones((2, 3))
+    for fn in (token_advantages, sequence_advantages):
+        with pytest.raises(ValueError, match=r"mask must hold only 0 and 1") as info:
+            fn(student, teacher, mask, divergence="js")
+        assert "nan" in str(info.value) if np.isnan(bad) else repr(float(bad)) in str(info.value)
+
+
+def test_binary_masks_of_every_dtype_are_accepted():
+    student, teacher = -np.ones((2, 3)), -2 * np.ones((2, 3))
+    expected = token_advantages(student, teacher, np.array([[1, 0, 1], [0, 1, 1]], bool), divergence="js")
+    for dtype in (np.int32, np.int8, np.float32, np.float64, jnp.bfloat16):
+        mask = jnp.asarray(np.array([[1, 0, 1], [0, 1, 1]]), dtype)
+        np.testing.assert_array_equal(token_advantages(student, teacher, mask, divergence="js"), expected)
+
+
+def test_a_traced_mask_is_not_checked_and_counts_nonzero_as_one():
+    """Under jit the mask's values are unknown at trace time: only its dtype is checked there (the
+    documented limit), and a non-zero value counts as 1."""
+    student, teacher = -np.ones((2, 3), np.float32), -2 * np.ones((2, 3), np.float32)
+    half = np.array([[1, 0, 0.5], [0, 1, 1]], np.float32)
+    got = jax.jit(lambda m: token_advantages(student, teacher, m, divergence="js"))(half)
+    np.testing.assert_array_equal(got, token_advantages(student, teacher, half != 0, divergence="js"))
+    with pytest.raises(ValueError, match="mask must be bool"):
+        jax.jit(lambda m: token_advantages(student, teacher, m, divergence="js"))(half.astype(np.complex64))

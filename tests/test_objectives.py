@@ -471,3 +471,33 @@ def test_full_vocab_properties(batch, length, vocab, chunk, dtype, generator, sc
     # and it matches the float64 reference to the precision of the dtype
     expected = _np_full_vocab(np.asarray(student, np.float64), np.asarray(teacher, np.float64), mask, name, params)
     np.testing.assert_allclose(unchunked, expected, rtol=1e-10 if dtype == "float64" else 2e-4, atol=1e-12 + 1e3 * eps * (1 + magnitude.max()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dtypes and mask values (issue 14)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_integer_log_probs_and_logits_are_refused_naming_the_argument(rng):
+    logp, mask = -rng.exponential(size=(B, T)), _mask(rng)
+    ints = np.zeros((B, T), np.int32)
+    with pytest.raises(ValueError, match="student_logp must have a floating-point dtype"):
+        pg_surrogate(ints, np.ones((B, T)), mask)
+    with pytest.raises(ValueError, match="behavior_logp must have a floating-point dtype"):
+        importance_surrogate(logp, ints, np.ones((B, T)), mask)
+    with pytest.raises(ValueError, match="student_logp must have a floating-point dtype"):
+        clipped_token_mask(ints, logp, np.ones((B, T)), mask)
+    with pytest.raises(ValueError, match="teacher_logits must have a floating-point dtype"):
+        full_vocab_divergence(np.zeros((B, T, 4)), np.zeros((B, T, 4), np.int32), mask, divergence="js")
+
+
+def test_non_binary_masks_are_refused(rng):
+    logp = -rng.exponential(size=(B, T))
+    mask = _mask(rng).astype(np.float32)
+    mask[0, 0] = 0.5
+    with pytest.raises(ValueError, match=r"mask must hold only 0 and 1.*0\.5"):
+        pg_surrogate(logp, np.ones((B, T)), mask)
+    with pytest.raises(ValueError, match=r"mask must hold only 0 and 1"):
+        importance_surrogate(logp, logp, np.ones((B, T)), mask)
+    with pytest.raises(ValueError, match=r"mask must hold only 0 and 1"):
+        full_vocab_divergence(np.zeros((B, T, 4)), np.zeros((B, T, 4)), mask, divergence="js")
