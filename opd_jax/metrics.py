@@ -63,10 +63,6 @@ class MetricsLog:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tensorboard.add_scalar(key, value, step)
 
-    def flush(self) -> None:
-        if self._tensorboard is not None:
-            self._tensorboard.flush()
-
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()

@@ -472,7 +472,11 @@ def train(
     """Distil ``teacher`` into ``student`` on the student's own rollouts.
 
     Resumes from the newest good checkpoint in ``output_dir/checkpoints`` when there is one (the
-    saved ``config.json`` must then match ``config``).
+    saved ``config.json`` must then match ``config`` except in :data:`RESUME_FREE` fields, so a
+    finished run can be extended with more ``steps``); damaged checkpoints on the way are
+    quarantined (see :mod:`opd_jax.checkpoint`), and ``metrics.jsonl`` / TensorBoard continue from
+    the restored step. SIGTERM and SIGINT finish the current step, commit it and raise
+    :class:`Preempted` (see :mod:`opd_jax.preemption`); a second one exits at once.
 
     Args:
       config: the run's :class:`TrainConfig`.

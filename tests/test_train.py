@@ -78,10 +78,42 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
         raw[len(raw) // 2] ^= 0xFF
         path.write_bytes(bytes(raw))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), states[1])
+    store = checkpoint.CheckpointStore(tmp_path, keep=3)
     with pytest.warns(UserWarning, match="step 3"):
-        step, state = checkpoint.CheckpointStore(tmp_path, keep=3).restore_latest(abstract)
+        step, state = store.restore_latest(abstract)
     assert step == 2
     np.testing.assert_array_equal(state["w"], states[2]["w"])
+    # Moved aside with its reason, so step 3 can be saved again (it used to raise StepAlreadyExistsError).
+    (quarantined,) = (tmp_path / "quarantine").iterdir()
+    assert quarantined.name in ("3-checksum-mismatch", "3-unreadable") and store.quarantined == [quarantined.resolve()]
+    assert store.steps() == [1, 2]
+    store.save(3, states[3])
+    store.close()
+    store = checkpoint.CheckpointStore(tmp_path, keep=3)
+    step, state = store.restore_latest(abstract)
+    store.close()
+    assert step == 3
+    np.testing.assert_array_equal(state["w"], states[3]["w"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64, jnp.int8, jnp.bool_])
+def test_the_checksum_sees_every_single_bit_and_every_swap(dtype):
+    values = np.random.default_rng(0).normal(size=(3, 5)) * 4
+    array = jnp.asarray(values > 0 if dtype == jnp.bool_ else values, dtype)
+    reference = checkpoint.state_checksum({"a": array})
+    bits = jnp.dtype(dtype).itemsize * 8 if dtype != jnp.bool_ else 1
+    raw = np.asarray(array).copy().view(np.uint8 if bits <= 8 else f"uint{bits}")
+    for bit in range(bits):
+        flipped = raw.copy()
+        flipped.flat[7] ^= np.array(1 << bit, flipped.dtype)
+        changed = jnp.asarray(flipped.view(np.asarray(array).dtype) if dtype != jnp.bool_ else flipped.astype(bool))
+        assert checkpoint.state_checksum({"a": changed}) != reference, bit
+    swapped = np.asarray(array).copy()
+    swapped.flat[[1, 2]] = swapped.flat[[2, 1]]
+    if swapped.flat[1] != swapped.flat[2]:
+        assert checkpoint.state_checksum({"a": jnp.asarray(swapped)}) != reference
+    assert checkpoint.state_checksum({"b": array}) != reference  # the structure counts too
+    assert checkpoint.state_checksum({"a": array.reshape(5, 3)}) != reference
 
 
 def test_checkpoints_under_a_relative_path_save_and_restore(tmp_path, monkeypatch):
