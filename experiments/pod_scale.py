@@ -10,7 +10,7 @@ same code as ``opd-jax plan``:
   lengths (Qwen3-1.7B student, one sequence per chip, v5p-16).
 - ``sizing``: the whole step (rollout, score, update) for students × sequence lengths ×
   topologies with a Qwen3-8B bf16 teacher, 64 prompts × 4 samples, 8 update minibatches, a
-  1024-token prompt. Results are kept in ``--out``/sizing.json and finished rows are reused, so
+  1024-token prompt, logits projected 1024 tokens at a time. Results are kept in ``--out``/sizing.json and finished rows are reused, so
   the grid can be filled in over several runs.
 
 Usage (needs the tpu extra: ``pip install -e '.[tpu]'``):
@@ -36,6 +36,9 @@ from opd_jax.models.presets import PRESETS
 
 GIB = 2**30
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "pod_scale"
+# Tokens per vocabulary-projection chunk in scoring and the update: 1024 × 151,936 float32 logits
+# are 0.6 GB, where unchunked [rows, L, V] logits would not fit any chip.
+LOGIT_CHUNK = 1024
 
 
 def _progress(line: str) -> None:
@@ -57,7 +60,8 @@ def depth_table(layers=(4, 8, 16, 36), topology="v5p-16", length=2048, repeats=2
             student = dataclasses.replace(width, num_layers=count)
             config = plan.PlanConfig(student=student, teacher=student, topology=topology, sequence_length=length,
                                      prompt_length=length // 2, prompts_per_step=8, group_size=1, minibatches=1,
-                                     remat="full", student_name=f"qwen3-8b width, {count} layers")
+                                     remat="full", logit_chunk_size=LOGIT_CHUNK,
+                                     student_name=f"qwen3-8b width, {count} layers")
             update = plan.report(plan.compile_programs(config, programs=("update",), progress=_progress))
             seconds[count].append(update["programs"]["update"]["compile_seconds"])
             memory[count] = update["programs"]["update"]
@@ -78,7 +82,8 @@ def remat_table(lengths=(2048, 4096), topology="v5p-16", student="qwen3-1.7b") -
         for policy in ("none", "dots", "full"):
             config = plan.PlanConfig(student=PRESETS[student], teacher=PRESETS[student], topology=topology,
                                      sequence_length=length, prompt_length=length // 2, prompts_per_step=8,
-                                     group_size=1, minibatches=1, remat=policy, student_name=student)
+                                     group_size=1, minibatches=1, remat=policy, logit_chunk_size=LOGIT_CHUNK,
+                                     student_name=student)
             update = plan.report(plan.compile_programs(config, programs=("update",), progress=_progress))
             entry = update["programs"]["update"]
             rows.append({"sequence_length": length, "remat": policy, "temp_bytes": entry["temp_bytes"],
@@ -93,7 +98,8 @@ def remat_table(lengths=(2048, 4096), topology="v5p-16", student="qwen3-1.7b") -
 def sizing_config(student: str, length: int, topology: str, teacher: str = "qwen3-8b") -> plan.PlanConfig:
     return plan.PlanConfig(student=PRESETS[student], teacher=PRESETS[teacher], topology=topology,
                            sequence_length=length, prompt_length=1024, prompts_per_step=64, group_size=4,
-                           minibatches=8, remat="full", student_name=student, teacher_name=teacher)
+                           minibatches=8, remat="full", logit_chunk_size=LOGIT_CHUNK, student_name=student,
+                           teacher_name=teacher)
 
 
 def sizing_table(students, lengths, topologies, out: pathlib.Path) -> tuple[list[dict], str]:
