@@ -170,7 +170,8 @@ class CheckpointStore:
                 reason = reason or "unreadable"
                 detail = detail or "another process could not load it"
             elif state_checksum(state) != expected:
-                reason, detail = "checksum-mismatch", "its contents do not match the checksum recorded when it was saved"
+                reason = "checksum-mismatch"
+                detail = "its contents do not match the checksum recorded when it was saved"
             if reason is None:
                 return step, state
             self._quarantine(step, reason, detail)

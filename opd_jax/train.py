@@ -708,7 +708,8 @@ def _check_resumable(output_dir: pathlib.Path, config: TrainConfig) -> None:
     """
     config_path = output_dir / "config.json"
     checkpoints = output_dir / "checkpoints"
-    if not config_path.is_file() or not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
+    has_checkpoints = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+    if not config_path.is_file() or not has_checkpoints:
         return
     previous = json.loads(config_path.read_text())
     free = set(RESUME_FREE) - ({"steps"} if config.schedule == "cosine" else set())
