@@ -29,27 +29,31 @@ the compiler itself refuses (``CompileTimeHbmOom``) does not fit; its ``peak_byt
 requirement from the compiler's message and its other figures are ``None``.
 
 **FLOPs and bytes accessed.** ``xla_flops`` / ``xla_bytes_accessed`` are ``cost_analysis()``'s, per
-device. XLA counts the body of every loop once (checked: a 10-trip ``while`` reports one trip's
-FLOPs), and the layers are a ``lax.scan``, the decode loop a ``lax.while_loop``, the logit chunks a
-``lax.map``, and the TPU compiler turns large sharded matmuls into loops of its own (collective
-matmuls: Qwen3-8B scoring on v5p-64 reports 1/8 of its matmul FLOPs). So ``flops`` comes from the
-program's jaxpr: every ``dot_general``'s ``2 · M · N · K``, scan bodies × their length, the decode
-loop × ``max_new_tokens`` (every row decoding to the end: the worst case), split evenly over the
-devices. Pallas kernels (splash attention) are opaque to XLA and to the jaxpr: their FLOPs come from
-the attention shapes (QKᵀ and PV over half the score matrix under the causal mask, the backward
-kernels 3.5× that; see :func:`_attention_kernel_flops`). ``bytes_accessed`` is XLA's per-device
-count (it sees the sharding: FSDP-gathered weights are read whole by every device) scaled by the
-jaxpr's matmul / kernel operand bytes with loops multiplied out over those with each loop body once;
-it misses the traffic of the compiler's own loops, so it is a lower bound where those appear
-(large, compute-bound matmuls). Checked on a 2-layer model with XLA attention: the jaxpr's count
-with each loop body once is within 4% of XLA's per-device FLOPs × devices.
+device, for reference only: XLA counts the body of every loop once (checked: a 10-trip ``while``
+reports one trip's FLOPs), and the layers are a ``lax.scan``, the decode loop a
+``lax.while_loop``, the logit chunks a ``lax.map``, and the TPU compiler turns large sharded
+matmuls into loops of its own (Qwen3-8B scoring on v5p-64: 18 ``while`` loops in the compiled
+program against 2 layer scans in the jaxpr, and 1/8 of its matmul FLOPs reported). So both figures
+come from the program's jaxpr instead (:class:`_Counter`), with scan bodies × their length and the
+decode loop × ``max_new_tokens`` (every row decoding to the end: the worst case):
+
+- ``flops``: every ``dot_general``'s ``2 · M · N · K``, split evenly over the devices. Pallas
+  kernels (splash attention) are opaque to XLA and to the jaxpr; their FLOPs come from the attention
+  shapes (QKᵀ and PV over half the score matrix under the causal mask, the backward kernels 3.5×
+  that; see :func:`_attention_kernel_flops`). Checked on a 2-layer model with XLA attention: the
+  jaxpr's count with each loop body once is within 4% of XLA's FLOPs × devices.
+- ``bytes_accessed``: HBM traffic per device under a simple model: every matmul and kernel reads
+  its operands and writes its result once; a weight (anything computed from the parameters alone:
+  casts, layer slices) is read whole by every device of a ``tensor`` shard, because FSDP gathers
+  it; activations and the KV cache are split over all devices. Elementwise traffic (mostly fused
+  into the matmuls) and collectives are left out.
 
 **Step time.** A roofline per program and phase: ``max(flops / peak_flops, bytes_accessed /
 hbm_bandwidth)`` with the chip's peak bf16 FLOP/s and HBM bandwidth. The rollout is two phases, the
 prefill and ``max_new_tokens`` decode steps, each decode step a roofline of its own (memory-bound:
 it reads every weight and the KV cache for one token per row). ``estimated_step_seconds = rollout
 + score + minibatches × epochs × update``. It ignores communication (FSDP all-gathers, gradient
-reduce-scatters) and kernel efficiency, so it is a lower bound.
+reduce-scatters), elementwise work and kernel efficiency, so it is a lower bound.
 """
 
 from __future__ import annotations
@@ -79,8 +83,8 @@ from opd_jax.models import REMAT_POLICIES, AttentionConfig, Decoder, DecoderConf
 from opd_jax.models.presets import PRESETS, resolve_model
 from opd_jax.sampling import SamplingConfig
 
-__all__ = ["PROGRAMS", "CompiledPlan", "PlanCompileError", "PlanConfig", "add_arguments", "compile_programs",
-           "plan", "run"]
+__all__ = ["PROGRAMS", "CompiledPlan", "PlanCompileError", "PlanConfig", "add_arguments", "check_config",
+           "check_mesh", "compile_programs", "default_mesh", "format_report", "plan", "report", "run"]
 
 PROGRAMS = ("rollout", "score", "update")
 DTYPES = ("float32", "bfloat16")
@@ -266,6 +270,11 @@ class _Program:
     args: tuple
     executions: int
     resident: tuple[str, ...]  # buffers of the step alive during the program but not among its arguments
+    weight_args: tuple[int, ...]  # which arguments are parameter trees (for the traffic model)
+
+    def weight_flags(self) -> list[bool]:
+        """Per flattened argument leaf: whether it is a model parameter."""
+        return [i in self.weight_args for i, arg in enumerate(self.args) for _ in jax.tree.leaves(arg)]
 
 
 @dataclasses.dataclass
@@ -279,6 +288,7 @@ class CompiledPlan:
       attention: the resolved attention implementation.
       compiled: program name -> ``jax.stages.Compiled`` (missing where the compiler ran out of memory).
       traced: program name -> ``jax.stages.Traced`` (its ``.jaxpr`` is what FLOPs are counted on).
+      weights: program name -> per input of the jaxpr, whether it is a model parameter.
       compile_seconds: program name -> trace + lower + compile seconds.
       oom: program name -> the compiler's out-of-memory message.
       resident_bytes: program name -> per-device bytes of step buffers alive but not arguments.
@@ -292,6 +302,7 @@ class CompiledPlan:
     attention: str
     compiled: dict[str, Any]
     traced: dict[str, Any]
+    weights: dict[str, list[bool]]
     compile_seconds: dict[str, float]
     oom: dict[str, str]
     resident_bytes: dict[str, int]
@@ -326,7 +337,8 @@ def _build_programs(config: PlanConfig, mesh, student, teacher) -> tuple[dict[st
     sequence_level = train_config.level == "sequence"
     buffers = {  # what a step keeps alive between its programs
         "params": params, "opt_state": opt_state, "teacher_params": teacher_params,
-        "rollout": tuple(rows(B, L, d) for d in ("int32", "bool", "bool", "float32")),
+        "rollout": tuple(rows(B, L, d) for d in ("int32", "bool", "bool")),  # tokens, token / response masks
+        "sampling_logp": rows(B, L, "float32"),
         "scores": (rows(B, L, "float32"), rows(B, L, "float32"), rows(B, None if sequence_level else L, "float32")),
     }
     sampling_config = SamplingConfig(max_new_tokens=config.new_tokens, temperature=train_config.temperature,
@@ -342,13 +354,15 @@ def _build_programs(config: PlanConfig, mesh, student, teacher) -> tuple[dict[st
                  rows(M, None if sequence_level else L, "float32"))
     return {
         "rollout": _Program(
-            jax.jit(rollout), (params, rows(B, config.prompt_length, "int32"), rows(B, config.prompt_length, "bool"), key),
-            1, ("opt_state", "teacher_params"),
+            jax.jit(rollout),
+            (params, rows(B, config.prompt_length, "int32"), rows(B, config.prompt_length, "bool"), key),
+            1, ("opt_state", "teacher_params"), (0,),
         ),
-        "score": _Program(step.prepare, (params, teacher_params, *buffers["rollout"][:3]), 1, ("opt_state", "rollout")),
+        "score": _Program(step.prepare, (params, teacher_params, *buffers["rollout"]), 1,
+                          ("opt_state", "sampling_logp"), (0, 1)),
         "update": _Program(
             step.update, (params, opt_state, *minibatch, jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)),
-            config.minibatches * config.epochs, ("teacher_params", "rollout", "scores"),
+            config.minibatches * config.epochs, ("teacher_params", "rollout", "sampling_logp", "scores"), (0,),
         ),
     }, buffers
 
@@ -357,7 +371,7 @@ _OOM = re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)\) exceeds available HB
 
 
 def _parse_oom(message: str) -> tuple[int, int] | None:
-    """``(required, available)`` bytes from libtpu's ``CompileTimeHbmOom`` message (sizes in GiB-style units)."""
+    """``(required, available)`` bytes from libtpu's ``CompileTimeHbmOom`` message ("G" = 2**30 bytes)."""
     match = _OOM.search(message)
     if match is None:
         return None
@@ -401,7 +415,7 @@ def compile_programs(config: PlanConfig, *, programs: Sequence[str] = PROGRAMS,
     with jax.enable_x64(False), jax.set_mesh(mesh):
         built, buffers = _build_programs(config, mesh, student, teacher)
         result = CompiledPlan(
-            config, topology, mesh, resolved, {}, {}, {}, {}, {}, {},
+            config, topology, mesh, resolved, {}, {}, {}, {}, {}, {}, {},
             {"student": _count(student[1]), "teacher": _count(teacher[1])},
         )
         for index, name in enumerate(programs, 1):
@@ -411,8 +425,13 @@ def compile_programs(config: PlanConfig, *, programs: Sequence[str] = PROGRAMS,
             if progress:
                 progress(f"compiling {name} ({index}/{len(programs)})...")
             began = time.perf_counter()
-            traced = program.jitted.trace(*program.args)
+            try:
+                traced = program.jitted.trace(*program.args)
+            except ValueError as error:  # a shape the model or a kernel refuses, e.g. splash's divisibility
+                raise ValueError(f"building program {name!r}: {error}") from error
             result.traced[name] = traced
+            flags = program.weight_flags()
+            result.weights[name] = flags if len(flags) == len(traced.jaxpr.jaxpr.invars) else []
             try:
                 result.compiled[name] = traced.lower().compile()
             except Exception as error:  # XLA raises JaxRuntimeError; an OOM is a finding, not a failure
@@ -438,8 +457,8 @@ def _count(tree) -> int:
 
 @dataclasses.dataclass
 class _Work:
-    """Work of a jaxpr over all devices: matmul FLOPs, matmul / kernel operand bytes, and the FLOPs of
-    Pallas kernels (which XLA's cost analysis does not see)."""
+    """Work of a jaxpr: matmul FLOPs and Pallas kernel FLOPs (over all devices; XLA's cost analysis
+    does not see inside a kernel), and HBM bytes per device."""
 
     flops: float = 0.0
     bytes: float = 0.0
@@ -465,13 +484,22 @@ def _aval_bytes(var) -> int:
         return 0
 
 
+def _is_float_array(var) -> bool:
+    aval = getattr(var, "aval", None)
+    try:
+        return bool(aval.shape) and jnp.issubdtype(aval.dtype, jnp.floating)
+    except (AttributeError, TypeError):
+        return False
+
+
 def _attention_kernel_flops(eqn) -> float:
     """FLOPs of a splash attention kernel from its operand shapes (0 for any other Pallas kernel).
 
-    Operands ``q [..., T, H]`` then ``k [..., S, H]`` (after the scalar-prefetch arrays): the forward computes QKᵀ and PV, ``2 · 2 · T · S · H`` per head,
-    halved because the causal mask lets the kernel skip the blocks above the diagonal. The ``dq``
-    kernel computes three products of that size (QKᵀ again, dO·Vᵀ, dS·K): 1.5× the forward; the
-    ``dkv`` kernel four (QKᵀ, dO·Vᵀ, Pᵀ·dO, dSᵀ·Q): 2×.
+    Operands ``q [..., T, H]`` then ``k [..., S, H]`` (after the scalar-prefetch arrays): the forward
+    computes QKᵀ and PV, ``2 · 2 · T · S · H`` per head, halved because the causal mask lets the
+    kernel skip the blocks above the diagonal. The ``dq`` kernel computes three products of that
+    size (QKᵀ again, dO·Vᵀ, dS·K): 1.5× the forward; the ``dkv`` kernel four (QKᵀ, dO·Vᵀ, Pᵀ·dO,
+    dSᵀ·Q): 2×.
     """
     name = str(eqn.params.get("name") or "")
     if not name.startswith("splash"):
@@ -484,82 +512,131 @@ def _attention_kernel_flops(eqn) -> float:
     return forward * (2.0 if "_dkv" in name else 1.5 if "_dq" in name else 1.0)
 
 
-def _walk(jaxpr, *, multiply: bool, decode_trips: int) -> _Work:
-    """Matmul FLOPs and operand bytes of ``jaxpr``; loops multiplied out when ``multiply``."""
-    work = _Work()
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            out = eqn.outvars[0].aval.shape
-            work.flops += 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
-            work.bytes += sum(_aval_bytes(v) for v in (*eqn.invars, *eqn.outvars))
-            continue
-        if name == "pallas_call":
-            estimate = eqn.params.get("cost_estimate")
-            if estimate is not None and getattr(estimate, "flops", 0):
-                work += _Work(0.0, float(estimate.bytes_accessed), float(estimate.flops))
-            else:
-                work += _Work(0.0, sum(_aval_bytes(v) for v in (*eqn.invars, *eqn.outvars)),
-                              _attention_kernel_flops(eqn))
-            continue
-        if name == "scan":
-            trips = eqn.params["length"] if multiply else 1
-            work += _walk(eqn.params["jaxpr"].jaxpr, multiply=multiply, decode_trips=decode_trips) * trips
-            continue
-        if name == "while":
-            trips = decode_trips if multiply else 1
-            work += _walk(eqn.params["body_jaxpr"].jaxpr, multiply=multiply, decode_trips=decode_trips) * trips
-            continue
-        if name == "cond":
-            branches = [_walk(b.jaxpr, multiply=multiply, decode_trips=decode_trips) for b in eqn.params["branches"]]
-            work += max(branches, key=lambda w: w.flops)
-            continue
-        scale = 1
-        if name == "shard_map":  # the body sees one device's shard: count every device's
-            mesh, axes = eqn.params["mesh"], eqn.params.get("manual_axes", ())
-            scale = math.prod(mesh.shape[a] for a in axes) if axes else mesh.size
-        for value in eqn.params.values():
-            inner = getattr(value, "jaxpr", value)
-            if hasattr(inner, "eqns"):
-                work += _walk(inner, multiply=multiply, decode_trips=decode_trips) * scale
-    return work
+def _member(var, variables: set) -> bool:
+    try:
+        return var in variables
+    except TypeError:  # a literal constant
+        return False
 
 
-def _decode_loop(jaxpr):
-    """The first ``while`` equation (the sampler's decode loop), searched depth-first."""
+def _sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        inner = getattr(value, "jaxpr", value)
+        if hasattr(inner, "eqns"):
+            yield inner
+
+
+@dataclasses.dataclass(frozen=True)
+class _Counter:
+    """Counts the work of a jaxpr, with its loops multiplied out or (``multiply=False``) each loop body
+    counted once, as XLA's cost analysis does.
+
+    HBM bytes per device follow a simple traffic model: every matmul reads its operands and writes
+    its result once; an operand computed from the parameters alone (a weight, cast or sliced) is
+    read whole by every device of a ``tensor`` shard (FSDP gathers it), any other (activations,
+    the KV cache) is split over all devices; inside ``shard_map`` shapes are already one device's.
+    Pallas kernels read and write their operands once. Elementwise traffic (mostly fused) and
+    collectives are left out.
+    """
+
+    multiply: bool
+    decode_trips: int
+    tensor: int
+    devices: int
+
+    def walk(self, jaxpr, weights: Sequence[bool] = (), local: bool = False) -> tuple[_Work, list[bool]]:
+        """``(work, which outputs are weights)``; ``weights[i]``: whether input ``i`` is a weight."""
+        is_weight = {v for v, w in zip(jaxpr.invars, weights) if w}
+        work = _Work()
+
+        def share(var) -> float:
+            size = _aval_bytes(var)
+            if local:
+                return size
+            return size / self.tensor if _member(var, is_weight) else size / self.devices
+
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            flags = [_member(v, is_weight) for v in eqn.invars]
+            out_flags = [False] * len(eqn.outvars)
+            if name == "dot_general":
+                (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+                lhs = eqn.invars[0].aval.shape
+                out = eqn.outvars[0].aval.shape
+                work.flops += 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
+                work.bytes += sum(share(v) for v in (*eqn.invars, *eqn.outvars))
+            elif name == "pallas_call":
+                estimate = eqn.params.get("cost_estimate")
+                kernel_flops = float(estimate.flops) if estimate is not None and estimate.flops else 0.0
+                work += _Work(0.0, sum(share(v) for v in (*eqn.invars, *eqn.outvars)),
+                              kernel_flops or _attention_kernel_flops(eqn))
+            elif name == "scan":
+                # Inputs map one to one to the body's (consts, carry, xs): stacked layer weights are xs.
+                body, _ = self.walk(eqn.params["jaxpr"].jaxpr, flags, local)
+                work += body * (eqn.params["length"] if self.multiply else 1)
+            elif name == "while":
+                skip, consts = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+                inner = [f and i < consts for i, f in enumerate(flags[skip:])]
+                body, _ = self.walk(eqn.params["body_jaxpr"].jaxpr, inner, local)
+                work += body * (self.decode_trips if self.multiply else 1)
+            elif name == "cond":
+                branches = [self.walk(b.jaxpr, flags[1:], local)[0] for b in eqn.params["branches"]]
+                work += max(branches, key=lambda w: w.flops)
+            elif subs := list(_sub_jaxprs(eqn)):
+                inner_local = local or name == "shard_map"
+                scale = 1
+                if name == "shard_map":  # the body is one device's: FLOPs of all devices, bytes of one
+                    mesh, axes = eqn.params["mesh"], eqn.params.get("manual_axes", ())
+                    scale = math.prod(mesh.shape[a] for a in axes) if axes else mesh.size
+                for index, sub in enumerate(subs):
+                    mapped = flags if len(sub.invars) == len(eqn.invars) else []
+                    sub_work, sub_out = self.walk(sub, mapped, inner_local)
+                    work += _Work(sub_work.flops * scale, sub_work.bytes, sub_work.kernel_flops * scale)
+                    if index == 0 and len(sub_out) == len(eqn.outvars):
+                        out_flags = sub_out
+            else:  # elementwise / structural: a weight stays a weight through casts, slices, transposes
+                floats = [f for v, f in zip(eqn.invars, flags) if _is_float_array(v)]
+                out_flags = [bool(floats) and all(floats)] * len(eqn.outvars)
+            is_weight.update(v for v, f in zip(eqn.outvars, out_flags) if f)
+        return work, [v in is_weight for v in jaxpr.outvars]
+
+
+def _decode_loop(jaxpr, weights: Sequence[bool]):
+    """The first ``while`` equation (the sampler's decode loop) and which of its inputs are weights."""
+    is_weight = {v for v, w in zip(jaxpr.invars, weights) if w}
     for eqn in jaxpr.eqns:
+        flags = [_member(v, is_weight) for v in eqn.invars]
         if eqn.primitive.name == "while":
-            return eqn
-        for value in eqn.params.values():
-            inner = getattr(value, "jaxpr", value)
-            if hasattr(inner, "eqns") and (found := _decode_loop(inner)) is not None:
+            return eqn, flags
+        for sub in _sub_jaxprs(eqn):
+            if len(sub.invars) == len(eqn.invars) and (found := _decode_loop(sub, flags)) is not None:
                 return found
+        floats = [f for v, f in zip(eqn.invars, flags) if _is_float_array(v)]
+        if floats and all(floats) and not list(_sub_jaxprs(eqn)):
+            is_weight.update(eqn.outvars)
     return None
 
 
-def _phases(traced, xla_bytes: float, decode_trips: int, num_devices: int) -> list[tuple[str, int, float, float]]:
-    """``[(phase, repeats, flops, bytes)]`` per device, loops multiplied out.
+def _phases(traced, weights: Sequence[bool], decode_trips: int, tensor: int, devices: int
+            ) -> list[tuple[str, int, float, float]]:
+    """``[(phase, repeats, flops, bytes)]`` per device, loops multiplied out (see :class:`_Counter`).
 
-    FLOPs: the jaxpr's matmul and kernel FLOPs split evenly over the devices. Bytes: XLA's
-    per-device count (which sees the sharding: FSDP-gathered weights are read whole on every
-    device) scaled by the jaxpr's (loops multiplied) / (each loop body once) operand bytes. One
-    phase for a program without a decode loop; ``prefill`` and ``decode step`` (× trips) for the
-    sampler.
+    FLOPs are split evenly over the devices. One phase for a program without a decode loop;
+    ``prefill`` and ``decode step`` (× trips) for the sampler.
     """
     jaxpr = traced.jaxpr.jaxpr
-    once = _walk(jaxpr, multiply=False, decode_trips=decode_trips)
-    byte_scale = xla_bytes / once.bytes if once.bytes else 0.0
+    counter = _Counter(multiply=True, decode_trips=decode_trips, tensor=tensor, devices=devices)
 
     def per_device(work: _Work) -> tuple[float, float]:
-        return (work.flops + work.kernel_flops) / num_devices, work.bytes * byte_scale
+        return (work.flops + work.kernel_flops) / devices, work.bytes
 
-    full = _walk(jaxpr, multiply=True, decode_trips=decode_trips)
-    loop = _decode_loop(jaxpr)
-    if loop is None:
+    full, _ = counter.walk(jaxpr, weights)
+    found = _decode_loop(jaxpr, weights)
+    if found is None:
         return [("all", 1, *per_device(full))]
-    step = _walk(loop.params["body_jaxpr"].jaxpr, multiply=True, decode_trips=decode_trips)
+    loop, flags = found
+    skip, consts = loop.params["cond_nconsts"], loop.params["body_nconsts"]
+    step, _ = counter.walk(loop.params["body_jaxpr"].jaxpr, [f and i < consts for i, f in enumerate(flags[skip:])])
     return [("prefill", 1, *per_device(full - step * decode_trips)),
             ("decode step", decode_trips, *per_device(step))]
 
@@ -611,7 +688,8 @@ def report(compiled: CompiledPlan) -> dict[str, Any]:
         cost = executable.cost_analysis() or {}
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         xla_flops, xla_bytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-        phases = _phases(compiled.traced[name], xla_bytes, config.new_tokens, compiled.mesh.size)
+        phases = _phases(compiled.traced[name], compiled.weights[name], config.new_tokens, config.mesh.tensor,
+                         compiled.mesh.size)
         seconds = sum(repeats * max(f / chip.peak_flops, b / chip.hbm_bandwidth) for _, repeats, f, b in phases)
         total = peak + compiled.resident_bytes[name]
         entry.update(
@@ -702,6 +780,14 @@ def format_report(result: dict[str, Any]) -> str:
         if batch["logit_chunk_size"] is None and any(o["program"] != "rollout" for o in result["over"]):
             lines.append("  (score and update project all tokens onto the vocabulary at once: try --logit-chunk-size "
                          "1024; more devices, --minibatches or --remat full also lower the update's peak)")
+    phases = result["programs"].get("rollout", {}).get("phases")
+    if phases:
+        prefill, decode = phases["prefill"], phases["decode step"]
+        bound = "memory" if decode["bytes_accessed"] / result["chip"]["hbm_bandwidth"] > (
+            decode["flops"] / result["chip"]["peak_flops"]) else "compute"
+        lines.append(f"rollout: prefill {prefill['roofline_seconds']:.3g} s + {decode['repeats']} decode steps × "
+                     f"{1e3 * decode['roofline_seconds']:.3g} ms ({bound}-bound: "
+                     f"{decode['bytes_accessed'] / GIB:.3g} GiB read per step and device)")
     if result["estimated_step_seconds"] is not None:
         lines.append(f"estimated step: {result['estimated_step_seconds']:.3g} s (roofline lower bound: "
                      "rollout + score + minibatches × epochs × update)")
@@ -739,8 +825,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minibatches", type=positive, default=8, help="updates per epoch; divides the rows [8]")
     parser.add_argument("--epochs", type=positive, default=1, help="passes over the rollout batch [1]")
     parser.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
-                        help="e.g. 1,16,2 or fsdp=16,tensor=2 (default: fsdp over every device; tensor 2, 4 or 8 "
-                             "only when the update minibatch has fewer rows than devices or the heads need it)")
+                        help="e.g. 1,16,2 or fsdp=16,tensor=2 (default: fsdp over every device; a factor of 2, 4 "
+                             "or 8 moves to tensor when the update minibatch has fewer rows than devices, to data "
+                             "when fsdp would not divide a parameter)")
     parser.add_argument("--logit-chunk-size", type=chunk, default=None,
                         help="tokens per vocabulary-projection chunk ('none': all at once) [none]")
     parser.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write the report as JSON")

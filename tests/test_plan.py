@@ -117,6 +117,17 @@ def test_update_flops_follow_the_model_not_one_scanned_layer(tpu_plan):
     assert update["xla_flops"] < 0.8 * expected  # what a per-loop-body-once count misses
 
 
+def test_jaxpr_count_with_loop_bodies_once_agrees_with_xla(tpu_plan):
+    """The check behind the loop correction: counting each loop body once, as XLA does, the jaxpr's
+    matmul FLOPs are XLA's per-device count times the devices (XLA does not see into the splash
+    kernel, so kernel FLOPs stay out of both)."""
+    compiled, result = tpu_plan
+    counter = plan._Counter(multiply=False, decode_trips=192, tensor=1, devices=4)
+    for name in plan.PROGRAMS:
+        once, _ = counter.walk(compiled.traced[name].jaxpr.jaxpr, compiled.weights[name])
+        assert once.flops / 4 == pytest.approx(result["programs"][name]["xla_flops"], rel=0.1), name
+
+
 def test_a_plan_that_does_not_fit_says_so_and_exits_0(capsys, tmp_path):
     """Unchunked [rows · L, V] logits of a large vocabulary on one v5e chip: the compiler refuses
     scoring (CompileTimeHbmOom), which the plan reports as not fitting, naming the program."""
@@ -171,12 +182,18 @@ def test_walk_multiplies_scans_and_the_decode_loop():
         return jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, scanned(c[1], w)), (0, x))[1]
 
     one_matmul = 2 * 8 * 64 * 64
-    jaxpr = jax.jit(scanned).trace(x, w).jaxpr.jaxpr
-    assert plan._walk(jaxpr, multiply=False, decode_trips=3).flops == one_matmul
-    assert plan._walk(jaxpr, multiply=True, decode_trips=3).flops == 5 * one_matmul
-    jaxpr = jax.jit(looped).trace(x, w).jaxpr.jaxpr
-    assert plan._walk(jaxpr, multiply=True, decode_trips=3).flops == 15 * one_matmul
-    assert plan._decode_loop(jaxpr) is not None
+
+    def count(fn, multiply):
+        jaxpr = jax.jit(fn).trace(x, w).jaxpr.jaxpr
+        counter = plan._Counter(multiply=multiply, decode_trips=3, tensor=1, devices=1)
+        return counter.walk(jaxpr, [False, True])[0]
+
+    assert count(scanned, multiply=False).flops == one_matmul
+    assert count(scanned, multiply=True).flops == 5 * one_matmul
+    assert count(looped, multiply=True).flops == 15 * one_matmul
+    # Traffic: the weights [5, 64, 64] are read once per pass, the activations [8, 64] in and out.
+    assert count(scanned, multiply=True).bytes == 5 * 4 * (64 * 64 + 2 * 8 * 64)
+    assert plan._decode_loop(jax.jit(looped).trace(x, w).jaxpr.jaxpr, [False, True]) is not None
 
 
 # --------------------------------------------------------------------------------------------------
