@@ -17,6 +17,9 @@ single element changes both sums (odd weights and bijections are invertible modu
 damage to many elements goes unnoticed with probability about 2⁻⁶⁴. The sums, the tree structure,
 shapes and dtypes are then hashed with SHA-256.
 
+Steps written by earlier versions carry a SHA-256 of the host bytes instead
+(:func:`legacy_sha256`, single-process states only); they are verified with it.
+
 In a multi-process run every process takes part in every save, load, checksum and decision (the
 verdict on a step is agreed on by all), and process 0 alone moves folders.
 """
@@ -38,9 +41,11 @@ from opd_jax.preemption import any_process
 
 PyTree = Any
 
-__all__ = ["CheckpointStore", "state_checksum"]
+__all__ = ["CheckpointStore", "legacy_sha256", "state_checksum"]
 
 _CHECKSUM_KEY = "opd_jax_checksum"
+# Written by earlier versions (single-process states only): still verified, so their runs resume.
+_LEGACY_SHA256_KEY = "opd_jax_sha256"
 QUARANTINE = "quarantine"
 
 
@@ -100,6 +105,23 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def legacy_sha256(state: PyTree) -> str:
+    """The digest earlier versions recorded: SHA-256 of structure, dtypes, shapes and host bytes."""
+    digest = hashlib.sha256(str(jax.tree.structure(state)).encode())
+    for leaf in jax.tree.leaves(state):
+        array = np.asarray(jax.device_get(leaf))
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _matches(state: PyTree, expected: tuple[str, str]) -> bool:
+    key, value = expected
+    if key == _LEGACY_SHA256_KEY:
+        return legacy_sha256(state) == value
+    return state_checksum(state) == value
+
+
 class CheckpointStore:
     """Numbered checkpoints of a training-state pytree in ``directory``.
 
@@ -153,7 +175,10 @@ class CheckpointStore:
         for step in reversed(self.steps()):
             state, reason, detail = None, None, None
             try:
-                expected = (self._checkpointer.metadata(step).custom_metadata or {}).get(_CHECKSUM_KEY)
+                record = self._checkpointer.metadata(step).custom_metadata or {}
+                # A legacy digest needs every byte on this process: multi-process states never had one.
+                expected = next(((key, record[key]) for key in (_CHECKSUM_KEY, _LEGACY_SHA256_KEY) if key in record),
+                                None)
             except Exception as error:  # noqa: BLE001 - a damaged step fails in many ways inside orbax
                 expected = None
                 reason, detail = "unreadable", f"its metadata cannot be read ({error!r})"
@@ -169,7 +194,7 @@ class CheckpointStore:
             if any_process(reason is not None):
                 reason = reason or "unreadable"
                 detail = detail or "another process could not load it"
-            elif state_checksum(state) != expected:
+            elif not _matches(state, expected):
                 reason = "checksum-mismatch"
                 detail = "its contents do not match the checksum recorded when it was saved"
             if reason is None:

@@ -96,6 +96,27 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     np.testing.assert_array_equal(state["w"], states[3]["w"])
 
 
+def test_checkpoints_of_earlier_versions_are_verified_with_their_sha256(tmp_path):
+    store = checkpoint.CheckpointStore(tmp_path, keep=3)
+    states = {step: {"w": jnp.full((64,), float(step))} for step in (1, 2)}
+    for step, state in states.items():  # what earlier versions wrote
+        store._checkpointer.save_async(step, state, custom_metadata={"opd_jax_sha256": checkpoint.legacy_sha256(state)})
+    store.close()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), states[1])
+    store = checkpoint.CheckpointStore(tmp_path, keep=3)
+    assert store.restore_latest(abstract)[0] == 2 and not store.quarantined
+    store.close()
+    for path in (tmp_path / "2").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            raw = bytearray(path.read_bytes())
+            raw[len(raw) // 2] ^= 0x10
+            path.write_bytes(bytes(raw))
+    store = checkpoint.CheckpointStore(tmp_path, keep=3)
+    with pytest.warns(UserWarning, match="step 2"):
+        assert store.restore_latest(abstract)[0] == 1
+    store.close()
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64, jnp.int8, jnp.bool_])
 def test_the_checksum_sees_every_single_bit_and_every_swap(dtype):
     values = np.random.default_rng(0).normal(size=(3, 5)) * 4
