@@ -33,6 +33,13 @@ may hold NaN. OPD+ rewards that grow like ``log u`` or stay bounded never overfl
 the ratio: ``forward_kl`` (``u``), ``pearson_chi2`` (``u²``), ``squared_hellinger`` (``√u``),
 ``alpha`` (``u^α``), ``neyman_chi2`` (``1/u``). Stop-gradient OPD uses ``f`` itself, which grows
 at least linearly in ``u`` for every generator but reverse KL, so it needs the clip for all others.
+A teacher log-prob of ``-inf`` at a response token (``u = 0``) gives the generator's limit at 0,
+finite or ±inf (:mod:`opd_jax.divergences`), never NaN; so does a student one (``u = +inf``) at
+``γ = 0`` and at sequence level.
+
+Inputs are checked: log-probabilities must be floating point (integers raise), and a concrete mask
+must hold only 0 and 1 (bool, integer or float); a mask traced under ``jax.jit`` can only be checked
+for its dtype, and there any non-zero value counts as 1.
 """
 
 from __future__ import annotations
@@ -86,8 +93,9 @@ def check_mask(mask: Array, name: str = "mask") -> None:
     """Raise a ``ValueError`` unless ``mask`` is bool, integer or float and holds only 0 and 1.
 
     The values are checked only when ``mask`` is concrete (not a tracer inside ``jax.jit``,
-    ``vmap`` or ``grad`` of the mask): under tracing only the dtype can be checked, and a
-    non-binary traced mask is treated as ``mask != 0``.
+    ``vmap`` or ``grad`` of the mask) and readable by this process (not a global array spread
+    over several processes): otherwise only the dtype can be checked, and a non-binary mask is
+    treated as ``mask != 0``.
     """
     dtype = _dtype_of(mask)
     if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)
@@ -95,6 +103,8 @@ def check_mask(mask: Array, name: str = "mask") -> None:
         raise ValueError(f"{name} must be bool or hold 0/1 as integers or floats, got dtype {dtype}")
     if jnp.issubdtype(dtype, jnp.bool_) or isinstance(mask, jax.core.Tracer):
         return
+    if isinstance(mask, jax.Array) and not mask.is_fully_addressable:
+        return  # a global array spread over processes: this process cannot read all values
     values = np.asarray(mask)
     bad = values[(values != 0) & (values != 1)]
     if bad.size:

@@ -12,7 +12,15 @@ and dtype. Three quantities are exposed per generator:
 * ``opd_plus_reward(log_u)`` ``u f'(u) − f(u)``, the per-token OPD+ advantage; a closed form of its
   own because the difference of the two previous terms cancels catastrophically for large ``u``.
 
-Values are ±inf, never NaN, where the true value overflows. Automatic derivatives of ``f`` in
+Values are ±inf, never NaN, where the true value overflows. Infinite log-ratios are zero
+probabilities and give the limits: ``ℓ = −inf`` (``u = 0``, the teacher gives the token probability
+0) gives ``f(0)`` (finite, e.g. 0 for forward KL, ``½ log 2`` for JS, or +inf for reverse KL,
+Neyman χ² and alpha with α < 0), ``u f'(u) → 0`` where ``f(0)`` is finite; ``ℓ = +inf`` gives
+±inf or a finite limit; NaN only for a NaN input.
+
+:meth:`Divergence.conjugate` gives ``f̃(t) = t f(1/t)`` and :func:`perspective` the per-entry term
+``p f(q/p)`` of a full-vocabulary divergence from ``log p`` and ``log q`` (``p f(u)`` where
+``u ≤ 1``, ``q f̃(1/u)`` where ``u > 1``, so no generator is ever evaluated at a ratio above 1). Automatic derivatives of ``f`` in
 float32 can be NaN where the true derivative overflows (``|ℓ| ≳ 88``); use ``u_fprime``, which is
 computed in closed form, or float64 there.
 

@@ -489,3 +489,90 @@ def test_divergence_is_a_jit_static_argument_without_retracing():
     assert len(traces) == 2
     np.testing.assert_allclose(third, divergences.get("alpha", alpha=2.0).opd_plus_reward(log_u))
     assert not np.allclose(first, third)
+
+
+# --------------------------------------------------------------------------------------------
+# Zero probabilities (ℓ = ±inf), conjugates and the perspective p f(q/p) (issue 14)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("spec", GEN_PARAMS)
+def test_infinite_log_ratios_give_the_limits_never_nan(spec, dtype):
+    """At ℓ = −inf (u = 0) f is f(0) (table limits, tests/fdiv_reference.py), u f'(u) → 0 where
+    f(0) is finite; at ℓ = +inf nothing is NaN. Before: NaN for forward KL and JS at −inf, JS at +inf."""
+    from fdiv_reference import decimal_limits
+
+    div = _div(spec)
+    log_u = jnp.asarray(_embed([-np.inf, np.inf]), dtype)
+    f_at_zero = float(decimal_limits(*spec)[0])
+    for fn in (div.f, div.u_fprime, div.opd_plus_reward):
+        assert not np.isnan(np.asarray(fn(log_u), np.float64)[:2]).any(), fn.__name__
+    assert float(div.f(log_u)[0]) == pytest.approx(f_at_zero, rel=1e-6)
+    if math.isfinite(f_at_zero):
+        assert float(div.u_fprime(log_u)[0]) == 0.0
+        assert float(div.opd_plus_reward(log_u)[0]) == pytest.approx(-f_at_zero, rel=1e-6)
+    else:
+        assert float(div.opd_plus_reward(log_u)[0]) == -np.inf
+
+
+@pytest.mark.parametrize("spec", GEN_PARAMS)
+def test_conjugate_is_t_f_of_one_over_t(spec):
+    """f̃(t) = t f(1/t) for every built-in, against the table's closed forms; f̃̃ = f."""
+    div = _div(spec)
+    conj = div.conjugate()
+    grid = np.linspace(-5.0, 5.0, 200)
+    f_at_inverse, _, _ = np_closed_form(*spec, -grid)
+    np.testing.assert_allclose(conj.f(jnp.asarray(grid)), np.exp(grid) * f_at_inverse, rtol=1e-11, atol=1e-13)
+    again = conj.conjugate()
+    np.testing.assert_allclose(again.f(jnp.asarray(grid)), div.f(jnp.asarray(grid)), rtol=1e-13, atol=1e-15)
+
+
+def test_conjugate_of_a_custom_generator_is_derived_and_cached():
+    mine = divergences.custom(lambda l: jnp.exp(l) * l, name="my_fkl")
+    conj = mine.conjugate()
+    assert conj is mine.conjugate()  # one object: a stable jit static argument
+    grid = jnp.asarray(np.linspace(-3.0, 3.0, 200))
+    np.testing.assert_allclose(conj.f(grid), divergences.get("reverse_kl").f(grid), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("spec", GEN_PARAMS)
+def test_perspective_matches_the_50_digit_table_in_float32(spec):
+    """perspective(log p, log q) = (p f(q/p), p (f − u f')) at pairs where the naive product
+    overflows, underflows or is 0 · inf, against 50-digit decimal rounded to float32."""
+    import decimal
+
+    from fdiv_reference import decimal_limits, round_to
+
+    pairs = [(-1.0, -2.0), (-2.0, -1.0), (-0.1, -95.0), (-95.0, -0.1), (-1e4, -1.0), (-1.0, -1e4),
+             (-120.0, -30.0), (-30.0, -120.0), (-300.0, -3.0), (-3.0, -300.0), (-50.0, -50.0),
+             (-np.inf, -1.0), (-1.0, -np.inf), (-np.inf, -np.inf), (-200.0, -np.inf)]
+    log_p = jnp.asarray([p for p, _ in pairs], jnp.float32)
+    log_q = jnp.asarray([q for _, q in pairs], jnp.float32)
+    term, weight = map(np.asarray, divergences.perspective(_div(spec), log_p, log_q))
+    f_at_zero, slope_at_infinity = decimal_limits(*spec)
+    ctx = decimal.Context(prec=50, Emax=10**9, Emin=-(10**9))
+    for i, (lp, lq) in enumerate(pairs):
+        with decimal.localcontext(ctx):
+            D = decimal.Decimal
+            if lp == lq == -np.inf:
+                want_term, want_weight = D(0), D(0)
+            elif lp == -np.inf:
+                # weight → q · lim_{t→0} t f̃'(t): 0 where f̃(0) is finite; forward KL's term is
+                # q (log q − log p), weight −q at every p; Pearson's and alpha(α > 1)'s → −inf
+                q = D(repr(lq)).exp()
+                want_term = q * slope_at_infinity
+                want_weight = D(0) if slope_at_infinity.is_finite() else (-q if spec[0] == "forward_kl" else -D("Infinity"))
+            elif lq == -np.inf:
+                want_term = want_weight = D(repr(lp)).exp() * f_at_zero
+            else:
+                p = D(repr(lp)).exp()
+                f, _, reward = decimal_closed_form(*spec, D(repr(lq)) - D(repr(lp)))
+                want_term, want_weight = p * f, -p * reward
+        for got, want, what in ((term[i], want_term, "term"), (weight[i], want_weight, "weight")):
+            expected = float(want) if want.is_infinite() else round_to(want, np.float32)
+            assert not np.isnan(got), (what, lp, lq)
+            if math.isinf(expected):
+                assert got == expected, (what, lp, lq, got, expected)
+            else:
+                assert got == pytest.approx(expected, rel=1e-5, abs=1e-37), (what, lp, lq, got, expected)
