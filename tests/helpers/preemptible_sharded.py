@@ -12,7 +12,7 @@ EXIT_RESUMABLE. ``resume``: runs ROOT/preempted again to the end (exit 0). Both 
 import pathlib
 import sys
 
-STEPS = 12
+STEPS = 20
 
 
 def main(root: str, num_processes: int, process_id: int, port: int, mode: str) -> int:
