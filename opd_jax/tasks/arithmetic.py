@@ -253,7 +253,10 @@ def build_tokenizer():
     loads it back.
     """
     import tokenizers
-    import transformers
+
+    from opd_jax.tokenization import import_transformers
+
+    transformers = import_transformers()  # without the "PyTorch was not found" banner
 
     vocab = {token: index for index, token in enumerate((*SPECIAL_TOKENS, *ALPHABET))}
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
