@@ -36,17 +36,11 @@ def step_on(mesh_config, attention, params, teacher_params, batch, optimizer):
         step_fn = train.make_train_step(sharded_step.CONFIG, graphdef, graphdef, optimizer)
         return sharded_step.run_step(step_fn, params, optimizer.init(params), teacher_params, batch)
     mesh = mesh_config.make_mesh()
-    placed, param_shardings = sharding.shard_state(params, mesh)
-    teacher_placed, teacher_shardings = sharding.shard_state(teacher_params, mesh)
-    opt_shardings = sharding.state_shardings(jax.eval_shape(optimizer.init, params), mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    batch_sharding = sharding.batch_sharding(mesh)
-    shardings = train.StepShardings(param_shardings, opt_shardings, teacher_shardings, batch_sharding, replicated)
+    placed, teacher_placed, opt_state, shardings = sharded_step.place_on(mesh, params, teacher_params, optimizer)
     step_fn = train.make_train_step(sharded_step.CONFIG, graphdef, graphdef, optimizer, shardings)
     with jax.set_mesh(mesh):
-        return sharded_step.run_step(
-            step_fn, placed, jax.jit(optimizer.init, out_shardings=opt_shardings)(placed), teacher_placed,
-            jax.device_put(batch, batch_sharding), place=lambda x: jax.device_put(x, replicated))
+        return sharded_step.run_step(step_fn, placed, opt_state, teacher_placed, jax.device_put(batch, shardings.batch),
+                                     place=lambda x: jax.device_put(x, shardings.replicated))
 
 
 def main() -> None:

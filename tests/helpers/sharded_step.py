@@ -47,6 +47,18 @@ def run_step(step_fn, params, opt_state, teacher_params, batch, place=lambda x: 
     return losses, params, (old_logp, teacher_logp, advantages)
 
 
+def place_on(mesh, params, teacher_params, optimizer):
+    """Student and teacher parameters and the AdamW state placed on ``mesh`` by the default rules,
+    and the :class:`train.StepShardings` of a step there."""
+    placed, param_shardings = sharding.shard_state(params, mesh)
+    teacher_placed, teacher_shardings = sharding.shard_state(teacher_params, mesh)
+    opt_shardings = sharding.state_shardings(jax.eval_shape(optimizer.init, params), mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shardings = train.StepShardings(param_shardings, opt_shardings, teacher_shardings, sharding.batch_sharding(mesh),
+                                    replicated)
+    return placed, teacher_placed, jax.jit(optimizer.init, out_shardings=opt_shardings)(placed), shardings
+
+
 def main() -> None:
     assert jax.device_count() == 8, jax.device_count()
     student, teacher, prompts = tiny_run.models_and_prompts()
@@ -73,14 +85,9 @@ def main() -> None:
     for shape in MESHES:
         traces.clear()
         mesh = sharding.MeshConfig(*shape).make_mesh()
-        placed, param_shardings = sharding.shard_state(params, mesh)
-        teacher_placed, teacher_shardings = sharding.shard_state(teacher_params, mesh)
-        opt_shardings = sharding.state_shardings(jax.eval_shape(optimizer.init, params), mesh)
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        batch_sharding = sharding.batch_sharding(mesh)
-        shardings = train.StepShardings(param_shardings, opt_shardings, teacher_shardings, batch_sharding, replicated)
+        placed, teacher_placed, opt_state, shardings = place_on(mesh, params, teacher_params, optimizer)
+        replicated, batch_sharding = shardings.replicated, shardings.batch
         step_fn = train.make_train_step(CONFIG, graphdef, teacher_graphdef, optimizer, shardings)
-        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(placed)
         shard_shapes = {
             name: list(_get_array(placed, path).addressable_shards[0].data.shape)
             for name, path in (("q", ("layers", "attention", "q")), ("down", ("layers", "mlp", "down")),
