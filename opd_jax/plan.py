@@ -72,6 +72,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -599,7 +600,8 @@ class _Counter:
                 floats = [f for v, f in zip(eqn.invars, flags) if _is_float_array(v)]
                 out_flags = [bool(floats) and all(floats)] * len(eqn.outvars)
             is_weight.update(v for v, f in zip(eqn.outvars, out_flags) if f)
-        return work, [v in is_weight for v in jaxpr.outvars]
+        # A body can return a literal (a constant), which is never a weight and is not hashable.
+        return work, [not isinstance(v, jax_core.Literal) and v in is_weight for v in jaxpr.outvars]
 
 
 def _decode_loop(jaxpr, weights: Sequence[bool]):

@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 PyTree = Any
@@ -127,7 +128,13 @@ class MeshConfig:
                 f"but there are {count} devices; the product of the mesh axes must equal the device count"
             )
         kind = AxisType.Auto if self.axis_types == "auto" else AxisType.Explicit
-        return jax.make_mesh(self.shape, AXES, axis_types=(kind,) * 3, devices=devices)
+        try:
+            return jax.make_mesh(self.shape, AXES, axis_types=(kind,) * 3, devices=devices)
+        except NotImplementedError:
+            # An axis that is no product of whole physical axes (fsdp=32 on a v6e 8x8 slice) needs a
+            # physical axis split between two mesh axes, which jax.make_mesh does not do.
+            grid = mesh_utils.create_device_mesh(self.shape, devices, allow_split_physical_axes=True)
+            return Mesh(grid, AXES, axis_types=(kind,) * 3)
 
 
 def parse_mesh(text: str) -> MeshConfig:

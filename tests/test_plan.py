@@ -314,3 +314,13 @@ def test_cpu_topology_needs_the_devices_up_front():
     count = len(jax.devices("cpu")) + 1
     with pytest.raises(ValueError, match=f"JAX_NUM_CPU_DEVICES={count}"):
         topologies.parse_topology(f"cpu:{count}").devices()
+
+
+def test_a_mesh_axis_that_splits_a_physical_axis_is_built():
+    # v6e-64 is an 8x8 grid: fsdp=32 is no product of whole physical axes, so one is split.
+    from opd_jax import sharding
+
+    devices = topologies.parse_topology("v6e-64").devices()
+    mesh = sharding.MeshConfig(1, 32, 2).make_mesh(devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 32, "tensor": 2}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
