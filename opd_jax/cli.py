@@ -67,6 +67,8 @@ def _positive_int(minimum: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from opd_jax import models
+
     parser = argparse.ArgumentParser(
         prog="opd-jax",
         description="On-policy distillation with f-divergences: stop-gradient OPD and the unbiased OPD+.",
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--no-chat-template", action="store_true",
                               help="encode prompts as plain text even if the tokenizer has a chat template")
     train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    train_parser.add_argument("--export-dtype", choices=("auto", *DTYPES), default="auto",
+    train_parser.add_argument("--export-dtype", choices=("auto", *models.DTYPES), default="auto",
                               help="dtype of the exported student's weights; auto: the --student checkpoint's [auto]")
     # argparse takes "-1e-3" or "-inf" for an unknown flag ("expected one argument"); plain "-1" and
     # "-0.5" it already reads as numbers. No train flag looks like a number, so widen its matcher.
@@ -287,9 +289,6 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         )
 
 
-DTYPES = ("float32", "bfloat16")
-
-
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """How the models run: attention kernel, rematerialisation and the three dtypes.
 
@@ -305,21 +304,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="what each block keeps for the backward pass: full recomputes the block (activations "
                             "O(layers·tokens·width), the only choice that fits thousands of tokens per chip, for "
                             "about a third more compute); dots keeps the matmul outputs; none keeps everything [full]")
-    group.add_argument("--param-dtype", choices=DTYPES, default="float32",
+    group.add_argument("--param-dtype", choices=models.DTYPES, default="float32",
                        help="student parameters and optimizer state (master weights) [float32]")
-    group.add_argument("--compute-dtype", choices=("auto", *DTYPES), default="auto",
+    group.add_argument("--compute-dtype", choices=("auto", *models.DTYPES), default="auto",
                        help="student and teacher matmuls, activations and KV cache; logits, log-softmax, "
                             "divergences and advantages are float32 always; auto: bfloat16 on TPU/GPU, "
                             "float32 on CPU (where bfloat16 matmuls are slow) [auto]")
-    group.add_argument("--teacher-dtype", choices=("auto", *DTYPES), default="auto",
+    group.add_argument("--teacher-dtype", choices=("auto", *models.DTYPES), default="auto",
                        help="teacher parameters; auto: bfloat16 on TPU/GPU, float32 on CPU [auto]")
-
-
-def model_dtypes(args: argparse.Namespace, platform: str) -> tuple[str, str, str]:
-    """``(param, compute, teacher)`` dtype names with ``auto`` resolved for ``platform``."""
-    accelerated = "bfloat16" if platform in ("tpu", "gpu") else "float32"
-    compute, teacher = (accelerated if name == "auto" else name for name in (args.compute_dtype, args.teacher_dtype))
-    return args.param_dtype, compute, teacher
 
 
 def format_table(rows) -> str:
@@ -579,10 +571,11 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"opd-jax train: warning: {args.output} holds a run started before opd-jax recorded run "
                   f"inputs ({run_folder.IDENTITY_FILE}); resuming it without checking that the teacher, student "
                   "and prompts are the same", file=sys.stderr)
-    param_dtype, compute_dtype, teacher_dtype = model_dtypes(args, jax.default_backend())
+    platform = jax.default_backend()
+    compute_dtype, teacher_dtype = (models.resolve_dtype(d, platform) for d in (args.compute_dtype, args.teacher_dtype))
     try:
         student, student_config = models.from_pretrained(
-            args.student, param_dtype, compute_dtype=compute_dtype, attention=args.attention, remat=args.remat
+            args.student, args.param_dtype, compute_dtype=compute_dtype, attention=args.attention, remat=args.remat
         )
         teacher, _ = models.from_pretrained(args.teacher, teacher_dtype, compute_dtype=compute_dtype,
                                             attention=args.attention)

@@ -81,7 +81,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from opd_jax import sharding as sharding_lib
 from opd_jax import topologies as topologies_lib
 from opd_jax import train as train_lib
-from opd_jax.models import REMAT_POLICIES, AttentionConfig, Decoder, DecoderConfig
+from opd_jax.models import DTYPES, REMAT_POLICIES, AttentionConfig, Decoder, DecoderConfig, resolve_dtype
 from opd_jax.models.presets import PRESETS, resolve_model
 from opd_jax.sampling import SamplingConfig
 
@@ -89,7 +89,6 @@ __all__ = ["PROGRAMS", "CompiledPlan", "PlanCompileError", "PlanConfig", "add_ar
            "check_mesh", "compile_programs", "default_mesh", "format_report", "plan", "report", "run"]
 
 PROGRAMS = ("rollout", "score", "update")
-DTYPES = ("float32", "bfloat16")
 GIB = 2**30
 _TENSOR_CHOICES = (1, 2, 4, 8)
 
@@ -848,8 +847,6 @@ def run(args: argparse.Namespace) -> int:
     program does not compile."""
     import os
 
-    from opd_jax.cli import model_dtypes
-
     if args.json is not None and args.json.is_dir():
         return _error(f"--json {args.json} is a directory; give a file path", 2)
     if args.topology.strip().lower() != "local" and "JAX_PLATFORMS" not in os.environ:
@@ -860,12 +857,12 @@ def run(args: argparse.Namespace) -> int:
         student, teacher = resolve_model(args.student), resolve_model(args.teacher)
         mesh = None if args.mesh is None else sharding_lib.parse_mesh(args.mesh)
         platform = "tpu" if topology.is_tpu else topology.devices()[0].platform
-        param_dtype, compute_dtype, teacher_dtype = model_dtypes(args, platform)
+        compute_dtype, teacher_dtype = (resolve_dtype(d, platform) for d in (args.compute_dtype, args.teacher_dtype))
         config = PlanConfig(
             student=student, teacher=teacher, topology=args.topology, sequence_length=args.sequence_length,
             prompt_length=args.prompt_length, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
             minibatches=args.minibatches, epochs=args.epochs, mesh=mesh, attention=args.attention,
-            remat=args.remat, param_dtype=param_dtype, compute_dtype=compute_dtype, teacher_dtype=teacher_dtype,
+            remat=args.remat, param_dtype=args.param_dtype, compute_dtype=compute_dtype, teacher_dtype=teacher_dtype,
             logit_chunk_size=args.logit_chunk_size, student_name=args.student, teacher_name=args.teacher,
         )
         result = plan(config, progress=functools.partial(print, file=sys.stderr, flush=True))

@@ -2,11 +2,12 @@
 
 from opd_jax.models.config import DecoderConfig, RopeConfig
 from opd_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
-from opd_jax.models.decoder import REMAT_POLICIES, AttentionConfig, Decoder, KVCache
+from opd_jax.models.decoder import DTYPES, REMAT_POLICIES, AttentionConfig, Decoder, KVCache, resolve_dtype
 from opd_jax.models.hf import from_pretrained, load_config, save_pretrained
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
+    "DTYPES",
     "REMAT_POLICIES",
     "AttentionConfig",
     "Decoder",
@@ -15,5 +16,6 @@ __all__ = [
     "RopeConfig",
     "from_pretrained",
     "load_config",
+    "resolve_dtype",
     "save_pretrained",
 ]

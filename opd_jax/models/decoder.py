@@ -39,9 +39,19 @@ from opd_jax.models.config import DecoderConfig, RopeConfig
 
 Array = jax.Array
 
-__all__ = ["REMAT_POLICIES", "AttentionConfig", "Decoder", "KVCache", "rope_inverse_frequencies"]
+__all__ = ["DTYPES", "REMAT_POLICIES", "AttentionConfig", "Decoder", "KVCache", "resolve_dtype",
+           "rope_inverse_frequencies"]
 
 REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16")
+
+
+def resolve_dtype(name: str, platform: str) -> str:
+    """A dtype name from :data:`DTYPES`, or ``"auto"``: bfloat16 on TPU / GPU, float32 on CPU
+    (where bfloat16 matmuls are slow)."""
+    if name != "auto":
+        return name
+    return "bfloat16" if platform in ("tpu", "gpu") else "float32"
 
 
 def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, float]:
