@@ -7,11 +7,14 @@ gradient accumulation and data-parallel size do not change the loss.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
 from opd_jax import divergences as divergences_lib
-from opd_jax.advantages import check_float, check_mask, check_same_shape
+from opd_jax.advantages import _discounted_future, check_float, check_mask, check_same_shape
 from opd_jax.chunking import map_row_chunks
 
 Array = jax.Array
@@ -19,6 +22,8 @@ Array = jax.Array
 __all__ = [
     "clipped_token_mask",
     "full_vocab_divergence",
+    "full_vocab_divergence_from_hidden",
+    "full_vocab_reward_to_go",
     "importance_surrogate",
     "pg_surrogate",
 ]
@@ -87,6 +92,16 @@ def _check_clip_epsilons(clip_epsilon: float, clip_epsilon_high: float | None) -
     return float(clip_epsilon), float(high)
 
 
+def _check_clip_ratio_c(clip_ratio_c: float | None) -> float | None:
+    # c ≤ 1 would cap tokens at r = 1, so even an on-policy update would lose their gradient;
+    # c = +inf caps nothing (that is None).
+    if clip_ratio_c is None:
+        return None
+    if not (float(clip_ratio_c) > 1.0 and math.isfinite(float(clip_ratio_c))):
+        raise ValueError(f"clip_ratio_c must be None or lie in (1, ∞), got {clip_ratio_c!r}")
+    return float(clip_ratio_c)
+
+
 def importance_surrogate(
     student_logp: Array,
     behavior_logp: Array,
@@ -95,12 +110,20 @@ def importance_surrogate(
     *,
     clip_epsilon: float = 0.2,
     clip_epsilon_high: float | None = None,
+    clip_ratio_c: float | None = None,
 ) -> Array:
     """PPO-style clipped surrogate for updates on rollouts sampled by an older policy.
 
     ``L = −Σ_t m_t · min(r_t A_t, clip(r_t, 1 − ε, 1 + ε_high) A_t)`` with the per-token importance
     ratio ``r_t = π_θ(y_t|s_t) / π_old(y_t|s_t)``. On the rollout policy itself (``r = 1``) its
     gradient equals that of :func:`pg_surrogate`.
+
+    Dual clip (``clip_ratio_c = c``, as in verl; Ye et al. 2020, "Mastering Complex Control in MOBA
+    Games with Deep Reinforcement Learning"): at tokens with ``A_t < 0`` the single-clip objective
+    is unbounded below as ``r_t → ∞`` (a token the old policy found unlikely and the new one likes),
+    so the per-token loss is also capped at ``−c A_t``:
+    ``loss_t = min(max(−r_t A_t, −clip(r_t, 1 − ε, 1 + ε_high) A_t), −c A_t)``. The capped tokens
+    (``r_t > c``) get no gradient. Tokens with ``A_t ≥ 0`` are unchanged.
 
     Args:
       student_logp: ``[B, T]`` differentiable log-probabilities under the current policy.
@@ -109,15 +132,25 @@ def importance_surrogate(
       mask: ``[B, T]`` bool or {0, 1}.
       clip_epsilon: lower clip ``ε`` in (0, 1).
       clip_epsilon_high: upper clip, ``ε`` if ``None`` (a larger value is the "clip-higher" variant).
+      clip_ratio_c: dual-clip bound ``c`` in ``(1, ∞)`` for negative advantages; ``None`` (the
+        default) is the single clip.
 
     Returns:
       ``[B]`` per-sequence loss, dtype of ``student_logp``.
+
+    Raises:
+      ValueError: a clip parameter outside its range, shapes that do not match, non-float
+        log-probabilities, or a concrete mask with values other than 0 and 1.
     """
     low, high = _check_clip_epsilons(clip_epsilon, clip_epsilon_high)
+    bound = _check_clip_ratio_c(clip_ratio_c)
     ratio, in_response = _importance_ratio(student_logp, behavior_logp, mask)
     advantages = jax.lax.stop_gradient(_broadcast_advantages(advantages, mask)).astype(ratio.dtype)
     advantages = jnp.where(in_response, advantages, 0)
     objective = jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - low, 1 + high) * advantages)
+    if bound is not None:
+        # The objective is −loss, so capping the loss at −c A is a floor of c A on the objective.
+        objective = jnp.where(advantages < 0, jnp.maximum(objective, bound * advantages), objective)
     return -jnp.sum(jnp.where(in_response, objective, 0), axis=-1)
 
 
@@ -129,12 +162,20 @@ def clipped_token_mask(
     *,
     clip_epsilon: float = 0.2,
     clip_epsilon_high: float | None = None,
+    clip_ratio_c: float | None = None,
 ) -> Array:
-    """``[B, T]`` bool: response tokens whose gradient :func:`importance_surrogate` clips to zero."""
+    """``[B, T]`` bool: response tokens whose gradient :func:`importance_surrogate` clips to zero.
+
+    With ``clip_ratio_c``, tokens capped by the dual clip (``A < 0`` and ``r > c``) count as well.
+    Arguments as for :func:`importance_surrogate`.
+    """
     low, high = _check_clip_epsilons(clip_epsilon, clip_epsilon_high)
+    bound = _check_clip_ratio_c(clip_ratio_c)
     ratio, in_response = _importance_ratio(student_logp, behavior_logp, mask)
     advantages = _broadcast_advantages(advantages, mask)
     clipped = ((advantages > 0) & (ratio > 1 + high)) | ((advantages < 0) & (ratio < 1 - low))
+    if bound is not None:
+        clipped = clipped | ((advantages < 0) & (ratio > bound))
     return in_response & clipped
 
 
@@ -193,34 +234,181 @@ def full_vocab_divergence(
             "expected matching [B, T, V] logits, got student_logits "
             f"{list(student_logits.shape)}, teacher_logits {list(teacher_logits.shape)}"
         )
-    batch, length, vocab = student_logits.shape
-    if tuple(jnp.shape(mask)) != (batch, length):
-        raise ValueError(
-            f"mask {list(jnp.shape(mask))} does not match logits [B, T] = {[batch, length]}"
-        )
-    check_float(student_logits=student_logits, teacher_logits=teacher_logits)
-    check_mask(mask)
+    _check_token_inputs(mask, "mask", "logits", student_logits.shape[:2], student_logits=student_logits,
+                        teacher_logits=teacher_logits)
     compute_dtype = jnp.promote_types(student_logits.dtype, jnp.float32)
-    in_response_BxT = jnp.asarray(mask).astype(bool)
-    divergence_per_token = _per_token_divergence(divergence, compute_dtype)
+    return _masked_rows_map(
+        _per_token_divergence(divergence, compute_dtype), (student_logits, teacher_logits), mask,
+        chunk_size=chunk_size, dtype=compute_dtype,
+    )
 
-    def masked_per_token(student_NxV, teacher_NxV, keep_N):
+
+def full_vocab_divergence_from_hidden(
+    student_hidden_BxTxD: Array,
+    student_projection_DxV: Array,
+    teacher_hidden_BxTxE: Array,
+    teacher_projection_ExV: Array,
+    mask_BxT: Array,
+    *,
+    divergence: str | divergences_lib.Divergence,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+) -> Array:
+    """:func:`full_vocab_divergence` of the logits ``hidden @ projection / temperature``, which are
+    formed one chunk of tokens at a time and never as a ``[B, T, V]`` array.
+
+    Each chunk's logits ``einsum(hidden_NxD, projection_DxV) / temperature`` (accumulated in float32
+    at least, as the decoder's own LM head does) live only inside the chunk's ``jax.checkpoint``:
+    the backward pass recomputes them per chunk, so the temporaries of the forward and backward
+    pass are ``O(chunk_size · V)`` plus the ``[D, V]`` gradient of the projection, instead of the
+    ``O(B · T · V)`` of the logits (two tensors of them, student and teacher). The values,
+    numerics and conventions are those of :func:`full_vocab_divergence` (same per-token closed
+    form, same treatment of infinite and masked entries). Masked rows of the hidden states are
+    replaced before the projection, so NaN or ``±inf`` there never reaches values or gradients.
+
+    Differentiable in ``student_hidden_BxTxD`` and ``student_projection_DxV``; the teacher's hidden
+    states and projection are constants.
+
+    Args:
+      student_hidden_BxTxD: ``[B, T, D]`` float, the student's final hidden states (after the final
+        norm), at the positions that predict the response tokens.
+      student_projection_DxV: ``[D, V]`` float, the student's LM head (e.g.
+        ``Decoder.output_projection()``).
+      teacher_hidden_BxTxE: ``[B, T, E]`` float, the teacher's hidden states (its width ``E`` may
+        differ from ``D``).
+      teacher_projection_ExV: ``[E, V]`` float, the teacher's LM head, over the same vocabulary.
+      mask_BxT: ``[B, T]`` bool or {0, 1} (values are checked when the mask is concrete).
+      divergence: a name or a ``Divergence``.
+      chunk_size: tokens per chunk (over the flattened ``B · T`` axis), ``None`` for no chunking.
+      temperature: a finite number ``> 0`` dividing both models' logits.
+
+    Returns:
+      ``[B, T]`` divergences in the compute dtype (float32, or float64 when an input is float64),
+      0 at masked positions.
+
+    Raises:
+      ValueError: shapes that do not match (the message names the arguments and their shapes),
+        non-float inputs, a non-positive or non-finite temperature, or a concrete mask with values
+        other than 0 and 1.
+    """
+    divergence = divergences_lib.get(divergence)
+    arrays = dict(
+        student_hidden_BxTxD=jnp.asarray(student_hidden_BxTxD),
+        student_projection_DxV=jnp.asarray(student_projection_DxV),
+        teacher_hidden_BxTxE=jnp.asarray(teacher_hidden_BxTxE),
+        teacher_projection_ExV=jnp.asarray(teacher_projection_ExV),
+    )
+    shapes = ", ".join(f"{name} {list(a.shape)}" for name, a in arrays.items())
+    student_hidden, student_projection, teacher_hidden, teacher_projection = arrays.values()
+    if student_hidden.ndim != 3 or teacher_hidden.ndim != 3 or student_projection.ndim != 2 or teacher_projection.ndim != 2:
+        raise ValueError(f"expected [B, T, D], [D, V], [B, T, E], [E, V] arrays, got {shapes}")
+    if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
+        raise ValueError(f"student and teacher hidden states differ in [B, T]: {shapes}")
+    if student_hidden.shape[2] != student_projection.shape[0]:
+        raise ValueError(f"student_hidden_BxTxD's D does not match student_projection_DxV's D: {shapes}")
+    if teacher_hidden.shape[2] != teacher_projection.shape[0]:
+        raise ValueError(f"teacher_hidden_BxTxE's E does not match teacher_projection_ExV's E: {shapes}")
+    if student_projection.shape[1] != teacher_projection.shape[1]:
+        raise ValueError(f"student_projection_DxV and teacher_projection_ExV differ in V: {shapes}")
+    _check_token_inputs(mask_BxT, "mask_BxT", "hidden states", student_hidden.shape[:2], **arrays)
+    if not (float(temperature) > 0.0 and math.isfinite(float(temperature))):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    compute_dtype = jnp.promote_types(jnp.result_type(*arrays.values()), jnp.float32)
+    divergence_per_token = _per_token_divergence(divergence, compute_dtype)
+    # Constants from here on: no backward pass through the teacher's projection is ever built.
+    teacher_projection = jax.lax.stop_gradient(teacher_projection)
+
+    def logits(hidden_NxD, projection_DxV):
+        logits_NxV = jnp.einsum("nd,dv->nv", hidden_NxD, projection_DxV, preferred_element_type=compute_dtype)
+        return logits_NxV / jnp.asarray(temperature, compute_dtype)
+
+    def per_token_from_hidden(student_NxD, teacher_NxE):
+        return divergence_per_token(logits(student_NxD, student_projection), logits(teacher_NxE, teacher_projection))
+
+    return _masked_rows_map(
+        per_token_from_hidden, (student_hidden, jax.lax.stop_gradient(teacher_hidden)), mask_BxT,
+        chunk_size=chunk_size, dtype=compute_dtype,
+    )
+
+
+def _check_token_inputs(
+    mask: Array, mask_name: str, what: str, batch_length: tuple[int, int], **arrays: Array
+) -> None:
+    if tuple(jnp.shape(mask)) != tuple(batch_length):
+        raise ValueError(f"{mask_name} {list(jnp.shape(mask))} does not match {what} [B, T] = {list(batch_length)}")
+    check_float(**arrays)
+    check_mask(mask, mask_name)
+
+
+def _masked_rows_map(
+    per_row_fn: Callable[..., Array], rows: tuple[Array, ...], mask_BxT: Array, *, chunk_size: int | None, dtype
+) -> Array:
+    """``per_row_fn`` over the ``B · T`` token rows of ``rows`` (each ``[B, T, ...]``), chunked, masked.
+
+    Returns ``[B, T]`` in ``dtype``, 0 at masked positions.
+    """
+    batch, length = jnp.shape(mask_BxT)
+    in_response_BxT = jnp.asarray(mask_BxT).astype(bool)
+
+    def masked_rows(keep_N, *rows_N):
         # Padding is replaced before any arithmetic (not masked afterwards), so NaN / inf there
         # never enters the backward pass: the cotangent of the replaced entries is exactly 0.
-        # Done per chunk, so no masked copy of the full logits is materialised.
-        keep_Nx1 = keep_N[:, None]
-        student_NxV = jnp.where(keep_Nx1, student_NxV, jnp.zeros((), student_NxV.dtype))
-        teacher_NxV = jnp.where(keep_Nx1, teacher_NxV, jnp.zeros((), teacher_NxV.dtype))
-        return divergence_per_token(student_NxV, teacher_NxV)
+        # Done per chunk, so no masked copy of the full inputs is materialised.
+        rows_N = tuple(
+            jnp.where(keep_N.reshape(-1, *([1] * (r.ndim - 1))), r, jnp.zeros((), r.dtype)) for r in rows_N
+        )
+        return per_row_fn(*rows_N)
 
-    num_tokens = batch * length
-    student_flat = student_logits.reshape(num_tokens, vocab)
-    teacher_flat = teacher_logits.reshape(num_tokens, vocab)
-    per_token = map_row_chunks(
-        masked_per_token, student_flat, teacher_flat, in_response_BxT.reshape(num_tokens), chunk_size=chunk_size
-    )
-    per_token = per_token.reshape(batch, length)
-    return jnp.where(in_response_BxT, per_token, jnp.zeros((), compute_dtype))
+    flat_rows = tuple(r.reshape(batch * length, *r.shape[2:]) for r in rows)
+    per_token = map_row_chunks(masked_rows, in_response_BxT.reshape(batch * length), *flat_rows, chunk_size=chunk_size)
+    return jnp.where(in_response_BxT, per_token.reshape(batch, length), jnp.zeros((), dtype))
+
+
+def full_vocab_reward_to_go(per_token_divergence_BxT: Array, mask_BxT: Array, *, gamma: float) -> Array:
+    """``−Σ_{k>n} γ^{k−n} m_k D_k``: the reward to go of a full-vocabulary term, for the sampled advantages.
+
+    Training on ``L(y) = −Σ_n m_n sg(A_n) log π(y_n|s_n) + λ Σ_n m_n D_f(q‖π)(s_n)``, the second term
+    differentiated directly (GKD style) follows only the part of ``∇ J_fv``,
+    ``J_fv = E_{y~π}[Σ_n m_n D_f(q‖π)(s_n)]``, that holds the states fixed: it misses the effect of
+    token ``y_n`` on the later states ``s_k, k > n``. The score-function identity restores it as a
+    reward to go: adding ``λ ·`` this array (``D_k`` the per-token divergences, ``γ = 1``) to the
+    advantages. With OPD+ advantages at ``γ = 1``,
+
+        A_n = token_advantages(..., estimator="opd_plus", gamma=1) + λ · full_vocab_reward_to_go(D, m, gamma=1)
+
+    the combination is unbiased for ``J_tok + λ J_fv`` (which equals ``(1 + λ) J_tok``, since
+    ``J_fv = J_tok`` in value): ``E[∇L] = (1 + λ) ∇J_tok`` exactly. The weight ``λ`` must be the one
+    of the direct term (equivalently, pass ``λ · D``). Terms ``k ≤ n`` are left out because they do
+    not depend on ``y_n`` (a baseline). ``γ < 1`` discounts the later states and is biased, like
+    ``γ < 1`` in :func:`opd_jax.token_advantages`; ``γ = 0`` (all zeros) is the direct term alone.
+
+    The discount counts response tokens only, as in :mod:`opd_jax.advantages`: ``k − n`` is the
+    number of response tokens between positions ``n`` and ``k``.
+
+    Args:
+      per_token_divergence_BxT: ``[B, T]`` float, ``D_f(q‖π)(s_t)`` per token (e.g. from
+        :func:`full_vocab_divergence`); its values are used, its gradient is stopped.
+      mask_BxT: ``[B, T]`` bool or {0, 1}, 1 at response tokens.
+      gamma: discount in ``[0, 1]``; ``1`` for the unbiased combination.
+
+    Returns:
+      ``[B, T]`` in the dtype of ``per_token_divergence_BxT``, under ``stop_gradient``, 0 at masked
+      positions (whatever the divergence holds there).
+
+    Raises:
+      ValueError: shapes that do not match, a non-float divergence, ``gamma`` outside ``[0, 1]``,
+        or a concrete mask with values other than 0 and 1.
+    """
+    check_same_shape(per_token_divergence_BxT=per_token_divergence_BxT, mask_BxT=mask_BxT)
+    check_float(per_token_divergence_BxT=per_token_divergence_BxT)
+    check_mask(mask_BxT, "mask_BxT")
+    if not 0.0 <= float(gamma) <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma!r}")
+    divergence_BxT = jax.lax.stop_gradient(jnp.asarray(per_token_divergence_BxT))
+    in_response_BxT = jnp.asarray(mask_BxT).astype(bool)
+    zero = jnp.zeros((), divergence_BxT.dtype)
+    cost_BxT = jnp.where(in_response_BxT, divergence_BxT, zero)
+    return jnp.where(in_response_BxT, -_discounted_future(cost_BxT, in_response_BxT, float(gamma)), zero)
 
 
 def _per_token_divergence(divergence: divergences_lib.Divergence, compute_dtype):
