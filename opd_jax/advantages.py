@@ -44,6 +44,10 @@ for its dtype, and there any non-zero value counts as 1.
 
 from __future__ import annotations
 
+import dataclasses
+import types
+from collections.abc import Callable, Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,10 +56,56 @@ from opd_jax import divergences as divergences_lib
 
 Array = jax.Array
 
-ESTIMATORS = ("stop_grad", "opd_plus")
+LEVELS = ("token", "sequence")
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+    """A sampled-token advantage estimator: the reward a token (or response) earns by itself.
+
+    Both levels are built from it: token level ``A_n = own(ℓ_n) − Σ_{k>n} γ^{k−n} m_k f(u_k)``,
+    sequence level ``A = own(log U)``.
+
+    Attributes:
+      name: the registry key (``TrainConfig.estimator``, ``opd-jax verify``, the CLI).
+      own_reward: ``(divergence, log_u) -> reward``, elementwise, dtype-preserving.
+      unbiased_for: level -> the objective whose exact gradient the estimator follows in
+        expectation (checked by :mod:`opd_jax.exact`), or the reason it is biased.
+    """
+
+    name: str
+    own_reward: Callable[[divergences_lib.Divergence, Array], Array]
+    unbiased_for: Mapping[str, str]
+
+
+def _stop_grad_reward(divergence: divergences_lib.Divergence, log_u: Array) -> Array:
+    return -divergence.f(log_u)
+
+
+def _opd_plus_reward(divergence: divergences_lib.Divergence, log_u: Array) -> Array:
+    return divergence.opd_plus_reward(log_u)
+
+
+#: The estimator registry: the loop, :mod:`opd_jax.exact`, the CLI and the experiments read it, so
+#: adding an estimator is one entry here. (Estimators that need more than the two sampled-token
+#: log-probs plug into the loop as ``advantage_fn`` instead; see :func:`opd_jax.train.train`.)
+ESTIMATORS: Mapping[str, Estimator] = types.MappingProxyType({
+    "stop_grad": Estimator(
+        "stop_grad", _stop_grad_reward,
+        {"token": "J_tok for reverse_kl only (biased for every other generator: it drops u f'(u))",
+         "sequence": "J_seq for reverse_kl only (biased for every other generator)"},
+    ),
+    "opd_plus": Estimator(
+        "opd_plus", _opd_plus_reward,
+        {"token": "J_tok with gamma = 1 (gamma < 1 drops the effect of y_n on later states)",
+         "sequence": "J_seq"},
+    ),
+})
 
 __all__ = [
     "ESTIMATORS",
+    "Estimator",
+    "LEVELS",
     "leave_one_out_baseline",
     "masked_log_ratio",
     "sequence_advantages",
@@ -225,10 +275,7 @@ def token_advantages(
     in_response = jnp.asarray(mask).astype(bool)
     zero = jnp.zeros((), log_u.dtype)
     cost = jnp.where(in_response, divergence.f(log_u), zero)
-    if estimator == "stop_grad":
-        own = -cost
-    else:
-        own = jnp.where(in_response, divergence.opd_plus_reward(log_u), zero)
+    own = jnp.where(in_response, ESTIMATORS[estimator].own_reward(divergence, log_u), zero)
     advantages = own - _discounted_future(cost, in_response, float(gamma))
     if baseline is not None:
         advantages = advantages - jax.lax.stop_gradient(jnp.asarray(baseline, log_u.dtype))
@@ -263,10 +310,7 @@ def sequence_advantages(
     log_big_u = jnp.sum(log_u, axis=-1)
     if log_ratio_clip is not None:
         log_big_u = jnp.clip(log_big_u, -log_ratio_clip, log_ratio_clip)
-    if estimator == "stop_grad":
-        advantages = -divergence.f(log_big_u)
-    else:
-        advantages = divergence.opd_plus_reward(log_big_u)
+    advantages = ESTIMATORS[estimator].own_reward(divergence, log_big_u)
     if baseline is not None:
         advantages = advantages - jax.lax.stop_gradient(jnp.asarray(baseline, log_u.dtype))
     has_response = jnp.any(jnp.asarray(mask).astype(bool), axis=-1)

@@ -68,6 +68,7 @@ def _positive_int(minimum: int):
 
 def build_parser() -> argparse.ArgumentParser:
     from opd_jax import models
+    from opd_jax.advantages import ESTIMATORS
 
     parser = argparse.ArgumentParser(
         prog="opd-jax",
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        re.IGNORECASE)
     _add_train_options(train_parser)
     add_model_options(train_parser)
-    scale = train_parser.add_argument_group("scaling out (see README: Scaling out)")
+    scale = train_parser.add_argument_group("scaling out (see docs/scaling_out.md)")
     scale.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                        help="shard over a device mesh, e.g. 1,8,1 or fsdp=4,tensor=2; the product must be the "
                             "number of devices of all processes (default: one device)")
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                           f"{name} {task.output}" for name, task in sorted(TASKS.items())) + ")")
     demo.add_argument("--divergence", action="append", choices=plain_divergences, metavar="NAME",
                       help="divergence, repeatable (default: reverse_kl forward_kl js)")
-    demo.add_argument("--estimator", action="append", choices=("stop_grad", "opd_plus"),
+    demo.add_argument("--estimator", action="append", choices=tuple(ESTIMATORS),
                       help="estimator, repeatable (default: both)")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
     default_steps = ", ".join(f"{name} {task.config.steps}" for name, task in sorted(TASKS.items()))
@@ -211,37 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_TRAIN_HELP = {
-    "divergence": "f-divergence generator: reverse_kl, forward_kl, js, generalized_js, total_variation, "
-                  "squared_hellinger, pearson_chi2, neyman_chi2, alpha",
-    "beta": "beta in (0, 1) for generalized_js",
-    "alpha": "alpha (not 0 or 1) for the alpha divergence",
-    "estimator": "advantage estimator: stop_grad (standard OPD) or opd_plus",
-    "level": "token (per-token advantages) or sequence (one advantage per response)",
-    "gamma": "discount in [0, 1] of the token-level reward-to-go (0: per-token form; 1: unbiased)",
-    "log_ratio_clip": "clamp log-ratios to [-c, c]; 'none' to disable",
-    "baseline": "none or leave_one_out (mean advantage of the other samples of the same prompt)",
-    "prompts_per_step": "prompts per training step",
-    "group_size": "rollouts per prompt",
-    "max_new_tokens": "longest response",
-    "temperature": "sampling temperature (> 0)",
-    "learning_rate": "peak AdamW learning rate (> 0)",
-    "warmup_steps": "linear warm-up steps",
-    "schedule": "learning-rate schedule after warm-up: constant or cosine",
-    "weight_decay": "AdamW weight decay (>= 0)",
-    "grad_clip_norm": "global gradient-norm clip (> 0)",
-    "epochs": "passes over each rollout batch (PPO epochs)",
-    "minibatches": "optimizer updates per pass; must divide prompts_per_step x group_size",
-    "clip_epsilon": "PPO clip of the importance ratio, in (0, 1)",
-    "steps": "training steps",
-    "seed": "seed of rollouts and prompt order",
-    "eval_every": "evaluate every N steps (0: only before and after; needs a task)",
-    "checkpoint_every": "save a checkpoint every N steps",
-    "keep_checkpoints": "checkpoints kept on disk",
-    "logit_chunk_size": "tokens per vocabulary-projection chunk ('none': all at once)",
-}
-
-
 class _ExplicitNone:
     """``--flag none``: distinct from the flag's absence (``None``), which keeps the configured value."""
 
@@ -266,12 +236,17 @@ _NOT_IN_TRAIN = ("eval_every",)
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, defaulting to None so that only given flags override."""
+    """One flag per TrainConfig field, from its metadata (section, help), defaulting to None so that
+    only given flags override."""
     import dataclasses
 
     from opd_jax.train import TrainConfig
 
-    group = parser.add_argument_group("training options (defaults in brackets)")
+    from opd_jax.config import SECTIONS
+
+    groups = {section: parser.add_argument_group(f"training options: {section} (defaults in brackets; "
+                                                 f"[{section}] table of --config)")
+              for section in SECTIONS}
     for field in dataclasses.fields(TrainConfig):
         if field.name in _NOT_IN_TRAIN:
             continue
@@ -283,9 +258,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             kind = str
         if "None" in str(field.type):
             kind = _optional(kind)
-        group.add_argument(
+        groups[field.metadata["section"]].add_argument(
             "--" + field.name.replace("_", "-"), dest=field.name, type=kind, default=None,
-            help=f"{_TRAIN_HELP[field.name]} [{field.default}]",
+            help=f"{field.metadata['help']} [{field.default}]",
         )
 
 
@@ -297,7 +272,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """
     from opd_jax import models
 
-    group = parser.add_argument_group("model execution (speed and memory; see README: Pod scale)")
+    group = parser.add_argument_group("model execution (speed and memory; see docs/pod_scale.md)")
     group.add_argument("--attention", choices=models.ATTENTION_IMPLEMENTATIONS, default="auto",
                        help="attention kernel: auto picks splash on TPU, cudnn on GPU, chunked on CPU [auto]")
     group.add_argument("--remat", choices=models.REMAT_POLICIES, default="full",
@@ -453,7 +428,7 @@ def _train_config(args: argparse.Namespace):
     import dataclasses
     import tomllib
 
-    from opd_jax.train import TrainConfig
+    from opd_jax.config import TrainConfig, flatten_sections
 
     values: dict = {}
     if args.config is not None:
@@ -466,6 +441,10 @@ def _train_config(args: argparse.Namespace):
             _fail("train", f"--config {args.config}: cannot parse ({error})")
         if not isinstance(values, dict):
             _fail("train", f"--config {args.config}: expected a table of options, got {type(values).__name__}")
+        try:
+            values = flatten_sections(values)
+        except ValueError as error:
+            _fail("train", f"--config {args.config}: {error}")
         fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
         for name in _NOT_IN_TRAIN:
             if values.get(name):
@@ -621,6 +600,7 @@ def run_demo(args: argparse.Namespace) -> int:
     import dataclasses
 
     from opd_jax import demo
+    from opd_jax.advantages import ESTIMATORS
 
     task = demo.TASKS[args.task]
     output = args.output or task.output
@@ -636,7 +616,7 @@ def run_demo(args: argparse.Namespace) -> int:
     base = dataclasses.replace(task.config, steps=steps, max_new_tokens=setup.max_new_tokens,
                                eval_every=min(task.config.eval_every, steps))
     axes = {"divergence": args.divergence or ["reverse_kl", "forward_kl", "js"],
-            "estimator": args.estimator or ["stop_grad", "opd_plus"]}
+            "estimator": args.estimator or list(ESTIMATORS)}
     specs = demo.grid(base, axes, args.seeds)
     try:
         records = demo.run_grid(setup, specs, output, progress=not args.quiet)

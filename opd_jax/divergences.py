@@ -44,7 +44,7 @@ import jax.numpy as jnp
 Array = jax.Array
 ElementwiseFn = Callable[..., Array]
 
-__all__ = ["Divergence", "custom", "get", "names", "perspective"]
+__all__ = ["Divergence", "custom", "get", "is_builtin", "names", "perspective"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,7 +469,8 @@ _CONJUGATES: dict[str, Callable[..., tuple[str, dict]]] = {
 }
 
 
-def _is_builtin(divergence: Divergence) -> bool:
+def is_builtin(divergence: Divergence) -> bool:
+    """Whether ``divergence`` is one of the registry's generators (not :func:`custom`)."""
     entry = _REGISTRY.get(divergence.name)
     return entry is not None and entry[1] is divergence.f_fn
 
@@ -477,7 +478,7 @@ def _is_builtin(divergence: Divergence) -> bool:
 @functools.lru_cache(maxsize=None)
 def _conjugate(divergence: Divergence) -> Divergence:
     # Cached so that a custom generator's conjugate is one object (a stable jit static argument).
-    if _is_builtin(divergence):
+    if is_builtin(divergence):
         name, params = _CONJUGATES[divergence.name](*divergence.params)
         return get(name, **params)
     f_fn, params = divergence.f_fn, divergence.params
@@ -488,7 +489,7 @@ def _power_growth(divergence: Divergence) -> tuple[float, float] | None:
     """``(a, c)`` when ``f = c · f_a`` with ``f_a`` the alpha generator and ``a < 0``: the built-ins
     whose ``f(t)`` grows like ``t^a`` as ``t → 0`` (``neyman_chi2 = 2 · alpha(−1)``, ``alpha``
     with ``α < 0``); ``None`` for every other generator (bounded or logarithmic at ``t → 0``)."""
-    if not _is_builtin(divergence):
+    if not is_builtin(divergence):
         return None
     if divergence.name == "neyman_chi2":
         return -1.0, 2.0

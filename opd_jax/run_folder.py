@@ -20,7 +20,7 @@ import os
 import pathlib
 from typing import Any
 
-__all__ = ["IDENTITY_FILE", "LOCK_FILE", "RunFolderError", "RunLock", "check_identity", "check_output_folder",
+__all__ = ["IDENTITY_FILE", "LOCK_FILE", "RunFolder", "RunFolderError", "RunLock", "check_identity", "check_output_folder",
            "compute_identity", "folder_digests", "identity_changes", "weight_files", "write_identity"]
 
 IDENTITY_FILE = "run_identity.json"
@@ -280,3 +280,100 @@ def _lock_holder(descriptor: int) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+class RunFolder:
+    """A training run's output folder: the config guard, the metrics log, the export and the curves.
+
+    ``config.json`` (by section), ``metrics.jsonl`` / ``tensorboard/``, ``curves.png`` and the
+    exported ``student/`` are written by the ``writer`` process only (process 0 of a multi-process
+    run); the others compute the same records and write nothing. Checkpoints are not this object's:
+    :class:`opd_jax.checkpoint.CheckpointStore` writes them (with every process).
+
+    Args:
+      path: the folder (created on :meth:`start`).
+      config: the run's :class:`opd_jax.config.TrainConfig`.
+      writer: whether this process writes.
+    """
+
+    def __init__(self, path: str | pathlib.Path, config, *, writer: bool = True):
+        self.path = pathlib.Path(path)
+        self.config = config
+        self.writer = writer
+        self._log = None
+
+    @property
+    def metrics_path(self) -> pathlib.Path:
+        return self.path / "metrics.jsonl"
+
+    def check_resumable(self) -> None:
+        """Refuse a folder whose checkpoints were made under options this run would change (reads only).
+
+        Only fields a resume depends on count (not :data:`opd_jax.config.RESUME_FREE`; ``steps`` does
+        under a cosine schedule), and only when there is a checkpoint to resume from: a run that failed
+        before its first checkpoint may be re-run with any fix. A field the record lacks (a run of an
+        older version) counts as its default.
+        """
+        from opd_jax.config import RESUME_FREE, TrainConfig, flatten_sections
+
+        config_path = self.path / "config.json"
+        checkpoints = self.path / "checkpoints"
+        has_checkpoints = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+        if not config_path.is_file() or not has_checkpoints:
+            return
+        current = self.config.to_dict()
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        try:
+            previous = {**defaults, **flatten_sections(json.loads(config_path.read_text()))}
+        except (json.JSONDecodeError, ValueError) as error:
+            raise RunFolderError(f"{config_path} cannot be read as a training configuration ({error}); choose "
+                                 "another output directory") from None
+        free = set(RESUME_FREE) - ({"steps"} if self.config.schedule == "cosine" else set())
+        changed = sorted(k for k in current if k not in free and previous.get(k) != current[k])
+        if changed:
+            raise RunFolderError(
+                f"{self.path} holds a run with a different configuration (differs in {changed}); choose another "
+                f"output directory (a resume may change only {', '.join(sorted(free))})"
+            )
+
+    def start(self, resume_step: int | None) -> None:
+        """Write ``config.json`` and open the metrics log, continuing from ``resume_step`` (or fresh)."""
+        from opd_jax.metrics import MetricsLog
+
+        if not self.writer:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.json").write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
+        self._log = MetricsLog(self.path, resume_step=resume_step)
+
+    def log(self, step: int, record: dict[str, float]) -> None:
+        if self._log is not None:
+            self._log.write(step, record)
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def history(self) -> list[dict]:
+        """Every metric record written so far (readable by every process once the writer closed the log)."""
+        from opd_jax.metrics import read_jsonl
+
+        return read_jsonl(self.metrics_path)
+
+    def export(self, student, student_config, *, dtype=None) -> None:
+        """The student as a Hugging Face folder in ``student/`` (see :func:`opd_jax.models.save_pretrained`)."""
+        from opd_jax.models import save_pretrained
+
+        if self.writer:
+            save_pretrained(student, student_config, self.path / "student", dtype=dtype)
+
+    def plot(self, history: list[dict], label: str = "") -> None:
+        """``curves.png``: the teacher-KL, evaluation and loss curves that the records hold."""
+        from opd_jax.metrics import plot_curves
+
+        if not self.writer:
+            return
+        keys = [k for k in ("teacher_kl", "eval_accuracy", "response_length", "loss", "grad_norm", "clip_fraction")
+                if any(k in r for r in history)]
+        plot_curves({label or "run": history}, keys, self.path / "curves.png", title=label or None)

@@ -21,7 +21,8 @@ from opd_jax.models.decoder import Decoder, KVCache
 
 Array = jax.Array
 
-__all__ = ["Rollout", "SamplingConfig", "generate", "positions_from_mask", "score", "token_log_probs"]
+__all__ = ["Rollout", "SamplingConfig", "generate", "positions_from_mask", "score", "token_log_probs",
+           "token_log_probs_and_hidden"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +254,25 @@ def token_log_probs(
     Returns:
       ``[B, L]`` float32; 0 at slots that are not real tokens or have no real token before them.
     """
+    logp_BxL, _ = token_log_probs_and_hidden(model, tokens, token_mask, temperature=temperature,
+                                             chunk_size=chunk_size)
+    return logp_BxL
+
+
+def token_log_probs_and_hidden(
+    model: Decoder,
+    tokens: Array,
+    token_mask: Array,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[Array, Array]:
+    """:func:`token_log_probs` and the final hidden states ``[B, L, D]`` (compute dtype) it used.
+
+    The hidden states at slot ``t − 1`` predict token ``t``; with the model's
+    ``output_projection()`` they are what a full-vocabulary term needs without ``[B, L, V]``
+    logits (:func:`opd_jax.objectives.full_vocab_divergence_from_hidden`).
+    """
     token_mask = token_mask.astype(bool)
     hidden, _ = model.hidden_states(tokens, positions_BxT=positions_from_mask(token_mask), token_mask_BxT=token_mask)
     batch, length, width = hidden.shape
@@ -272,4 +292,4 @@ def token_log_probs(
     ).reshape(batch, length - 1)
     logp = jnp.concatenate([jnp.zeros((batch, 1), jnp.float32), predicted], axis=1)
     has_context = token_mask & jnp.pad(token_mask[:, :-1], ((0, 0), (1, 0)))
-    return jnp.where(has_context, logp, 0.0)
+    return jnp.where(has_context, logp, 0.0), hidden

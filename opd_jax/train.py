@@ -1,25 +1,21 @@
 """The on-policy distillation loop.
 
-One step: prompts → ``group_size`` student rollouts per prompt (KV-cache sampler) → student and
-teacher log-probabilities of the sampled tokens → advantages (divergence, estimator, level, γ, clip,
-baseline) → PPO-style clipped importance-ratio surrogate over ``epochs × minibatches`` optax updates
-→ metrics → checkpoint.
+One step: prompts → ``group_size`` student rollouts per prompt → :func:`opd_jax.step.make_train_step`'s
+``prepare`` (behaviour and teacher log-probs, advantages) → ``epochs × minibatches`` optax updates
+→ metrics (computed inside jit, fetched once per step) → checkpoint. The objective plugs in as
+``advantage_fn`` / ``loss_fn`` (see :mod:`opd_jax.step`); the run folder's files belong to
+:class:`opd_jax.run_folder.RunFolder`, the checkpoints to :class:`opd_jax.checkpoint.CheckpointStore`.
 
 Every random choice is derived from ``(seed, step)`` and the prompt order from ``(seed, epoch)``, and
 the state saved at a checkpoint is everything the loop carries (parameters, optimiser state, step,
 PRNG key, data position), so a run that is killed and resumed ends with bitwise the same parameters
 as one that never stopped.
-
-The loss of a minibatch is its summed surrogate divided by the response-token count of the whole
-batch over the number of minibatches: a constant per step, so it does not depend on how tokens fall
-into minibatches or devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 import sys
@@ -33,16 +29,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from opd_jax import divergences as divergences_lib
 from opd_jax import sharding as sharding_lib
-from opd_jax.advantages import ESTIMATORS, leave_one_out_baseline, sequence_advantages, token_advantages
 from opd_jax.checkpoint import CheckpointStore
-from opd_jax.metrics import MetricsLog, plot_curves, read_jsonl
-from opd_jax.models import Decoder, save_pretrained
+from opd_jax.config import RESUME_FREE, TrainConfig
+from opd_jax.models import Decoder
 from opd_jax.models.config import DecoderConfig
-from opd_jax.objectives import clipped_token_mask, importance_surrogate
 from opd_jax.preemption import Preempted, StopSignals
-from opd_jax.sampling import Rollout, SamplingConfig, generate, token_log_probs
+from opd_jax.run_folder import RunFolder
+from opd_jax.sampling import Rollout, SamplingConfig, generate
+from opd_jax.step import AdvantageFn, LossFn, StepShardings, TrainStep, make_optimizer, make_train_step
 
 Array = jax.Array
 PyTree = Any
@@ -51,135 +46,6 @@ __all__ = [
     "RESUME_FREE", "NonFiniteError", "Preempted", "PromptSet", "StepShardings", "TrainConfig", "TrainResult",
     "TrainStep", "make_train_step", "train",
 ]
-
-LEVELS = ("token", "sequence")
-BASELINES = ("none", "leave_one_out")
-SCHEDULES = ("constant", "cosine")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a distillation run (saved as ``config.json`` in the output folder).
-
-    Objective: ``divergence`` (+ ``beta`` / ``alpha`` for the parametrised ones), ``estimator``
-    (``stop_grad`` | ``opd_plus``), ``level`` (``token`` | ``sequence``), ``gamma`` in [0, 1],
-    ``log_ratio_clip`` (> 0 or ``None``), ``baseline`` (``none`` | ``leave_one_out`` over the group).
-
-    Rollouts: ``prompts_per_step`` × ``group_size`` samples of up to ``max_new_tokens`` at
-    ``temperature``.
-
-    Update: AdamW at ``learning_rate`` with ``warmup_steps`` and a ``constant`` or ``cosine``
-    schedule, ``weight_decay``, global-norm clipping at ``grad_clip_norm``, ``epochs`` passes over
-    ``minibatches`` minibatches, PPO clip ``clip_epsilon``.
-
-    Loop: ``steps``, ``seed``, ``eval_every`` (0: only before and after), ``checkpoint_every``,
-    ``keep_checkpoints``, ``logit_chunk_size`` (tokens per vocabulary-projection chunk).
-
-    Every float must be finite. ``learning_rate`` lies in (0, 1] (AdamW moves each parameter by
-    about the learning rate per update, so a larger one cannot train) and ``learning_rate ×
-    weight_decay`` below 1 (each update multiplies the parameters by ``1 − learning_rate ×
-    weight_decay``).
-
-    A run folder may be resumed with other values of :data:`RESUME_FREE` fields only (``steps``
-    too, to extend a finished run, unless the schedule is ``cosine``, whose shape depends on it).
-    """
-
-    divergence: str = "reverse_kl"
-    beta: float | None = None
-    alpha: float | None = None
-    estimator: str = "opd_plus"
-    level: str = "token"
-    gamma: float = 0.0
-    log_ratio_clip: float | None = 20.0
-    baseline: str = "none"
-    prompts_per_step: int = 16
-    group_size: int = 4
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    learning_rate: float = 1e-4
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 1.0
-    epochs: int = 1
-    minibatches: int = 1
-    clip_epsilon: float = 0.2
-    steps: int = 100
-    seed: int = 0
-    eval_every: int = 0
-    checkpoint_every: int = 25
-    keep_checkpoints: int = 3
-    logit_chunk_size: int | None = None
-
-    def __post_init__(self):
-        self.divergence_fn()  # validates name, beta, alpha
-        _choice("estimator", self.estimator, ESTIMATORS)
-        _choice("level", self.level, LEVELS)
-        _choice("baseline", self.baseline, BASELINES)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _range("gamma", self.gamma, 0.0, 1.0)
-        if self.log_ratio_clip is not None:
-            _range("log_ratio_clip", self.log_ratio_clip, 0.0, None, open_low=True)
-        _range("temperature", self.temperature, 0.0, None, open_low=True)
-        _range("learning_rate", self.learning_rate, 0.0, 1.0, open_low=True)
-        _range("weight_decay", self.weight_decay, 0.0, None)
-        if self.learning_rate * self.weight_decay >= 1:
-            raise ValueError(
-                f"learning_rate × weight_decay must be below 1 (each update multiplies the parameters by "
-                f"1 − learning_rate × weight_decay); got {self.learning_rate} × {self.weight_decay}"
-            )
-        _range("grad_clip_norm", self.grad_clip_norm, 0.0, None, open_low=True)
-        _range("clip_epsilon", self.clip_epsilon, 0.0, 1.0, open_low=True, open_high=True)
-        for name in ("prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches", "steps",
-                     "checkpoint_every", "keep_checkpoints"):
-            _range(name, getattr(self, name), 1, None)
-        for name in ("warmup_steps", "eval_every", "seed"):
-            _range(name, getattr(self, name), 0, None)
-        if self.logit_chunk_size is not None:
-            _range("logit_chunk_size", self.logit_chunk_size, 1, None)
-        if self.baseline == "leave_one_out" and self.group_size < 2:
-            raise ValueError("baseline 'leave_one_out' needs group_size >= 2")
-        if (self.prompts_per_step * self.group_size) % self.minibatches:
-            raise ValueError(
-                f"minibatches ({self.minibatches}) must divide prompts_per_step × group_size "
-                f"({self.prompts_per_step * self.group_size})"
-            )
-
-    def divergence_fn(self) -> divergences_lib.Divergence:
-        params = {k: v for k, v in (("beta", self.beta), ("alpha", self.alpha)) if v is not None}
-        for name, value in params.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number; got {value!r}")
-        return divergences_lib.get(self.divergence, **params)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """From a mapping; unknown keys raise a ``ValueError`` listing the valid ones."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; valid: {sorted(fields)}")
-        return cls(**values)
-
-
-def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _range(name, value, low, high, *, open_low=False, open_high=False) -> None:
-    ok = value is not None and (value > low if open_low else value >= low)
-    # inf passes an open upper bound and nan fails every comparison: both are named "finite" here.
-    finite = not isinstance(value, float) or math.isfinite(value)
-    ok = ok and finite
-    if high is not None:
-        ok = ok and (value < high if open_high else value <= high)
-    if not ok:
-        bounds = f"{'(' if open_low else '['}{low}, {'∞)' if high is None else str(high) + (')' if open_high else ']')}"
-        raise ValueError(f"{name} must lie in {bounds}{'' if finite else ' and be finite'}; got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,43 +81,10 @@ class TrainResult:
     output_dir: pathlib.Path
 
 
-def _make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    updates_per_step = config.epochs * config.minibatches
-    total = config.steps * updates_per_step
-    warmup = config.warmup_steps * updates_per_step
-    if config.schedule == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(warmup, 1), max(total, warmup + 1))
-    else:
-        schedule = optax.linear_schedule(0.0, config.learning_rate, warmup) if warmup else config.learning_rate
-    return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip_norm),
-        optax.adamw(schedule, weight_decay=config.weight_decay),
-    )
-
-
-def _advantages(config: TrainConfig, student_logp, teacher_logp, response_mask):
-    divergence = config.divergence_fn()
-    if config.level == "token":
-        advantages = token_advantages(
-            student_logp, teacher_logp, response_mask, divergence=divergence, estimator=config.estimator,
-            gamma=config.gamma, log_ratio_clip=config.log_ratio_clip,
-        )
-    else:
-        advantages = sequence_advantages(
-            student_logp, teacher_logp, response_mask, divergence=divergence, estimator=config.estimator,
-            log_ratio_clip=config.log_ratio_clip,
-        )
-    if config.baseline == "leave_one_out":
-        advantages = advantages - leave_one_out_baseline(advantages, config.group_size)
-        if config.level == "token":
-            advantages = jnp.where(response_mask, advantages, 0.0)
-    return advantages
-
-
-def _flatten(tree: PyTree) -> tuple[dict[str, Array], Any]:
-    """A flat ``{path: array}`` dict (what orbax stores) and the treedef to rebuild the tree."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}, treedef
+def _flatten(tree: PyTree) -> dict[str, Array]:
+    """A flat ``{path: array}`` dict: what orbax stores."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
 
 
 def _sync_processes(name: str) -> None:
@@ -260,19 +93,6 @@ def _sync_processes(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-class _NoLog:
-    """The metrics log of processes other than 0: they compute every metric but write none."""
-
-    def __init__(self, directory: pathlib.Path):
-        self.path = pathlib.Path(directory) / "metrics.jsonl"
-
-    def write(self, step: int, values: dict[str, float]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _global_batch(rows: np.ndarray, sharding) -> Array:
@@ -354,100 +174,110 @@ def _place_on_mesh(config, mesh_config, state, teacher_params, optimizer, studen
 
 
 @dataclasses.dataclass(frozen=True)
-class StepShardings:
-    """Where the train step's inputs and outputs live on a mesh.
+class _Run:
+    """What the loop holds fixed for a whole run."""
 
-    Attributes:
-      params, opt_state, teacher_params: :class:`jax.sharding.NamedSharding` trees matching the
-        student parameters, their optimiser state and the teacher parameters.
-      batch: rows over ``data × fsdp`` (every ``[B, ...]`` array of a rollout).
-      replicated: scalars (loss, normaliser, counters) on every device.
-    """
-
-    params: PyTree
-    opt_state: PyTree
+    config: TrainConfig
+    graphdef: Any
     teacher_params: PyTree
-    batch: Any
-    replicated: Any
+    step_fn: TrainStep
+    shardings: StepShardings | None
+    prompts: PromptSet
+    sampling: SamplingConfig
+    rollout_fn: Callable[..., Rollout]
+    finite_flags: Callable
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainStep:
-    """The jitted pieces of one training step (see :func:`make_train_step`).
+def _setup(config, student, teacher, prompts, sampling, rollout_fn, mesh, student_rules, teacher_rules,
+           advantage_fn, loss_fn) -> tuple[_Run, dict]:
+    """The jitted step and the initial state ``{params, opt_state, step, key, data_position}``, placed on ``mesh``."""
+    graphdef, params = nnx.split(student)
+    teacher_graphdef, teacher_params = nnx.split(teacher)
+    optimizer = make_optimizer(config)
+    state = {"params": params, "opt_state": None, "step": jnp.zeros((), jnp.int32),
+             "key": jax.random.key_data(jax.random.key(config.seed)), "data_position": jnp.zeros((), jnp.int32)}
+    shardings = None
+    if mesh is None:
+        state["opt_state"] = optimizer.init(params)
+    else:
+        shardings, state, teacher_params = _place_on_mesh(config, mesh, state, teacher_params, optimizer,
+                                                          student_rules, teacher_rules)
+        if rollout_fn is generate:
+            rollout_fn = _sharded_sampler(graphdef, shardings, sampling)
+    step_fn = make_train_step(config, graphdef, teacher_graphdef, optimizer, shardings,
+                              advantage_fn=advantage_fn, loss_fn=loss_fn)
+    finite_flags = jax.jit(_finite_flags, out_shardings=None if shardings is None else shardings.replicated)
+    return _Run(config, graphdef, teacher_params, step_fn, shardings, prompts, sampling, rollout_fn,
+                finite_flags), state
 
-    Attributes:
-      prepare: ``(params, teacher_params, tokens, token_mask, response_mask)`` with ``[B, L]``
-        arrays -> ``(old_logp [B, L], teacher_logp [B, L], advantages [B, L] or [B])``.
-      update: ``(params, opt_state, tokens, token_mask, response_mask, old_logp, advantages,
-        normalizer [])`` for one minibatch ``[M, L]`` -> ``(params, opt_state, loss [], grad_norm [],
-        clipped_tokens [])``.
-      take_rows: ``(arrays, rows [M])`` -> the ``rows`` of every ``[B, ...]`` array in the tuple
-        ``arrays`` (a minibatch), placed like the batch.
-    """
 
-    prepare: Callable
-    update: Callable
-    take_rows: Callable
+def _restore(store: CheckpointStore, state: dict, config: TrainConfig, output_dir) -> tuple[int | None, dict]:
+    """The newest good checkpoint's step and state, or ``(None, state)`` for a fresh start."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _flatten(state))
+    restored = store.restore_latest(abstract)
+    if restored is None:
+        return None, state
+    resume_step, flat_state = restored
+    if resume_step > config.steps:
+        raise ValueError(f"{output_dir} holds a checkpoint of step {resume_step}, past steps = {config.steps}; "
+                         f"set steps >= {resume_step} to continue it, or choose another output directory")
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    state = jax.tree_util.tree_unflatten(treedef, [flat_state[jax.tree_util.keystr(path)] for path, _ in leaves])
+    if jax.process_index() == 0:
+        print(f"resuming from step {resume_step} of {config.steps} (checkpoint {store.path(resume_step)})",
+              file=sys.stderr, flush=True)
+    return resume_step, state
 
 
-def make_train_step(
-    config: TrainConfig,
-    graphdef,
-    teacher_graphdef,
-    optimizer: optax.GradientTransformation,
-    shardings: StepShardings | None = None,
-) -> TrainStep:
-    """Build the jitted prepare / update functions of a step, pure in their array arguments.
+def _rollout(run: _Run, state: dict, key: Array) -> Rollout:
+    """``group_size`` samples of each prompt at the state's data position, placed like the batch."""
+    config = run.config
+    tokens, mask = run.prompts.batch(int(state["data_position"]), config.prompts_per_step, config.seed)
+    tokens, mask = (np.repeat(a, config.group_size, axis=0) for a in (tokens, mask))
+    if run.shardings is not None:
+        tokens, mask = (_global_batch(a, run.shardings.batch) for a in (tokens, mask))
+    rollout = run.rollout_fn(nnx.merge(run.graphdef, state["params"]), tokens, mask, key, run.sampling)
+    # The sampler's outputs are placed by XLA's propagation; the step's inputs are explicit.
+    return rollout if run.shardings is None else jax.device_put(rollout, run.shardings.batch)
 
-    Without ``shardings`` they are plain ``jax.jit`` on the default device (the single-device
-    path). With them, every input and output has an explicit sharding and ``update`` donates the
-    parameters and optimiser state, whose buffers it replaces, so a step holds one copy of each.
-    """
 
-    def prepare(params, teacher_params, tokens, token_mask, response_mask):
-        """Behaviour (old) log-probs, teacher log-probs and advantages of one rollout batch."""
-        student_model = nnx.merge(graphdef, params)
-        teacher_model = nnx.merge(teacher_graphdef, teacher_params)
-        old_logp = token_log_probs(student_model, tokens, token_mask, chunk_size=config.logit_chunk_size)
-        teacher_logp = token_log_probs(teacher_model, tokens, token_mask, chunk_size=config.logit_chunk_size)
-        advantages = _advantages(config, old_logp, teacher_logp, response_mask)
-        return old_logp, teacher_logp, advantages
+def _train_step(run: _Run, state: dict, step: int) -> tuple[dict, dict, Array]:
+    """One step from ``state``: ``(next state, device metrics, finite flags)``, nothing fetched to the host."""
+    config = run.config
+    sample_key, shuffle_key = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state["key"]), step))
+    batch, scored = run.step_fn.prepare(state["params"], run.teacher_params, _rollout(run, state, sample_key))
+    rows_per_batch = config.prompts_per_step * config.group_size
+    count = scored["response_tokens"] if config.loss_aggregation == "token_mean" else rows_per_batch
+    normalizer = jnp.maximum(count, 1).astype(jnp.float32) / config.minibatches
+    params, opt_state, updates = state["params"], state["opt_state"], []
+    for epoch in range(config.epochs):
+        order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), rows_per_batch)
+        for rows in jnp.split(order, config.minibatches):
+            params, opt_state, metrics = run.step_fn.update(params, opt_state, run.teacher_params,
+                                                            run.step_fn.take_rows(batch, rows), normalizer)
+            updates.append(metrics)
+    step_count = jnp.asarray(step + 1, jnp.int32)
+    if run.shardings is not None:  # a multi-process orbax save takes only global arrays
+        step_count = _global_batch(np.asarray(step + 1, np.int32), run.shardings.replicated)
+    next_state = {"params": params, "opt_state": opt_state, "step": step_count, "key": state["key"],
+                  "data_position": state["data_position"] + config.prompts_per_step}
+    return next_state, {"scored": scored, "updates": updates}, run.finite_flags(params, opt_state)
 
-    def loss_fn(params, tokens, token_mask, response_mask, old_logp, advantages, normalizer):
-        logp = token_log_probs(nnx.merge(graphdef, params), tokens, token_mask, chunk_size=config.logit_chunk_size)
-        per_sequence = importance_surrogate(logp, old_logp, advantages, response_mask, clip_epsilon=config.clip_epsilon)
-        clipped = clipped_token_mask(logp, old_logp, advantages, response_mask, clip_epsilon=config.clip_epsilon)
-        return jnp.sum(per_sequence) / normalizer, jnp.sum(clipped)
 
-    def update(params, opt_state, tokens, token_mask, response_mask, old_logp, advantages, normalizer):
-        (loss, clipped), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, tokens, token_mask, response_mask, old_logp, advantages, normalizer
-        )
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads), clipped
-
-    def take_rows(arrays, rows):
-        return tuple(a[rows] for a in arrays)
-
-    if shardings is None:
-        # Row selection stays eager here, as it always was on one device.
-        return TrainStep(jax.jit(prepare), jax.jit(update), take_rows)
-    batch, replicated = shardings.batch, shardings.replicated
-    return TrainStep(
-        prepare=jax.jit(
-            prepare,
-            in_shardings=(shardings.params, shardings.teacher_params, batch, batch, batch),
-            out_shardings=(batch, batch, batch),
-        ),
-        update=jax.jit(
-            update,
-            in_shardings=(shardings.params, shardings.opt_state, batch, batch, batch, batch, batch, replicated),
-            out_shardings=(shardings.params, shardings.opt_state, replicated, replicated, replicated),
-            donate_argnums=(0, 1),
-        ),
-        # A gather of rows from a sharded batch, re-split over data × fsdp for the update.
-        take_rows=jax.jit(take_rows, out_shardings=batch),
-    )
+def _record(config: TrainConfig, metrics: dict, seconds: float) -> dict[str, float]:
+    """The step's ``metrics.jsonl`` record from the fetched metrics."""
+    updates = metrics["updates"]
+    scored = {k: float(v) for k, v in metrics["scored"].items()}
+    tokens = scored.pop("response_tokens")
+    return {
+        "loss": float(np.mean([u["loss"] for u in updates])),
+        "grad_norm": float(np.mean([u["grad_norm"] for u in updates])),
+        "clip_fraction": float(sum(u["clipped_tokens"] for u in updates)) / (config.epochs * max(tokens, 1.0)),
+        "log_ratio_abs_max": float(max(u["log_ratio_abs_max"] for u in updates)),
+        **scored,
+        "tokens_per_second": tokens / seconds,
+        "step_seconds": seconds,
+    }
 
 
 def train(
@@ -468,6 +298,8 @@ def train(
     student_rules: sharding_lib.PartitionRules = sharding_lib.DEFAULT_RULES,
     teacher_rules: sharding_lib.PartitionRules = sharding_lib.DEFAULT_RULES,
     export_dtype: Any = None,
+    advantage_fn: AdvantageFn | None = None,
+    loss_fn: LossFn | None = None,
 ) -> TrainResult:
     """Distil ``teacher`` into ``student`` on the student's own rollouts.
 
@@ -490,9 +322,9 @@ def train(
       evaluate: optional ``model -> {metric: value}``, run before training, every ``eval_every``
         steps and at the end; its values are logged with an ``eval_`` prefix.
       rollout_fn: ``(student, prompt_tokens, prompt_mask, key, sampling_config) -> Rollout``; the
-        default samples one response per prompt. Multi-turn tasks pass their own: tokens inserted
-        by the environment (tool outputs) stay in ``token_mask`` as context for both models but
-        out of ``response_mask``, so they get no advantage and no gradient.
+        default samples one response per prompt. Multi-turn rollouts (:mod:`opd_jax.rollouts`) keep
+        tokens inserted by the environment in ``token_mask`` as context for both models but out of
+        ``response_mask``, so they get no advantage and no gradient.
       progress: show a progress bar.
       label: shown in the progress bar.
       mesh: shard the run over a ``data × fsdp × tensor`` device mesh (all devices of all
@@ -501,6 +333,10 @@ def train(
         writes metrics, config, curves and the export, and orbax writes checkpoints together.
       student_rules, teacher_rules: partition rules of the two models under ``mesh``.
       export_dtype: dtype of the exported student's tensors (default: its parameters' dtype).
+      advantage_fn: ``(student_logp_BxT, teacher_logp_BxT, response_mask_BxT) -> [B, T] | [B]``
+        replacing the config's estimator (run under jit, held under stop-gradient); see :mod:`opd_jax.step`.
+      loss_fn: ``(student_logp_BxT, behaviour_logp_BxT, advantages, response_mask_BxT) -> [B]``
+        replacing the PPO-clipped surrogate.
 
     Returns:
       :class:`TrainResult` with the trained student and the metric records (in a multi-process
@@ -510,8 +346,9 @@ def train(
     Raises:
       ValueError: teacher and student vocabularies differ, ``output_dir`` holds a run with a
         different configuration (in a :data:`RESUME_FREE`-excluded field; nothing there is
-        modified) or one already past ``config.steps``, or ``mesh`` does not fit the devices, a
-        parameter or the batch (raised before anything is compiled).
+        modified) or one already past ``config.steps``, ``mesh`` does not fit the devices, a
+        parameter or the batch, or ``advantage_fn`` / ``loss_fn`` return the wrong shape or dtype
+        (all raised before the first update).
       Preempted: SIGTERM / SIGINT (or a preemption notice on any process) arrived; the state of
         the step reached is committed, and calling ``train`` again resumes it.
       NonFiniteError: a loss, gradient norm, parameter or optimiser state became non-finite; the
@@ -520,67 +357,26 @@ def train(
     from tqdm import tqdm
 
     if teacher.config.vocab_size != student.config.vocab_size:
-        raise ValueError(
-            f"teacher vocab_size {teacher.config.vocab_size} != student vocab_size {student.config.vocab_size}"
-        )
-    output_dir = pathlib.Path(output_dir)
-    config_path = output_dir / "config.json"
-    _check_resumable(output_dir, config)
+        raise ValueError(f"teacher vocab_size {teacher.config.vocab_size} != student vocab_size "
+                         f"{student.config.vocab_size}")
+    folder = RunFolder(output_dir, config, writer=jax.process_index() == 0)
+    folder.check_resumable()
+    sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                              stop_ids=tuple(stop_ids), pad_id=pad_id)
+    run, state = _setup(config, student, teacher, prompts, sampling, rollout_fn, mesh, student_rules,
+                        teacher_rules, advantage_fn, loss_fn)
+    store = CheckpointStore(folder.path / "checkpoints", keep=config.keep_checkpoints)
+    try:
+        resume_step, state = _restore(store, state, config, folder.path)
+    except ValueError:
+        store.close()
+        raise
+    _sync_processes("opd_jax_config_checked")  # every process read the old config before it is replaced
+    folder.start(resume_step)
 
-    graphdef, params = nnx.split(student)
-    teacher_graphdef, teacher_params = nnx.split(teacher)
-    optimizer = _make_optimizer(config)
-    state = {
-        "params": params,
-        "opt_state": None,
-        "step": jnp.zeros((), jnp.int32),
-        "key": jax.random.key_data(jax.random.key(config.seed)),
-        "data_position": jnp.zeros((), jnp.int32),
-    }
-    step_shardings = None
-    if mesh is None:
-        state["opt_state"] = optimizer.init(params)
-    else:
-        step_shardings, state, teacher_params = _place_on_mesh(
-            config, mesh, state, teacher_params, optimizer, student_rules, teacher_rules
-        )
-    flat_state, treedef = _flatten(state)
-    store = CheckpointStore(output_dir / "checkpoints", keep=config.keep_checkpoints)
-    restored = store.restore_latest(
-        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), flat_state)
-    )
-    resume_step = None
-    if restored is not None:
-        resume_step, flat_state = restored
-        if resume_step > config.steps:
-            store.close()
-            raise ValueError(f"{output_dir} holds a checkpoint of step {resume_step}, past steps = {config.steps}; "
-                             f"set steps >= {resume_step} to continue it, or choose another output directory")
-        state = jax.tree_util.tree_unflatten(treedef, [flat_state[k] for k in _flatten(state)[0]])
-        if jax.process_index() == 0:
-            print(f"resuming from step {resume_step} of {config.steps} (checkpoint {store.path(resume_step)})",
-                  file=sys.stderr, flush=True)
-    # Every process has read the old config before process 0 overwrites it (with new steps etc.).
-    _sync_processes("opd_jax_config_checked")
-    if jax.process_index() == 0:
-        config_path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    log = MetricsLog(output_dir, resume_step=resume_step) if jax.process_index() == 0 else _NoLog(output_dir)
-
-    sampling_config = SamplingConfig(
-        max_new_tokens=config.max_new_tokens, temperature=config.temperature, stop_ids=tuple(stop_ids), pad_id=pad_id
-    )
-    batch_size = config.prompts_per_step * config.group_size
-    minibatch = batch_size // config.minibatches
-
-    train_step = make_train_step(config, graphdef, teacher_graphdef, optimizer, step_shardings)
-    prepare, update = train_step.prepare, train_step.update
-    if step_shardings is not None and rollout_fn is generate:
-        rollout_fn = _sharded_sampler(graphdef, step_shardings, sampling_config)
-    finite_flags = jax.jit(_finite_flags, out_shardings=None if step_shardings is None else step_shardings.replicated)
-
-    def run_eval(step: int, params) -> None:
+    def run_eval(step: int) -> None:
         if evaluate is not None:
-            log.write(step, {f"eval_{k}": v for k, v in evaluate(nnx.merge(graphdef, params)).items()})
+            folder.log(step, {f"eval_{k}": v for k, v in evaluate(nnx.merge(run.graphdef, state["params"])).items()})
 
     start = int(state["step"])
     bar = tqdm(total=config.steps, initial=start, desc=label or "distil", dynamic_ncols=True,
@@ -590,136 +386,40 @@ def train(
     with StopSignals() as stop_signals:
         try:
             if start == 0:
-                run_eval(0, state["params"])
+                run_eval(0)
             for step in range(start, config.steps):
                 began = time.perf_counter()
-                step_key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), step)
-                sample_key, shuffle_key = jax.random.split(step_key)
-                prompt_tokens, prompt_mask = prompts.batch(int(state["data_position"]), config.prompts_per_step,
-                                                           config.seed)
-                prompt_tokens = np.repeat(prompt_tokens, config.group_size, axis=0)
-                prompt_mask = np.repeat(prompt_mask, config.group_size, axis=0)
-                if step_shardings is not None:
-                    prompt_tokens = _global_batch(prompt_tokens, step_shardings.batch)
-                    prompt_mask = _global_batch(prompt_mask, step_shardings.batch)
-                rollout = rollout_fn(nnx.merge(graphdef, state["params"]), prompt_tokens, prompt_mask, sample_key,
-                                     sampling_config)
-                if step_shardings is not None:
-                    # The sampler's outputs are placed by XLA's propagation; the step's inputs are explicit.
-                    rollout = jax.device_put(rollout, step_shardings.batch)
-                old_logp, teacher_logp, advantages = prepare(
-                    state["params"], teacher_params, rollout.tokens, rollout.token_mask, rollout.response_mask
-                )
-                response_tokens = jnp.sum(rollout.response_mask)
-                normalizer = jnp.maximum(response_tokens, 1).astype(jnp.float32) / config.minibatches
-                params, opt_state = state["params"], state["opt_state"]
-                losses, grad_norms, clipped_total = [], [], 0.0
-                for epoch in range(config.epochs):
-                    order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), batch_size)
-                    for start_row in range(0, batch_size, minibatch):
-                        rows = order[start_row : start_row + minibatch]
-                        params, opt_state, loss, grad_norm, clipped = update(
-                            params, opt_state,
-                            *train_step.take_rows(
-                                (rollout.tokens, rollout.token_mask, rollout.response_mask, old_logp, advantages),
-                                rows,
-                            ),
-                            normalizer,
-                        )
-                        losses.append(loss)
-                        grad_norms.append(grad_norm)
-                        clipped_total += clipped
-                state = {
-                    "params": params,
-                    "opt_state": opt_state,
-                    "step": jnp.asarray(step + 1, jnp.int32),
-                    "key": state["key"],
-                    "data_position": state["data_position"] + config.prompts_per_step,
-                }
-                if step_shardings is not None:  # a multi-process orbax save takes only global arrays
-                    state["step"] = _global_batch(np.asarray(step + 1, np.int32), step_shardings.replicated)
-                mask = rollout.response_mask
-                count = jnp.maximum(response_tokens, 1)
-                token_advantage = jnp.broadcast_to(advantages if advantages.ndim == 2 else advantages[:, None],
-                                                   mask.shape)
-                elapsed = time.perf_counter() - began
-                record = {
-                    "loss": float(np.mean(losses)),
-                    "grad_norm": float(np.mean(grad_norms)),
-                    "clip_fraction": float(clipped_total) / (config.epochs * float(count)),
-                    "teacher_kl": float(jnp.sum(jnp.where(mask, old_logp - teacher_logp, 0.0)) / count),
-                    "advantage_mean": float(jnp.sum(jnp.where(mask, token_advantage, 0.0)) / count),
-                    "advantage_abs_max": float(jnp.max(jnp.abs(advantages))),
-                    "response_length": float(response_tokens) / batch_size,
-                    "tokens_per_second": float(response_tokens) / elapsed,
-                    "step_seconds": elapsed,
-                }
-                log.write(step + 1, record)
-                # Before anything can checkpoint, evaluate or export this state.
-                _check_finite(config, step + 1, losses, grad_norms,
-                              finite_flags(params, opt_state), store)
+                state, metrics, finite = _train_step(run, state, step)
+                metrics, finite = jax.device_get((metrics, finite))  # the step's one fetch
+                record = _record(config, metrics, time.perf_counter() - began)
+                folder.log(step + 1, record)
+                _check_finite(config, step + 1, metrics["updates"], finite, store)  # before any save
                 bar.set_postfix(kl=f"{record['teacher_kl']:.3f}", len=f"{record['response_length']:.1f}")
                 bar.update(1)
                 if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-                    run_eval(step + 1, state["params"])
+                    run_eval(step + 1)
                 saved = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
                 if saved:
-                    store.save(step + 1, _flatten(state)[0])
+                    store.save(step + 1, _flatten(state))
                 if step + 1 < config.steps and stop_signals.agreed(step + 1):
                     if not saved:
-                        store.save(step + 1, _flatten(state)[0])
+                        store.save(step + 1, _flatten(state))
                     store.wait()
                     raise Preempted(step + 1, config.steps, stop_signals.signal_name, str(store.path(step + 1)))
-            bar.close()
             store.close()
             if start < config.steps:
-                run_eval(config.steps, state["params"])
+                run_eval(config.steps)
         finally:
             bar.close()
             store.close()
-            log.close()
-        final_student = nnx.merge(graphdef, _addressable(state["params"]))
-        if jax.process_index() == 0:
-            save_pretrained(final_student, student_config, output_dir / "student", dtype=export_dtype)
+            folder.close()
+        final_student = nnx.merge(run.graphdef, _addressable(state["params"]))
+        folder.export(final_student, student_config, dtype=export_dtype)
         _sync_processes("opd_jax_exported")
-    history = read_jsonl(log.path)
-    if jax.process_index() != 0:
-        return TrainResult(final_student, history, output_dir)
-    plot_curves(
-        {label or "run": history},
-        [k for k in ("teacher_kl", "eval_accuracy", "response_length", "loss", "grad_norm", "clip_fraction")
-         if any(k in r for r in history)],
-        output_dir / "curves.png",
-        title=label or None,
-    )
-    return TrainResult(final_student, history, output_dir)
+    history = folder.history()
+    folder.plot(history, label)
+    return TrainResult(final_student, history, folder.path)
 
-
-# Options that change only when or how often something happens, or how fast, not the trajectory of
-# the state: a run may be resumed with other values (steps: unless the schedule is cosine).
-RESUME_FREE = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "logit_chunk_size")
-
-
-def _check_resumable(output_dir: pathlib.Path, config: TrainConfig) -> None:
-    """Refuse a run folder whose checkpoints were made under options this run would change.
-
-    Only fields a resume depends on count, and only when there is a checkpoint to resume from:
-    a run that failed before its first checkpoint may be re-run with any fix. Reads only.
-    """
-    config_path = output_dir / "config.json"
-    checkpoints = output_dir / "checkpoints"
-    has_checkpoints = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
-    if not config_path.is_file() or not has_checkpoints:
-        return
-    previous = json.loads(config_path.read_text())
-    free = set(RESUME_FREE) - ({"steps"} if config.schedule == "cosine" else set())
-    current = config.to_dict()
-    changed = sorted(k for k in current if k not in free and previous.get(k) != current[k])
-    if changed:
-        raise ValueError(
-            f"{output_dir} holds a run with a different configuration (differs in {changed}); choose another "
-            f"output directory (a resume may change only {', '.join(sorted(free))})"
-        )
 
 
 def _finite_flags(params, opt_state) -> Array:
@@ -745,14 +445,13 @@ class NonFiniteError(FloatingPointError):
         super().__init__(message)
 
 
-def _check_finite(config: TrainConfig, step: int, losses, grad_norms, flags, store: CheckpointStore) -> None:
-    updates = len(losses)
+def _check_finite(config: TrainConfig, step: int, updates: list[dict], flags, store: CheckpointStore) -> None:
     found = None
-    for name, values in (("loss", losses), ("grad_norm", grad_norms)):
-        for index, value in enumerate(values):
-            value = float(value)
+    for name in ("loss", "grad_norm"):
+        for index, metrics in enumerate(updates):
+            value = float(metrics[name])
             if not math.isfinite(value):
-                found = found or (name, f"{name} {value} in update {index + 1} of {updates}")
+                found = found or (name, f"{name} {value} in update {index + 1} of {len(updates)}")
     flags = np.asarray(flags)
     for name, ok in zip(("parameters", "optimizer state"), flags):
         if not ok:

@@ -42,7 +42,7 @@ def test_run_writes_metrics_tensorboard_curves_checkpoints_and_export(uninterrup
     assert any((uninterrupted / "tensorboard").iterdir())
     assert (uninterrupted / "curves.png").stat().st_size > 10_000
     assert sorted(int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()) == [6, 8, 10]
-    assert json.loads((uninterrupted / "config.json").read_text())["divergence"] == "js"
+    assert json.loads((uninterrupted / "config.json").read_text())["objective"]["divergence"] == "js"
     assert (uninterrupted / "student" / "model.safetensors").is_file()
 
 

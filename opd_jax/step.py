@@ -1,0 +1,309 @@
+"""One distillation step as jitted pure functions: score a rollout, then update on minibatches.
+
+``prepare(params, teacher_params, rollout) -> (ScoredBatch, metrics)`` takes the behaviour and
+teacher log-probabilities of the sampled tokens (at the rollout temperature: the tempered policy
+is the one trained, see :class:`~opd_jax.config.TrainConfig`), the advantages from an
+``advantage_fn``, and, with a full-vocabulary term, its reward-to-go. ``update(params, opt_state,
+teacher_params, rows, normalizer) -> (params, opt_state, metrics)`` minimises the ``loss_fn``
+surrogate (plus the full-vocabulary term) over one minibatch with optax.
+
+The two plug points, with the config's built-ins as defaults:
+
+* ``advantage_fn(student_logp_BxT, teacher_logp_BxT, response_mask_BxT) -> [B, T] or [B]``, float,
+  run under jit and held under ``stop_gradient``;
+* ``loss_fn(student_logp_BxT, behaviour_logp_BxT, advantages, response_mask_BxT) -> [B]``, the
+  per-sequence surrogate (default: the PPO-clipped :func:`~opd_jax.objectives.importance_surrogate`).
+
+The loss of a minibatch is its summed per-sequence loss over a constant of the step (the batch's
+response-token count, or its number of sequences for ``sequence_mean``, over the number of
+minibatches), so it does not depend on how rows fall into minibatches or devices. Metrics are
+computed inside the jitted functions; the loop fetches them once per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from opd_jax.advantages import leave_one_out_baseline, sequence_advantages, token_advantages
+from opd_jax.config import TrainConfig
+from opd_jax.objectives import (
+    clipped_token_mask,
+    full_vocab_divergence_from_hidden,
+    full_vocab_reward_to_go,
+    importance_surrogate,
+)
+from opd_jax.sampling import Rollout, token_log_probs_and_hidden
+
+Array = jax.Array
+PyTree = Any
+AdvantageFn = Callable[[Array, Array, Array], Array]
+LossFn = Callable[[Array, Array, Array, Array], Array]
+
+__all__ = ["AdvantageFn", "LossFn", "ScoredBatch", "StepShardings", "TrainStep", "config_advantage_fn",
+           "config_loss_fn", "make_optimizer", "make_train_step"]
+
+
+def config_advantage_fn(config: TrainConfig) -> AdvantageFn:
+    """The advantages ``config`` describes: estimator, level, γ, log-ratio clip and baseline."""
+    divergence = config.divergence_fn()
+
+    def advantage_fn(student_logp_BxT: Array, teacher_logp_BxT: Array, response_mask_BxT: Array) -> Array:
+        if config.level == "token":
+            advantages = token_advantages(
+                student_logp_BxT, teacher_logp_BxT, response_mask_BxT, divergence=divergence,
+                estimator=config.estimator, gamma=config.gamma, log_ratio_clip=config.log_ratio_clip,
+            )
+        else:
+            advantages = sequence_advantages(
+                student_logp_BxT, teacher_logp_BxT, response_mask_BxT, divergence=divergence,
+                estimator=config.estimator, log_ratio_clip=config.log_ratio_clip,
+            )
+        if config.baseline == "leave_one_out":
+            advantages = advantages - leave_one_out_baseline(advantages, config.group_size)
+            if config.level == "token":
+                advantages = jnp.where(response_mask_BxT, advantages, 0.0)
+        return advantages
+
+    return advantage_fn
+
+
+def config_loss_fn(config: TrainConfig) -> LossFn:
+    """The PPO-clipped importance surrogate with ``config``'s clips (``clip_epsilon``, ``clip_ratio_c``)."""
+
+    def loss_fn(student_logp_BxT, behaviour_logp_BxT, advantages, response_mask_BxT):
+        return importance_surrogate(student_logp_BxT, behaviour_logp_BxT, advantages, response_mask_BxT,
+                                    clip_epsilon=config.clip_epsilon, clip_ratio_c=config.clip_ratio_c)
+
+    return loss_fn
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with warm-up and a constant or cosine schedule, after global-norm clipping."""
+    updates_per_step = config.epochs * config.minibatches
+    total = config.steps * updates_per_step
+    warmup = config.warmup_steps * updates_per_step
+    if config.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(warmup, 1), max(total, warmup + 1))
+    else:
+        schedule = optax.linear_schedule(0.0, config.learning_rate, warmup) if warmup else config.learning_rate
+    return optax.chain(
+        optax.clip_by_global_norm(config.grad_clip_norm),
+        optax.adamw(schedule, weight_decay=config.weight_decay),
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ScoredBatch:
+    """A rollout with everything an update needs, ``[B, T]`` rows (``T`` = prompt + response slots).
+
+    Attributes:
+      tokens_BxT, token_mask_BxT, response_mask_BxT: the rollout's (:class:`~opd_jax.sampling.Rollout`).
+      behaviour_logp_BxT: float32 log-probs of the sampled tokens under the sampling policy, as the
+        trainer computes them (the PPO ratio's denominator).
+      advantages: ``[B, T]`` or ``[B]`` float32, under stop-gradient.
+      teacher_hidden_BxTxE: the teacher's final hidden states when the full-vocabulary term is on,
+        else ``None``.
+    """
+
+    tokens_BxT: Array
+    token_mask_BxT: Array
+    response_mask_BxT: Array
+    behaviour_logp_BxT: Array
+    advantages: Array
+    teacher_hidden_BxTxE: Array | None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where the train step's inputs and outputs live on a mesh.
+
+    Attributes:
+      params, opt_state, teacher_params: :class:`jax.sharding.NamedSharding` trees matching the
+        student parameters, their optimiser state and the teacher parameters.
+      batch: rows over ``data × fsdp`` (every ``[B, ...]`` array of a rollout).
+      replicated: scalars (metrics, normaliser, counters) on every device.
+    """
+
+    params: PyTree
+    opt_state: PyTree
+    teacher_params: PyTree
+    batch: Any
+    replicated: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The jitted pieces of one training step (see :func:`make_train_step`).
+
+    Attributes:
+      prepare: ``(params, teacher_params, rollout)`` -> ``(ScoredBatch, metrics)``.
+      update: ``(params, opt_state, teacher_params, rows: ScoredBatch, normalizer [])`` for one
+        minibatch -> ``(params, opt_state, metrics)``.
+      take_rows: ``(ScoredBatch, rows [M])`` -> the minibatch of those rows, placed like the batch.
+    """
+
+    prepare: Callable
+    update: Callable
+    take_rows: Callable
+
+
+def _function_name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _checked_advantages(advantage_fn: AdvantageFn, student_logp_BxT, teacher_logp_BxT, response_mask_BxT) -> Array:
+    """``advantage_fn``'s result under stop-gradient, refused at trace time unless ``[B, T]`` / ``[B]`` float."""
+    advantages = advantage_fn(student_logp_BxT, teacher_logp_BxT, response_mask_BxT)
+    shape, dtype = tuple(jnp.shape(advantages)), jnp.result_type(advantages)
+    batch, length = response_mask_BxT.shape
+    if shape not in ((batch, length), (batch,)) or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"advantage_fn {_function_name(advantage_fn)} returned shape {list(shape)} dtype {dtype}; it must return "
+            f"floats of shape [B, T] = {[batch, length]} or [B] = {[batch]}"
+        )
+    return jax.lax.stop_gradient(advantages.astype(jnp.float32))
+
+
+def _checked_loss(loss_fn: LossFn, logp_BxT, behaviour_logp_BxT, advantages, response_mask_BxT) -> Array:
+    """``loss_fn``'s per-sequence surrogate, refused at trace time unless ``[B]`` float."""
+    per_sequence = loss_fn(logp_BxT, behaviour_logp_BxT, advantages, response_mask_BxT)
+    shape, dtype = tuple(jnp.shape(per_sequence)), jnp.result_type(per_sequence)
+    batch = response_mask_BxT.shape[0]
+    if shape != (batch,) or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"loss_fn {_function_name(loss_fn)} returned shape {list(shape)} dtype {dtype}; it must return the "
+            f"per-sequence surrogate, floats of shape [B] = {[batch]} (inputs: student_logp {list(logp_BxT.shape)}, "
+            f"advantages {list(jnp.shape(advantages))})"
+        )
+    return per_sequence
+
+
+def _per_token_full_vocab(config: TrainConfig, student_hidden_BxTxD, student_projection, teacher_hidden_BxTxE,
+                          teacher_projection, response_mask_BxT) -> Array:
+    """``[B, T]`` ``D_f(q_T ‖ π_T)`` at the state before each response token (slot ``t − 1`` predicts ``t``)."""
+    per_token = full_vocab_divergence_from_hidden(
+        student_hidden_BxTxD[:, :-1], student_projection, teacher_hidden_BxTxE[:, :-1], teacher_projection,
+        response_mask_BxT[:, 1:], divergence=config.full_vocab_divergence_fn(), chunk_size=config.logit_chunk_size,
+        temperature=config.temperature,
+    )
+    return jnp.pad(per_token, ((0, 0), (1, 0)))
+
+
+def _masked_mean(values_BxT: Array, mask_BxT: Array) -> Array:
+    return jnp.sum(jnp.where(mask_BxT, values_BxT, 0.0)) / jnp.maximum(jnp.sum(mask_BxT), 1)
+
+
+def make_train_step(
+    config: TrainConfig,
+    graphdef,
+    teacher_graphdef,
+    optimizer: optax.GradientTransformation,
+    shardings: StepShardings | None = None,
+    *,
+    advantage_fn: AdvantageFn | None = None,
+    loss_fn: LossFn | None = None,
+) -> TrainStep:
+    """Build the jitted prepare / update functions of a step, pure in their array arguments.
+
+    Args:
+      config: the run's configuration.
+      graphdef, teacher_graphdef: the models' NNX graphs (parameters are passed as arrays).
+      optimizer: the optax transformation (:func:`make_optimizer`).
+      shardings: without them, plain ``jax.jit`` on the default device. With them, every input and
+        output has an explicit sharding and ``update`` donates the parameters and optimiser state,
+        so a step holds one copy of each.
+      advantage_fn, loss_fn: the plug points (module docstring); ``None``: :func:`config_advantage_fn`,
+        :func:`config_loss_fn`. A wrong shape or dtype is a ``ValueError`` at trace time, before any update.
+    """
+    advantage_fn = config_advantage_fn(config) if advantage_fn is None else advantage_fn
+    loss_fn = config_loss_fn(config) if loss_fn is None else loss_fn
+    full_vocab = config.full_vocab_weight > 0
+
+    def log_probs(graph, params, tokens_BxT, token_mask_BxT):
+        model = nnx.merge(graph, params)
+        logp_BxT, hidden_BxTxD = token_log_probs_and_hidden(
+            model, tokens_BxT, token_mask_BxT, temperature=config.temperature, chunk_size=config.logit_chunk_size
+        )
+        return logp_BxT, hidden_BxTxD, model.output_projection()
+
+    def prepare(params, teacher_params, rollout: Rollout):
+        mask_BxT = rollout.response_mask
+        behaviour_logp, student_hidden, student_projection = log_probs(graph_of["student"], params, rollout.tokens,
+                                                                       rollout.token_mask)
+        teacher_logp, teacher_hidden, teacher_projection = log_probs(graph_of["teacher"], teacher_params,
+                                                                     rollout.tokens, rollout.token_mask)
+        advantages = _checked_advantages(advantage_fn, behaviour_logp, teacher_logp, mask_BxT)
+        metrics = {}
+        if full_vocab:
+            divergence_BxT = _per_token_full_vocab(config, student_hidden, student_projection, teacher_hidden,
+                                                   teacher_projection, mask_BxT)
+            to_go = full_vocab_reward_to_go(config.full_vocab_weight * divergence_BxT, mask_BxT, gamma=config.gamma)
+            advantages = jnp.broadcast_to(advantages if advantages.ndim == 2 else advantages[:, None], mask_BxT.shape)
+            advantages = advantages + to_go
+            metrics["full_vocab_divergence"] = _masked_mean(divergence_BxT, mask_BxT)
+        token_advantage = jnp.broadcast_to(advantages if advantages.ndim == 2 else advantages[:, None], mask_BxT.shape)
+        response_tokens = jnp.sum(mask_BxT)
+        metrics |= {
+            "teacher_kl": _masked_mean(behaviour_logp - teacher_logp, mask_BxT),
+            "advantage_mean": _masked_mean(token_advantage, mask_BxT),
+            "advantage_abs_max": jnp.max(jnp.abs(advantages)),
+            "response_length": response_tokens / mask_BxT.shape[0],
+            "response_tokens": response_tokens,
+            # The sampler's own log-probs against the trainer's: 0 up to rounding for our sampler;
+            # an inference engine's numerics show up here.
+            "sampling_logp_gap": _masked_mean(jnp.abs(rollout.sampling_logp - behaviour_logp), mask_BxT),
+        }
+        batch = ScoredBatch(rollout.tokens, rollout.token_mask, mask_BxT, behaviour_logp, advantages,
+                            jax.lax.stop_gradient(teacher_hidden) if full_vocab else None)
+        return batch, metrics
+
+    def minibatch_loss(params, teacher_params, rows: ScoredBatch, normalizer):
+        logp, hidden, projection = log_probs(graph_of["student"], params, rows.tokens_BxT, rows.token_mask_BxT)
+        mask_BxT = rows.response_mask_BxT
+        per_sequence = _checked_loss(loss_fn, logp, rows.behaviour_logp_BxT, rows.advantages, mask_BxT)
+        if full_vocab:
+            teacher_projection = nnx.merge(graph_of["teacher"], teacher_params).output_projection()
+            divergence_BxT = _per_token_full_vocab(config, hidden, projection, rows.teacher_hidden_BxTxE,
+                                                   teacher_projection, mask_BxT)
+            per_sequence = per_sequence + config.full_vocab_weight * jnp.sum(divergence_BxT, axis=-1)
+        if config.loss_aggregation == "sequence_mean":
+            per_sequence = per_sequence / jnp.maximum(jnp.sum(mask_BxT, axis=-1), 1)
+        clipped = clipped_token_mask(logp, rows.behaviour_logp_BxT, rows.advantages, mask_BxT,
+                                     clip_epsilon=config.clip_epsilon, clip_ratio_c=config.clip_ratio_c)
+        log_ratio = jnp.where(mask_BxT, logp - rows.behaviour_logp_BxT, 0.0)
+        aux = {"clipped_tokens": jnp.sum(clipped), "log_ratio_abs_max": jnp.max(jnp.abs(log_ratio))}
+        return jnp.sum(per_sequence) / normalizer, aux
+
+    def update(params, opt_state, teacher_params, rows: ScoredBatch, normalizer):
+        (loss, aux), grads = jax.value_and_grad(minibatch_loss, has_aux=True)(params, teacher_params, rows, normalizer)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+
+    def take_rows(batch: ScoredBatch, rows):
+        return jax.tree.map(lambda a: a[rows], batch)
+
+    graph_of = {"student": graphdef, "teacher": teacher_graphdef}
+    if shardings is None:
+        # Row selection stays eager here, as it always was on one device.
+        return TrainStep(jax.jit(prepare), jax.jit(update), take_rows)
+    batch, replicated = shardings.batch, shardings.replicated
+    return TrainStep(
+        prepare=jax.jit(prepare, in_shardings=(shardings.params, shardings.teacher_params, batch),
+                        out_shardings=(batch, replicated)),
+        update=jax.jit(
+            update,
+            in_shardings=(shardings.params, shardings.opt_state, shardings.teacher_params, batch, replicated),
+            out_shardings=(shardings.params, shardings.opt_state, replicated),
+            donate_argnums=(0, 1),
+        ),
+        # A gather of rows from a sharded batch, re-split over data × fsdp for the update.
+        take_rows=jax.jit(take_rows, out_shardings=batch),
+    )
