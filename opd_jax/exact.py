@@ -21,6 +21,13 @@ Levels and the objective each estimator claims to follow:
 
 ``J_tok`` also equals the full-vocabulary objective ``E[Σ_n m_n D_f(q‖π)(s_n)]`` in value, which
 :func:`objective` computes as the level ``"full_vocab"`` for checking.
+
+Top-k distillation (:mod:`opd_jax.topk`) has its own objective, the bucketed ``J̃_tok`` over
+``{teacher's top-k ids, tail}`` (:func:`topk_objective`, levels ``"token"`` and
+``"topk_divergence"``, equal in value), and :func:`topk_estimator_gradient` gives the expected
+gradient of its estimators (``stop_grad`` / ``opd_plus`` with bucket ratios, ``topk_divergence``),
+to compare with ``∇J̃_tok`` (which ``opd_plus`` with ``gamma = 1`` follows exactly) or with the full
+``∇J_tok`` (which it does not, unless ``k ≥ V − 1``).
 """
 
 from __future__ import annotations
@@ -38,12 +45,21 @@ import numpy as np
 from opd_jax import divergences as divergences_lib
 from opd_jax.advantages import sequence_advantages, token_advantages
 from opd_jax.objectives import full_vocab_divergence, pg_surrogate
+from opd_jax.topk import (
+    bucket_log_probs,
+    sampled_in_topk,
+    teacher_topk,
+    topk_divergence,
+    topk_token_advantages,
+)
 
 Array = jax.Array
 PyTree = Any
 
 LEVELS = ("token", "sequence")
 ESTIMATORS_BY_LEVEL = {"token": ("stop_grad", "opd_plus", "full_vocab"), "sequence": ("stop_grad", "opd_plus")}
+TOPK_LEVELS = ("token", "topk_divergence")
+TOPK_ESTIMATORS = ("stop_grad", "opd_plus", "topk_divergence")
 
 __all__ = [
     "BiasRow",
@@ -58,6 +74,9 @@ __all__ = [
     "response_log_probs",
     "sampled_log_probs",
     "tabular_logits",
+    "topk_estimator_gradient",
+    "topk_objective",
+    "topk_objective_gradient",
 ]
 
 
@@ -274,6 +293,115 @@ def estimator_gradient(
                 student_logp, teacher_logp, mask, divergence=divergence, estimator=estimator,
                 log_ratio_clip=log_ratio_clip,
             )
+        return jnp.sum(weights * pg_surrogate(student_logp, advantages, mask))
+
+    return jax.grad(expected_surrogate)(params)
+
+
+def topk_objective(
+    student_logits: Array,
+    teacher_logits: Array,
+    space: SequenceSpace,
+    *,
+    divergence: str | divergences_lib.Divergence,
+    k: int,
+    level: str = "token",
+) -> Array:
+    """The exact bucketed objective ``J̃_tok`` of top-k distillation, differentiable in ``student_logits``.
+
+    ``J̃_tok = Σ_y π(y) Σ_n m_n f(ũ_n)`` with the bucket ratio ``ũ_n`` of :mod:`opd_jax.topk`
+    (``q(y_n)/π(y_n)`` for a token among the teacher's top ``k`` at ``s_n``, ``q_tail/π_tail``
+    otherwise). Gradients flow through ``π(y)`` and through ``ũ_n`` (``π(y_n)`` or ``π_tail``).
+
+    Args:
+      student_logits, teacher_logits: ``[N, T, V]`` logits at every position of every response.
+      space: the enumerated responses.
+      divergence: a name or a ``Divergence``.
+      k: the teacher's top-k size, in ``[1, V]``.
+      level: ``"token"`` (``J̃_tok`` from the sampled-token bucket ratios, computed here from the
+        full teacher log-probs) or ``"topk_divergence"`` (``Σ_y π(y) Σ_n m_n D̃_f(s_n)`` from
+        :func:`opd_jax.topk.topk_divergence`, equal to ``J̃_tok`` in value).
+
+    Returns:
+      A scalar in the dtype of the logits.
+    """
+    _check_level(level, TOPK_LEVELS)
+    divergence = divergences_lib.get(divergence)
+    mask = jnp.asarray(space.mask)
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    topk = teacher_topk(teacher_logits, k)
+    student_logp = sampled_log_probs(student_logits, space.tokens)
+    weights = jnp.exp(response_log_probs(student_logp, mask))
+    if level == "topk_divergence":
+        per_token = topk_divergence(student_logits, topk, mask, divergence=divergence)
+        return jnp.sum(weights * jnp.sum(per_token, axis=-1))
+    _, student_tail_logp, _ = bucket_log_probs(student_logits, topk.token_ids_BxTxK)
+    teacher_logp = sampled_log_probs(teacher_logits, space.tokens)
+    # An empty teacher tail (k = V) is never reached by a sampled tail token; -inf keeps the
+    # unselected branch an exact 0-probability ratio rather than a placeholder.
+    teacher_tail_logp = jnp.where(topk.tail_mask_BxT, topk.tail_logp_BxT, -jnp.inf)
+    log_u = jnp.where(
+        sampled_in_topk(space.tokens, topk), teacher_logp - student_logp, teacher_tail_logp - student_tail_logp
+    )
+    log_u = jnp.where(mask, log_u, 0)
+    per_response = jnp.sum(jnp.where(mask, divergence.f(log_u), 0), axis=-1)
+    return jnp.sum(weights * per_response)
+
+
+def topk_objective_gradient(
+    student_logits_fn: Callable[[PyTree], Array],
+    params: PyTree,
+    teacher_logits: Array,
+    space: SequenceSpace,
+    *,
+    divergence: str | divergences_lib.Divergence,
+    k: int,
+    level: str = "token",
+) -> PyTree:
+    """``∇_θ J̃_tok`` by ``jax.grad`` of :func:`topk_objective`."""
+    return jax.grad(
+        lambda p: topk_objective(student_logits_fn(p), teacher_logits, space, divergence=divergence, k=k, level=level)
+    )(params)
+
+
+def topk_estimator_gradient(
+    student_logits_fn: Callable[[PyTree], Array],
+    params: PyTree,
+    teacher_logits: Array,
+    space: SequenceSpace,
+    *,
+    divergence: str | divergences_lib.Divergence,
+    k: int,
+    estimator: str,
+    gamma: float = 0.0,
+    log_ratio_clip: float | None = None,
+) -> PyTree:
+    """The expected gradient ``Σ_y π(y) ∇_θ L(y; θ)`` of a top-k estimator, ``π(y)`` held fixed.
+
+    ``stop_grad`` / ``opd_plus``: the surrogate :func:`opd_jax.pg_surrogate` with the advantages
+    of :func:`opd_jax.topk.topk_token_advantages` (bucket ratios, discount ``gamma``);
+    ``topk_divergence``: the gradient of :func:`opd_jax.topk.topk_divergence` summed over the
+    response. Compare with :func:`topk_objective_gradient` (``J̃_tok``) or with
+    :func:`objective_gradient` at level ``"token"`` (the full ``J_tok``).
+    """
+    if estimator not in TOPK_ESTIMATORS:
+        raise ValueError(f"top-k estimator must be one of {', '.join(TOPK_ESTIMATORS)}; got {estimator!r}")
+    divergence = divergences_lib.get(divergence)
+    mask = jnp.asarray(space.mask)
+    topk = teacher_topk(teacher_logits, k)
+
+    def expected_surrogate(p):
+        student_logits = student_logits_fn(p)
+        student_logp = sampled_log_probs(student_logits, space.tokens)
+        weights = jax.lax.stop_gradient(jnp.exp(response_log_probs(student_logp, mask)))
+        if estimator == "topk_divergence":
+            per_token = topk_divergence(student_logits, topk, mask, divergence=divergence)
+            return jnp.sum(weights * jnp.sum(per_token, axis=-1))
+        _, student_tail_logp, _ = bucket_log_probs(student_logits, topk.token_ids_BxTxK)
+        advantages = topk_token_advantages(
+            space.tokens, student_logp, student_tail_logp, topk, mask, divergence=divergence,
+            estimator=estimator, gamma=gamma, log_ratio_clip=log_ratio_clip,
+        )
         return jnp.sum(weights * pg_surrogate(student_logp, advantages, mask))
 
     return jax.grad(expected_surrogate)(params)
