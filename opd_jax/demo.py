@@ -1,7 +1,8 @@
 """The embedded default: distil the shipped toy teacher into the weak toy student, OPD vs OPD+.
 
 A demo is a grid of :class:`~opd_jax.train.TrainConfig` variations (divergence × estimator × …
-× seed) run through :func:`opd_jax.train.train` on one :class:`TaskSetup`. Each run evaluates the
+× seed) run through :func:`opd_jax.train.train` on one :class:`~opd_jax.tasks.TaskSetup` (a
+registered task's :meth:`~opd_jax.tasks.Task.setup`). Each run evaluates the
 student before and after training on held-out problems: greedy accuracy and response length, and
 the teacher-KL ``KL(π‖q)`` per response token estimated on temperature-1 student samples. The
 summary is one row per variation with mean ± std over seeds, written as Markdown and JSON beside
@@ -17,22 +18,21 @@ import json
 import pathlib
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opd_jax import tasks
 from opd_jax.metrics import plot_curves
-from opd_jax.models import Decoder, from_pretrained
-from opd_jax.sampling import Rollout, SamplingConfig, generate, score
-from opd_jax.tasks import tool_use
-from opd_jax.train import PromptSet, TrainConfig, train
+from opd_jax.tasks.base import Evaluator, Task, TaskSetup
+from opd_jax.train import TrainConfig, train
 
 __all__ = [
-    "DEMO_CONFIG", "TASKS", "TOOL_USE_CONFIG", "RunSpec", "TaskSetup", "ToyTask", "arithmetic_evaluator",
-    "arithmetic_setup", "format_table", "grid", "run_grid", "summarize", "teacher_kl", "write_results",
+    "DEMO_CONFIG", "DEMO_SETTINGS", "TASKS", "TOOL_USE_CONFIG", "DemoTask", "RunSpec", "arithmetic_setup", "demo_task",
+    "format_table", "grid", "run_grid", "summarize", "write_results",
 ]
 
 #: The demo's training settings on the toy arithmetic task: per-token OPD (γ = 0) as in the paper.
@@ -68,36 +68,6 @@ TOOL_USE_COLUMNS = SUMMARY_COLUMNS[:1] + (("call_validity", "call validity"),) +
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskSetup:
-    """What a task gives the distillation grid.
-
-    Attributes:
-      name: the task's name (shown in tables).
-      tokenizer: the student's tokenizer (saved beside every exported student).
-      teacher, student: the frozen teacher and the starting student.
-      student_config: the student's ``DecoderConfig`` (for the export).
-      prompts: the training prompts.
-      evaluate: ``model -> {metric: value}`` on held-out problems; the summary reads ``accuracy``,
-        ``teacher_kl`` and ``response_length`` from it (and any other keys it returns).
-      stop_ids, pad_id: sampling stop tokens and padding id.
-      rollout_fn: the rollout of :func:`opd_jax.train.train` (multi-turn tasks bring their own).
-      max_new_tokens: the response budget the task needs.
-    """
-
-    name: str
-    tokenizer: Any
-    teacher: Decoder
-    student: Decoder
-    student_config: Any
-    prompts: PromptSet
-    evaluate: Callable[[Decoder], dict[str, float]]
-    stop_ids: tuple[int, ...]
-    pad_id: int
-    rollout_fn: Callable[..., Rollout] = generate
-    max_new_tokens: int = 24
-
-
-@dataclasses.dataclass(frozen=True)
 class RunSpec:
     """One run of a grid: a label for the variation, its seed, and the full training config."""
 
@@ -110,104 +80,76 @@ class RunSpec:
         return f"{self.variation}-seed{self.seed}".replace("/", "-").replace("=", "")
 
 
-def teacher_kl(student: Decoder, teacher: Decoder, tokens, mask, key, *, max_new_tokens: int, stop_ids, pad_id) -> float:
-    """``KL(π‖q)`` per response token, estimated on temperature-1 samples of ``student``.
-
-    ``Σ_n (log π(y_n|s_n) − log q(y_n|s_n)) / Σ_n 1`` over the response tokens of one sample per
-    prompt: an unbiased estimate of the sequence-level KL divided by the mean response length.
-    """
-    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, stop_ids=tuple(stop_ids), pad_id=pad_id)
-    rollout = generate(student, tokens, mask, key, config)
-    teacher_logp = score(teacher, rollout.tokens, rollout.token_mask)
-    gap = jnp.where(rollout.response_mask, rollout.sampling_logp - teacher_logp, 0.0)
-    return float(jnp.sum(gap) / jnp.maximum(jnp.sum(rollout.response_mask), 1))
-
-
-def arithmetic_evaluator(
-    tokenizer, teacher: Decoder | None, *, eval_problems: int = 512, seed: int = 0
-) -> Callable[[Decoder], dict[str, float]]:
-    """``model -> {accuracy, response_length[, teacher_kl]}`` on held-out toy arithmetic problems.
-
-    ``eval_problems`` problems of the test split (drawn with ``seed + 1``); greedy decoding for
-    accuracy and length; one temperature-1 sample per problem for the teacher-KL (skipped when
-    ``teacher`` is ``None``).
-    """
-    from opd_jax import tasks, tokenization
-
-    task = tasks.toy_task()
-    held_out = task.sample_problems(seed + 1, eval_problems, split="test")
-    eos, pad = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
-    max_new_tokens = task.max_response_length + 2
-    tokens, mask = tokenization.encode_prompts(
-        tokenizer, [p.prompt for p in held_out], max_length=task.max_prompt_length, use_chat_template=False, pad_id=pad
-    )
-
-    def evaluate(model: Decoder) -> dict[str, float]:
-        result = tasks.evaluate(model, tokenizer, held_out, max_new_tokens=max_new_tokens, batch_size=256)
-        metrics = {"accuracy": result.accuracy, "response_length": result.mean_response_length}
-        if teacher is not None:
-            metrics["teacher_kl"] = teacher_kl(model, teacher, tokens, mask, jax.random.key(seed),
-                                               max_new_tokens=max_new_tokens, stop_ids=(eos,), pad_id=pad)
-        return metrics
-
-    return evaluate
-
-
-def arithmetic_setup(*, train_problems: int = 4096, eval_problems: int = 512, seed: int = 0) -> TaskSetup:
-    """The toy arithmetic task with its shipped teacher and student (:mod:`opd_jax.tasks`)."""
-    from opd_jax import tasks, tokenization
-
-    task = tasks.toy_task()
-    tokenizer = tokenization.load_tokenizer(tasks.toy_model_path("student"))
-    teacher, _ = from_pretrained(tasks.toy_model_path("teacher"))
-    student, student_config = from_pretrained(tasks.toy_model_path("student"))
-    pad = int(tokenizer.pad_token_id)
-    tokens, mask = tokenization.encode_prompts(
-        tokenizer, [p.prompt for p in task.sample_problems(seed, train_problems, split="train")],
-        max_length=task.max_prompt_length, use_chat_template=False, pad_id=pad,
-    )
-    return TaskSetup(
-        name="arithmetic", tokenizer=tokenizer, teacher=teacher, student=student, student_config=student_config,
-        prompts=PromptSet(tokens, mask),
-        evaluate=arithmetic_evaluator(tokenizer, teacher, eval_problems=eval_problems, seed=seed),
-        stop_ids=(int(tokenizer.eos_token_id),), pad_id=pad, max_new_tokens=task.max_response_length + 2,
-    )
-
-
 @dataclasses.dataclass(frozen=True)
-class ToyTask:
-    """A toy task as the CLI sees it.
+class DemoTask:
+    """A registered task with the demo's settings on it: what ``opd-jax demo`` / ``opd-jax eval --task`` use.
 
     Attributes:
-      setup: ``(*, eval_problems) -> TaskSetup`` (shipped models, prompts, evaluation).
-      teacher_path: the folder of its shipped teacher.
-      evaluator: ``(tokenizer, teacher | None, *, eval_problems, seed) -> (model -> metrics)``.
+      task: the :class:`~opd_jax.tasks.Task`.
       config: the demo's training settings on this task (divergence, estimator and seed are the
         grid's; ``max_new_tokens`` is the setup's).
       columns: the metrics of its summary table.
       output: the default output folder of ``opd-jax demo --task``.
     """
 
-    setup: Callable[..., TaskSetup]
-    teacher_path: Callable[[], pathlib.Path]
-    evaluator: Callable[..., Callable[[Decoder], dict[str, float]]]
+    task: Task
     config: TrainConfig = DEMO_CONFIG
     columns: tuple[tuple[str, str], ...] = SUMMARY_COLUMNS
     output: pathlib.Path = pathlib.Path("runs/demo")
 
+    def setup(self, **kwargs) -> TaskSetup:
+        """:meth:`Task.setup <opd_jax.tasks.Task.setup>` (``train_problems``, ``eval_problems``, ``seed``)."""
+        return self.task.setup(**kwargs)
 
-def _arithmetic_teacher_path() -> pathlib.Path:
-    from opd_jax import tasks
+    def teacher_path(self) -> pathlib.Path:
+        return self.task.model_path("teacher")
 
-    return tasks.toy_model_path("teacher")
+    def evaluator(self, tokenizer, teacher, *, eval_problems: int = 512, seed: int = 0) -> Evaluator:
+        """:meth:`Task.evaluator <opd_jax.tasks.Task.evaluator>`."""
+        return self.task.evaluator(tokenizer, teacher, eval_problems=eval_problems, seed=seed)
 
 
-#: The toy tasks of ``opd-jax demo`` / ``opd-jax eval`` (read-only).
-TASKS = types.MappingProxyType({
-    "arithmetic": ToyTask(arithmetic_setup, _arithmetic_teacher_path, arithmetic_evaluator),
-    "tool_use": ToyTask(tool_use.demo_task_setup, tool_use.teacher_path, tool_use.evaluator,
-                        config=TOOL_USE_CONFIG, columns=TOOL_USE_COLUMNS, output=pathlib.Path("runs/demo-tool_use")),
+#: The demo's settings by task name; a task not named here gets the DemoTask defaults and the
+#: output folder ``runs/demo-<name>``.
+DEMO_SETTINGS = types.MappingProxyType({
+    "arithmetic": types.MappingProxyType({"output": pathlib.Path("runs/demo")}),
+    "tool_use": types.MappingProxyType({"config": TOOL_USE_CONFIG, "columns": TOOL_USE_COLUMNS,
+                                        "output": pathlib.Path("runs/demo-tool_use")}),
 })
+
+
+def demo_task(name: str) -> DemoTask:
+    """The task registered as ``name`` (:func:`opd_jax.tasks.get_task`) with the demo's settings on it.
+
+    Raises:
+      ValueError: an unknown task (the message lists the registered ones).
+    """
+    settings = {"output": pathlib.Path(f"runs/demo-{name}"), **DEMO_SETTINGS.get(name, {})}
+    return DemoTask(tasks.get_task(name), **settings)
+
+
+class _DemoTasks(Mapping):
+    """Every registered task as a :class:`DemoTask`, by name (read-only; follows the registry)."""
+
+    def __getitem__(self, name: str) -> DemoTask:
+        if name not in tasks.TASKS:
+            raise KeyError(name)
+        return demo_task(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tasks.task_names())
+
+    def __len__(self) -> int:
+        return len(tasks.TASKS)
+
+
+#: The tasks of ``opd-jax demo`` / ``opd-jax eval``: every registered task as a :class:`DemoTask`.
+TASKS: Mapping[str, DemoTask] = _DemoTasks()
+
+
+def arithmetic_setup(**kwargs) -> TaskSetup:
+    """The arithmetic task's setup, ``tasks.get_task("arithmetic").setup(**kwargs)`` (the name notebooks use)."""
+    return tasks.get_task("arithmetic").setup(**kwargs)
 
 
 def grid(base: TrainConfig, axes: dict[str | tuple[str, ...], Sequence[Any]], seeds: Sequence[int]) -> list[RunSpec]:

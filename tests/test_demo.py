@@ -1,14 +1,12 @@
 """The embedded default (`opd-jax demo`), `opd-jax eval`, and the grid helpers behind them."""
 
 import json
+import pathlib
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from opd_jax import cli, demo, models, sampling
+from opd_jax import cli, demo, tasks
 from opd_jax.tasks import tool_use
 
 
@@ -51,24 +49,23 @@ def test_summary_is_the_mean_and_sample_std_over_seeds():
     assert "| b | 1 | – → 0.900 |" in table
 
 
-def _tiny(seed):
-    config = models.DecoderConfig("qwen3", 24, 32, 48, 1, 4, 2, 8, max_position_embeddings=32)
-    return models.Decoder(config, rngs=nnx.Rngs(seed))
-
-
-def test_teacher_kl_is_the_mean_log_ratio_over_response_tokens():
-    student, teacher = _tiny(0), _tiny(1)
-    tokens = jnp.tile(jnp.arange(3, 8)[None], (16, 1))
-    mask = jnp.ones_like(tokens, bool)
-    key = jax.random.key(7)
-    kwargs = dict(max_new_tokens=6, stop_ids=(1,), pad_id=0)
-    assert demo.teacher_kl(student, student, tokens, mask, key, **kwargs) == pytest.approx(0.0, abs=1e-6)
-    # The same samples scored independently by both models' full forward passes.
-    rollout = sampling.generate(student, tokens, mask, key, sampling.SamplingConfig(temperature=1.0, **kwargs))
-    gap = sampling.score(student, rollout.tokens, rollout.token_mask) - sampling.score(
-        teacher, rollout.tokens, rollout.token_mask)
-    expected = float(jnp.sum(jnp.where(rollout.response_mask, gap, 0.0)) / jnp.sum(rollout.response_mask))
-    assert demo.teacher_kl(student, teacher, tokens, mask, key, **kwargs) == pytest.approx(expected, rel=1e-5)
+def test_demo_tasks_are_the_registered_tasks_with_the_demo_settings(monkeypatch):
+    assert list(demo.TASKS) == list(tasks.task_names()) == ["arithmetic", "tool_use"]
+    arithmetic, tool = demo.TASKS["arithmetic"], demo.TASKS["tool_use"]
+    assert arithmetic.task is tasks.get_task("arithmetic") and tool.task is tasks.get_task("tool_use")
+    assert (arithmetic.config, arithmetic.output) == (demo.DEMO_CONFIG, pathlib.Path("runs/demo"))
+    assert (tool.config, tool.output) == (demo.TOOL_USE_CONFIG, pathlib.Path("runs/demo-tool_use"))
+    assert ("call_validity", "call validity") in tool.columns and ("call_validity", "call validity") not in arithmetic.columns
+    assert tool.teacher_path() == tool_use.toy_model_path("teacher")
+    with pytest.raises(KeyError):
+        demo.TASKS["chess"]
+    with pytest.raises(ValueError, match="unknown task 'chess'; registered: arithmetic, tool_use"):
+        demo.demo_task("chess")
+    # A task registered later is a demo task too, with the default settings.
+    monkeypatch.setitem(tasks._registry, "arithmetic_copy", tasks.get_task("arithmetic"))
+    assert "arithmetic_copy" in demo.TASKS and len(demo.TASKS) == 3
+    assert demo.TASKS["arithmetic_copy"].output == pathlib.Path("runs/demo-arithmetic_copy")
+    assert demo.TASKS["arithmetic_copy"].config == demo.DEMO_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +132,6 @@ def test_bad_demo_and_eval_input_is_named_and_nothing_is_overwritten(tmp_path, c
 
 
 def test_grid_script_runs_parametrised_divergences_over_seeds(tmp_path):
-    import pathlib
     import runpy
 
     script = pathlib.Path(__file__).parents[1] / "experiments" / "opd_grid.py"

@@ -1,15 +1,22 @@
-"""The toy arithmetic task: generator, worked solutions, exact checker, tokenizer, shipped models."""
+"""The task registry and protocol, the package's import graph, and the toy arithmetic task: generator,
+worked solutions, exact checker, tokenizer, shipped models."""
 
+import ast
+import doctest
 import json
+import pathlib
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 
-from opd_jax import models, tokenization
+import opd_jax
+from opd_jax import models, sampling, tasks, tokenization
 from opd_jax.tasks import arithmetic
 from opd_jax.tasks.arithmetic import ArithmeticTask, extract_answer, is_correct
 
@@ -241,3 +248,148 @@ def test_evaluate_counts_unfinished_responses_wrong_and_checks_input(shipped, he
         arithmetic.evaluate(teacher, tok, held_out[:2], max_new_tokens=1000)
     with pytest.raises(ValueError, match="role must be"):
         arithmetic.toy_model_path("assistant")
+
+
+# --- the registry, the Task protocol, the import graph ----------------------------------------
+
+
+def test_registry_names_tasks_and_refuses_unknown_taken_and_incomplete_ones():
+    assert tasks.task_names() == ("arithmetic", "tool_use")
+    assert tasks.get_task("arithmetic") is tasks.TASKS["arithmetic"]
+    assert all(isinstance(task, tasks.Task) and task.name == name for name, task in tasks.TASKS.items())
+    with pytest.raises(ValueError, match="unknown task 'chess'; registered: arithmetic, tool_use"):
+        tasks.get_task("chess")
+    with pytest.raises(ValueError, match="'arithmetic' is already registered"):
+        tasks.register_task("arithmetic", tasks.get_task("tool_use"))
+    with pytest.raises(ValueError, match=r"not a Task: it lacks \['check', 'evaluator', 'model_path', 'problems'"):
+        tasks.register_task("half", type("Half", (), {"name": "half", "tokenizer": None, "setup": None})())
+    with pytest.raises(ValueError, match="non-empty string"):
+        tasks.register_task("", tasks.get_task("arithmetic"))
+    with pytest.raises(TypeError):
+        tasks.TASKS["mine"] = tasks.get_task("arithmetic")  # read-only
+    assert tasks.task_names() == ("arithmetic", "tool_use")
+    assert doctest.testmod(tasks).failed == 0
+
+
+def test_arithmetic_task_gives_the_setup_the_grid_needs():
+    task = tasks.get_task("arithmetic")
+    setup = task.setup(train_problems=32, eval_problems=16)
+    assert isinstance(setup, tasks.TaskSetup) and setup.name == "arithmetic"
+    toy = arithmetic.toy_task()
+    assert setup.prompts.tokens.shape == setup.prompts.mask.shape == (32, toy.max_prompt_length)
+    assert (setup.stop_ids, setup.pad_id, setup.max_new_tokens) == ((1,), 0, toy.max_response_length + 2)
+    assert setup.rollout_fn is sampling.generate
+    assert task.model_path("student") == arithmetic.toy_model_path("student")
+    assert task.tokenizer().get_vocab() == arithmetic.build_tokenizer().get_vocab()
+    train_prompts = {p.prompt for p in task.problems("train", 500, 0)}
+    held_out = task.problems("test", 50, 1)
+    assert not train_prompts & {p.prompt for p in held_out}
+    assert all(task.check(p, p.solution) for p in held_out) and not task.check(held_out[0], ">-1")
+    metrics = setup.evaluate(setup.teacher)
+    assert set(metrics) == {"accuracy", "response_length", "teacher_kl"} and metrics["accuracy"] >= 0.9
+    assert metrics["teacher_kl"] == pytest.approx(0.0, abs=1e-6)  # the teacher against itself
+    assert set(task.evaluator(setup.tokenizer, None, eval_problems=8)(setup.student)) == {"accuracy", "response_length"}
+
+
+def _tiny(seed):
+    config = models.DecoderConfig("qwen3", 24, 32, 48, 1, 4, 2, 8, max_position_embeddings=32)
+    return models.Decoder(config, rngs=nnx.Rngs(seed))
+
+
+def test_teacher_kl_is_the_mean_log_ratio_over_response_tokens():
+    student, teacher = _tiny(0), _tiny(1)
+    tokens = jnp.tile(jnp.arange(3, 8)[None], (16, 1))
+    mask = jnp.ones_like(tokens, bool)
+    key = jax.random.key(7)
+    kwargs = dict(max_new_tokens=6, stop_ids=(1,), pad_id=0)
+    assert tasks.teacher_kl(student, student, tokens, mask, key, **kwargs) == pytest.approx(0.0, abs=1e-6)
+    # The same samples scored independently by both models' full forward passes.
+    rollout = sampling.generate(student, tokens, mask, key, sampling.SamplingConfig(temperature=1.0, **kwargs))
+    gap = sampling.score(student, rollout.tokens, rollout.token_mask) - sampling.score(
+        teacher, rollout.tokens, rollout.token_mask)
+    expected = float(jnp.sum(jnp.where(rollout.response_mask, gap, 0.0)) / jnp.sum(rollout.response_mask))
+    assert tasks.teacher_kl(student, teacher, tokens, mask, key, **kwargs) == pytest.approx(expected, rel=1e-5)
+
+
+def _import_graph(package: pathlib.Path) -> dict[str, set[str]]:
+    """``module -> the opd_jax modules it imports``, from the source: every ``import`` statement,
+    function-level ones included (a lazy import still makes the lower module depend on the upper).
+    ``from opd_jax.x import y`` counts as importing ``opd_jax.x.y`` when that is a module."""
+
+    def name_of(path):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name_of(path): path for path in package.rglob("*.py")}
+
+    def module_of(name):  # the innermost module that defines ``name``
+        while name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for name, path in modules.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {module_of(a.name) for a in node.names if a.name.split(".")[0] == "opd_jax"}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module
+                if node.level:  # relative: from the package of this module, level - 1 packages up
+                    parts = here.split(".")[: len(here.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                if base.split(".")[0] == "opd_jax":
+                    targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else module_of(base)
+                                for a in node.names}
+        graph[name] = targets - {name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (as a path that returns to its start), or ``None``."""
+    state: dict[str, str] = {}  # "open" while on the current path, then "done"
+    path: list[str] = []
+
+    def visit(node):
+        state[node] = "open"
+        path.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                return path[path.index(target) :] + [target]
+            if target not in state and (found := visit(target)):
+                return found
+        state[node] = "done"
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_package_has_no_import_cycle_and_tasks_do_not_import_the_demo():
+    graph = _import_graph(pathlib.Path(opd_jax.__file__).parent)
+    assert {"opd_jax.demo", "opd_jax.rollouts", "opd_jax.tasks", "opd_jax.tasks.tool_use"} <= set(graph)
+    assert "opd_jax.tasks" in graph["opd_jax.demo"] and "opd_jax.rollouts" in graph["opd_jax.tasks.tool_use"]
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+    below_the_loop = {name for name in graph if name.startswith("opd_jax.tasks")} | {"opd_jax.rollouts"}
+    for name in below_the_loop:
+        assert not graph[name] & {"opd_jax.demo", "opd_jax.cli"}, name
+
+
+def test_the_import_graph_check_sees_lazy_and_relative_imports(tmp_path):
+    package = tmp_path / "opd_jax"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("from opd_jax import low\n")
+    (package / "low.py").write_text("import numpy\n\ndef f():\n    from opd_jax.sub import high\n")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "high.py").write_text("from .. import low\nfrom . import mid\nfrom opd_jax.low import f\n")
+    (package / "sub" / "mid.py").write_text("from ..sub.high import g\n")
+    graph = _import_graph(package)
+    assert graph == {"opd_jax": {"opd_jax.low"}, "opd_jax.low": {"opd_jax.sub.high"}, "opd_jax.sub": set(),
+                     "opd_jax.sub.high": {"opd_jax.low", "opd_jax.sub.mid"}, "opd_jax.sub.mid": {"opd_jax.sub.high"}}
+    assert _cycle(graph) == ["opd_jax.low", "opd_jax.sub.high", "opd_jax.low"]
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None

@@ -380,9 +380,7 @@ def test_shipped_models_teacher_beats_student():
     teacher, teacher_config = models.from_pretrained(tool_use.toy_model_path("teacher"))
     student, _ = models.from_pretrained(tool_use.toy_model_path("student"))
     assert teacher_config.vocab_size == len(VOCAB) and teacher_config.max_position_embeddings >= 11 + 2 * 49
-    from opd_jax import tokenization
-
-    tool_use._check_tokenizer(tokenization.load_tokenizer(tool_use.toy_model_path("student")), VOCAB)
+    tool_use.ToyToolUse().tokenizer()  # the shipped tokenizer matches the Vocabulary (raises otherwise)
     problems = tool_use.toy_task().sample_problems(7, 64, split="test")
     good = tool_use.evaluate(teacher, problems, batch_size=64)
     weak = tool_use.evaluate(student, problems, batch_size=64)
@@ -395,57 +393,64 @@ def test_shipped_models_teacher_beats_student():
 
 
 def test_train_end_to_end_with_the_tool_rollout(tmp_path):
-    demo = tool_use.tool_use_demo_setup(train_problems=64, eval_problems=16)
-    student, student_config = models.from_pretrained(demo.student_path)
-    teacher, _ = models.from_pretrained(demo.teacher_path)
+    setup = tool_use.ToyToolUse().setup(train_problems=64, eval_problems=16)
     seen = []
 
     def recording_rollout(*args):
-        rollout = demo.rollout_fn(*args)
+        rollout = setup.rollout_fn(*args)
         seen.append(rollout)
         return rollout
 
     config = train.TrainConfig(divergence="forward_kl", estimator="opd_plus", prompts_per_step=4, group_size=2,
-                               max_new_tokens=demo.max_new_tokens, learning_rate=3e-4, steps=2,
+                               max_new_tokens=setup.max_new_tokens, learning_rate=3e-4, steps=2,
                                checkpoint_every=2)
-    result = train.train(config, student, student_config, teacher, demo.prompts, tmp_path / "run",
-                         stop_ids=demo.stop_ids, pad_id=demo.pad_id, rollout_fn=recording_rollout,
-                         evaluate=demo.evaluate, progress=False)
+    result = train.train(config, setup.student, setup.student_config, setup.teacher, setup.prompts, tmp_path / "run",
+                         stop_ids=setup.stop_ids, pad_id=setup.pad_id, rollout_fn=recording_rollout,
+                         evaluate=setup.evaluate, progress=False)
     assert len(seen) == 2
     steps = [r for r in result.history if "teacher_kl" in r]
     evals = [r for r in result.history if "eval_accuracy" in r]
     assert [r["step"] for r in steps] == [1, 2] and len(evals) == 2
     assert {"eval_call_validity", "eval_teacher_kl", "eval_response_length"} <= set(evals[0])
     rollout = seen[0]
-    assert np.asarray(rollout.token_mask & ~rollout.response_mask)[:, demo.prompts.tokens.shape[1]:].any()
+    prompt_length = setup.prompts.tokens.shape[1]
+    assert np.asarray(rollout.token_mask & ~rollout.response_mask)[:, prompt_length:].any()
     # The logged teacher-KL of step 1 is the teacher scoring the rollout's own tokens and mask
     # (tool outputs included as context); scoring with the tool outputs dropped gives another value.
-    start, _ = models.from_pretrained(demo.student_path)
+    start, _ = models.from_pretrained(tool_use.toy_model_path("student"))
     student_logp = token_log_probs(start, rollout.tokens, rollout.token_mask)
-    teacher_logp = token_log_probs(teacher, rollout.tokens, rollout.token_mask)
+    teacher_logp = token_log_probs(setup.teacher, rollout.tokens, rollout.token_mask)
     mask = rollout.response_mask
     kl = float(jnp.sum(jnp.where(mask, student_logp - teacher_logp, 0)) / jnp.sum(mask))
     assert steps[0]["teacher_kl"] == pytest.approx(kl, rel=1e-4, abs=1e-5)
-    in_prompt = jnp.arange(rollout.tokens.shape[1])[None, :] < demo.prompts.tokens.shape[1]
-    without_tools = token_log_probs(teacher, rollout.tokens, rollout.token_mask & (in_prompt | mask))
+    in_prompt = jnp.arange(rollout.tokens.shape[1])[None, :] < prompt_length
+    without_tools = token_log_probs(setup.teacher, rollout.tokens, rollout.token_mask & (in_prompt | mask))
     kl_without = float(jnp.sum(jnp.where(mask, student_logp - without_tools, 0)) / jnp.sum(mask))
     assert abs(kl_without - kl) > 1e-3
     assert (result.output_dir / "student" / "model.safetensors").is_file()
     assert all(np.isfinite(r["loss"]) for r in steps)
 
 
-def test_demo_task_setup_matches_the_demo_contract():
-    from opd_jax import demo
+def test_the_registered_task_gives_the_setup_the_grid_needs():
+    from opd_jax import tasks
 
-    setup = tool_use.demo_task_setup(train_problems=32, eval_problems=8)
-    assert isinstance(setup, demo.TaskSetup) and setup.name == "tool_use"
+    task = tasks.get_task("tool_use")
+    assert isinstance(task, tasks.Task) and task.name == "tool_use"
+    setup = task.setup(train_problems=32, eval_problems=8)
+    assert isinstance(setup, tasks.TaskSetup) and setup.name == "tool_use"
     assert setup.prompts.tokens.shape == (32, ToolUseTask().max_prompt_length)
     assert setup.stop_ids == (VOCAB.eos_id,) and setup.pad_id == VOCAB.pad_id
-    assert setup.max_new_tokens + setup.prompts.tokens.shape[1] * 1 + setup.max_new_tokens <= (
-        setup.student.config.max_position_embeddings)
-    assert tool_use.teacher_path() == tool_use.toy_model_path("teacher")
-    metrics = tool_use.evaluator(setup.tokenizer, None, eval_problems=8)(setup.teacher)
+    assert setup.max_new_tokens == ToolUseTask().max_response_length + 4
+    assert setup.prompts.tokens.shape[1] + 2 * setup.max_new_tokens <= setup.student.config.max_position_embeddings
+    assert task.model_path("teacher") == tool_use.toy_model_path("teacher")
+    train_prompts = {p.prompt for p in task.problems("train", 200, 0)}
+    held_out = task.problems("test", 50, 1)
+    assert not train_prompts & {p.prompt for p in held_out}
+    assert all(task.check(p, p.solution) for p in held_out) and not task.check(held_out[0], ">-1")
+    metrics = task.evaluator(setup.tokenizer, None, eval_problems=8)(setup.teacher)
     assert set(metrics) == {"accuracy", "call_validity", "call_exactness", "response_length", "transcript_length"}
+    with pytest.raises(ValueError, match="does not match"):
+        task.evaluator(tasks.get_task("arithmetic").tokenizer(), None)
 
 
 def test_grid_script_runs_reuses_finished_runs_and_reports_references(tmp_path):

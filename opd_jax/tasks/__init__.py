@@ -1,9 +1,24 @@
-"""Toy tasks with exact answer checkers, and the small teacher / student checkpoints shipped for them."""
+"""Toy tasks with exact answer checkers, the small teacher / student checkpoints shipped for them, and
+a registry of :class:`~opd_jax.tasks.base.Task` objects by name.
 
+>>> sorted(task_names())
+['arithmetic', 'tool_use']
+>>> get_task("tool_use").model_path("teacher").name
+'teacher'
+
+The arithmetic task's helpers (``toy_task``, ``evaluate``, …) are re-exported here.
+"""
+
+from __future__ import annotations
+
+import types
+
+from opd_jax.tasks import tool_use
 from opd_jax.tasks.arithmetic import (
     ArithmeticTask,
     EvalResult,
     Problem,
+    ToyArithmetic,
     build_tokenizer,
     evaluate,
     extract_answer,
@@ -11,15 +26,64 @@ from opd_jax.tasks.arithmetic import (
     toy_model_path,
     toy_task,
 )
+from opd_jax.tasks.base import Task, TaskSetup, teacher_kl
 
 __all__ = [
+    "TASKS",
     "ArithmeticTask",
     "EvalResult",
     "Problem",
+    "Task",
+    "TaskSetup",
     "build_tokenizer",
     "evaluate",
     "extract_answer",
+    "get_task",
     "is_correct",
+    "register_task",
+    "task_names",
+    "teacher_kl",
     "toy_model_path",
     "toy_task",
 ]
+
+_registry: dict[str, Task] = {}
+#: The registered tasks by name (read-only; add one with :func:`register_task`).
+TASKS = types.MappingProxyType(_registry)
+
+
+def register_task(name: str, task: Task) -> Task:
+    """Add ``task`` to the registry under ``name`` and return it.
+
+    Raises:
+      ValueError: ``name`` is empty, already taken, or ``task`` lacks a member of :class:`Task`.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a task name must be a non-empty string, got {name!r}")
+    if name in _registry:
+        raise ValueError(f"task {name!r} is already registered")
+    if not isinstance(task, Task):
+        missing = sorted(member for member in Task.__protocol_attrs__ if not hasattr(task, member))
+        raise ValueError(f"task {name!r} is not a Task: it lacks {missing}")
+    _registry[name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    """The task registered as ``name``.
+
+    Raises:
+      ValueError: an unknown name (the message lists the registered ones).
+    """
+    if name not in _registry:
+        raise ValueError(f"unknown task {name!r}; registered: {', '.join(task_names())}")
+    return _registry[name]
+
+
+def task_names() -> tuple[str, ...]:
+    """The registered names, in registration order."""
+    return tuple(_registry)
+
+
+register_task("arithmetic", ToyArithmetic())
+register_task("tool_use", tool_use.ToyToolUse())

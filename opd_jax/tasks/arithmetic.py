@@ -29,7 +29,10 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
+
+from opd_jax.tasks.base import Evaluator, TaskSetup, teacher_kl
 
 __all__ = [
     "ALPHABET",
@@ -39,6 +42,7 @@ __all__ = [
     "EvalResult",
     "Problem",
     "SPECIAL_TOKENS",
+    "ToyArithmetic",
     "build_tokenizer",
     "evaluate",
     "extract_answer",
@@ -409,3 +413,71 @@ def toy_task() -> ArithmeticTask:
     if not metadata.is_file():
         raise FileNotFoundError(f"{metadata} is missing; regenerate it with `python experiments/make_toy_models.py`")
     return ArithmeticTask.from_dict(json.loads(metadata.read_text())["task"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyArithmetic:
+    """The toy arithmetic task with its shipped teacher and student (a :class:`~opd_jax.tasks.base.Task`).
+
+    Problems come from :func:`toy_task` (the task the shipped models were trained on), the checker
+    is :func:`is_correct`, the budget is the longest solution + 2 tokens.
+    """
+
+    name = "arithmetic"
+
+    def problems(self, split: str, n: int, seed: int) -> list[Problem]:
+        return toy_task().sample_problems(seed, n, split=split)
+
+    def check(self, problem: Problem, response_text: str) -> bool:
+        return is_correct(problem, response_text)
+
+    def tokenizer(self):
+        from opd_jax import tokenization
+
+        return tokenization.load_tokenizer(toy_model_path("student"))
+
+    def model_path(self, role: str) -> pathlib.Path:
+        return toy_model_path(role)
+
+    def evaluator(self, tokenizer, teacher, *, eval_problems: int = 512, seed: int = 0) -> Evaluator:
+        """``model -> {accuracy, response_length[, teacher_kl]}``: greedy decoding for accuracy and
+        length, one temperature-1 sample per problem for the teacher-KL."""
+        from opd_jax import tokenization
+
+        task = toy_task()
+        held_out = self.problems("test", eval_problems, seed + 1)
+        eos, pad = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
+        max_new_tokens = task.max_response_length + 2
+        tokens_BxP, mask_BxP = tokenization.encode_prompts(
+            tokenizer, [p.prompt for p in held_out], max_length=task.max_prompt_length, use_chat_template=False, pad_id=pad
+        )
+
+        def evaluate_model(model) -> dict[str, float]:
+            result = evaluate(model, tokenizer, held_out, max_new_tokens=max_new_tokens, batch_size=256)
+            metrics = {"accuracy": result.accuracy, "response_length": result.mean_response_length}
+            if teacher is not None:
+                metrics["teacher_kl"] = teacher_kl(model, teacher, tokens_BxP, mask_BxP, jax.random.key(seed),
+                                                   max_new_tokens=max_new_tokens, stop_ids=(eos,), pad_id=pad)
+            return metrics
+
+        return evaluate_model
+
+    def setup(self, *, train_problems: int = 4096, eval_problems: int = 512, seed: int = 0) -> TaskSetup:
+        from opd_jax import models, tokenization
+        from opd_jax.train import PromptSet
+
+        task, tokenizer = toy_task(), self.tokenizer()
+        teacher, _ = models.from_pretrained(toy_model_path("teacher"))
+        student, student_config = models.from_pretrained(toy_model_path("student"))
+        pad = int(tokenizer.pad_token_id)
+        tokens_NxP, mask_NxP = tokenization.encode_prompts(
+            tokenizer, [p.prompt for p in self.problems("train", train_problems, seed)],
+            max_length=task.max_prompt_length, use_chat_template=False, pad_id=pad,
+        )
+        return TaskSetup(
+            name=self.name, tokenizer=tokenizer, teacher=teacher, student=student, student_config=student_config,
+            prompts=PromptSet(tokens_NxP, mask_NxP),
+            evaluate=self.evaluator(tokenizer, teacher, eval_problems=eval_problems, seed=seed),
+            stop_ids=(int(tokenizer.eos_token_id),), pad_id=pad, max_new_tokens=task.max_response_length + 2,
+        )
+

@@ -23,9 +23,10 @@ trailing zeros removed).
 ``=err:args``, a turn that is not exactly one call ``=err:form``. The model sees the error and may
 try again; nothing raises.
 
-**Masking.** In a rollout (:func:`make_rollout_fn`) the tokens the environment appends are real
-tokens (in ``token_mask``, so the student and the teacher both condition on them) but not response
-tokens (out of ``response_mask``), so they get no advantage and no gradient.
+**Masking.** In a rollout (:func:`make_rollout_fn`: :mod:`opd_jax.rollouts` with the task's
+:class:`ToolEnvironment`) the tokens the environment appends are real tokens (in ``token_mask``, so
+the student and the teacher both condition on them) but not response tokens (out of
+``response_mask``), so they get no advantage and no gradient.
 
 **Checking** (:func:`check_response`): a transcript is well formed when it is exactly
 ``([call]=output)* >answer`` with every output equal to what the executor returns. Reported per
@@ -44,10 +45,17 @@ import pathlib
 import re
 import types
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from opd_jax import rollouts
+from opd_jax.rollouts import RolloutFn
+from opd_jax.sampling import Rollout, SamplingConfig, generate, score
+from opd_jax.tasks.base import Evaluator, TaskSetup
 
 __all__ = [
     "ALPHABET",
@@ -59,22 +67,19 @@ __all__ = [
     "UNITS",
     "Call",
     "ResponseCheck",
-    "ToolUseDemo",
+    "ToolEnvironment",
     "ToolUseEvalResult",
     "ToolUseProblem",
     "ToolUseTask",
+    "ToyToolUse",
     "Vocabulary",
     "build_tokenizer",
     "check_response",
-    "demo_task_setup",
     "encode_prompts",
     "evaluate",
-    "evaluator",
     "execute_call",
     "make_rollout_fn",
-    "teacher_path",
     "tool_output",
-    "tool_use_demo_setup",
     "transcript_segments",
     "toy_model_path",
     "toy_task",
@@ -513,102 +518,36 @@ def encode_prompts(problems: Sequence[ToolUseProblem], max_length: int, vocabula
 # Multi-turn rollouts
 
 
-def _bucket(count: int, batch: int) -> int:
-    """Rows per ``generate`` call: a power of two (>= 8) up to the full batch, so few shapes compile."""
-    size = 8
-    while size < count:
-        size *= 2
-    return min(size, batch)
+@dataclasses.dataclass(frozen=True)
+class ToolEnvironment:
+    """The task's :class:`opd_jax.rollouts.Environment`: ``]`` ends a model turn, and the answer is
+    ``=`` and the tool's output (:func:`tool_output`, errors included); EOS ends the episode."""
+
+    vocabulary: Vocabulary = Vocabulary()
+
+    @property
+    def turn_stop_ids(self) -> tuple[int, ...]:
+        return (self.vocabulary.close_id,)
+
+    @property
+    def episode_stop_ids(self) -> tuple[int, ...]:
+        return (self.vocabulary.eos_id,)
+
+    def respond(self, turn_T: np.ndarray, context_C: np.ndarray) -> list[int]:
+        """The ids of ``=`` + the output of the call ``turn_T`` (the model's turn, ``]`` last) makes."""
+        return self.vocabulary.encode(tool_output(self.vocabulary.decode(turn_T)))
 
 
-def make_rollout_fn(vocabulary: Vocabulary = Vocabulary(), *, generate_fn: Callable | None = None) -> Callable:
-    """A multi-turn ``rollout_fn`` for :func:`opd_jax.train.train` (and :func:`evaluate`).
+def make_rollout_fn(vocabulary: Vocabulary = Vocabulary(), *, generate_fn: RolloutFn = generate) -> RolloutFn:
+    """The task's multi-turn ``rollout_fn`` for :func:`opd_jax.train.train` (and :func:`evaluate`).
 
-    ``rollout_fn(model, prompt_tokens [B, P], prompt_mask [B, P], key, sampling_config) -> Rollout``
-    with ``L = P + N`` (``N = sampling_config.max_new_tokens``, the budget for model tokens *and*
-    tool outputs together). Each turn re-prefills the context (left-padded prompt + response so
-    far, width ``P + N``) and samples with :func:`opd_jax.sampling.generate` until EOS or ``]``;
-    a turn that ends with ``]`` is executed (:func:`tool_output`) and its output appended. A row
-    ends at EOS, when the budget is used up (a tool output is cut at the budget), or when a turn
-    does not stop within ``N`` tokens. Only rows still running are sampled, in power-of-two
-    buckets, so a few shapes compile. The model needs ``max_position_embeddings >= P + 2N``.
-
-    The Rollout: ``tokens`` = prompt, then model and tool tokens in order, then ``pad_id``;
-    ``token_mask`` marks prompt, model and tool tokens; ``response_mask`` only the model's tokens;
-    ``sampling_logp`` the model tokens' sampling log-probabilities (0 elsewhere).
-
-    ``generate_fn`` replaces :func:`opd_jax.sampling.generate` for one turn (same signature and
-    Rollout layout); tests use it to script a policy.
+    :func:`opd_jax.rollouts.multi_turn_rollout` with a :class:`ToolEnvironment`: ``rollout_fn(model,
+    prompt_tokens_BxP, prompt_mask_BxP, key, sampling_config) -> Rollout`` ``[B, P + N]``, where
+    ``N = sampling_config.max_new_tokens`` holds model tokens and tool outputs together; tool outputs
+    are in ``token_mask``, not in ``response_mask``. ``generate_fn`` replaces
+    :func:`opd_jax.sampling.generate` for one turn (tests script a policy with it).
     """
-
-    def rollout_fn(model, prompt_tokens, prompt_mask, key, sampling_config):
-        import jax
-        import jax.numpy as jnp
-
-        from opd_jax.sampling import Rollout, generate
-
-        prompt_tokens = np.asarray(prompt_tokens, np.int32)
-        prompt_mask = np.asarray(prompt_mask).astype(bool)
-        batch, prompt_length = prompt_tokens.shape
-        budget = sampling_config.max_new_tokens
-        pad = sampling_config.pad_id
-        stop_ids = tuple(sorted({*sampling_config.stop_ids, vocabulary.eos_id, vocabulary.close_id}))
-        turn_config = dataclasses.replace(sampling_config, stop_ids=stop_ids)
-        eos_ids = set(stop_ids) - {vocabulary.close_id}
-
-        response = np.full((batch, budget), pad, np.int32)
-        from_model = np.zeros((batch, budget), bool)
-        logp = np.zeros((batch, budget), np.float32)
-        used = np.zeros(batch, np.int64)
-        turn_start = np.zeros(batch, np.int64)
-        done = np.zeros(batch, bool)
-        prompts = [prompt_tokens[i, prompt_mask[i]] for i in range(batch)]
-        width = prompt_length + budget
-
-        while not done.all():
-            live = np.flatnonzero(~done)
-            rows = _bucket(len(live), batch)
-            # Fill the bucket with copies of live rows; their samples are discarded.
-            members = np.resize(live, rows)
-            context = np.full((rows, width), pad, np.int32)
-            context_mask = np.zeros((rows, width), bool)
-            for slot, row in enumerate(members):
-                ids = np.concatenate([prompts[row], response[row, : used[row]]])
-                context[slot, width - len(ids) :] = ids
-                context_mask[slot, width - len(ids) :] = True
-            key, turn_key = jax.random.split(key)
-            turn = (generate_fn or generate)(model, context, context_mask, turn_key, turn_config)
-            new_tokens = np.asarray(turn.tokens[:, width:])
-            new_mask = np.asarray(turn.response_mask[:, width:])
-            new_logp = np.asarray(turn.sampling_logp[:, width:])
-            for slot, row in enumerate(live):
-                ids = new_tokens[slot][new_mask[slot]]
-                room = budget - used[row]
-                keep = min(len(ids), room)
-                response[row, used[row] : used[row] + keep] = ids[:keep]
-                from_model[row, used[row] : used[row] + keep] = True
-                logp[row, used[row] : used[row] + keep] = new_logp[slot][new_mask[slot]][:keep]
-                used[row] += keep
-                last = int(ids[keep - 1])
-                if keep < len(ids) or last in eos_ids or last != vocabulary.close_id:
-                    done[row] = True  # EOS, out of budget, or a turn that never stopped
-                    continue
-                output = vocabulary.encode(tool_output(vocabulary.decode(response[row, turn_start[row] : used[row]])))
-                keep = min(len(output), budget - used[row])
-                response[row, used[row] : used[row] + keep] = output[:keep]
-                used[row] += keep
-                turn_start[row] = used[row]
-                done[row] = used[row] >= budget
-
-        in_response = np.arange(budget)[None, :] < used[:, None]
-        return Rollout(
-            tokens=jnp.asarray(np.concatenate([prompt_tokens, response], axis=1)),
-            token_mask=jnp.asarray(np.concatenate([prompt_mask, in_response], axis=1)),
-            response_mask=jnp.asarray(np.concatenate([np.zeros_like(prompt_mask), from_model], axis=1)),
-            sampling_logp=jnp.asarray(np.concatenate([np.zeros(prompt_mask.shape, np.float32), logp], axis=1)),
-        )
-
-    return rollout_fn
+    return rollouts.make_rollout_fn(ToolEnvironment(vocabulary), generate_fn=generate_fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,92 +620,82 @@ def evaluate(
     Returns:
       :class:`ToolUseEvalResult`.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from opd_jax.sampling import SamplingConfig, score
-
     problems = list(problems)
     if not problems:
         raise ValueError("evaluate needs at least one problem")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    task = ToolUseTask()
-    budget = max_new_tokens or task.max_response_length + 4
+    budget = max_new_tokens or ToolUseTask().max_response_length + 4
     prompt_length = max(len(p.prompt) for p in problems)
     rollout_fn = make_rollout_fn(vocabulary)
     key = jax.random.key(0) if key is None else key
     batch_size = min(batch_size, len(problems))
-
-    def batches():
-        for start in range(0, len(problems), batch_size):
-            chunk = problems[start : start + batch_size]
-            real = len(chunk)
-            tokens, mask = encode_prompts(chunk + [chunk[-1]] * (batch_size - real), prompt_length, vocabulary)
-            yield real, tokens, mask
-
-    transcripts, finished, model_lengths, lengths = [], [], [], []
+    config = SamplingConfig(max_new_tokens=budget, temperature=temperature, stop_ids=(vocabulary.eos_id,),
+                            pad_id=vocabulary.pad_id)
+    responses: list[_Response] = []
     kl_sum, kl_count = 0.0, 0
-    config = SamplingConfig(max_new_tokens=budget, temperature=temperature, stop_ids=(vocabulary.eos_id,), pad_id=vocabulary.pad_id)
-    sample_config = dataclasses.replace(config, temperature=1.0)
-    for real, tokens, mask in batches():
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        tokens_BxP, mask_BxP = encode_prompts(chunk + [chunk[-1]] * (batch_size - len(chunk)), prompt_length, vocabulary)
         key, greedy_key, sample_key = jax.random.split(key, 3)
-        rollout = rollout_fn(model, tokens, mask, greedy_key, config)
-        response = np.asarray(rollout.tokens[:real, prompt_length:])
-        in_transcript = np.asarray(rollout.token_mask[:real, prompt_length:])
-        by_model = np.asarray(rollout.response_mask[:real, prompt_length:])
-        for ids, real_mask, model_mask in zip(response, in_transcript, by_model):
-            ids = ids[real_mask].tolist()
-            stopped = bool(ids) and ids[-1] == vocabulary.eos_id
-            transcripts.append(vocabulary.decode(ids[:-1] if stopped else ids))
-            finished.append(stopped)
-            lengths.append(len(ids))
-            model_lengths.append(int(model_mask.sum()))
+        rollout = rollout_fn(model, tokens_BxP, mask_BxP, greedy_key, config)
+        responses += _responses(rollout, len(chunk), prompt_length, vocabulary)
         if teacher is not None:
-            sampled = rollout_fn(model, tokens, mask, sample_key, sample_config)
-            teacher_logp = score(teacher, sampled.tokens, sampled.token_mask)
-            rows = jnp.arange(batch_size) < real
-            in_response = sampled.response_mask & rows[:, None]
-            kl_sum += float(jnp.sum(jnp.where(in_response, sampled.sampling_logp - teacher_logp, 0.0)))
-            kl_count += int(jnp.sum(in_response))
-    finished_array = np.asarray(finished, bool)
-    checks = tuple(check_response(p, t) for p, t in zip(problems, transcripts))
+            sampled = rollout_fn(model, tokens_BxP, mask_BxP, sample_key, dataclasses.replace(config, temperature=1.0))
+            gap_sum, gap_count = _teacher_gap(sampled, teacher, len(chunk))
+            kl_sum, kl_count = kl_sum + gap_sum, kl_count + gap_count
+    return _eval_result(problems, responses, kl_sum / max(kl_count, 1) if teacher is not None else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Response:
+    """One decoded response: transcript (EOS removed), ended with EOS, tokens with and without tool outputs."""
+
+    transcript: str
+    finished: bool
+    length: int
+    model_length: int
+
+
+def _responses(rollout: Rollout, rows: int, prompt_length: int, vocabulary: Vocabulary) -> list[_Response]:
+    """The first ``rows`` responses of ``rollout``, decoded."""
+    tokens_RxN = np.asarray(rollout.tokens[:rows, prompt_length:])
+    in_transcript_RxN = np.asarray(rollout.token_mask[:rows, prompt_length:])
+    by_model_RxN = np.asarray(rollout.response_mask[:rows, prompt_length:])
+    responses = []
+    for ids, real, by_model in zip(tokens_RxN, in_transcript_RxN, by_model_RxN):
+        ids = ids[real].tolist()
+        stopped = bool(ids) and ids[-1] == vocabulary.eos_id
+        responses.append(_Response(vocabulary.decode(ids[:-1] if stopped else ids), stopped, len(ids), int(by_model.sum())))
+    return responses
+
+
+def _teacher_gap(rollout: Rollout, teacher, rows: int) -> tuple[float, int]:
+    """``Σ (log π − log q)`` and the number of model tokens over the first ``rows`` rows of ``rollout``."""
+    teacher_logp_BxL = score(teacher, rollout.tokens, rollout.token_mask)
+    in_response_BxL = rollout.response_mask & (jnp.arange(rollout.tokens.shape[0]) < rows)[:, None]
+    gap_BxL = jnp.where(in_response_BxL, rollout.sampling_logp - teacher_logp_BxL, 0.0)
+    return float(jnp.sum(gap_BxL)), int(jnp.sum(in_response_BxL))
+
+
+def _eval_result(problems: Sequence[ToolUseProblem], responses: Sequence[_Response], teacher_kl: float | None) -> ToolUseEvalResult:
+    finished = np.asarray([r.finished for r in responses], bool)
+    checks = tuple(check_response(p, r.transcript) for p, r in zip(problems, responses))
 
     def share(attribute):
-        return float(np.mean([getattr(c, attribute) and f for c, f in zip(checks, finished_array)]))
+        return float(np.mean([getattr(c, attribute) and f for c, f in zip(checks, finished)]))
 
     return ToolUseEvalResult(
         accuracy=share("answer_correct"),
         call_validity=share("calls_valid"),
         call_exactness=share("calls_exact"),
-        mean_response_length=float(np.mean(model_lengths)),
-        mean_transcript_length=float(np.mean(lengths)),
-        teacher_kl=kl_sum / max(kl_count, 1) if teacher is not None else None,
+        mean_response_length=float(np.mean([r.model_length for r in responses])),
+        mean_transcript_length=float(np.mean([r.length for r in responses])),
+        teacher_kl=teacher_kl,
         checks=checks,
-        finished=finished_array,
-        transcripts=tuple(transcripts),
+        finished=finished,
+        transcripts=tuple(r.transcript for r in responses),
     )
-
-
-def evaluator(tokenizer=None, teacher=None, *, eval_problems: int = 512, seed: int = 0, batch_size: int = 128) -> Callable[[Any], dict[str, float]]:
-    """``model -> {accuracy, call_validity, call_exactness, response_length, transcript_length[, teacher_kl]}``.
-
-    On ``eval_problems`` test-split questions drawn with ``seed + 1``; greedy rollouts for the
-    calls, the answers and the lengths, one temperature-1 rollout per question for the teacher-KL
-    (skipped when ``teacher`` is ``None``). ``tokenizer`` is accepted for the demo's evaluator
-    signature and only checked to match :class:`Vocabulary`.
-    """
-    import jax
-
-    vocabulary = Vocabulary()
-    if tokenizer is not None:
-        _check_tokenizer(tokenizer, vocabulary)
-    held_out = toy_task().sample_problems(seed + 1, eval_problems, split="test")
-
-    def evaluate_model(model) -> dict[str, float]:
-        return evaluate(model, held_out, teacher=teacher, batch_size=batch_size, key=jax.random.key(seed), vocabulary=vocabulary).metrics()
-
-    return evaluate_model
 
 
 def _check_tokenizer(tokenizer, vocabulary: Vocabulary) -> None:
@@ -777,7 +706,7 @@ def _check_tokenizer(tokenizer, vocabulary: Vocabulary) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Shipped models and the demo hook
+# Shipped models and the Task
 
 
 def toy_model_path(role: str) -> pathlib.Path:
@@ -806,81 +735,65 @@ def toy_task() -> ToolUseTask:
 
 
 @dataclasses.dataclass(frozen=True)
-class ToolUseDemo:
-    """What ``opd-jax demo --task tool_use`` needs (see :func:`tool_use_demo_setup`).
+class ToyToolUse:
+    """The toy tool-use task with its shipped teacher and student (a :class:`~opd_jax.tasks.base.Task`).
 
-    Attributes:
-      task: the :class:`ToolUseTask`.
-      tokenizer: the character tokenizer loaded from the student folder.
-      teacher_path, student_path: the shipped HF folders (load with
-        :func:`opd_jax.models.from_pretrained`).
-      prompts: :class:`opd_jax.train.PromptSet` of training-split questions, ``[N, P]`` left-padded.
-      evaluate: ``model -> {accuracy, call_validity, call_exactness, response_length,
-        transcript_length, teacher_kl}`` on held-out questions.
-      rollout_fn: the multi-turn rollout (:func:`make_rollout_fn`), for ``train(rollout_fn=...)``.
-      stop_ids, pad_id: sampling stop ids (EOS; ``]`` is added per turn by the rollout) and padding.
-      max_new_tokens: the response budget, model tokens and tool outputs together.
+    Problems come from :func:`toy_task`, the checker is the final answer of :func:`check_response`,
+    rollouts are multi-turn (:func:`make_rollout_fn`), the budget (model tokens and tool outputs
+    together) is the longest reference transcript + 4 tokens.
     """
 
-    task: ToolUseTask
-    tokenizer: Any
-    teacher_path: pathlib.Path
-    student_path: pathlib.Path
-    prompts: Any
-    evaluate: Callable[[Any], dict[str, float]]
-    rollout_fn: Callable
-    stop_ids: tuple[int, ...]
-    pad_id: int
-    max_new_tokens: int
+    name = "tool_use"
 
+    def problems(self, split: str, n: int, seed: int) -> list[ToolUseProblem]:
+        return toy_task().sample_problems(seed, n, split=split)
 
-def tool_use_demo_setup(*, train_problems: int = 4096, eval_problems: int = 512, seed: int = 0) -> ToolUseDemo:
-    """The tool-use task with its shipped teacher and student, ready for :func:`opd_jax.train.train`.
+    def check(self, problem: ToolUseProblem, response_text: str) -> bool:
+        return check_response(problem, response_text).answer_correct
 
-    Loads the teacher (for the evaluation's teacher-KL) and the tokenizer; the student is left to
-    the caller (``models.from_pretrained(demo.student_path)``) so every run can start fresh.
-    """
-    from opd_jax import models, tokenization
-    from opd_jax.train import PromptSet
+    def tokenizer(self):
+        """The character tokenizer of the shipped student (checked against :class:`Vocabulary`)."""
+        from opd_jax import tokenization
 
-    task = toy_task()
-    tokenizer = tokenization.load_tokenizer(toy_model_path("student"))
-    vocabulary = Vocabulary()
-    _check_tokenizer(tokenizer, vocabulary)
-    teacher, _ = models.from_pretrained(toy_model_path("teacher"))
-    tokens, mask = encode_prompts(task.sample_problems(seed, train_problems, split="train"), task.max_prompt_length, vocabulary)
-    return ToolUseDemo(
-        task=task,
-        tokenizer=tokenizer,
-        teacher_path=toy_model_path("teacher"),
-        student_path=toy_model_path("student"),
-        prompts=PromptSet(tokens, mask),
-        evaluate=evaluator(tokenizer, teacher, eval_problems=eval_problems, seed=seed),
-        rollout_fn=make_rollout_fn(vocabulary),
-        stop_ids=(vocabulary.eos_id,),
-        pad_id=vocabulary.pad_id,
-        max_new_tokens=task.max_response_length + 4,
-    )
+        tokenizer = tokenization.load_tokenizer(toy_model_path("student"))
+        _check_tokenizer(tokenizer, Vocabulary())
+        return tokenizer
 
+    def model_path(self, role: str) -> pathlib.Path:
+        return toy_model_path(role)
 
-def demo_task_setup(*, train_problems: int = 4096, eval_problems: int = 512, seed: int = 0):
-    """:func:`tool_use_demo_setup` as an :class:`opd_jax.demo.TaskSetup` (teacher and student loaded).
+    def evaluator(self, tokenizer=None, teacher=None, *, eval_problems: int = 512, seed: int = 0,
+                  batch_size: int = 128) -> Evaluator:
+        """``model -> {accuracy, call_validity, call_exactness, response_length, transcript_length[, teacher_kl]}``.
 
-    For ``opd_jax.demo.TASKS``: ``ToyTask(tool_use.demo_task_setup, tool_use.teacher_path,
-    tool_use.evaluator)``.
-    """
-    from opd_jax import demo, models
+        Greedy rollouts for the calls, the answers and the lengths, one temperature-1 rollout per
+        question for the teacher-KL (see :func:`evaluate`). ``tokenizer`` is only checked to match
+        :class:`Vocabulary`.
+        """
+        vocabulary = Vocabulary()
+        if tokenizer is not None:
+            _check_tokenizer(tokenizer, vocabulary)
+        held_out = self.problems("test", eval_problems, seed + 1)
 
-    setup = tool_use_demo_setup(train_problems=train_problems, eval_problems=eval_problems, seed=seed)
-    teacher, _ = models.from_pretrained(setup.teacher_path)
-    student, student_config = models.from_pretrained(setup.student_path)
-    return demo.TaskSetup(
-        name="tool_use", tokenizer=setup.tokenizer, teacher=teacher, student=student, student_config=student_config,
-        prompts=setup.prompts, evaluate=setup.evaluate, stop_ids=setup.stop_ids, pad_id=setup.pad_id,
-        rollout_fn=setup.rollout_fn, max_new_tokens=setup.max_new_tokens,
-    )
+        def evaluate_model(model) -> dict[str, float]:
+            return evaluate(model, held_out, teacher=teacher, batch_size=batch_size, key=jax.random.key(seed),
+                            vocabulary=vocabulary).metrics()
 
+        return evaluate_model
 
-def teacher_path() -> pathlib.Path:
-    """The shipped tool-use teacher's folder (``toy_model_path("teacher")``)."""
-    return toy_model_path("teacher")
+    def setup(self, *, train_problems: int = 4096, eval_problems: int = 512, seed: int = 0) -> TaskSetup:
+        from opd_jax import models
+        from opd_jax.train import PromptSet
+
+        task, tokenizer, vocabulary = toy_task(), self.tokenizer(), Vocabulary()
+        teacher, _ = models.from_pretrained(toy_model_path("teacher"))
+        student, student_config = models.from_pretrained(toy_model_path("student"))
+        tokens_NxP, mask_NxP = encode_prompts(self.problems("train", train_problems, seed), task.max_prompt_length,
+                                              vocabulary)
+        return TaskSetup(
+            name=self.name, tokenizer=tokenizer, teacher=teacher, student=student, student_config=student_config,
+            prompts=PromptSet(tokens_NxP, mask_NxP),
+            evaluate=self.evaluator(tokenizer, teacher, eval_problems=eval_problems, seed=seed),
+            stop_ids=(vocabulary.eos_id,), pad_id=vocabulary.pad_id, rollout_fn=make_rollout_fn(vocabulary),
+            max_new_tokens=task.max_response_length + 4,
+        )
