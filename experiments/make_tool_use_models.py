@@ -1,7 +1,8 @@
 """Regenerate the toy tool-use teacher and student shipped in ``opd_jax/tasks/assets/tool_use``.
 
 Same recipe as ``experiments/make_toy_models.py`` (whose model sizes, optimiser and jitted step this
-script imports): supervised next-token cross-entropy on reference transcripts of
+script imports; the loss is its ``supervised_loss``, the library's
+:func:`opd_jax.sampling.token_log_probs` under an explicit loss mask): supervised next-token cross-entropy on reference transcripts of
 :class:`opd_jax.tasks.tool_use.ToolUseTask` questions, ``prompt + calls/outputs + >answer + EOS``,
 with the loss on the tokens the *model* writes (calls, the answer, EOS) and not on the tool outputs
 the environment inserts (they are context, as in the multi-turn rollouts of OPD).
@@ -69,8 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class Batches:
-    """``[B, L]`` training batches: prompt + reference transcript + EOS, right-padded; the loss
-    mask marks the model-written tokens (calls, answer, EOS), not the prompt or tool outputs."""
+    """Training batches ``(tokens_BxL, token_mask_BxL, loss_mask_BxL)``: prompt + reference transcript
+    + EOS, right-padded; the loss mask marks the model-written tokens (calls, answer, EOS), not the
+    prompt or tool outputs."""
 
     def __init__(self, task: tool_use.ToolUseTask, batch_size: int, seed: int):
         self.task, self.batch_size = task, batch_size

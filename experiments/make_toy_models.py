@@ -17,8 +17,11 @@ hash partition of the problem space that training never sees), greedy and sample
 folder holds ``config.json``, ``model.safetensors`` and the tokenizer files, so
 ``opd_jax.models.from_pretrained`` and ``opd_jax.tokenization.load_tokenizer`` both work on it.
 
-The training step is ``jax.jit`` of a pure function of the parameter state (``nnx.split``), with
-optax AdamW, gradient clipping and a warmup-cosine schedule.
+The training step is ``jax.jit`` of a pure function of the parameter state (``nnx.split``): the
+library's per-token log-probabilities (:func:`opd_jax.sampling.token_log_probs`) under the explicit
+loss mask, with optax AdamW, gradient clipping and a warmup-cosine schedule. (The shipped assets
+were trained by an earlier version of this script that computed the same loss from full logits;
+regenerating them gives equivalent, not bitwise identical, weights.)
 
 Usage:
     .venv/bin/python experiments/make_toy_models.py                 # ships to opd_jax/tasks/assets
@@ -45,6 +48,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from opd_jax.models import Decoder, DecoderConfig, RopeConfig, save_pretrained
+from opd_jax.sampling import token_log_probs
 from opd_jax.tasks import arithmetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -118,8 +122,8 @@ def model_configs(vocab_size: int, eos_id: int, pad_id: int, max_positions: int)
 
 
 class Batches:
-    """Training batches ``[B, L]``: prompt + solution + EOS, right-padded; the loss mask marks
-    the solution and EOS tokens (the targets the model must predict)."""
+    """Training batches: ``(tokens_BxL, token_mask_BxL, loss_mask_BxL)``, prompt + solution + EOS,
+    right-padded; the loss mask marks the solution and EOS tokens (the targets the model must predict)."""
 
     def __init__(self, task, tokenizer, batch_size: int, seed: int):
         self.task, self.tokenizer, self.batch_size = task, tokenizer, batch_size
@@ -141,22 +145,26 @@ class Batches:
         return tokens, token_mask, loss_mask
 
 
+def supervised_loss(model: Decoder, tokens_BxL, token_mask_BxL, loss_mask_BxL):
+    """Mean next-token cross-entropy over the ``loss_mask_BxL`` targets (a subset of ``token_mask_BxL``).
+
+    :func:`opd_jax.sampling.token_log_probs` gives ``log p(tokens[t] | tokens[<t])`` at slot ``t``,
+    so the loss mask marks the target tokens themselves.
+    """
+    logp_BxL = token_log_probs(model, tokens_BxL, token_mask_BxL)
+    weights_BxL = loss_mask_BxL.astype(jnp.float32)
+    return -(logp_BxL * weights_BxL).sum() / weights_BxL.sum()
+
+
 def make_train_step(graphdef, optimizer):
-    """``step(params, opt_state, tokens, token_mask, loss_mask) -> (params, opt_state, loss)``, jitted."""
+    """``step(params, opt_state, tokens_BxL, token_mask_BxL, loss_mask_BxL) -> (params, opt_state, loss)``, jitted."""
 
     def loss_fn(params, tokens_BxL, token_mask_BxL, loss_mask_BxL):
-        model = nnx.merge(graphdef, params)
-        logits_BxLxV = model(tokens_BxL, token_mask_BxT=token_mask_BxL)
-        # Position t predicts token t + 1.
-        logp_BxL = jnp.take_along_axis(
-            jax.nn.log_softmax(logits_BxLxV[:, :-1]), tokens_BxL[:, 1:, None], axis=-1
-        )[..., 0]
-        weights_BxL = loss_mask_BxL[:, 1:].astype(jnp.float32)
-        return -(logp_BxL * weights_BxL).sum() / weights_BxL.sum()
+        return supervised_loss(nnx.merge(graphdef, params), tokens_BxL, token_mask_BxL, loss_mask_BxL)
 
     @jax.jit
-    def step(params, opt_state, tokens, token_mask, loss_mask):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens, token_mask, loss_mask)
+    def step(params, opt_state, tokens_BxL, token_mask_BxL, loss_mask_BxL):
+        loss, grads = jax.value_and_grad(loss_fn)(params, tokens_BxL, token_mask_BxL, loss_mask_BxL)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

@@ -20,7 +20,7 @@ import pathlib
 import sys
 import time
 
-from opd_jax import demo
+from opd_jax import demo, tasks
 from opd_jax.train import BASELINES
 
 #: divergence label -> (TrainConfig divergence, beta, alpha).
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 
-    setup = demo.arithmetic_setup(eval_problems=args.eval_problems)
+    setup = tasks.get_task("arithmetic").setup(eval_problems=args.eval_problems)
     base = dataclasses.replace(demo.DEMO_CONFIG, steps=args.steps, eval_every=min(demo.DEMO_CONFIG.eval_every, args.steps),
                                baseline=args.baseline)
     specs = demo.grid(

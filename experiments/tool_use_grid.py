@@ -1,8 +1,8 @@
 """OPD vs OPD+ on the toy tool-use task: divergences × estimators × seeds through ``opd_jax.train.train``.
 
 Every run starts from the shipped weak student (``opd_jax/tasks/assets/tool_use/student``) and
-distils the shipped teacher on the student's own multi-turn rollouts
-(:func:`opd_jax.tasks.tool_use.make_rollout_fn`: tool outputs are context for both models and get no
+distils the shipped teacher on the student's own multi-turn rollouts (the registered task's setup,
+``opd_jax.tasks.get_task("tool_use").setup``: tool outputs are context for both models and get no
 advantage or gradient). After training, the student is evaluated on held-out questions: greedy
 answer accuracy, call validity, exact calls, model tokens per response, and the teacher-KL
 ``KL(π‖q)`` per model token on temperature-1 rollouts. The table gives mean ± std over seeds, with
@@ -25,12 +25,10 @@ import pathlib
 import sys
 import time
 
-import jax
-
-from opd_jax import demo, models
+from opd_jax import demo, models, tasks
 from opd_jax.metrics import plot_curves, read_jsonl
 from opd_jax.tasks import tool_use
-from opd_jax.train import PromptSet, train
+from opd_jax.train import train
 
 COLUMNS = (
     ("accuracy", "answer acc."),
@@ -58,11 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def evaluate(model, teacher, problems, seed: int) -> dict[str, float]:
-    result = tool_use.evaluate(model, problems, teacher=teacher, batch_size=128, key=jax.random.key(seed))
-    return result.metrics()
-
-
 def format_table(rows: list[dict], reference: dict[str, dict]) -> str:
     header = ["run", "seeds"] + [title for _, title in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -79,24 +72,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    task = tool_use.toy_task()
-    vocabulary = tool_use.Vocabulary()
-    budget = task.max_response_length + 4
-    teacher, _ = models.from_pretrained(tool_use.toy_model_path("teacher"))
-    prompt_tokens, prompt_mask = tool_use.encode_prompts(
-        task.sample_problems(args.eval_seed, args.train_problems, split="train"), task.max_prompt_length, vocabulary
-    )
-    prompts = PromptSet(prompt_tokens, prompt_mask)
-    held_out = task.sample_problems(args.eval_seed + 1, args.eval_problems, split="test")
-    rollout_fn = tool_use.make_rollout_fn(vocabulary)
+    # Training-split prompts drawn with --eval-seed; held-out questions with --eval-seed + 1.
+    setup = tasks.get_task("tool_use").setup(train_problems=args.train_problems, eval_problems=args.eval_problems,
+                                             seed=args.eval_seed)
+    budget = setup.max_new_tokens
 
     reference_path = args.out / "reference.json"
     if reference_path.is_file():
         reference = json.loads(reference_path.read_text())
     else:
-        start, _ = models.from_pretrained(tool_use.toy_model_path("student"))
-        reference = {"student (start)": evaluate(start, teacher, held_out, args.eval_seed),
-                     "teacher": evaluate(teacher, teacher, held_out, args.eval_seed)}
+        reference = {"student (start)": setup.evaluate(setup.student), "teacher": setup.evaluate(setup.teacher)}
         reference_path.write_text(json.dumps(reference, indent=2) + "\n")
     print(json.dumps(reference, indent=1), flush=True)
 
@@ -118,10 +103,10 @@ def main(argv=None) -> int:
         began = time.perf_counter()
         config = dataclasses.replace(base, divergence=divergence, estimator=estimator, seed=seed)
         student, student_config = models.from_pretrained(tool_use.toy_model_path("student"))
-        result = train(config, student, student_config, teacher, prompts, folder, stop_ids=(vocabulary.eos_id,),
-                       pad_id=vocabulary.pad_id, rollout_fn=rollout_fn, progress=True,
+        result = train(config, student, student_config, setup.teacher, setup.prompts, folder, stop_ids=setup.stop_ids,
+                       pad_id=setup.pad_id, rollout_fn=setup.rollout_fn, progress=True,
                        label=f"[{index + 1}/{len(runs)}] {variation} seed {seed}")
-        metrics = evaluate(result.student, teacher, held_out, args.eval_seed)
+        metrics = setup.evaluate(result.student)
         train_steps = [r for r in result.history if "teacher_kl" in r]
         record = {"variation": variation, "divergence": divergence, "estimator": estimator, "seed": seed, **metrics,
                   "train_teacher_kl_first": train_steps[0]["teacher_kl"], "train_teacher_kl_last": train_steps[-1]["teacher_kl"],
