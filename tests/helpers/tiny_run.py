@@ -1,6 +1,9 @@
 """A tiny distillation run, used by tests/test_train.py in a child process (so it can be killed).
 
-Usage: python tiny_run.py OUTPUT_DIR STEPS
+Usage: python tiny_run.py OUTPUT_DIR STEPS [DIVERGENCE]
+
+DIVERGENCE defaults to js; ``custom`` trains with ``custom_divergence.triangular`` (a Divergence value
+in the config, recorded in config.json as its module:attribute).
 """
 
 import sys
@@ -8,7 +11,7 @@ import sys
 import numpy as np
 from flax import nnx
 
-from opd_jax import models, train
+from opd_jax import divergences, models, train
 
 CONFIG = models.DecoderConfig("qwen3", 40, 32, 64, 2, 4, 2, 8, qk_norm=True, max_position_embeddings=64)
 TRAIN = dict(divergence="js", prompts_per_step=4, group_size=2, max_new_tokens=8, checkpoint_every=2,
@@ -24,11 +27,16 @@ def models_and_prompts():
     return student, teacher, prompts
 
 
-def main(output_dir: str, steps: int) -> None:
+def main(output_dir: str, steps: int, divergence: str = "js") -> None:
     student, teacher, prompts = models_and_prompts()
-    config = train.TrainConfig(steps=steps, **TRAIN)
+    settings = dict(TRAIN)
+    if divergence == "custom":
+        import custom_divergence
+
+        settings["divergence"] = divergences.custom(custom_divergence.triangular, name="triangular")
+    config = train.TrainConfig(steps=steps, **settings)
     train.train(config, student, CONFIG, teacher, prompts, output_dir, stop_ids=(3,), progress=False)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])
