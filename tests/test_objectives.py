@@ -219,6 +219,129 @@ def test_importance_surrogate_ignores_garbage_at_masked_positions(rng):
 
 
 # ---------------------------------------------------------------------------------------------
+# Dual-clip PPO (clip_ratio_c)
+# ---------------------------------------------------------------------------------------------
+
+
+def _np_dual_clip_ppo(logp, behavior, advantages, mask, low, high, c):
+    """Value [B] and gradient wrt logp [B, T] of verl's dual-clip loss, in numpy, in loss space:
+    loss = max(−A r, −A clip(r, 1−ε, 1+ε_h)), then min(loss, −A c) where A < 0."""
+    ratio = np.exp(logp - behavior)
+    unclipped = -advantages * ratio
+    clipped = -advantages * np.clip(ratio, 1 - low, 1 + high)
+    single = np.maximum(unclipped, clipped)
+    capped = (advantages < 0) & (-advantages * c < single)
+    loss = np.where(capped, -advantages * c, single)
+    value = (mask * loss).sum(-1)
+    # The unclipped term carries the gradient −A r where it is the max (ties: inside the clip
+    # range both terms are −A r) and the dual clip does not cap it; elsewhere the loss is constant.
+    grad = np.where(mask & (unclipped >= clipped) & ~capped, unclipped, 0.0)
+    return value, grad
+
+
+def _dual_clip_case(rng, batch=16, length=16):
+    mask = _mask(rng, batch, length)
+    behavior = -rng.exponential(size=(batch, length))
+    logp = behavior + rng.normal(scale=1.0, size=(batch, length))  # ratios from ~0.05 to ~20
+    advantages = rng.normal(size=(batch, length))
+    return logp, behavior, advantages, mask
+
+
+@pytest.mark.parametrize("clip_ratio_c", [1.5, 2.5, 5.0])  # 1.5 < 1 + ε_high = 1.8 in one case
+@pytest.mark.parametrize("clip_epsilon,clip_epsilon_high", [(0.2, None), (0.2, 0.28), (0.1, 0.8)])
+def test_dual_clip_matches_numpy(rng, clip_ratio_c, clip_epsilon, clip_epsilon_high):
+    logp, behavior, advantages, mask = _dual_clip_case(rng)
+    high = clip_epsilon if clip_epsilon_high is None else clip_epsilon_high
+    kwargs = dict(clip_epsilon=clip_epsilon, clip_epsilon_high=clip_epsilon_high, clip_ratio_c=clip_ratio_c)
+    expected_value, expected_grad = _np_dual_clip_ppo(
+        logp, behavior, advantages, mask, clip_epsilon, high, clip_ratio_c
+    )
+    ratio = np.exp(logp - behavior)
+    capped = mask & (advantages < 0) & (ratio > clip_ratio_c)
+    assert capped.any()  # the case exercises the dual clip
+
+    value = importance_surrogate(logp, behavior, advantages, mask, **kwargs)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-13)
+    grad = jax.grad(lambda lp: importance_surrogate(lp, behavior, advantages, mask, **kwargs).sum())(jnp.asarray(logp))
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-13, atol=1e-15)
+    np.testing.assert_array_equal(np.asarray(grad)[capped], 0.0)
+
+    clipped = np.asarray(clipped_token_mask(logp, behavior, advantages, mask, **kwargs))
+    np.testing.assert_array_equal(clipped, mask & (expected_grad == 0.0))
+    assert (clipped & capped).sum() == capped.sum()
+    # Without the dual clip the capped tokens have a gradient of −A r (they are not clipped).
+    single_grad = jax.grad(
+        lambda lp: importance_surrogate(
+            lp, behavior, advantages, mask, clip_epsilon=clip_epsilon, clip_epsilon_high=clip_epsilon_high
+        ).sum()
+    )(jnp.asarray(logp))
+    np.testing.assert_allclose(np.asarray(single_grad)[capped], (-advantages * ratio)[capped], rtol=1e-13)
+
+
+def _old_importance_surrogate(student_logp, behavior_logp, advantages, mask, low, high):
+    """The single-clip surrogate exactly as written before ``clip_ratio_c`` existed."""
+    in_response = jnp.asarray(mask).astype(bool)
+    log_ratio = jnp.where(in_response, student_logp - jax.lax.stop_gradient(behavior_logp), 0.0)
+    ratio = jnp.exp(log_ratio)
+    advantages = jnp.where(in_response, jnp.asarray(advantages), 0)
+    objective = jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - low, 1 + high) * advantages)
+    return -jnp.sum(jnp.where(in_response, objective, 0), axis=-1)
+
+
+@pytest.mark.parametrize("clip_epsilon_high", [None, 0.28])
+def test_no_dual_clip_is_bitwise_the_single_clip(rng, clip_epsilon_high):
+    logp, behavior, advantages, mask = (jnp.asarray(x) for x in _dual_clip_case(rng))
+    high = 0.2 if clip_epsilon_high is None else clip_epsilon_high
+
+    def loss(lp, **kwargs):
+        return importance_surrogate(lp, behavior, advantages, mask, clip_epsilon_high=clip_epsilon_high, **kwargs)
+
+    old_value, old_grad = jax.value_and_grad(
+        lambda lp: _old_importance_surrogate(lp, behavior, advantages, mask, 0.2, high).sum()
+    )(logp)
+    old_clipped = clipped_token_mask(logp, behavior, advantages, mask, clip_epsilon_high=clip_epsilon_high)
+    for kwargs in ({}, {"clip_ratio_c": None}):
+        value, grad = jax.value_and_grad(lambda lp, kwargs=kwargs: loss(lp, **kwargs).sum())(logp)
+        np.testing.assert_array_equal(value, old_value)
+        np.testing.assert_array_equal(grad, old_grad)
+        np.testing.assert_array_equal(loss(logp, **kwargs), _old_importance_surrogate(logp, behavior, advantages, mask, 0.2, high))
+        np.testing.assert_array_equal(
+            clipped_token_mask(logp, behavior, advantages, mask, clip_epsilon_high=clip_epsilon_high, **kwargs),
+            old_clipped,
+        )
+    # A bound above every ratio caps nothing: the single clip again, to the bit.
+    ratio_max = float(np.exp(np.asarray(logp - behavior)).max())
+    large = {"clip_ratio_c": 2 * ratio_max}
+    value, grad = jax.value_and_grad(lambda lp: loss(lp, **large).sum())(logp)
+    np.testing.assert_array_equal(loss(logp, **large), loss(logp))
+    np.testing.assert_array_equal(value, old_value)
+    np.testing.assert_array_equal(grad, old_grad)
+    np.testing.assert_array_equal(
+        clipped_token_mask(logp, behavior, advantages, mask, clip_epsilon_high=clip_epsilon_high, **large), old_clipped
+    )
+
+
+def test_dual_clip_on_the_rollout_policy_is_the_policy_gradient(rng):
+    logp = jnp.asarray(-rng.exponential(size=(B, T)))
+    advantages = jnp.asarray(rng.normal(size=(B, T)))
+    mask = _mask(rng)
+    grad = jax.grad(lambda lp: importance_surrogate(lp, logp, advantages, mask, clip_ratio_c=1.01).sum())(logp)
+    grad_pg = jax.grad(lambda lp: pg_surrogate(lp, advantages, mask).sum())(logp)
+    np.testing.assert_allclose(grad, grad_pg, rtol=1e-14, atol=0)
+    assert not clipped_token_mask(logp, logp, advantages, mask, clip_ratio_c=1.01).any()
+
+
+@pytest.mark.parametrize("bad", [1.0, 0.5, 0.0, -3.0, float("inf"), float("nan")])
+def test_bad_clip_ratio_c_is_rejected_naming_the_range(rng, bad):
+    logp = -rng.exponential(size=(B, T))
+    args = (logp, logp, rng.normal(size=(B, T)), _mask(rng))
+    with pytest.raises(ValueError, match=r"clip_ratio_c must be None or lie in \(1, ∞\)"):
+        importance_surrogate(*args, clip_ratio_c=bad)
+    with pytest.raises(ValueError, match=r"clip_ratio_c must be None or lie in \(1, ∞\)"):
+        clipped_token_mask(*args, clip_ratio_c=bad)
+
+
+# ---------------------------------------------------------------------------------------------
 # full_vocab_divergence
 # ---------------------------------------------------------------------------------------------
 
