@@ -108,6 +108,7 @@ __all__ = [
     "LEVELS",
     "leave_one_out_baseline",
     "masked_log_ratio",
+    "reward_to_go",
     "sequence_advantages",
     "token_advantages",
 ]
@@ -234,6 +235,35 @@ def _discounted_future(cost_BxT: Array, in_response_BxT: Array, gamma: float) ->
     to_go = to_go_reversed[:, ::-1]  # C_n, including token n's own cost
     next_to_go = jnp.pad(to_go[:, 1:], ((0, 0), (0, 1)))
     return gamma * next_to_go
+
+
+def reward_to_go(reward_BxT: Array, mask_BxT: Array, *, gamma: float) -> Array:
+    """``Σ_{k≥n} γ^{k−n} m_k r_k``: each response token's discounted reward to the end of its response.
+
+    The building block of a custom ``advantage_fn`` (see :mod:`opd_jax.step`): with ``γ = 1`` the
+    surrogate ``−Σ_n m_n A_n log π(y_n|s_n)`` follows the exact gradient of ``−E[Σ_n m_n r_n]``
+    whenever ``r_n`` does not depend on θ (``γ < 1`` drops part of the effect of ``y_n`` on later
+    rewards). The discount counts response tokens only, as in :func:`token_advantages`.
+
+    Args:
+      reward_BxT: ``[B, T]`` float per-token rewards (any value at masked positions).
+      mask_BxT: ``[B, T]`` bool or {0, 1}, response tokens.
+      gamma: discount in ``[0, 1]``.
+
+    Returns:
+      ``[B, T]`` under stop-gradient, 0 at masked positions, dtype of ``reward_BxT``.
+
+    >>> import jax.numpy as jnp
+    >>> reward_to_go(jnp.array([[1.0, 2.0, 4.0]]), jnp.array([[1, 1, 0]]), gamma=0.5).tolist()
+    [[2.0, 2.0, 0.0]]
+    """
+    check_float(reward_BxT=reward_BxT)
+    check_mask(mask_BxT)
+    if not 0.0 <= float(gamma) <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma!r}")
+    in_response = jnp.asarray(mask_BxT).astype(bool)
+    reward = jax.lax.stop_gradient(jnp.where(in_response, reward_BxT, jnp.zeros((), reward_BxT.dtype)))
+    return jnp.where(in_response, reward + _discounted_future(reward, in_response, float(gamma)), 0)
 
 
 def token_advantages(

@@ -10,7 +10,8 @@ surrogate (plus the full-vocabulary term) over one minibatch with optax.
 The two plug points, with the config's built-ins as defaults:
 
 * ``advantage_fn(student_logp_BxT, teacher_logp_BxT, response_mask_BxT) -> [B, T] or [B]``, float,
-  run under jit and held under ``stop_gradient``;
+  run under jit and held under ``stop_gradient``; with a ``reference`` model (e.g. the initial
+  student, for KL-regularised or extrapolated rewards) it is also passed ``reference_logp_BxT=``;
 * ``loss_fn(student_logp_BxT, behaviour_logp_BxT, advantages, response_mask_BxT) -> [B]``, the
   per-sequence surrogate (default: the PPO-clipped :func:`~opd_jax.objectives.importance_surrogate`).
 
@@ -128,6 +129,7 @@ class StepShardings:
     Attributes:
       params, opt_state, teacher_params: :class:`jax.sharding.NamedSharding` trees matching the
         student parameters, their optimiser state and the teacher parameters.
+      reference_params: the reference model's (``None`` without one).
       batch: rows over ``data × fsdp`` (every ``[B, ...]`` array of a rollout).
       replicated: scalars (metrics, normaliser, counters) on every device.
     """
@@ -137,6 +139,7 @@ class StepShardings:
     teacher_params: PyTree
     batch: Any
     replicated: Any
+    reference_params: PyTree = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +147,7 @@ class TrainStep:
     """The jitted pieces of one training step (see :func:`make_train_step`).
 
     Attributes:
-      prepare: ``(params, teacher_params, rollout)`` -> ``(ScoredBatch, metrics)``.
+      prepare: ``(params, teacher_params, rollout, reference_params=None)`` -> ``(ScoredBatch, metrics)``.
       update: ``(params, opt_state, teacher_params, rows: ScoredBatch, normalizer [])`` for one
         minibatch -> ``(params, opt_state, metrics)``.
       take_rows: ``(ScoredBatch, rows [M])`` -> the minibatch of those rows, placed like the batch.
@@ -159,9 +162,10 @@ def _function_name(fn: Callable) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
-def _checked_advantages(advantage_fn: AdvantageFn, student_logp_BxT, teacher_logp_BxT, response_mask_BxT) -> Array:
+def _checked_advantages(advantage_fn: AdvantageFn, student_logp_BxT, teacher_logp_BxT, response_mask_BxT,
+                        **reference) -> Array:
     """``advantage_fn``'s result under stop-gradient, refused at trace time unless ``[B, T]`` / ``[B]`` float."""
-    advantages = advantage_fn(student_logp_BxT, teacher_logp_BxT, response_mask_BxT)
+    advantages = advantage_fn(student_logp_BxT, teacher_logp_BxT, response_mask_BxT, **reference)
     shape, dtype = tuple(jnp.shape(advantages)), jnp.result_type(advantages)
     batch, length = response_mask_BxT.shape
     if shape not in ((batch, length), (batch,)) or not jnp.issubdtype(dtype, jnp.floating):
@@ -210,6 +214,7 @@ def make_train_step(
     *,
     advantage_fn: AdvantageFn | None = None,
     loss_fn: LossFn | None = None,
+    reference_graphdef=None,
 ) -> TrainStep:
     """Build the jitted prepare / update functions of a step, pure in their array arguments.
 
@@ -222,7 +227,11 @@ def make_train_step(
         so a step holds one copy of each.
       advantage_fn, loss_fn: the plug points (module docstring); ``None``: :func:`config_advantage_fn`,
         :func:`config_loss_fn`. A wrong shape or dtype is a ``ValueError`` at trace time, before any update.
+      reference_graphdef: the graph of a frozen reference model; ``prepare`` then takes its
+        parameters as ``reference_params`` and passes its log-probs to ``advantage_fn``.
     """
+    if reference_graphdef is not None and advantage_fn is None:
+        raise ValueError("a reference model is read only by an advantage_fn (reference_logp_BxT=); pass one")
     advantage_fn = config_advantage_fn(config) if advantage_fn is None else advantage_fn
     loss_fn = config_loss_fn(config) if loss_fn is None else loss_fn
     full_vocab = config.full_vocab_weight > 0
@@ -234,13 +243,17 @@ def make_train_step(
         )
         return logp_BxT, hidden_BxTxD, model.output_projection()
 
-    def prepare(params, teacher_params, rollout: Rollout):
+    def prepare(params, teacher_params, rollout: Rollout, reference_params=None):
         mask_BxT = rollout.response_mask
         behaviour_logp, student_hidden, student_projection = log_probs(graph_of["student"], params, rollout.tokens,
                                                                        rollout.token_mask)
         teacher_logp, teacher_hidden, teacher_projection = log_probs(graph_of["teacher"], teacher_params,
                                                                      rollout.tokens, rollout.token_mask)
-        advantages = _checked_advantages(advantage_fn, behaviour_logp, teacher_logp, mask_BxT)
+        reference = {}
+        if reference_graphdef is not None:
+            reference["reference_logp_BxT"], _, _ = log_probs(reference_graphdef, reference_params, rollout.tokens,
+                                                              rollout.token_mask)
+        advantages = _checked_advantages(advantage_fn, behaviour_logp, teacher_logp, mask_BxT, **reference)
         metrics = {}
         if full_vocab:
             divergence_BxT = _per_token_full_vocab(config, student_hidden, student_projection, teacher_hidden,
@@ -296,8 +309,8 @@ def make_train_step(
         return TrainStep(jax.jit(prepare), jax.jit(update), take_rows)
     batch, replicated = shardings.batch, shardings.replicated
     return TrainStep(
-        prepare=jax.jit(prepare, in_shardings=(shardings.params, shardings.teacher_params, batch),
-                        out_shardings=(batch, replicated)),
+        prepare=jax.jit(prepare, in_shardings=(shardings.params, shardings.teacher_params, batch,
+                                               shardings.reference_params), out_shardings=(batch, replicated)),
         update=jax.jit(
             update,
             in_shardings=(shardings.params, shardings.opt_state, shardings.teacher_params, batch, replicated),

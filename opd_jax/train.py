@@ -141,14 +141,16 @@ def _sharded_sampler(graphdef, shardings: StepShardings, sampling_config: Sampli
     return rollout_fn
 
 
-def _place_on_mesh(config, mesh_config, state, teacher_params, optimizer, student_rules, teacher_rules):
-    """Check the mesh against devices, parameters and batch, then place state and teacher on it.
+def _place_on_mesh(config, mesh_config, state, teacher_params, reference_params, optimizer, student_rules,
+                   teacher_rules):
+    """Check the mesh against devices, parameters and batch, then place state, teacher and reference on it.
 
-    All checks run on shapes only, before any compilation or transfer.
+    All checks run on shapes only, before any compilation or transfer. The reference model (often
+    the initial student) is split by the student's rules.
 
     Returns:
-      ``(StepShardings, state, teacher_params)`` with the state's parameters and optimiser state
-      split by the rules and its counters and key replicated.
+      ``(StepShardings, state, teacher_params, reference_params)`` with the state's parameters and
+      optimiser state split by the rules and its counters and key replicated.
     """
     batch_size = config.prompts_per_step * config.group_size
     mesh = mesh_config.make_mesh()
@@ -160,8 +162,14 @@ def _place_on_mesh(config, mesh_config, state, teacher_params, optimizer, studen
         jax.eval_shape(optimizer.init, state["params"]), mesh, student_rules, what="optimizer state of"
     )
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    reference_shardings = None
+    if reference_params is not None:
+        reference_shardings = sharding_lib.state_shardings(reference_params, mesh, student_rules,
+                                                           what="reference parameter")
+        reference_params, _ = sharding_lib.shard_state(reference_params, mesh, student_rules,
+                                                       what="reference parameter")
     shardings = StepShardings(param_shardings, opt_shardings, teacher_shardings,
-                              sharding_lib.batch_sharding(mesh), replicated)
+                              sharding_lib.batch_sharding(mesh), replicated, reference_shardings)
     params, _ = sharding_lib.shard_state(state["params"], mesh, student_rules, what="student parameter")
     teacher_params, _ = sharding_lib.shard_state(teacher_params, mesh, teacher_rules, what="teacher parameter")
     placed = {
@@ -170,7 +178,7 @@ def _place_on_mesh(config, mesh_config, state, teacher_params, optimizer, studen
         "opt_state": jax.jit(optimizer.init, out_shardings=opt_shardings)(params),
         **{k: jax.device_put(state[k], replicated) for k in ("step", "key", "data_position")},
     }
-    return shardings, placed, teacher_params
+    return shardings, placed, teacher_params, reference_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +188,7 @@ class _Run:
     config: TrainConfig
     graphdef: Any
     teacher_params: PyTree
+    reference_params: PyTree | None
     step_fn: TrainStep
     shardings: StepShardings | None
     prompts: PromptSet
@@ -188,11 +197,12 @@ class _Run:
     finite_flags: Callable
 
 
-def _setup(config, student, teacher, prompts, sampling, rollout_fn, mesh, student_rules, teacher_rules,
+def _setup(config, student, teacher, reference, prompts, sampling, rollout_fn, mesh, student_rules, teacher_rules,
            advantage_fn, loss_fn) -> tuple[_Run, dict]:
     """The jitted step and the initial state ``{params, opt_state, step, key, data_position}``, placed on ``mesh``."""
     graphdef, params = nnx.split(student)
     teacher_graphdef, teacher_params = nnx.split(teacher)
+    reference_graphdef, reference_params = nnx.split(reference) if reference is not None else (None, None)
     optimizer = make_optimizer(config)
     state = {"params": params, "opt_state": None, "step": jnp.zeros((), jnp.int32),
              "key": jax.random.key_data(jax.random.key(config.seed)), "data_position": jnp.zeros((), jnp.int32)}
@@ -200,15 +210,15 @@ def _setup(config, student, teacher, prompts, sampling, rollout_fn, mesh, studen
     if mesh is None:
         state["opt_state"] = optimizer.init(params)
     else:
-        shardings, state, teacher_params = _place_on_mesh(config, mesh, state, teacher_params, optimizer,
-                                                          student_rules, teacher_rules)
+        shardings, state, teacher_params, reference_params = _place_on_mesh(
+            config, mesh, state, teacher_params, reference_params, optimizer, student_rules, teacher_rules)
         if rollout_fn is generate:
             rollout_fn = _sharded_sampler(graphdef, shardings, sampling)
-    step_fn = make_train_step(config, graphdef, teacher_graphdef, optimizer, shardings,
-                              advantage_fn=advantage_fn, loss_fn=loss_fn)
+    step_fn = make_train_step(config, graphdef, teacher_graphdef, optimizer, shardings, advantage_fn=advantage_fn,
+                              loss_fn=loss_fn, reference_graphdef=reference_graphdef)
     finite_flags = jax.jit(_finite_flags, out_shardings=None if shardings is None else shardings.replicated)
-    return _Run(config, graphdef, teacher_params, step_fn, shardings, prompts, sampling, rollout_fn,
-                finite_flags), state
+    return _Run(config, graphdef, teacher_params, reference_params, step_fn, shardings, prompts, sampling,
+                rollout_fn, finite_flags), state
 
 
 def _restore(store: CheckpointStore, state: dict, config: TrainConfig, output_dir) -> tuple[int | None, dict]:
@@ -245,7 +255,8 @@ def _train_step(run: _Run, state: dict, step: int) -> tuple[dict, dict, Array]:
     """One step from ``state``: ``(next state, device metrics, finite flags)``, nothing fetched to the host."""
     config = run.config
     sample_key, shuffle_key = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state["key"]), step))
-    batch, scored = run.step_fn.prepare(state["params"], run.teacher_params, _rollout(run, state, sample_key))
+    batch, scored = run.step_fn.prepare(state["params"], run.teacher_params, _rollout(run, state, sample_key),
+                                        run.reference_params)
     rows_per_batch = config.prompts_per_step * config.group_size
     count = scored["response_tokens"] if config.loss_aggregation == "token_mean" else rows_per_batch
     normalizer = jnp.maximum(count, 1).astype(jnp.float32) / config.minibatches
@@ -300,6 +311,7 @@ def train(
     export_dtype: Any = None,
     advantage_fn: AdvantageFn | None = None,
     loss_fn: LossFn | None = None,
+    reference: Decoder | None = None,
 ) -> TrainResult:
     """Distil ``teacher`` into ``student`` on the student's own rollouts.
 
@@ -337,6 +349,9 @@ def train(
         replacing the config's estimator (run under jit, held under stop-gradient); see :mod:`opd_jax.step`.
       loss_fn: ``(student_logp_BxT, behaviour_logp_BxT, advantages, response_mask_BxT) -> [B]``
         replacing the PPO-clipped surrogate.
+      reference: a frozen reference model (same vocabulary; e.g. the initial student) whose
+        log-probs ``advantage_fn`` receives as ``reference_logp_BxT=`` (KL-regularised or
+        extrapolated rewards, e.g. G-OPD / ExOPD; see docs/objectives.md).
 
     Returns:
       :class:`TrainResult` with the trained student and the metric records (in a multi-process
@@ -363,7 +378,10 @@ def train(
     folder.check_resumable()
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                               stop_ids=tuple(stop_ids), pad_id=pad_id)
-    run, state = _setup(config, student, teacher, prompts, sampling, rollout_fn, mesh, student_rules,
+    if reference is not None and reference.config.vocab_size != student.config.vocab_size:
+        raise ValueError(f"reference vocab_size {reference.config.vocab_size} != student vocab_size "
+                         f"{student.config.vocab_size}")
+    run, state = _setup(config, student, teacher, reference, prompts, sampling, rollout_fn, mesh, student_rules,
                         teacher_rules, advantage_fn, loss_fn)
     store = CheckpointStore(folder.path / "checkpoints", keep=config.keep_checkpoints)
     try:
