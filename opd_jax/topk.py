@@ -156,8 +156,7 @@ def _check_topk(
 ) -> None:
     if not isinstance(topk, TeacherTopK):
         raise ValueError(f"topk must be a TeacherTopK, got {type(topk).__name__}")
-    _check_token_ids(topk.token_ids_BxTxK, vocab, "topk.token_ids_BxTxK", keep_BxT)
-    k = topk.k
+    k = jnp.shape(topk.token_ids_BxTxK)[-1] if jnp.ndim(topk.token_ids_BxTxK) else 0
     expected = {
         "token_ids_BxTxK": (batch, length, k),
         "logp_BxTxK": (batch, length, k),
@@ -168,6 +167,7 @@ def _check_topk(
     if actual != expected:
         described = ", ".join(f"topk.{name} {list(shape)}" for name, shape in actual.items())
         raise ValueError(f"TeacherTopK fields must be [B, T, K] / [B, T] with [B, T] = {[batch, length]}; got {described}")
+    _check_token_ids(topk.token_ids_BxTxK, vocab, "topk.token_ids_BxTxK", keep_BxT)
     check_float(**{"topk.logp_BxTxK": topk.logp_BxTxK, "topk.tail_logp_BxT": topk.tail_logp_BxT})
     mask_dtype = jnp.asarray(topk.tail_mask_BxT).dtype
     if mask_dtype != jnp.bool_:
