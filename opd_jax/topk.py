@@ -132,10 +132,10 @@ def _check_token_ids(
         raise ValueError(f"{name} must be [B, T, K], got shape {list(token_ids_BxTxK.shape)}")
     if not jnp.issubdtype(token_ids_BxTxK.dtype, jnp.integer):
         raise ValueError(f"{name} must have an integer dtype, got {token_ids_BxTxK.dtype}")
-    if vocab is not None and token_ids_BxTxK.shape[-1] > vocab:
-        raise ValueError(
-            f"{name} holds K = {token_ids_BxTxK.shape[-1]} ids per position; K must lie in [1, V] = [1, {vocab}]"
-        )
+    k = token_ids_BxTxK.shape[-1]
+    if k < 1 or (vocab is not None and k > vocab):
+        allowed = f"[1, V] = [1, {vocab}]" if vocab is not None else "[1, V]"
+        raise ValueError(f"{name} holds K = {k} ids per position; K must lie in {allowed}")
     if not (_is_concrete(token_ids_BxTxK) and (keep_BxT is None or _is_concrete(keep_BxT))):
         return token_ids_BxTxK
     ids_NxK = np.asarray(token_ids_BxTxK).reshape(-1, token_ids_BxTxK.shape[-1])
@@ -192,8 +192,8 @@ def bucket_log_probs(logits_BxTxV: Array, token_ids_BxTxK: Array) -> tuple[Array
     Args:
       logits_BxTxV: ``[B, T, V]`` float (any float dtype; computed in float32 at least). Any
         number of leading axes works; reductions are over the last one.
-      token_ids_BxTxK: ``[B, T, K]`` integer, distinct ids in ``[0, V)`` per position (not
-        checked here, so that this can run inside ``jit``; the public entry points check them).
+      token_ids_BxTxK: ``[B, T, K]`` integer, distinct ids in ``[0, V)`` per position (their
+        values are checked by :func:`topk_divergence` and :func:`teacher_topk`, not here).
 
     Returns:
       ``(logp_BxTxK, tail_logp_BxT, tail_mask_BxT)``: log-probabilities of the ids and of the tail
@@ -201,6 +201,15 @@ def bucket_log_probs(logits_BxTxV: Array, token_ids_BxTxK: Array) -> tuple[Array
       token outside the ids has a logit above ``−inf``). Where it is ``False`` the tail log-prob is
       the placeholder 0, with zero gradient.
     """
+    logits_BxTxV, token_ids_BxTxK = jnp.asarray(logits_BxTxV), jnp.asarray(token_ids_BxTxK)
+    if logits_BxTxV.shape[:-1] != token_ids_BxTxK.shape[:-1] or token_ids_BxTxK.ndim < 1:
+        raise ValueError(
+            f"logits_BxTxV {list(logits_BxTxV.shape)} and token_ids_BxTxK {list(token_ids_BxTxK.shape)} "
+            "must share their leading axes"
+        )
+    check_float(logits_BxTxV=logits_BxTxV)
+    if not jnp.issubdtype(token_ids_BxTxK.dtype, jnp.integer):
+        raise ValueError(f"token_ids_BxTxK must have an integer dtype, got {token_ids_BxTxK.dtype}")
     compute_dtype = jnp.promote_types(logits_BxTxV.dtype, jnp.float32)
     z_BxTxV = logits_BxTxV.astype(compute_dtype)
     log_norm_BxT = jax.nn.logsumexp(z_BxTxV, axis=-1)
