@@ -166,7 +166,9 @@ def _check_topk(
     actual = {name: tuple(jnp.shape(getattr(topk, name))) for name in expected}
     if actual != expected:
         described = ", ".join(f"topk.{name} {list(shape)}" for name, shape in actual.items())
-        raise ValueError(f"TeacherTopK fields must be [B, T, K] / [B, T] with [B, T] = {[batch, length]}; got {described}")
+        raise ValueError(
+            f"TeacherTopK fields must be [B, T, K] / [B, T] with [B, T] = {[batch, length]}; got {described}"
+        )
     _check_token_ids(topk.token_ids_BxTxK, vocab, "topk.token_ids_BxTxK", keep_BxT)
     check_float(**{"topk.logp_BxTxK": topk.logp_BxTxK, "topk.tail_logp_BxT": topk.tail_logp_BxT})
     mask_dtype = jnp.asarray(topk.tail_mask_BxT).dtype
@@ -291,9 +293,9 @@ def teacher_topk_from_hidden(
 def _log1mexp(x: Array) -> Array:
     """``log(1 − e^x)`` for ``x < 0``: ``log(−expm1(x))`` near 0, ``log1p(−e^x)`` below ``−log 2``."""
     near_zero = x > -np.log(2.0)
-    return jnp.where(
-        near_zero, jnp.log(-jnp.expm1(jnp.where(near_zero, x, -1.0))), jnp.log1p(-jnp.exp(jnp.where(near_zero, -1.0, x)))
-    )
+    near = jnp.log(-jnp.expm1(jnp.where(near_zero, x, -1.0)))
+    far = jnp.log1p(-jnp.exp(jnp.where(near_zero, -1.0, x)))
+    return jnp.where(near_zero, near, far)
 
 
 def teacher_topk_from_log_probs(token_ids_BxTxK: Array, logp_BxTxK: Array) -> TeacherTopK:
@@ -303,7 +305,9 @@ def teacher_topk_from_log_probs(token_ids_BxTxK: Array, logp_BxTxK: Array) -> Te
     (computed as ``log1p(−e^s)`` or ``log(−expm1(s))``): its absolute error is that of the given
     log-probs, so its *relative* error grows as the tail mass shrinks (about ``ε / q_tail``,
     ``ε`` the rounding of the log-probs). Where the top-k log-probs sum to 1 or more in floating
-    point the tail is taken as empty (``tail_mask_BxT = False``); no NaN, no ``−inf``.
+    point the tail is taken as empty (``tail_mask_BxT = False``); no NaN, no ``−inf``. Conversely,
+    with ``K = V`` a total that rounds to just below 1 leaves a spurious tail of mass about ``ε``
+    (:func:`teacher_topk` on logits has no such error: its tail at ``K = V`` is empty by construction).
 
     Args:
       token_ids_BxTxK: ``[B, T, K]`` integer, distinct ids per position.
@@ -398,7 +402,9 @@ def topk_divergence(
     student_logits_BxTxV = _check_logits("student_logits_BxTxV", student_logits_BxTxV)
     batch, length, vocab = student_logits_BxTxV.shape
     if tuple(jnp.shape(mask_BxT)) != (batch, length):
-        raise ValueError(f"mask_BxT {list(jnp.shape(mask_BxT))} does not match student_logits_BxTxV [B, T] = {[batch, length]}")
+        raise ValueError(
+            f"mask_BxT {list(jnp.shape(mask_BxT))} does not match student_logits_BxTxV [B, T] = {[batch, length]}"
+        )
     check_mask(mask_BxT, "mask_BxT")
     _check_topk(topk, batch, length, vocab, mask_BxT)
     compute_dtype = jnp.promote_types(student_logits_BxTxV.dtype, jnp.float32)
@@ -436,8 +442,16 @@ def topk_divergence(
 
 
 def sampled_in_topk(tokens_BxT: Array, topk: TeacherTopK) -> Array:
-    """``[B, T]`` bool: whether each sampled token is one of the teacher's top-k ids there."""
+    """``[B, T]`` bool: whether each sampled token is one of the teacher's top-k ids there.
+
+    Args:
+      tokens_BxT: ``[B, T]`` integer, the sampled tokens.
+      topk: :class:`TeacherTopK` of the same positions.
+    """
     tokens_BxT = jnp.asarray(tokens_BxT)
+    if tokens_BxT.ndim != 2 or not jnp.issubdtype(tokens_BxT.dtype, jnp.integer):
+        raise ValueError(f"tokens_BxT must be an integer [B, T] array, got {tokens_BxT.dtype} {list(tokens_BxT.shape)}")
+    _check_topk(topk, *tokens_BxT.shape, None)
     return jnp.any(tokens_BxT[..., None] == topk.token_ids_BxTxK, axis=-1)
 
 
@@ -476,7 +490,7 @@ def topk_log_ratio(
     check_float(student_logp_BxT=student_logp_BxT, student_tail_logp_BxT=student_tail_logp_BxT)
     check_mask(mask_BxT, "mask_BxT")
     batch, length = jnp.shape(tokens_BxT)
-    _check_topk(topk, batch, length, None)
+    _check_topk(topk, batch, length, None, mask_BxT)
     sg = jax.lax.stop_gradient
     dtype = jnp.result_type(student_logp_BxT, student_tail_logp_BxT, topk.logp_BxTxK, topk.tail_logp_BxT)
     match_BxTxK = jnp.asarray(tokens_BxT)[..., None] == topk.token_ids_BxTxK

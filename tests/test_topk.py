@@ -369,6 +369,27 @@ def test_chunked_jitted_and_vmapped_calls_agree():
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[:, 0], b), per_row, topk)
 
 
+def test_advantages_under_jit_match_eager_calls():
+    student, teacher = _random_logits(14), _random_logits(15)
+    mask = np.ones(student.shape[:2], bool)
+    mask[0, 2:] = False
+    tokens = np.random.default_rng(16).integers(0, student.shape[-1], size=student.shape[:2]).astype(np.int32)
+    topk = teacher_topk(teacher, 3)
+    student_logp = exact.sampled_log_probs(student, tokens)
+    _, student_tail, _ = bucket_log_probs(student, topk.token_ids_BxTxK)
+
+    def advantages(tokens, student_logp, student_tail, topk):
+        return topk_token_advantages(
+            tokens, student_logp, student_tail, topk, mask, divergence="js", gamma=1.0, log_ratio_clip=20.0
+        )
+
+    np.testing.assert_allclose(
+        jax.jit(advantages)(tokens, student_logp, student_tail, topk),
+        advantages(tokens, student_logp, student_tail, topk),
+        rtol=1e-14, atol=1e-15,
+    )
+
+
 def test_teacher_topk_from_hidden_and_from_log_probs_match_teacher_topk():
     rng = np.random.default_rng(9)
     hidden, projection = jnp.asarray(rng.normal(size=(2, 5, 8))), jnp.asarray(rng.normal(size=(8, 11)))
@@ -451,6 +472,10 @@ def test_mismatched_and_malformed_inputs_are_named():
         topk_log_ratio(tokens.astype(float), logp, logp, topk, mask)
     with pytest.raises(ValueError, match=r"student_tail_logp_BxT \[3, 3\]"):
         topk_log_ratio(tokens, logp, logp[:, :3], topk, mask)
+    with pytest.raises(ValueError, match="tokens_BxT must be an integer"):
+        sampled_in_topk(tokens.astype(float), topk)
+    with pytest.raises(ValueError, match=r"topk.token_ids_BxTxK \[3, 4, 3\]"):
+        sampled_in_topk(tokens[:, :2], topk)
     with pytest.raises(ValueError, match=r"logp_BxTxK \[3, 4, 2\] does not match token_ids_BxTxK \[3, 4, 3\]"):
         teacher_topk_from_log_probs(topk.token_ids_BxTxK, topk.logp_BxTxK[..., :2])
     with pytest.raises(ValueError, match="the same D"):
@@ -476,7 +501,9 @@ def test_empty_and_underflowing_tails_give_no_nan(dtype):
         topk = teacher_topk(teacher, k)
         for name in ("forward_kl", "reverse_kl", "js", "neyman_chi2"):
             value = topk_divergence(student, topk, mask, divergence=name)
-            grad = jax.grad(lambda x, topk=topk, name=name: jnp.sum(topk_divergence(x, topk, mask, divergence=name)))(student)
+            grad = jax.grad(
+                lambda x, topk=topk, name=name: jnp.sum(topk_divergence(x, topk, mask, divergence=name))
+            )(student)
             assert not np.any(np.isnan(np.asarray(value, np.float64))), (k, name, value)
             assert _all_finite(grad), (k, name)
         # q = 0 < π on the tail (k = 2) or on two top-k tokens (k = 4): reverse KL is infinite there only.
