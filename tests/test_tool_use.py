@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from opd_jax import models, train
+from opd_jax import models, step, train
 from opd_jax.objectives import importance_surrogate
 from opd_jax.sampling import Rollout, SamplingConfig, token_log_probs
 from opd_jax.tasks import tool_use
@@ -315,7 +315,7 @@ def test_tool_outputs_get_no_advantage_and_no_gradient(divergence, estimator, ga
 
     def advantages_for(teacher_logp):
         # The training loop's own advantage function.
-        return train._advantages(config, old_logp, teacher_logp, rollout.response_mask)
+        return step.config_advantage_fn(config)(old_logp, teacher_logp, rollout.response_mask)
 
     def loss(logp, advantages):
         return importance_surrogate(logp, old_logp, advantages, rollout.response_mask).sum()

@@ -534,7 +534,8 @@ class ToolEnvironment:
         return (self.vocabulary.eos_id,)
 
     def respond(self, turn_T: np.ndarray, context_C: np.ndarray) -> list[int]:
-        """The ids of ``=`` + the output of the call ``turn_T`` (the model's turn, ``]`` last) makes."""
+        """The ids of ``=`` and the output of the call that the turn ``turn_T`` (``]`` last) makes; the
+        tools keep no state, so ``context_C`` is not read."""
         return self.vocabulary.encode(tool_output(self.vocabulary.decode(turn_T)))
 
 
