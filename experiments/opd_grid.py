@@ -21,7 +21,7 @@ import sys
 import time
 
 from opd_jax import demo, tasks
-from opd_jax.train import BASELINES
+from opd_jax.config import BASELINES
 
 #: divergence label -> (TrainConfig divergence, beta, alpha).
 DIVERGENCES = {

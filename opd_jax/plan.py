@@ -5,7 +5,7 @@ A step of :func:`opd_jax.train.train` runs three compiled programs:
 - ``rollout``: the sampler (:func:`opd_jax.train._sharded_sampler` over
   :func:`opd_jax.sampling.generate`): prefill of ``prompt_length`` slots, then KV-cache decoding of
   ``sequence_length - prompt_length`` tokens for ``prompts_per_step × group_size`` rows;
-- ``score``: :func:`opd_jax.train.make_train_step`'s ``prepare``: student and teacher log-probs of
+- ``score``: :func:`opd_jax.step.make_train_step`'s ``prepare``: student and teacher log-probs of
   the sampled tokens and the advantages, over ``[rows, sequence_length]``;
 - ``update``: its ``update`` on one minibatch of ``rows / minibatches`` rows (run
   ``minibatches × epochs`` times per step).
@@ -79,11 +79,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from opd_jax import sharding as sharding_lib
+from opd_jax import step as step_lib
 from opd_jax import topologies as topologies_lib
 from opd_jax import train as train_lib
 from opd_jax.models import DTYPES, REMAT_POLICIES, AttentionConfig, Decoder, DecoderConfig, resolve_dtype
 from opd_jax.models.presets import PRESETS, resolve_model
-from opd_jax.sampling import SamplingConfig
+from opd_jax.sampling import Rollout, SamplingConfig
 
 __all__ = ["PROGRAMS", "CompiledPlan", "PlanCompileError", "PlanConfig", "add_arguments", "check_config",
            "check_mesh", "compile_programs", "default_mesh", "format_report", "plan", "report", "run"]
@@ -316,11 +317,11 @@ def _build_programs(config: PlanConfig, mesh, student, teacher) -> tuple[dict[st
     step keeps alive between programs (by name)."""
     (graphdef, params), (teacher_graphdef, teacher_params) = student, teacher
     train_config = config.train_config()
-    optimizer = train_lib._make_optimizer(train_config)
+    optimizer = step_lib.make_optimizer(train_config)
     opt_state = jax.eval_shape(optimizer.init, params)
     replicated = NamedSharding(mesh, P())
     batch = sharding_lib.batch_sharding(mesh)
-    shardings = train_lib.StepShardings(
+    shardings = step_lib.StepShardings(
         params=sharding_lib.state_shardings(params, mesh, what="student parameter"),
         opt_state=sharding_lib.state_shardings(opt_state, mesh, what="optimizer state of"),
         teacher_params=sharding_lib.state_shardings(teacher_params, mesh, what="teacher parameter"),
@@ -336,11 +337,14 @@ def _build_programs(config: PlanConfig, mesh, student, teacher) -> tuple[dict[st
 
     B, L, M = config.rows, config.sequence_length, config.rows // config.minibatches
     sequence_level = train_config.level == "sequence"
+    def scored(n):  # a ScoredBatch of n rows
+        return step_lib.ScoredBatch(rows(n, L, "int32"), rows(n, L, "bool"), rows(n, L, "bool"), rows(n, L, "float32"),
+                                    rows(n, None if sequence_level else L, "float32"), None)
+
     buffers = {  # what a step keeps alive between its programs
         "params": params, "opt_state": opt_state, "teacher_params": teacher_params,
-        "rollout": tuple(rows(B, L, d) for d in ("int32", "bool", "bool")),  # tokens, token / response masks
-        "sampling_logp": rows(B, L, "float32"),
-        "scores": (rows(B, L, "float32"), rows(B, L, "float32"), rows(B, None if sequence_level else L, "float32")),
+        "rollout": Rollout(rows(B, L, "int32"), rows(B, L, "bool"), rows(B, L, "bool"), rows(B, L, "float32")),
+        "scores": scored(B),
     }
     sampling_config = SamplingConfig(max_new_tokens=config.new_tokens, temperature=train_config.temperature,
                                      stop_ids=tuple(config.student.eos_token_id))
@@ -350,20 +354,21 @@ def _build_programs(config: PlanConfig, mesh, student, teacher) -> tuple[dict[st
         return rollout_fn(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, sampling_config)
 
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
-    step = train_lib.make_train_step(train_config, graphdef, teacher_graphdef, optimizer, shardings)
-    minibatch = (rows(M, L, "int32"), rows(M, L, "bool"), rows(M, L, "bool"), rows(M, L, "float32"),
-                 rows(M, None if sequence_level else L, "float32"))
+    step = step_lib.make_train_step(train_config, graphdef, teacher_graphdef, optimizer, shardings)
     return {
         "rollout": _Program(
             jax.jit(rollout),
             (params, rows(B, config.prompt_length, "int32"), rows(B, config.prompt_length, "bool"), key),
             1, ("opt_state", "teacher_params"), (0,),
         ),
-        "score": _Program(step.prepare, (params, teacher_params, *buffers["rollout"]), 1,
-                          ("opt_state", "sampling_logp"), (0, 1)),
+        "score": _Program(step.prepare, (params, teacher_params, buffers["rollout"], None), 1, ("opt_state",), (0, 1)),
+        # The update reads the teacher only for a full-vocabulary term; otherwise jit drops the
+        # argument, and the teacher counts as resident beside the program.
         "update": _Program(
-            step.update, (params, opt_state, *minibatch, jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)),
-            config.minibatches * config.epochs, ("teacher_params", "rollout", "sampling_logp", "scores"), (0,),
+            step.update,
+            (params, opt_state, teacher_params, scored(M), jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)),
+            config.minibatches * config.epochs,
+            ("scores",) if train_config.full_vocab_weight > 0 else ("scores", "teacher_params"), (0, 2),
         ),
     }, buffers
 

@@ -147,7 +147,8 @@ class TrainStep:
     """The jitted pieces of one training step (see :func:`make_train_step`).
 
     Attributes:
-      prepare: ``(params, teacher_params, rollout, reference_params=None)`` -> ``(ScoredBatch, metrics)``.
+      prepare: ``(params, teacher_params, rollout, reference_params)`` -> ``(ScoredBatch, metrics)``;
+        ``reference_params`` is ``None`` without a reference model.
       update: ``(params, opt_state, teacher_params, rows: ScoredBatch, normalizer [])`` for one
         minibatch -> ``(params, opt_state, metrics)``.
       take_rows: ``(ScoredBatch, rows [M])`` -> the minibatch of those rows, placed like the batch.
@@ -243,7 +244,7 @@ def make_train_step(
         )
         return logp_BxT, hidden_BxTxD, model.output_projection()
 
-    def prepare(params, teacher_params, rollout: Rollout, reference_params=None):
+    def prepare(params, teacher_params, rollout: Rollout, reference_params):
         mask_BxT = rollout.response_mask
         behaviour_logp, student_hidden, student_projection = log_probs(graph_of["student"], params, rollout.tokens,
                                                                        rollout.token_mask)
@@ -309,8 +310,10 @@ def make_train_step(
         return TrainStep(jax.jit(prepare), jax.jit(update), take_rows)
     batch, replicated = shardings.batch, shardings.replicated
     return TrainStep(
+        # The rollout is donated: its tokens and masks become the ScoredBatch's without a copy.
         prepare=jax.jit(prepare, in_shardings=(shardings.params, shardings.teacher_params, batch,
-                                               shardings.reference_params), out_shardings=(batch, replicated)),
+                                               shardings.reference_params), out_shardings=(batch, replicated),
+                        donate_argnums=(2,)),
         update=jax.jit(
             update,
             in_shardings=(shardings.params, shardings.opt_state, shardings.teacher_params, batch, replicated),

@@ -87,7 +87,7 @@ def finished_run(folders, tmp_path_factory):
 def test_finished_run_records_identity_config_and_export(finished_run, folders):
     _, teacher, student, prompts = folders
     saved = json.loads((finished_run / "config.json").read_text())
-    assert saved["log_ratio_clip"] is None  # the flag's "none" overrides the config file's 5.0
+    assert saved["objective"]["log_ratio_clip"] is None  # the flag's "none" overrides the config file's 5.0
     identity = json.loads((finished_run / run_folder.IDENTITY_FILE).read_text())
     assert identity["student"]["weights"]["model.safetensors"] == hashlib.sha256(
         (student / "model.safetensors").read_bytes()).hexdigest()

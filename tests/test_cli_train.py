@@ -37,11 +37,15 @@ def _args(teacher, student, prompts, output, *extra):
 def test_train_end_to_end_and_export_loads_in_transformers(folders, tmp_path):
     root, teacher, student, prompts = folders
     config_file = tmp_path / "opd.toml"
-    config_file.write_text('divergence = "generalized_js"\nbeta = 0.3\nestimator = "opd_plus"\ncheckpoint_every = 2\n')
+    # Sections as in config.json (flat keys work too: see test_cli_input)
+    config_file.write_text('[objective]\ndivergence = "generalized_js"\nbeta = 0.3\nestimator = "opd_plus"\n'
+                           '[loop]\ncheckpoint_every = 2\n')
     output = tmp_path / "run"
     assert cli.main(_args(teacher, student, prompts, output, "--config", str(config_file), "--gamma", "0.5")) == 0
     saved = json.loads((output / "config.json").read_text())
-    assert saved["divergence"] == "generalized_js" and saved["beta"] == 0.3 and saved["gamma"] == 0.5
+    objective = saved["objective"]
+    assert objective["divergence"] == "generalized_js" and objective["beta"] == 0.3 and objective["gamma"] == 0.5
+    assert saved["loop"]["checkpoint_every"] == 2
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     exported = output / "student"

@@ -118,7 +118,7 @@ def _prepared(config, **kwargs):
     rollout = generate(student, jnp.asarray(np.repeat(prompts.tokens[:4], 2, axis=0)),
                        jnp.asarray(np.repeat(prompts.mask[:4], 2, axis=0)), jax.random.key(3),
                        SamplingConfig(max_new_tokens=6, temperature=config.temperature, stop_ids=(3,)))
-    batch, metrics = fns.prepare(params, teacher_params, rollout)
+    batch, metrics = fns.prepare(params, teacher_params, rollout, None)
     return fns, params, teacher_params, optimizer, batch, metrics
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from opd_jax import cli, models, preemption, train
+from opd_jax import cli, models, preemption, run_folder, train
 
 HELPERS = pathlib.Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
@@ -164,19 +164,18 @@ def _peaked_folder(folder, seed, layers, scale):
     return folder
 
 
-def test_alpha_without_a_clip_going_non_finite_stops_with_the_step_and_quantity(setup, tmp_path):
-    # A very peaked student sampled at temperature 10 draws tokens it gives ~e^-50, which the
-    # teacher rates far higher: log-ratios ~50, and u^2.5 = e^125 overflows float32.
-    teacher = _peaked_folder(tmp_path / "teacher", 1, 2, 10.0)
+def test_neyman_chi2_without_a_clip_going_non_finite_stops_with_the_step_and_quantity(setup, tmp_path):
+    # Two very peaked models that disagree: the student samples the tokens it is sure of, which the
+    # teacher gives ~e^-300: log-ratios ~ -300, and neyman_chi2's 1/u = e^300 overflows float32.
+    teacher = _peaked_folder(tmp_path / "teacher", 1, 2, 300.0)
     student = _peaked_folder(tmp_path / "student", 2, 1, 300.0)
-    config = tmp_path / "alpha.json"
-    config.write_text(json.dumps({"divergence": "alpha", "alpha": 2.5, "log_ratio_clip": None, "temperature": 10.0,
-                                  "checkpoint_every": 1}))
+    config = tmp_path / "neyman.json"
+    config.write_text(json.dumps({"divergence": "neyman_chi2", "log_ratio_clip": None, "checkpoint_every": 1}))
     output = tmp_path / "run"
     argv = faults.train_argv("--teacher", teacher, "--student", student, "--prompts", setup[3], "--output", output,
                              "--quiet", "--steps", 6, "--prompts-per-step", 2, "--group-size", 2,
                              "--max-new-tokens", 6, "--max-prompt-length", 24, "--config", config)
-    child = faults.Child(argv, setup[4], tmp_path / "alpha.log")
+    child = faults.Child(argv, setup[4], tmp_path / "neyman.log")
     assert child.wait() == 1, child.output()[-4000:]
     log = child.output()
     message = next(line for line in log.splitlines() if line.startswith("opd-jax train: error: step "))
@@ -216,19 +215,23 @@ def test_non_finite_hyper_parameters_are_refused_at_parse_time(setup, tmp_path, 
     assert not output.exists()
 
 
+def _check_resumable(folder, config):
+    run_folder.RunFolder(folder, config).check_resumable()
+
+
 def test_the_resume_guard_counts_only_what_a_resume_depends_on(tmp_path):
     base = train.TrainConfig(steps=10, checkpoint_every=5)
     (tmp_path / "config.json").write_text(json.dumps(base.to_dict()))
     # No checkpoint to resume from: any fix is accepted.
-    train._check_resumable(tmp_path, train.TrainConfig(steps=10, divergence="js"))
+    _check_resumable(tmp_path, train.TrainConfig(steps=10, divergence="js"))
     (tmp_path / "checkpoints" / "5").mkdir(parents=True)
     for free in (dict(steps=30), dict(checkpoint_every=2, keep_checkpoints=9, eval_every=3, logit_chunk_size=64)):
-        train._check_resumable(tmp_path, train.TrainConfig(**{"steps": 10, "checkpoint_every": 5, **free}))
+        _check_resumable(tmp_path, train.TrainConfig(**{"steps": 10, "checkpoint_every": 5, **free}))
     with pytest.raises(ValueError, match=r"differs in \['divergence', 'learning_rate'\]"):
-        train._check_resumable(tmp_path, train.TrainConfig(steps=10, divergence="js", learning_rate=3e-4))
+        _check_resumable(tmp_path, train.TrainConfig(steps=10, divergence="js", learning_rate=3e-4))
     (tmp_path / "config.json").write_text(json.dumps(train.TrainConfig(steps=10, schedule="cosine").to_dict()))
     with pytest.raises(ValueError, match=r"differs in \['steps'\]"):  # the cosine schedule's length
-        train._check_resumable(tmp_path, train.TrainConfig(steps=20, schedule="cosine"))
+        _check_resumable(tmp_path, train.TrainConfig(steps=20, schedule="cosine"))
 
 
 def test_a_second_signal_exits_at_once(tmp_path):

@@ -13,7 +13,7 @@ import sys
 import jax
 from flax import nnx
 
-from opd_jax import models, sharding, train
+from opd_jax import models, sharding, step
 from opd_jax.sampling import SamplingConfig, generate
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
@@ -29,17 +29,17 @@ def graphdef_with(attention) -> nnx.GraphDef:
     return nnx.split(nnx.eval_shape(lambda: models.Decoder(tiny_run.CONFIG, rngs=nnx.Rngs(0), attention=attention)))[0]
 
 
-def step_on(mesh_config, attention, params, teacher_params, batch, optimizer):
+def step_on(mesh_config, attention, params, teacher_params, rollout, optimizer):
     """Losses, final params and prepared arrays of one step with ``attention`` (``mesh_config`` None: one device)."""
     graphdef = graphdef_with(attention)
     if mesh_config is None:
-        step_fn = train.make_train_step(sharded_step.CONFIG, graphdef, graphdef, optimizer)
-        return sharded_step.run_step(step_fn, params, optimizer.init(params), teacher_params, batch)
+        step_fn = step.make_train_step(sharded_step.CONFIG, graphdef, graphdef, optimizer)
+        return sharded_step.run_step(step_fn, params, optimizer.init(params), teacher_params, rollout)
     mesh = mesh_config.make_mesh()
     placed, teacher_placed, opt_state, shardings = sharded_step.place_on(mesh, params, teacher_params, optimizer)
-    step_fn = train.make_train_step(sharded_step.CONFIG, graphdef, graphdef, optimizer, shardings)
+    step_fn = step.make_train_step(sharded_step.CONFIG, graphdef, graphdef, optimizer, shardings)
     with jax.set_mesh(mesh):
-        return sharded_step.run_step(step_fn, placed, opt_state, teacher_placed, jax.device_put(batch, shardings.batch),
+        return sharded_step.run_step(step_fn, placed, opt_state, teacher_placed, jax.device_put(rollout, shardings.batch),
                                      place=lambda x: jax.device_put(x, shardings.replicated))
 
 
@@ -49,13 +49,12 @@ def main() -> None:
     params, teacher_params = nnx.state(student), nnx.state(teacher)
     tokens, mask = prompts.batch(0, 16, seed=0)
     rollout = generate(student, tokens, mask, jax.random.key(0), SamplingConfig(8, stop_ids=(3,)))
-    batch = (rollout.tokens, rollout.token_mask, rollout.response_mask)
-    optimizer = train._make_optimizer(sharded_step.CONFIG)
-    ref_losses, ref_params, ref_prepared = step_on(None, "xla", params, teacher_params, batch, optimizer)
+    optimizer = step.make_optimizer(sharded_step.CONFIG)
+    ref_losses, ref_params, ref_prepared = step_on(None, "xla", params, teacher_params, rollout, optimizer)
     results = {}
     for name, attention in ATTENTIONS.items():
         losses, new_params, prepared = step_on(sharding.MeshConfig(2, 2, 2), attention, params, teacher_params,
-                                               batch, optimizer)
+                                               rollout, optimizer)
         results[name] = {
             "prepared_errors": [sharded_step.relative(a, b) for a, b in zip(prepared, ref_prepared)],
             "loss_errors": [abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)],

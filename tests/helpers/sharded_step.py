@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opd_jax import sharding, train
+from opd_jax import sharding, step, train
 from opd_jax.sampling import SamplingConfig, generate
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
@@ -34,27 +34,28 @@ def relative(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def run_step(step_fn, params, opt_state, teacher_params, batch, place=lambda x: x):
-    """prepare, then UPDATES minibatch updates on fixed row sets; returns losses and final params."""
-    old_logp, teacher_logp, advantages = step_fn.prepare(params, teacher_params, *batch)
-    normalizer = place(jnp.maximum(jnp.sum(batch[2]), 1).astype(jnp.float32) / CONFIG.minibatches)
+def run_step(step_fn, params, opt_state, teacher_params, rollout, place=lambda x: x):
+    """prepare, then UPDATES minibatch updates on fixed row sets; returns losses, final params and the
+    prepared (behaviour log-probs, teacher-KL, advantages)."""
+    scored, metrics = step_fn.prepare(params, teacher_params, rollout, None)
+    normalizer = place(jnp.maximum(metrics["response_tokens"], 1).astype(jnp.float32) / CONFIG.minibatches)
     losses = []
     for update in range(UPDATES):
         rows = place(jnp.arange(update % 2, 16, 2))  # 8 rows, a different half each time
-        minibatch = step_fn.take_rows((*batch, old_logp, advantages), rows)
-        params, opt_state, loss, _, _ = step_fn.update(params, opt_state, *minibatch, normalizer)
-        losses.append(float(loss))
-    return losses, params, (old_logp, teacher_logp, advantages)
+        params, opt_state, out = step_fn.update(params, opt_state, teacher_params, step_fn.take_rows(scored, rows),
+                                                normalizer)
+        losses.append(float(out["loss"]))
+    return losses, params, (scored.behaviour_logp_BxT, metrics["teacher_kl"], scored.advantages)
 
 
 def place_on(mesh, params, teacher_params, optimizer):
     """Student and teacher parameters and the AdamW state placed on ``mesh`` by the default rules,
-    and the :class:`train.StepShardings` of a step there."""
+    and the :class:`step.StepShardings` of a step there."""
     placed, param_shardings = sharding.shard_state(params, mesh)
     teacher_placed, teacher_shardings = sharding.shard_state(teacher_params, mesh)
     opt_shardings = sharding.state_shardings(jax.eval_shape(optimizer.init, params), mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shardings = train.StepShardings(param_shardings, opt_shardings, teacher_shardings, sharding.batch_sharding(mesh),
+    shardings = step.StepShardings(param_shardings, opt_shardings, teacher_shardings, sharding.batch_sharding(mesh),
                                     replicated)
     return placed, teacher_placed, jax.jit(optimizer.init, out_shardings=opt_shardings)(placed), shardings
 
@@ -66,20 +67,18 @@ def main() -> None:
     teacher_graphdef, teacher_params = nnx.split(teacher)
     tokens, mask = prompts.batch(0, 16, seed=0)
     rollout = generate(student, tokens, mask, jax.random.key(0), SamplingConfig(8, stop_ids=(3,)))
-    batch = (rollout.tokens, rollout.token_mask, rollout.response_mask)
-    optimizer = train._make_optimizer(CONFIG)
+    optimizer = step.make_optimizer(CONFIG)
 
-    # Traces of the surrogate = traces of `update` (it runs once per trace of the loss).
+    # Traces of the loss = traces of `update` (it runs once per trace of the loss).
     traces = []
-    surrogate = train.importance_surrogate
+    surrogate = step.config_loss_fn(CONFIG)
 
-    def counting_surrogate(*args, **kwargs):
+    def counting_loss(*args):
         traces.append(1)
-        return surrogate(*args, **kwargs)
+        return surrogate(*args)
 
-    train.importance_surrogate = counting_surrogate
-    single = train.make_train_step(CONFIG, graphdef, teacher_graphdef, optimizer)
-    ref_losses, ref_params, ref_prepared = run_step(single, params, optimizer.init(params), teacher_params, batch)
+    single = step.make_train_step(CONFIG, graphdef, teacher_graphdef, optimizer, loss_fn=counting_loss)
+    ref_losses, ref_params, ref_prepared = run_step(single, params, optimizer.init(params), teacher_params, rollout)
     results = {"single_traces": len(traces), "ref_losses": ref_losses, "meshes": {}}
 
     for shape in MESHES:
@@ -87,7 +86,7 @@ def main() -> None:
         mesh = sharding.MeshConfig(*shape).make_mesh()
         placed, teacher_placed, opt_state, shardings = place_on(mesh, params, teacher_params, optimizer)
         replicated, batch_sharding = shardings.replicated, shardings.batch
-        step_fn = train.make_train_step(CONFIG, graphdef, teacher_graphdef, optimizer, shardings)
+        step_fn = step.make_train_step(CONFIG, graphdef, teacher_graphdef, optimizer, shardings, loss_fn=counting_loss)
         shard_shapes = {
             name: list(_get_array(placed, path).addressable_shards[0].data.shape)
             for name, path in (("q", ("layers", "attention", "q")), ("down", ("layers", "mlp", "down")),
@@ -95,7 +94,7 @@ def main() -> None:
         }
         mu_q_shard = list(opt_state[1][0].mu["layers"]["attention"]["q"][...].addressable_shards[0].data.shape)
         losses, new_params, prepared = run_step(
-            step_fn, placed, opt_state, teacher_placed, jax.device_put(batch, batch_sharding),
+            step_fn, placed, opt_state, teacher_placed, jax.device_put(rollout, batch_sharding),
             place=lambda x: jax.device_put(x, replicated),
         )
         param_errors = jax.tree_util.tree_flatten_with_path(
@@ -116,7 +115,6 @@ def main() -> None:
             "params_donated": donated,
             "student_untouched": not student.layers.mlp.gate[...].is_deleted(),
         }
-    train.importance_surrogate = surrogate
 
     errors = {}
     for name, call in {
@@ -131,10 +129,15 @@ def main() -> None:
             errors[name] = str(error)
     results["errors"] = errors
 
-    # train() with a bad mesh: the error comes before any part of the step is traced (so compiled).
+    # train() with a bad mesh: the error comes before any part of the step is traced (so compiled):
+    # the advantage_fn, traced with prepare, never runs.
     scored = []
-    token_log_probs = train.token_log_probs
-    train.token_log_probs = lambda *a, **k: scored.append(1) or token_log_probs(*a, **k)
+    advantages = step.config_advantage_fn(CONFIG)
+
+    def counting_advantages(*args):
+        scored.append(1)
+        return advantages(*args)
+
     train_errors = {}
     for name, mesh_config, overrides in (
         ("kv_heads", sharding.MeshConfig(1, 1, 8), {}),
@@ -144,11 +147,10 @@ def main() -> None:
         config = train.TrainConfig(**{**CONFIG.to_dict(), "steps": 1, **overrides})
         try:
             train.train(config, student, tiny_run.CONFIG, teacher, prompts, f"{sys.argv[1]}/{name}", progress=False,
-                        mesh=mesh_config)
+                        mesh=mesh_config, advantage_fn=counting_advantages)
             train_errors[name] = None
         except ValueError as error:
             train_errors[name] = str(error)
-    train.token_log_probs = token_log_probs
     results["train_errors"] = train_errors
     results["traced_before_error"] = len(scored)
     print("RESULT " + json.dumps(results))

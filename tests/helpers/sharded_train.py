@@ -26,7 +26,7 @@ def main(output_dir: str, num_processes: int, process_id: int, port: int) -> Non
     from opd_jax import cli
 
     cli.initialize_distributed(f"localhost:{port}" if num_processes > 1 else None, num_processes, process_id)
-    from opd_jax import sharding, train
+    from opd_jax import sharding, step, train
 
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
     import tiny_run
@@ -38,17 +38,15 @@ def main(output_dir: str, num_processes: int, process_id: int, port: int) -> Non
     )
     mesh = sharding.MeshConfig(2, 2, 2)
 
-    traces = []
-    surrogate = train.importance_surrogate
+    traces = []  # traces of the update = traces of its loss
+    surrogate = step.config_loss_fn(config)
 
-    def counting_surrogate(*args, **kwargs):
+    def counting_loss(*args):
         traces.append(1)
-        return surrogate(*args, **kwargs)
+        return surrogate(*args)
 
-    train.importance_surrogate = counting_surrogate
     result = train.train(config, student, tiny_run.CONFIG, teacher, prompts, output_dir, stop_ids=(3,),
-                         progress=False, mesh=mesh)
-    train.importance_surrogate = surrogate
+                         progress=False, mesh=mesh, loss_fn=counting_loss)
     trained = nnx.to_pure_dict(nnx.state(result.student))
     # A second call finds the run finished: it restores the last checkpoint (sharded, across the
     # processes) and exports it without training.
