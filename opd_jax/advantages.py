@@ -296,6 +296,17 @@ def token_advantages(
     Returns:
       ``[B, T]`` advantages, computed under stop-gradient, 0 at masked positions; dtype of the
       log-probabilities.
+
+    >>> import jax.numpy as jnp
+    >>> student_logp = jnp.log(jnp.array([[0.5, 0.25, 1.0]]))
+    >>> teacher_logp = jnp.log(jnp.array([[0.25, 0.5, 1.0]]))
+    >>> mask = jnp.array([[1, 1, 0]])  # the last slot is padding
+    >>> token_advantages(student_logp, teacher_logp, mask, divergence="forward_kl").tolist()  # OPD+, γ = 0: u
+    [[0.5, 2.0, 0.0]]
+    >>> advantages = token_advantages(student_logp, teacher_logp, mask, divergence="forward_kl",
+    ...                               estimator="stop_grad", gamma=1.0)  # −Σ_{k≥n} u_k log u_k
+    >>> [round(float(a), 4) for a in advantages[0]]
+    [-1.0397, -1.3863, 0.0]
     """
     divergence = divergences_lib.get(divergence)
     _check_estimator(estimator)

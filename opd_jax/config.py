@@ -128,6 +128,14 @@ class TrainConfig:
 
     A run folder may be resumed with other values of :data:`RESUME_FREE` fields only (``steps``
     too, to extend a finished run, unless the schedule is ``cosine``, whose shape depends on it).
+
+    >>> from opd_jax import divergences
+    >>> config = TrainConfig(divergence=divergences.get("generalized_js", beta=0.3), gamma=1.0)
+    >>> sections = config.to_json()
+    >>> sections["objective"]["divergence"], sections["objective"]["beta"], sections["loop"]["steps"]
+    ('generalized_js', 0.3, 100)
+    >>> TrainConfig.from_dict(sections) == TrainConfig(divergence="generalized_js", beta=0.3, gamma=1.0)
+    True
     """
 
     # objective

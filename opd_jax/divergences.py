@@ -418,6 +418,13 @@ def get(name: str | Divergence, **params) -> Divergence:
 
     Raises:
       ValueError: unknown name (the message lists the valid ones) or a parameter out of range.
+
+    >>> import jax.numpy as jnp
+    >>> kl = get("forward_kl")  # f(u) = u log u, evaluated from log u
+    >>> [round(float(v), 4) for v in kl.f(jnp.log(jnp.array([0.5, 1.0, 2.0])))]
+    [-0.3466, 0.0, 1.3863]
+    >>> [round(float(v), 4) for v in kl.opd_plus_reward(jnp.log(jnp.array([0.5, 2.0])))]  # u f'(u) − f(u) = u
+    [0.5, 2.0]
     """
     if isinstance(name, Divergence):
         if params:

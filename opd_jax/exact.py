@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax import divergences as divergences_lib
-from opd_jax.advantages import sequence_advantages, token_advantages
+from opd_jax.advantages import ESTIMATORS, sequence_advantages, token_advantages
 from opd_jax.objectives import full_vocab_divergence, pg_surrogate
 from opd_jax.topk import (
     bucket_log_probs,
@@ -57,7 +57,8 @@ Array = jax.Array
 PyTree = Any
 
 LEVELS = ("token", "sequence")
-ESTIMATORS_BY_LEVEL = {"token": ("stop_grad", "opd_plus", "full_vocab"), "sequence": ("stop_grad", "opd_plus")}
+# The registry's sampled-token estimators at both levels, and the direct full-vocabulary gradient.
+ESTIMATORS_BY_LEVEL = {"token": (*ESTIMATORS, "full_vocab"), "sequence": tuple(ESTIMATORS)}
 TOPK_LEVELS = ("token", "topk_divergence")
 TOPK_ESTIMATORS = ("stop_grad", "opd_plus", "topk_divergence")
 
@@ -461,14 +462,11 @@ def divergence_label(name: str, params: dict[str, float]) -> str:
 
 
 def _report_cases() -> list[tuple[str, str, float | None]]:
+    """Every registered estimator at γ = 0 and 1 (token level) and at sequence level, and full_vocab."""
     return [
-        ("token", "stop_grad", 0.0),
-        ("token", "stop_grad", 1.0),
-        ("token", "opd_plus", 0.0),
-        ("token", "opd_plus", 1.0),
+        *(("token", estimator, gamma) for estimator in ESTIMATORS for gamma in (0.0, 1.0)),
         ("token", "full_vocab", None),
-        ("sequence", "stop_grad", None),
-        ("sequence", "opd_plus", None),
+        *(("sequence", estimator, None) for estimator in ESTIMATORS),
     ]
 
 

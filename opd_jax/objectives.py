@@ -57,6 +57,10 @@ def pg_surrogate(student_logp: Array, advantages: Array, mask: Array) -> Array:
     Returns:
       ``[B]`` per-sequence loss in the dtype of ``student_logp``; masked positions contribute
       nothing, even if they hold ``-inf`` or NaN.
+    >>> import jax.numpy as jnp
+    >>> logp = jnp.log(jnp.array([[0.5, 0.25, 1.0]]))
+    >>> [round(float(v), 4) for v in pg_surrogate(logp, jnp.array([[1.0, -1.0, 5.0]]), jnp.array([[1, 1, 0]]))]
+    [-0.6931]
     """
     check_same_shape(student_logp=student_logp, mask=mask)
     check_float(student_logp=student_logp)
@@ -141,6 +145,14 @@ def importance_surrogate(
     Raises:
       ValueError: a clip parameter outside its range, shapes that do not match, non-float
         log-probabilities, or a concrete mask with values other than 0 and 1.
+    >>> import jax.numpy as jnp
+    >>> behaviour = jnp.log(jnp.array([[0.5, 0.5]]))
+    >>> current = jnp.log(jnp.array([[0.9, 0.9]]))  # ratio 1.8 at both tokens
+    >>> advantages, mask = jnp.array([[1.0, -1.0]]), jnp.array([[1, 1]])
+    >>> [round(float(v), 4) for v in importance_surrogate(current, behaviour, advantages, mask)]  # −(1.2 − 1.8)
+    [0.6]
+    >>> [round(float(v), 4) for v in importance_surrogate(current, behaviour, advantages, mask, clip_ratio_c=1.5)]
+    [0.3]
     """
     low, high = _check_clip_epsilons(clip_epsilon, clip_epsilon_high)
     bound = _check_clip_ratio_c(clip_ratio_c)

@@ -242,6 +242,13 @@ def teacher_topk(teacher_logits_BxTxV: Array, k: int) -> TeacherTopK:
     Raises:
       ValueError: ``k`` outside ``[1, V]`` (the message names ``k`` and the range), or logits that
         are not a float ``[B, T, V]`` array.
+
+    >>> import jax.numpy as jnp
+    >>> top = teacher_topk(jnp.log(jnp.array([[[0.6, 0.1, 0.3]]])), 2)
+    >>> top.token_ids_BxTxK.tolist(), [round(float(p), 4) for p in jnp.exp(top.logp_BxTxK).ravel()]
+    ([[[0, 2]]], [0.6, 0.3])
+    >>> round(float(jnp.exp(top.tail_logp_BxT[0, 0])), 4)  # the mass outside the top 2
+    0.1
     """
     teacher_logits_BxTxV = jax.lax.stop_gradient(_check_logits("teacher_logits_BxTxV", teacher_logits_BxTxV))
     k = _check_k(k, teacher_logits_BxTxV.shape[-1])
