@@ -69,11 +69,14 @@ TOOL_USE_COLUMNS = SUMMARY_COLUMNS[:1] + (("call_validity", "call validity"),) +
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-    """One run of a grid: a label for the variation, its seed, and the full training config."""
+    """One run of a grid: a label for the variation, its seed, the full training config, and keyword
+    arguments of :func:`opd_jax.train.train` beyond it (plug-ins: ``advantage_fn``, ``loss_fn``,
+    ``reference``; they are not recorded in ``config.json``)."""
 
     variation: str
     seed: int
     config: TrainConfig
+    train_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def folder(self) -> str:
@@ -208,6 +211,7 @@ def run_grid(
             spec.config, student, setup.student_config, setup.teacher, setup.prompts, output_dir / spec.folder,
             stop_ids=setup.stop_ids, pad_id=setup.pad_id, evaluate=setup.evaluate, rollout_fn=setup.rollout_fn,
             progress=progress, label=f"[{index + 1}/{len(specs)}] {spec.variation} seed {spec.seed}",
+            **spec.train_options,
         )
         setup.tokenizer.save_pretrained(result.output_dir / "student")
         evaluations = [r for r in result.history if any(k.startswith("eval_") for k in r)]
