@@ -69,6 +69,7 @@ __all__ = [
     "compare_gradients",
     "enumerate_responses",
     "estimator_gradient",
+    "expected_gradient",
     "objective",
     "objective_gradient",
     "random_tabular_problem",
@@ -248,6 +249,35 @@ def objective_gradient(
     )(params)
 
 
+def expected_gradient(
+    student_logits_fn: Callable[[PyTree], Array],
+    params: PyTree,
+    space: SequenceSpace,
+    loss_fn: Callable[[Array, Array, Array], Array],
+) -> PyTree:
+    """``Σ_y π(y) ∇_θ L(y; θ)`` for any per-response surrogate ``L``, with ``π(y)`` held fixed.
+
+    What an estimator follows on average: compare it with :func:`objective_gradient` (or the
+    gradient of your own exact objective) to prove an estimator unbiased, or measure its bias.
+
+    Args:
+      student_logits_fn: ``params -> [N, T, V]`` logits at every position of every response.
+      params: the point at which to differentiate.
+      space: the enumerated responses.
+      loss_fn: ``(student_logits_NxTxV, student_logp_NxT, mask_NxT) -> [N]``, the surrogate of each
+        response (e.g. :func:`opd_jax.pg_surrogate` of your advantages).
+    """
+    mask = jnp.asarray(space.mask)
+
+    def expected_surrogate(p):
+        student_logits = student_logits_fn(p)
+        student_logp = sampled_log_probs(student_logits, space.tokens)
+        weights = jax.lax.stop_gradient(jnp.exp(response_log_probs(student_logp, mask)))
+        return jnp.sum(weights * loss_fn(student_logits, student_logp, mask))
+
+    return jax.grad(expected_surrogate)(params)
+
+
 def estimator_gradient(
     student_logits_fn: Callable[[PyTree], Array],
     params: PyTree,
@@ -274,16 +304,11 @@ def estimator_gradient(
             f"got {estimator!r}"
         )
     divergence = divergences_lib.get(divergence)
-    mask = jnp.asarray(space.mask)
     teacher_logp = sampled_log_probs(teacher_logits, space.tokens)
 
-    def expected_surrogate(p):
-        student_logits = student_logits_fn(p)
-        student_logp = sampled_log_probs(student_logits, space.tokens)
-        weights = jax.lax.stop_gradient(jnp.exp(response_log_probs(student_logp, mask)))
+    def loss_fn(student_logits, student_logp, mask):
         if estimator == "full_vocab":
-            per_token = full_vocab_divergence(student_logits, teacher_logits, mask, divergence=divergence)
-            return jnp.sum(weights * jnp.sum(per_token, axis=-1))
+            return jnp.sum(full_vocab_divergence(student_logits, teacher_logits, mask, divergence=divergence), axis=-1)
         if level == "token":
             advantages = token_advantages(
                 student_logp, teacher_logp, mask, divergence=divergence, estimator=estimator,
@@ -294,9 +319,9 @@ def estimator_gradient(
                 student_logp, teacher_logp, mask, divergence=divergence, estimator=estimator,
                 log_ratio_clip=log_ratio_clip,
             )
-        return jnp.sum(weights * pg_surrogate(student_logp, advantages, mask))
+        return pg_surrogate(student_logp, advantages, mask)
 
-    return jax.grad(expected_surrogate)(params)
+    return expected_gradient(student_logits_fn, params, space, loss_fn)
 
 
 def topk_objective(
@@ -388,24 +413,19 @@ def topk_estimator_gradient(
     if estimator not in TOPK_ESTIMATORS:
         raise ValueError(f"top-k estimator must be one of {', '.join(TOPK_ESTIMATORS)}; got {estimator!r}")
     divergence = divergences_lib.get(divergence)
-    mask = jnp.asarray(space.mask)
     topk = teacher_topk(teacher_logits, k)
 
-    def expected_surrogate(p):
-        student_logits = student_logits_fn(p)
-        student_logp = sampled_log_probs(student_logits, space.tokens)
-        weights = jax.lax.stop_gradient(jnp.exp(response_log_probs(student_logp, mask)))
+    def loss_fn(student_logits, student_logp, mask):
         if estimator == "topk_divergence":
-            per_token = topk_divergence(student_logits, topk, mask, divergence=divergence)
-            return jnp.sum(weights * jnp.sum(per_token, axis=-1))
+            return jnp.sum(topk_divergence(student_logits, topk, mask, divergence=divergence), axis=-1)
         _, student_tail_logp, _ = bucket_log_probs(student_logits, topk.token_ids_BxTxK)
         advantages = topk_token_advantages(
             space.tokens, student_logp, student_tail_logp, topk, mask, divergence=divergence,
             estimator=estimator, gamma=gamma, log_ratio_clip=log_ratio_clip,
         )
-        return jnp.sum(weights * pg_surrogate(student_logp, advantages, mask))
+        return pg_surrogate(student_logp, advantages, mask)
 
-    return jax.grad(expected_surrogate)(params)
+    return expected_gradient(student_logits_fn, params, space, loss_fn)
 
 
 def compare_gradients(estimate: PyTree, exact: PyTree) -> tuple[float, float]:

@@ -34,17 +34,14 @@ def _exopd_objective(table, teacher_logits, reference_logits, space, scale):
 
 def _expected_gradient(table, teacher_logits, reference_logits, space, advantage_fn):
     """``Σ_y π(y) ∇ L(y)`` with π(y) held fixed, L the surrogate of the plugged-in advantages."""
-    mask = jnp.asarray(space.mask)
     teacher = exact.sampled_log_probs(teacher_logits, space.tokens)
     reference = exact.sampled_log_probs(reference_logits, space.tokens)
 
-    def surrogate(p):
-        logp = exact.sampled_log_probs(exact.tabular_logits(p, space), space.tokens)
-        weights = jax.lax.stop_gradient(jnp.exp(exact.response_log_probs(logp, mask)))
+    def loss_fn(logits, logp, mask):
         advantages = advantage_fn(jax.lax.stop_gradient(logp), teacher, mask, reference_logp_BxT=reference)
-        return jnp.sum(weights * pg_surrogate(logp, advantages, mask))
+        return pg_surrogate(logp, advantages, mask)
 
-    return jax.grad(surrogate)(table)
+    return exact.expected_gradient(lambda p: exact.tabular_logits(p, space), table, space, loss_fn)
 
 
 @pytest.mark.parametrize("eos", [False, True])

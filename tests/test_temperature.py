@@ -14,16 +14,18 @@ def _expected_loop_gradient(table, teacher_logits, space, *, divergence, sample_
     (behaviour, current, teacher) taken at ``score_temperature``, as the loop's prepare / update do."""
     mask = jnp.asarray(space.mask)
     teacher = exact.sampled_log_probs(teacher_logits / score_temperature, space.tokens)
-    sampling = exact.sampled_log_probs(exact.tabular_logits(table, space) / sample_temperature, space.tokens)
-    weights = jnp.exp(exact.response_log_probs(sampling, mask))
     behaviour = exact.sampled_log_probs(exact.tabular_logits(table, space) / score_temperature, space.tokens)
     advantages = token_advantages(behaviour, teacher, mask, divergence=divergence, estimator="opd_plus", gamma=1.0)
 
-    def surrogate(p):
-        logp = exact.sampled_log_probs(exact.tabular_logits(p, space) / score_temperature, space.tokens)
-        return jnp.sum(weights * importance_surrogate(logp, behaviour, advantages, mask, clip_epsilon=0.2))
+    def loss_fn(logits, logp, mask):
+        # expected_gradient weights by π(y) of the logits it is given (the sampling policy, at
+        # sample_temperature); the loss rescores the same logits at score_temperature.
+        scored = jax.nn.log_softmax(logits * sample_temperature / score_temperature, axis=-1)
+        scored_logp = jnp.take_along_axis(scored, jnp.asarray(space.tokens)[..., None], axis=-1)[..., 0]
+        return importance_surrogate(scored_logp, behaviour, advantages, mask, clip_epsilon=0.2)
 
-    return jax.grad(surrogate)(table)
+    return exact.expected_gradient(lambda p: exact.tabular_logits(p, space) / sample_temperature, table, space,
+                                   loss_fn)
 
 
 def _tempered_objective_gradient(table, teacher_logits, space, divergence, temperature):
