@@ -21,6 +21,7 @@ import sys
 import time
 
 from opd_jax import demo, tasks
+from opd_jax.advantages import ESTIMATORS
 from opd_jax.config import BASELINES
 
 #: divergence label -> (TrainConfig divergence, beta, alpha).
@@ -42,7 +43,7 @@ FORMS = {"token-g0": ("token", 0.0), "token-g1": ("token", 1.0), "sequence": ("s
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--divergences", nargs="+", choices=list(DIVERGENCES), default=list(DIVERGENCES))
-    parser.add_argument("--estimators", nargs="+", choices=["stop_grad", "opd_plus"], default=["stop_grad", "opd_plus"])
+    parser.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), default=list(ESTIMATORS))
     parser.add_argument("--forms", nargs="+", choices=list(FORMS), default=list(FORMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--baseline", choices=BASELINES, default=demo.DEMO_CONFIG.baseline,

@@ -26,6 +26,7 @@ import sys
 import time
 
 from opd_jax import demo, models, tasks
+from opd_jax.advantages import ESTIMATORS
 from opd_jax.metrics import plot_curves, read_jsonl
 from opd_jax.tasks import tool_use
 from opd_jax.train import train
@@ -43,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/tool_use_grid"))
     parser.add_argument("--divergences", nargs="+", default=["reverse_kl", "forward_kl", "js"])
-    parser.add_argument("--estimators", nargs="+", default=["stop_grad", "opd_plus"])
+    parser.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), default=list(ESTIMATORS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     # Defaults: the settings of `opd-jax demo --task tool_use`.
     parser.add_argument("--steps", type=int, default=demo.TOOL_USE_CONFIG.steps)
