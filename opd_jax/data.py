@@ -1,11 +1,11 @@
-"""Prompt files: JSON lines, one prompt per line, validated before any model is loaded."""
+"""JSON-lines input files (prompts, datasets), validated before any model is loaded; errors name FILE:LINE."""
 
 from __future__ import annotations
 
 import json
 import pathlib
 
-__all__ = ["read_prompt_file", "read_prompt_records"]
+__all__ = ["prompt_of", "read_json_lines", "read_prompt_file", "read_prompt_records"]
 
 Prompt = str | list[dict[str, str]]
 
@@ -30,23 +30,38 @@ def read_prompt_records(path: str | pathlib.Path) -> list[tuple[int, Prompt]]:
     Returns:
       ``[(line_number, prompt), ...]`` in file order (blank lines skipped).
     """
+    records = [(number, prompt_of(record, f"{path}:{number}"))
+               for number, record in read_json_lines(path, kind="prompt file")]
+    if not records:
+        raise ValueError(f"{path}: no prompts")
+    return records
+
+
+def read_json_lines(path: str | pathlib.Path, *, kind: str) -> list[tuple[int, dict]]:
+    """``(line_number, object)`` of every non-blank line of a UTF-8 JSONL file, in file order.
+
+    Args:
+      path: the ``.jsonl`` file.
+      kind: what the file is, for messages ("prompt file", "dataset").
+
+    Raises:
+      FileNotFoundError: the file does not exist or is a folder.
+      ValueError: ``FILE:LINE: ...`` for a line that is not UTF-8, not JSON, or not a JSON object.
+    """
     path = pathlib.Path(path)
     if path.is_dir():
-        raise FileNotFoundError(f"prompt file {path} is a folder; give a .jsonl file")
+        raise FileNotFoundError(f"{kind} {path} is a folder; give a .jsonl file")
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    records: list[tuple[int, Prompt]] = []
+        raise FileNotFoundError(f"{kind} {path} does not exist")
+    records: list[tuple[int, dict]] = []
     # Split the bytes, not decoded text, so that an encoding error is reported at its own line.
     for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
         where = f"{path}:{number}"
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            byte = raw[error.start]
-            raise ValueError(
-                f"{where}: not valid UTF-8 (byte 0x{byte:02x} at column {error.start + 1}); "
-                "prompt files must be UTF-8 encoded"
-            ) from None
+            raise ValueError(f"{where}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+                             f"{kind}s must be UTF-8 encoded") from None
         if not line.strip():
             continue
         try:
@@ -54,19 +69,20 @@ def read_prompt_records(path: str | pathlib.Path) -> list[tuple[int, Prompt]]:
         except json.JSONDecodeError as error:
             raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object with 'prompt' or 'messages'")
-        if isinstance(record.get("prompt"), str) and record["prompt"]:
-            records.append((number, record["prompt"]))
-        elif isinstance(record.get("messages"), list) and record["messages"] and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in record["messages"]
-        ):
-            records.append((number, record["messages"]))
-        else:
-            raise ValueError(
-                f"{where}: needs a non-empty string 'prompt' or a non-empty 'messages' list of "
-                "{'role': str, 'content': str} objects"
-            )
-    if not records:
-        raise ValueError(f"{path}: no prompts")
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        records.append((number, record))
     return records
+
+
+def prompt_of(record: dict, where: str, *, hint: str = "") -> Prompt:
+    """The record's non-empty ``"prompt"`` string or ``"messages"`` chat; else a ``ValueError`` at ``where``
+    (``FILE:LINE``), followed by ``hint``."""
+    if isinstance(record.get("prompt"), str) and record["prompt"]:
+        return record["prompt"]
+    messages = record.get("messages")
+    if isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
+        return messages
+    raise ValueError(f"{where}: needs a non-empty string 'prompt' or a non-empty 'messages' list of "
+                     f"{{'role': str, 'content': str}} objects{hint}")

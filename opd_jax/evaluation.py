@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from opd_jax.data import Prompt
+from opd_jax.data import Prompt, prompt_of, read_json_lines
 
 __all__ = ["Estimate", "MathEvalConfig", "MathEvalResult", "MathProblem", "Responses", "check_response",
            "encode_problems", "evaluate_math", "format_table", "math_evaluator", "mean_with_interval", "parse_reference",
@@ -127,50 +127,22 @@ def read_problems(path: str | pathlib.Path, *, answer_key: str = "answer",
       ValueError: ``FILE:LINE: ...`` for a line that is not UTF-8 or JSON, has no question, no
         answer under ``answer_key``, or an answer math-verify finds nothing in; or no problems.
     """
-    path = pathlib.Path(path)
-    if path.is_dir():
-        raise FileNotFoundError(f"dataset {path} is a folder; give a .jsonl file")
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset {path} does not exist")
-    problems = []
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-        where = f"{path}:{number}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{where}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column "
-                             f"{error.start + 1}); datasets must be UTF-8 encoded") from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        problems.append(MathProblem(_question(record, question_key, where), _answer(record, answer_key, where), where))
+    problems = [MathProblem(_question(record, question_key, f"{path}:{number}"),
+                            _answer(record, answer_key, f"{path}:{number}"), f"{path}:{number}")
+                for number, record in read_json_lines(path, kind="dataset")]
     if not problems:
         raise ValueError(f"{path}: no problems")
     return problems
 
 
 def _question(record: dict, question_key: str | None, where: str) -> Prompt:
-    if question_key is not None:
-        value = record.get(question_key)
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"{where}: needs a non-empty string {question_key!r} (the question, --question-key); "
-                             f"keys present: {sorted(record)}")
-        return value
-    if isinstance(record.get("prompt"), str) and record["prompt"]:
-        return record["prompt"]
-    messages = record.get("messages")
-    if isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
-    ):
-        return messages
-    raise ValueError(f"{where}: needs a non-empty string 'prompt' or a non-empty 'messages' list of "
-                     f"{{'role': str, 'content': str}} objects (or name the question's field with --question-key); "
-                     f"keys present: {sorted(record)}")
+    keys = f"; keys present: {sorted(record)}"
+    if question_key is None:
+        return prompt_of(record, where, hint=f" (or name the question's field with --question-key){keys}")
+    value = record.get(question_key)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}: needs a non-empty string {question_key!r} (the question, --question-key){keys}")
+    return value
 
 
 def _answer(record: dict, answer_key: str, where: str) -> str:
