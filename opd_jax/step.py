@@ -35,6 +35,7 @@ from flax import nnx
 from opd_jax.advantages import leave_one_out_baseline, sequence_advantages, token_advantages
 from opd_jax.config import TrainConfig
 from opd_jax.objectives import (
+    _broadcast_advantages,
     clipped_token_mask,
     full_vocab_divergence_from_hidden,
     full_vocab_reward_to_go,
@@ -260,10 +261,9 @@ def make_train_step(
             divergence_BxT = _per_token_full_vocab(config, student_hidden, student_projection, teacher_hidden,
                                                    teacher_projection, mask_BxT)
             to_go = full_vocab_reward_to_go(config.full_vocab_weight * divergence_BxT, mask_BxT, gamma=config.gamma)
-            advantages = jnp.broadcast_to(advantages if advantages.ndim == 2 else advantages[:, None], mask_BxT.shape)
-            advantages = advantages + to_go
+            advantages = _broadcast_advantages(advantages, mask_BxT) + to_go
             metrics["full_vocab_divergence"] = _masked_mean(divergence_BxT, mask_BxT)
-        token_advantage = jnp.broadcast_to(advantages if advantages.ndim == 2 else advantages[:, None], mask_BxT.shape)
+        token_advantage = _broadcast_advantages(advantages, mask_BxT)
         response_tokens = jnp.sum(mask_BxT)
         metrics |= {
             "teacher_kl": _masked_mean(behaviour_logp - teacher_logp, mask_BxT),

@@ -230,8 +230,7 @@ def _restore(store: CheckpointStore, state: dict, config: TrainConfig, output_di
     if resume_step > config.steps:
         raise ValueError(f"{output_dir} holds a checkpoint of step {resume_step}, past steps = {config.steps}; "
                          f"set steps >= {resume_step} to continue it, or choose another output directory")
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    state = jax.tree_util.tree_unflatten(treedef, [flat_state[jax.tree_util.keystr(path)] for path, _ in leaves])
+    state = jax.tree_util.tree_unflatten(jax.tree.structure(state), [flat_state[k] for k in _flatten(state)])
     if jax.process_index() == 0:
         print(f"resuming from step {resume_step} of {config.steps} (checkpoint {store.path(resume_step)})",
               file=sys.stderr, flush=True)
