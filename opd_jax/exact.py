@@ -72,6 +72,7 @@ __all__ = [
     "expected_gradient",
     "objective",
     "objective_gradient",
+    "off_policy_expected_gradient",
     "random_tabular_problem",
     "response_log_probs",
     "sampled_log_probs",
@@ -249,6 +250,49 @@ def objective_gradient(
     )(params)
 
 
+def off_policy_expected_gradient(
+    student_logits_fn: Callable[[PyTree], Array],
+    params: PyTree,
+    behaviour_params: PyTree,
+    space: SequenceSpace,
+    loss_fn: Callable[[Array, Array, Array, Array], Array],
+) -> PyTree:
+    """``Σ_y π_old(y) ∇_θ L(y; θ, π_old)``: the expected gradient at ``θ`` of a surrogate fed by ``π_old``.
+
+    The responses are drawn from the behaviour policy ``π_old = π_{behaviour_params}``, which is held
+    fixed (no gradient flows into it, neither through the weights ``π_old(y)`` nor through
+    ``behaviour_logp``); the surrogate is differentiated at ``θ = params``. This is what an update on
+    stale rollouts follows on average, e.g. the PPO-clipped
+    :func:`opd_jax.objectives.importance_surrogate` with advantages computed from ``π_old``. Compare
+    it with :func:`objective_gradient` at ``params`` to measure its bias. With
+    ``behaviour_params = params`` it is :func:`expected_gradient`.
+
+    Args:
+      student_logits_fn: ``params -> [N, T, V]`` logits at every position of every response
+        (causal); evaluated at both ``params`` and ``behaviour_params``.
+      params: ``θ``, the point at which to differentiate.
+      behaviour_params: ``θ_old``, the parameters that sampled the responses (same structure).
+      space: the enumerated responses.
+      loss_fn: ``(student_logits_NxTxV, student_logp_NxT, behaviour_logp_NxT, mask_NxT) -> [N]``,
+        the surrogate of each response; ``student_*`` are differentiable at ``θ``,
+        ``behaviour_logp_NxT`` is ``log π_old(y_t|s_t)`` (a constant).
+
+    Returns:
+      A pytree like ``params``.
+    """
+    mask = jnp.asarray(space.mask)
+    behaviour_logits = jax.lax.stop_gradient(student_logits_fn(behaviour_params))
+    behaviour_logp = sampled_log_probs(behaviour_logits, space.tokens)
+    weights = jnp.exp(response_log_probs(behaviour_logp, mask))
+
+    def expected_surrogate(p):
+        student_logits = student_logits_fn(p)
+        student_logp = sampled_log_probs(student_logits, space.tokens)
+        return jnp.sum(weights * loss_fn(student_logits, student_logp, behaviour_logp, mask))
+
+    return jax.grad(expected_surrogate)(params)
+
+
 def expected_gradient(
     student_logits_fn: Callable[[PyTree], Array],
     params: PyTree,
@@ -259,6 +303,7 @@ def expected_gradient(
 
     What an estimator follows on average: compare it with :func:`objective_gradient` (or the
     gradient of your own exact objective) to prove an estimator unbiased, or measure its bias.
+    The on-policy case of :func:`off_policy_expected_gradient` (behaviour = ``params``, held fixed).
 
     Args:
       student_logits_fn: ``params -> [N, T, V]`` logits at every position of every response.
@@ -267,15 +312,10 @@ def expected_gradient(
       loss_fn: ``(student_logits_NxTxV, student_logp_NxT, mask_NxT) -> [N]``, the surrogate of each
         response (e.g. :func:`opd_jax.pg_surrogate` of your advantages).
     """
-    mask = jnp.asarray(space.mask)
-
-    def expected_surrogate(p):
-        student_logits = student_logits_fn(p)
-        student_logp = sampled_log_probs(student_logits, space.tokens)
-        weights = jax.lax.stop_gradient(jnp.exp(response_log_probs(student_logp, mask)))
-        return jnp.sum(weights * loss_fn(student_logits, student_logp, mask))
-
-    return jax.grad(expected_surrogate)(params)
+    return off_policy_expected_gradient(
+        student_logits_fn, params, params, space,
+        lambda student_logits, student_logp, _behaviour_logp, mask: loss_fn(student_logits, student_logp, mask),
+    )
 
 
 def estimator_gradient(
