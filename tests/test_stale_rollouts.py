@@ -119,3 +119,23 @@ def test_zero_staleness_is_the_on_policy_estimator(level, eos):
             loss_fn = stale_bias.estimator_loss(estimator, teacher_logp, divergence=divergence, level=level)
             stale = exact.off_policy_expected_gradient(logits_fn, table, table, space, loss_fn)
             assert float(jnp.max(jnp.abs(stale - on_policy))) <= 1e-12 * scale, (divergence, estimator)
+
+
+def test_one_step_responses_isolate_the_stale_advantage():
+    """T = 1: the per-token ratio is the sequence ratio, so with fresh advantages it is exact and the
+    loop's remaining bias is that of A_old alone; forward KL's A = q/π_old corrects itself. (At T = 1
+    token- and sequence-level OPD+ coincide.)"""
+    space, table, _ = exact.random_tabular_problem(0, 4, 1)
+    _, _, teacher_logits = exact.random_tabular_problem(1, 4, 1)
+    direction = jax.random.normal(jax.random.key(5), table.shape, jnp.float64)
+    behaviour = table - 0.3 * direction / jnp.linalg.norm(direction)
+    for divergence in ("reverse_kl", "forward_kl", "js"):
+        target, estimates, _, _ = stale_bias.gradients(table, behaviour, teacher_logits, space,
+                                                       divergence=exact.divergences_lib.get(divergence), level="token")
+        error = {name: exact.compare_gradients(g, target)[0] for name, g in estimates.items()}
+        assert error["token_ratio_fresh_A"] <= 1e-10 and error["sequence_ratio"] <= 1e-10
+        assert error["token_ratio"] > 1e-3
+        if divergence == "forward_kl":
+            assert error["no_correction"] <= 1e-10
+        else:
+            assert error["no_correction"] > 1e-3
