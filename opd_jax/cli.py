@@ -115,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Re-running with the same --output resumes from its newest good checkpoint."
         ),
     )
-    train_parser.add_argument("--teacher", type=pathlib.Path, required=True, help="teacher checkpoint folder")
+    train_parser.add_argument(
+        "--teacher", action="append", type=_parse_teacher, required=True, metavar="[NAME=]PATH",
+        help="teacher checkpoint folder; repeat as NAME=PATH for several teachers, each prompt line then "
+             "naming its own with a \"teacher\" key")
     train_parser.add_argument("--student", type=pathlib.Path, required=True, help="student checkpoint folder")
     train_parser.add_argument("--prompts", type=pathlib.Path, required=True,
                               help="JSONL file, one {\"prompt\": str} or {\"messages\": [...]} per line")
@@ -281,6 +284,14 @@ def _optional(kind):
 _NOT_IN_TRAIN = ("eval_every",)
 
 
+def _boolean(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, from its metadata (section, help), defaulting to None so that
     only given flags override."""
@@ -296,7 +307,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(TrainConfig):
         if field.name in _NOT_IN_TRAIN:
             continue
-        if "float" in str(field.type):
+        if "bool" in str(field.type):
+            kind = _boolean
+        elif "float" in str(field.type):
             kind = float
         elif "int" in str(field.type):
             kind = int
@@ -456,7 +469,9 @@ def _config_value(field, value, source: str):
     optional = "None" in declared
     if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
         return None
-    if "int" in declared:
+    if "bool" in declared:
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif "int" in declared:
         ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
     elif "float" in declared:
         ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
@@ -508,11 +523,35 @@ def _train_config(args: argparse.Namespace):
         _fail("train", str(error))
 
 
-def _check_positions(args, config, teacher_config, student_config, longest: int) -> None:
-    """Prompt slots plus new tokens must fit both models' positions; say which flag to change."""
+def _parse_teacher(value: str) -> tuple[str | None, pathlib.Path]:
+    """``PATH`` or ``NAME=PATH`` (a name is letters, digits, ``_``, ``-``, ``.``)."""
+    name, separator, path = value.partition("=")
+    if separator and re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        return name, pathlib.Path(path)
+    return None, pathlib.Path(value)
+
+
+def _teacher_folders(given: list[tuple[str | None, pathlib.Path]]) -> dict[str, pathlib.Path]:
+    """``{name: folder}`` from the ``--teacher`` flags: one unnamed teacher is ``teacher``."""
+    if len(given) == 1:
+        name, folder = given[0]
+        return {name or "teacher": folder}
+    unnamed = [str(folder) for name, folder in given if name is None]
+    if unnamed:
+        _fail("train", f"--teacher: with several teachers each needs a name, NAME=PATH; unnamed: {', '.join(unnamed)}")
+    names = [name for name, _ in given]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        _fail("train", f"--teacher: each name once; repeated: {', '.join(repeated)}")
+    return dict(given)
+
+
+def _check_positions(args, config, teacher_configs, student_config, longest: int) -> None:
+    """Prompt slots plus new tokens must fit every model's positions; say which flag to change."""
     total = args.max_prompt_length + config.max_new_tokens
-    limit, who, folder = min((student_config.max_position_embeddings, "student", args.student),
-                             (teacher_config.max_position_embeddings, "teacher", args.teacher))
+    limit, who, folder = min([(student_config.max_position_embeddings, "student", args.student)] + [
+        (teacher_config.max_position_embeddings, "teacher" if len(teacher_configs) == 1 else f"teacher {name}",
+         args.teachers[name]) for name, teacher_config in teacher_configs.items()])
     if total <= limit:
         return
     fixes = []
@@ -533,6 +572,8 @@ def run_train(args: argparse.Namespace) -> int:
     """Validate everything cheap first (options, prompt file, folders, tokenizers), then train."""
     import jax
 
+    import numpy as np
+
     from opd_jax import data, models, run_folder, sharding, tokenization, train
     from opd_jax.models.hf import checkpoint_dtype
 
@@ -543,24 +584,33 @@ def run_train(args: argparse.Namespace) -> int:
         _fail("train", f"--mesh: {error}")
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     use_chat_template = not args.no_chat_template
+    args.teachers = _teacher_folders(args.teacher)
     # Every check that reads only inputs runs before anything is written (the run folder included).
     try:
         run_folder.check_output_folder(args.output)
         records = data.read_prompt_records(args.prompts)
+        teacher_ids = np.asarray(data.prompt_teachers(args.prompts, tuple(args.teachers)), np.int32)
+        flags = {**{f"--teacher {name}" if len(args.teachers) > 1 else "--teacher": folder
+                    for name, folder in args.teachers.items()}, "--student": args.student}
         folder_configs = {}
-        for flag, folder in (("--teacher", args.teacher), ("--student", args.student)):
+        for flag, folder in flags.items():
             try:
                 folder_configs[flag] = models.load_config(folder)
                 run_folder.weight_files(folder)
             except (FileNotFoundError, ValueError) as error:
                 raise type(error)(f"{flag}: {error}") from None
-        teacher_config, student_config = folder_configs["--teacher"], folder_configs["--student"]
+        student_config = folder_configs.pop("--student")
+        teacher_configs = dict(zip(args.teachers, folder_configs.values()))
         export_dtype = checkpoint_dtype(args.student) if args.export_dtype == "auto" else args.export_dtype
         student_tokenizer = tokenization.load_tokenizer(args.student)
-        tokenization.check_compatible(
-            tokenization.load_tokenizer(args.teacher), student_tokenizer, teacher_config, student_config,
-            chat_template=use_chat_template or any(not isinstance(p, str) for _, p in records),
-        )
+        for flag, teacher_config in zip(folder_configs, teacher_configs.values()):
+            try:
+                tokenization.check_compatible(
+                    tokenization.load_tokenizer(flags[flag]), student_tokenizer, teacher_config, student_config,
+                    chat_template=use_chat_template or any(not isinstance(p, str) for _, p in records),
+                )
+            except ValueError as error:
+                raise ValueError(f"{flag}: {error}" if len(teacher_configs) > 1 else str(error)) from None
         prompts = [prompt for _, prompt in records]
         tokens, mask = tokenization.encode_prompts(
             student_tokenizer, prompts, max_length=args.max_prompt_length, use_chat_template=use_chat_template,
@@ -572,9 +622,9 @@ def run_train(args: argparse.Namespace) -> int:
         _fail("train", str(error))
     except FileNotFoundError as error:
         _fail("train", str(error))
-    _check_positions(args, config, teacher_config, student_config, int(mask.sum(axis=1).max()))
+    _check_positions(args, config, teacher_configs, student_config, int(mask.sum(axis=1).max()))
     identity = run_folder.compute_identity(
-        args.teacher, args.student, args.prompts,
+        next(iter(args.teachers.values())) if len(args.teachers) == 1 else args.teachers, args.student, args.prompts,
         {"max_prompt_length": args.max_prompt_length, "chat_template": use_chat_template},
     )
     try:
@@ -602,8 +652,9 @@ def run_train(args: argparse.Namespace) -> int:
         student, student_config = models.from_pretrained(
             args.student, args.param_dtype, compute_dtype=compute_dtype, attention=args.attention, remat=args.remat
         )
-        teacher, _ = models.from_pretrained(args.teacher, teacher_dtype, compute_dtype=compute_dtype,
-                                            attention=args.attention)
+        teachers = {name: models.from_pretrained(folder, teacher_dtype, compute_dtype=compute_dtype,
+                                                 attention=args.attention)[0]
+                    for name, folder in args.teachers.items()}
     except (FileNotFoundError, ValueError) as error:  # e.g. an attention kernel this platform lacks
         if run_lock is not None:
             run_lock.release(undo=True)
@@ -616,7 +667,8 @@ def run_train(args: argparse.Namespace) -> int:
     pad_id = next((i for i in (student_tokenizer.pad_token_id, student_tokenizer.eos_token_id) if i is not None), 0)
     try:
         result = train.train(
-            config, student, student_config, teacher, train.PromptSet(tokens, mask), args.output,
+            config, student, student_config, next(iter(teachers.values())) if len(teachers) == 1 else teachers,
+            train.PromptSet(tokens, mask, teacher_ids if len(teachers) > 1 else None), args.output,
             stop_ids=stop_ids, pad_id=pad_id, progress=not args.quiet and jax.process_index() == 0, mesh=mesh,
             export_dtype=export_dtype,
         )

@@ -25,7 +25,7 @@ from typing import Any
 from opd_jax import divergences as divergences_lib
 from opd_jax.advantages import ESTIMATORS, LEVELS
 
-__all__ = ["BASELINES", "LOSS_AGGREGATIONS", "RESUME_FREE", "SCHEDULES", "SECTIONS", "TrainConfig",
+__all__ = ["BASELINES", "LOSS_AGGREGATIONS", "RESUME_FREE", "ROLLOUT_BACKENDS", "SCHEDULES", "SECTIONS", "TrainConfig",
            "resolve_divergence"]
 
 SECTIONS = ("objective", "rollout", "optimizer", "loop")
@@ -35,7 +35,9 @@ LOSS_AGGREGATIONS = ("token_mean", "sequence_mean")
 
 # Options that change only when or how often something happens, or how fast, not the trajectory of
 # the state: a run may be resumed with other values (steps: unless the schedule is cosine).
-RESUME_FREE = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "logit_chunk_size")
+RESUME_FREE = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "logit_chunk_size", "rollout_backend")
+#: Where rollouts may be sampled (:mod:`opd_jax.backends`).
+ROLLOUT_BACKENDS = ("jax", "vllm")
 
 
 def _field(section: str, default: Any, help_text: str) -> Any:
@@ -172,6 +174,12 @@ class TrainConfig:
     max_new_tokens: int = _field("rollout", 32, "longest response")
     temperature: float = _field("rollout", 1.0,
                                 "sampling temperature (> 0); the trained policy is the tempered one (see docs)")
+    rollout_backend: str = _field(
+        "rollout", "jax", "where rollouts are sampled: jax (this process) or vllm (an engine in its own process "
+        "and environment; OPD_VLLM=1 .ci/bootstrap builds it)")
+    pipeline_rollouts: bool = _field(
+        "rollout", False, "sample step k+1's rollouts while step k updates: one step off-policy, corrected by "
+        "the per-token importance ratio (its bias: docs/overlap.md)")
     # optimizer
     learning_rate: float = _field("optimizer", 1e-4, "peak AdamW learning rate in (0, 1]")
     warmup_steps: int = _field("optimizer", 0, "linear warm-up steps")
@@ -197,6 +205,9 @@ class TrainConfig:
         _choice("baseline", self.baseline, BASELINES)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("loss_aggregation", self.loss_aggregation, LOSS_AGGREGATIONS)
+        _choice("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
+        if not isinstance(self.pipeline_rollouts, bool):
+            raise ValueError(f"pipeline_rollouts must be true or false; got {self.pipeline_rollouts!r}")
         _range("gamma", self.gamma, 0.0, 1.0)
         if self.log_ratio_clip is not None:
             _range("log_ratio_clip", self.log_ratio_clip, 0.0, None, open_low=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-__all__ = ["prompt_of", "read_json_lines", "read_prompt_file", "read_prompt_records"]
+__all__ = ["prompt_of", "prompt_teachers", "read_json_lines", "read_prompt_file", "read_prompt_records"]
 
 Prompt = str | list[dict[str, str]]
 
@@ -35,6 +35,31 @@ def read_prompt_records(path: str | pathlib.Path) -> list[tuple[int, Prompt]]:
     if not records:
         raise ValueError(f"{path}: no prompts")
     return records
+
+
+def prompt_teachers(path: str | pathlib.Path, teacher_names: tuple[str, ...]) -> list[int]:
+    """The teacher of each prompt of the file (an index into ``teacher_names``), from its ``"teacher"`` key.
+
+    With one teacher the key may be left out; with several every line needs one.
+
+    Raises:
+      ValueError: ``FILE:LINE: ...`` for a missing key (several teachers), a non-string, or a name
+        that is not in ``teacher_names`` (the message lists them).
+    """
+    given = ", ".join(teacher_names)
+    routes = []
+    for number, record in read_json_lines(path, kind="prompt file"):
+        where = f"{path}:{number}"
+        name = record.get("teacher")
+        if name is None and len(teacher_names) == 1:
+            routes.append(0)
+            continue
+        if name is None:
+            raise ValueError(f"{where}: no 'teacher' key; with several teachers each prompt names one of: {given}")
+        if not isinstance(name, str) or name not in teacher_names:
+            raise ValueError(f"{where}: teacher {name!r} names no --teacher; given: {given}")
+        routes.append(teacher_names.index(name))
+    return routes
 
 
 def read_json_lines(path: str | pathlib.Path, *, kind: str) -> list[tuple[int, dict]]:

@@ -88,12 +88,13 @@ def folder_digests(folder: str | pathlib.Path, kind: str) -> dict[str, str]:
     return {name: _sha256(folder / name) for name in names}
 
 
-def compute_identity(teacher: str | pathlib.Path, student: str | pathlib.Path, prompts: str | pathlib.Path,
-                     prompt_options: dict[str, Any]) -> dict[str, Any]:
+def compute_identity(teacher: str | pathlib.Path | dict[str, str | pathlib.Path], student: str | pathlib.Path,
+                     prompts: str | pathlib.Path, prompt_options: dict[str, Any]) -> dict[str, Any]:
     """The digests that define which inputs a run was started from.
 
     Args:
-      teacher, student: checkpoint folders.
+      teacher, student: checkpoint folders; ``teacher`` may be a ``{name: folder}`` dict of several
+        (recorded as ``teacher:NAME`` each).
       prompts: the prompt file.
       prompt_options: how the prompts were turned into tokens (JSON-able values), e.g.
         ``{"max_prompt_length": 256, "chat_template": True}``.
@@ -101,12 +102,12 @@ def compute_identity(teacher: str | pathlib.Path, student: str | pathlib.Path, p
     Returns:
       a JSON-able record; hashing reads every byte of the weights once.
     """
+    models = {"teacher": teacher} if not isinstance(teacher, dict) else {f"teacher:{n}": p for n, p in teacher.items()}
+    models["student"] = student
     return {
         "format": _FORMAT,
-        "teacher": {"path": str(pathlib.Path(teacher).resolve()), "weights": folder_digests(teacher, "weights"),
-                    "tokenizer": folder_digests(teacher, "tokenizer")},
-        "student": {"path": str(pathlib.Path(student).resolve()), "weights": folder_digests(student, "weights"),
-                    "tokenizer": folder_digests(student, "tokenizer")},
+        **{side: {"path": str(pathlib.Path(folder).resolve()), "weights": folder_digests(folder, "weights"),
+                  "tokenizer": folder_digests(folder, "tokenizer")} for side, folder in models.items()},
         "prompts": {"path": str(pathlib.Path(prompts).resolve()), "sha256": _sha256(pathlib.Path(prompts))},
         "prompt_options": dict(prompt_options),
     }
@@ -115,9 +116,13 @@ def compute_identity(teacher: str | pathlib.Path, student: str | pathlib.Path, p
 def identity_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable differences between two identity records (paths ignored)."""
     changes = []
-    for side in ("teacher", "student"):
+    sides = sorted(side for side in recorded.keys() | current.keys() if side.startswith("teacher")) + ["student"]
+    for side in sides:
+        if side not in recorded or side not in current:
+            changes.append(f"{side} {'added' if side not in recorded else 'removed'}")
+            continue
         for kind in ("weights", "tokenizer"):
-            old, new = recorded.get(side, {}).get(kind, {}), current[side][kind]
+            old, new = recorded[side].get(kind, {}), current[side][kind]
             files = sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
             if files:
                 detail = ", ".join(

@@ -148,8 +148,9 @@ class TrainStep:
     """The jitted pieces of one training step (see :func:`make_train_step`).
 
     Attributes:
-      prepare: ``(params, teacher_params, rollout, reference_params)`` -> ``(ScoredBatch, metrics)``;
-        ``reference_params`` is ``None`` without a reference model.
+      prepare: ``(params, teacher_params, rollout, reference_params, teacher_index_B=None)`` ->
+        ``(ScoredBatch, metrics)``; ``reference_params`` is ``None`` without a reference model,
+        ``teacher_index_B`` (int ``[B]``) is read with several teachers only.
       update: ``(params, opt_state, teacher_params, rows: ScoredBatch, normalizer [])`` for one
         minibatch -> ``(params, opt_state, metrics)``.
       take_rows: ``(ScoredBatch, rows [M])`` -> the minibatch of those rows, placed like the batch.
@@ -217,16 +218,23 @@ def make_train_step(
     advantage_fn: AdvantageFn | None = None,
     loss_fn: LossFn | None = None,
     reference_graphdef=None,
+    donate_state: bool = True,
 ) -> TrainStep:
     """Build the jitted prepare / update functions of a step, pure in their array arguments.
 
     Args:
       config: the run's configuration.
-      graphdef, teacher_graphdef: the models' NNX graphs (parameters are passed as arrays).
+      graphdef, teacher_graphdef: the models' NNX graphs (parameters are passed as arrays). Several
+        teachers: ``teacher_graphdef`` is a ``{name: graphdef}`` dict, ``teacher_params`` the same
+        dict of parameters, and ``prepare`` routes each row to ``teacher_index_B`` (an index into
+        the dict's order): every teacher scores the batch once and a row keeps its own teacher's
+        log-probs. ``prepare`` then also reports ``teacher_kl/NAME``, ``advantage_mean/NAME``,
+        ``response_length/NAME`` and ``rows/NAME``.
       optimizer: the optax transformation (:func:`make_optimizer`).
       shardings: without them, plain ``jax.jit`` on the default device. With them, every input and
         output has an explicit sharding and ``update`` donates the parameters and optimiser state,
-        so a step holds one copy of each.
+        so a step holds one copy of each (unless ``donate_state`` is false: pipelined rollouts still
+        read the parameters a step started from).
       advantage_fn, loss_fn: the plug points (module docstring); ``None``: :func:`config_advantage_fn`,
         :func:`config_loss_fn`. A wrong shape or dtype is a ``ValueError`` at trace time, before any update.
       reference_graphdef: the graph of a frozen reference model; ``prepare`` then takes its
@@ -234,6 +242,10 @@ def make_train_step(
     """
     if reference_graphdef is not None and advantage_fn is None:
         raise ValueError("a reference model is read only by an advantage_fn (reference_logp_BxT=); pass one")
+    teacher_names = tuple(teacher_graphdef) if isinstance(teacher_graphdef, dict) else None
+    if teacher_names is not None and config.full_vocab_weight > 0:
+        raise ValueError("full_vocab_weight > 0 takes one teacher (its hidden states are kept for the update); "
+                         f"got {len(teacher_names)}: {', '.join(teacher_names)}")
     advantage_fn = config_advantage_fn(config) if advantage_fn is None else advantage_fn
     loss_fn = config_loss_fn(config) if loss_fn is None else loss_fn
     full_vocab = config.full_vocab_weight > 0
@@ -245,12 +257,32 @@ def make_train_step(
         )
         return logp_BxT, hidden_BxTxD, model.output_projection()
 
-    def prepare(params, teacher_params, rollout: Rollout, reference_params):
+    def teacher_log_probs(teacher_params, rollout: Rollout, teacher_index_B):
+        """Each row's own teacher's log-probs; the hidden states and projection of a single teacher."""
+        if teacher_names is None:
+            return log_probs(graph_of["teacher"], teacher_params, rollout.tokens, rollout.token_mask)
+        logp_BxT = jnp.zeros(rollout.tokens.shape, jnp.float32)
+        for index, name in enumerate(teacher_names):
+            own_BxT, _, _ = log_probs(teacher_graphdef[name], teacher_params[name], rollout.tokens, rollout.token_mask)
+            logp_BxT = jnp.where((teacher_index_B == index)[:, None], own_BxT, logp_BxT)
+        return logp_BxT, None, None
+
+    def per_teacher_metrics(teacher_index_B, log_ratio_BxT, token_advantage_BxT, mask_BxT):
+        metrics = {}
+        for index, name in enumerate(teacher_names):
+            rows_B = teacher_index_B == index
+            own_BxT = mask_BxT & rows_B[:, None]
+            metrics |= {f"teacher_kl/{name}": _masked_mean(log_ratio_BxT, own_BxT),
+                        f"advantage_mean/{name}": _masked_mean(token_advantage_BxT, own_BxT),
+                        f"response_length/{name}": jnp.sum(own_BxT) / jnp.maximum(jnp.sum(rows_B), 1),
+                        f"rows/{name}": jnp.sum(rows_B)}
+        return metrics
+
+    def prepare(params, teacher_params, rollout: Rollout, reference_params, teacher_index_B=None):
         mask_BxT = rollout.response_mask
         behaviour_logp, student_hidden, student_projection = log_probs(graph_of["student"], params, rollout.tokens,
                                                                        rollout.token_mask)
-        teacher_logp, teacher_hidden, teacher_projection = log_probs(graph_of["teacher"], teacher_params,
-                                                                     rollout.tokens, rollout.token_mask)
+        teacher_logp, teacher_hidden, teacher_projection = teacher_log_probs(teacher_params, rollout, teacher_index_B)
         reference = {}
         if reference_graphdef is not None:
             reference["reference_logp_BxT"], _, _ = log_probs(reference_graphdef, reference_params, rollout.tokens,
@@ -275,6 +307,8 @@ def make_train_step(
             # an inference engine's numerics show up here.
             "sampling_logp_gap": _masked_mean(jnp.abs(rollout.sampling_logp - behaviour_logp), mask_BxT),
         }
+        if teacher_names is not None:
+            metrics |= per_teacher_metrics(teacher_index_B, behaviour_logp - teacher_logp, token_advantage, mask_BxT)
         batch = ScoredBatch(rollout.tokens, rollout.token_mask, mask_BxT, behaviour_logp, advantages,
                             jax.lax.stop_gradient(teacher_hidden) if full_vocab else None)
         return batch, metrics
@@ -312,13 +346,13 @@ def make_train_step(
     return TrainStep(
         # The rollout is donated: its tokens and masks become the ScoredBatch's without a copy.
         prepare=jax.jit(prepare, in_shardings=(shardings.params, shardings.teacher_params, batch,
-                                               shardings.reference_params), out_shardings=(batch, replicated),
+                                               shardings.reference_params, batch), out_shardings=(batch, replicated),
                         donate_argnums=(2,)),
         update=jax.jit(
             update,
             in_shardings=(shardings.params, shardings.opt_state, shardings.teacher_params, batch, replicated),
             out_shardings=(shardings.params, shardings.opt_state, replicated),
-            donate_argnums=(0, 1),
+            donate_argnums=(0, 1) if donate_state else (),
         ),
         # A gather of rows from a sharded batch, re-split over data × fsdp for the update.
         take_rows=jax.jit(take_rows, out_shardings=batch),

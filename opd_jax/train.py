@@ -14,8 +14,8 @@ as one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import math
 import pathlib
 import sys
@@ -29,10 +29,12 @@ import numpy as np
 from flax import nnx
 
 from opd_jax import sharding as sharding_lib
+from opd_jax.backends import JaxBackend, RolloutBackend, WeightSyncError
 from opd_jax.checkpoint import CheckpointStore
 from opd_jax.config import RESUME_FREE, TrainConfig
 from opd_jax.models import Decoder
 from opd_jax.models.config import DecoderConfig
+from opd_jax.pipeline import RolloutPipeline
 from opd_jax.preemption import Preempted, StopSignals
 from opd_jax.run_folder import RunFolder
 from opd_jax.sampling import Rollout, SamplingConfig, generate
@@ -43,7 +45,7 @@ PyTree = Any
 
 __all__ = [
     "RESUME_FREE", "NonFiniteError", "Preempted", "PromptSet", "StepShardings", "TrainConfig", "TrainResult",
-    "TrainStep", "make_train_step", "train",
+    "TrainStep", "WeightSyncError", "make_train_step", "train",
 ]
 
 
@@ -52,25 +54,41 @@ class PromptSet:
     """Tokenised prompts: ``tokens`` / ``mask`` ``[N, P]`` (left-padded), read in a seeded order.
 
     The order is a fresh permutation of all ``N`` prompts per epoch, from ``(seed, epoch)``, so the
-    batch at any data position can be recomputed after a restart.
+    batch at any data position can be recomputed after a restart. ``teacher_ids`` ``[N]`` int
+    routes each prompt to a teacher (an index into the teachers passed to :func:`train`, in their
+    order); ``None``: every prompt goes to the first.
     """
 
     tokens: np.ndarray
     mask: np.ndarray
+    teacher_ids: np.ndarray | None = None
 
     def __post_init__(self):
         if self.tokens.ndim != 2 or self.tokens.shape != self.mask.shape or len(self.tokens) == 0:
             raise ValueError(
                 f"prompt tokens {list(self.tokens.shape)} and mask {list(self.mask.shape)} must be the same non-empty [N, P]"
             )
+        if self.teacher_ids is not None and np.shape(self.teacher_ids) != (len(self.tokens),):
+            raise ValueError(f"teacher_ids must be [N] = {[len(self.tokens)]}; got {list(np.shape(self.teacher_ids))}")
 
-    def batch(self, position: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def indices(self, position: int, size: int, seed: int) -> np.ndarray:
+        """``[size]`` the prompts at data positions ``position, ..., position + size − 1``."""
         count = len(self.tokens)
         indices = []
         for i in range(position, position + size):
             epoch, offset = divmod(i, count)
             indices.append(np.random.default_rng([seed, epoch]).permutation(count)[offset])
+        return np.asarray(indices)
+
+    def batch(self, position: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        indices = self.indices(position, size, seed)
         return self.tokens[indices], self.mask[indices]
+
+    def teachers(self, position: int, size: int, seed: int) -> np.ndarray:
+        """``[size]`` int32 teacher index of each prompt of :meth:`batch`."""
+        if self.teacher_ids is None:
+            return np.zeros(size, np.int32)
+        return np.asarray(self.teacher_ids, np.int32)[self.indices(position, size, seed)]
 
 
 @dataclasses.dataclass
@@ -119,25 +137,6 @@ def _addressable(tree: PyTree) -> PyTree:
         return np.asarray(whole.addressable_data(0))
 
     return jax.tree.map(gather, tree)
-
-
-def _sharded_sampler(graphdef, shardings: StepShardings, sampling_config: SamplingConfig) -> Callable[..., Rollout]:
-    """:func:`generate` compiled with explicit shardings: parameters by the rules, prompts and rollout by rows.
-
-    Returns a function with ``rollout_fn``'s signature (the model's graph must be ``graphdef``).
-    """
-    batch = shardings.batch
-
-    @functools.partial(jax.jit, in_shardings=(shardings.params, batch, batch, shardings.replicated),
-                       out_shardings=batch)
-    def sample(params, prompt_tokens, prompt_mask, key):
-        return generate(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, sampling_config)
-
-    def rollout_fn(model, prompt_tokens, prompt_mask, key, config):
-        assert config == sampling_config, "the sharded sampler was built for another SamplingConfig"
-        return sample(nnx.state(model), prompt_tokens, prompt_mask, key)
-
-    return rollout_fn
 
 
 def _place_on_mesh(config, mesh_config, state, teacher_params, reference_params, optimizer, student_rules,
@@ -190,17 +189,25 @@ class _Run:
     reference_params: PyTree | None
     step_fn: TrainStep
     shardings: StepShardings | None
-    prompts: PromptSet
-    sampling: SamplingConfig
-    rollout_fn: Callable[..., Rollout]
+    rollouts: RolloutPipeline
     finite_flags: Callable
+    prompts: PromptSet
+    several_teachers: bool
 
 
-def _setup(config, student, teacher, reference, prompts, sampling, rollout_fn, mesh, student_rules, teacher_rules,
+def _setup(config, student, teacher, reference, prompts, sampling, backend, mesh, student_rules, teacher_rules,
            advantage_fn, loss_fn) -> tuple[_Run, dict]:
-    """The jitted step and the initial state ``{params, opt_state, step, key, data_position}``, placed on ``mesh``."""
+    """The jitted step and the initial state ``{params, opt_state, step, key, data_position}``, placed on ``mesh``.
+
+    With ``pipeline_rollouts`` the state also carries ``sampling_params``, the parameters the
+    step's rollout is sampled from (the previous step's), so a resumed run samples it again.
+    """
     graphdef, params = nnx.split(student)
-    teacher_graphdef, teacher_params = nnx.split(teacher)
+    if isinstance(teacher, dict):
+        teacher_graphdef = {name: nnx.graphdef(model) for name, model in teacher.items()}
+        teacher_params = {name: nnx.state(model) for name, model in teacher.items()}
+    else:
+        teacher_graphdef, teacher_params = nnx.split(teacher)
     reference_graphdef, reference_params = nnx.split(reference) if reference is not None else (None, None)
     optimizer = make_optimizer(config)
     state = {"params": params, "opt_state": None, "step": jnp.zeros((), jnp.int32),
@@ -211,13 +218,35 @@ def _setup(config, student, teacher, reference, prompts, sampling, rollout_fn, m
     else:
         shardings, state, teacher_params, reference_params = _place_on_mesh(
             config, mesh, state, teacher_params, reference_params, optimizer, student_rules, teacher_rules)
-        if rollout_fn is generate:
-            rollout_fn = _sharded_sampler(graphdef, shardings, sampling)
+        if isinstance(backend, JaxBackend) and backend.rollout_fn is generate:
+            backend = JaxBackend.sharded(graphdef, shardings, sampling)
+    if config.pipeline_rollouts:
+        state["sampling_params"] = state["params"]
+    # A pipelined step keeps the parameters it started from (the next rollout's sampler reads them),
+    # so the update may not donate them.
     step_fn = make_train_step(config, graphdef, teacher_graphdef, optimizer, shardings, advantage_fn=advantage_fn,
-                              loss_fn=loss_fn, reference_graphdef=reference_graphdef)
+                              loss_fn=loss_fn, reference_graphdef=reference_graphdef,
+                              donate_state=not config.pipeline_rollouts)
     finite_flags = jax.jit(_finite_flags, out_shardings=None if shardings is None else shardings.replicated)
-    return _Run(config, graphdef, teacher_params, reference_params, step_fn, shardings, prompts, sampling,
-                rollout_fn, finite_flags), state
+
+    def step_batch(step: int, data_position: int):
+        """The prompts (``group_size`` copies of each) and the sampling key of ``step``."""
+        tokens, mask = prompts.batch(data_position, config.prompts_per_step, config.seed)
+        tokens, mask = (np.repeat(a, config.group_size, axis=0) for a in (tokens, mask))
+        if shardings is not None:
+            tokens, mask = (_global_batch(a, shardings.batch) for a in (tokens, mask))
+        return tokens, mask, _step_keys(state["key"], step)[0]
+
+    # The sampler's outputs are placed by XLA's propagation; the step's inputs are explicit.
+    place = (lambda rollout: rollout) if shardings is None else (lambda r: jax.device_put(r, shardings.batch))
+    rollouts = RolloutPipeline(backend, step_batch, sampling, ahead=config.pipeline_rollouts, place=place)
+    return _Run(config, graphdef, teacher_params, reference_params, step_fn, shardings, rollouts, finite_flags,
+                prompts, isinstance(teacher, dict)), state
+
+
+def _step_keys(key_data: Array, step: int) -> tuple[Array, Array]:
+    """``(sampling key, shuffle key)`` of ``step``: a function of the seed and the step only."""
+    return jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(key_data), step))
 
 
 def _restore(store: CheckpointStore, state: dict, config: TrainConfig, output_dir) -> tuple[int | None, dict]:
@@ -237,40 +266,50 @@ def _restore(store: CheckpointStore, state: dict, config: TrainConfig, output_di
     return resume_step, state
 
 
-def _rollout(run: _Run, state: dict, key: Array) -> Rollout:
-    """``group_size`` samples of each prompt at the state's data position, placed like the batch."""
-    config = run.config
-    tokens, mask = run.prompts.batch(int(state["data_position"]), config.prompts_per_step, config.seed)
-    tokens, mask = (np.repeat(a, config.group_size, axis=0) for a in (tokens, mask))
-    if run.shardings is not None:
-        tokens, mask = (_global_batch(a, run.shardings.batch) for a in (tokens, mask))
-    rollout = run.rollout_fn(nnx.merge(run.graphdef, state["params"]), tokens, mask, key, run.sampling)
-    # The sampler's outputs are placed by XLA's propagation; the step's inputs are explicit.
-    return rollout if run.shardings is None else jax.device_put(rollout, run.shardings.batch)
-
-
 def _train_step(run: _Run, state: dict, step: int) -> tuple[dict, dict, Array]:
-    """One step from ``state``: ``(next state, device metrics, finite flags)``, nothing fetched to the host."""
+    """One step from ``state``: ``(next state, device metrics, finite flags)``, only the phase timings on the host.
+
+    The rollout comes from ``sampling_params`` (pipelined: the previous step's parameters, whose
+    log-probs are then the behaviour ones) and the update starts from ``params``.
+    """
     config = run.config
-    sample_key, shuffle_key = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state["key"]), step))
-    batch, scored = run.step_fn.prepare(state["params"], run.teacher_params, _rollout(run, state, sample_key),
-                                        run.reference_params)
+    data_position = int(state["data_position"])
+    sampling_params = state.get("sampling_params", state["params"])
+    rollout, seconds = run.rollouts.take(sampling_params, step, data_position)
+    if step + 1 < config.steps:
+        run.rollouts.prefetch(state["params"], step + 1, data_position + config.prompts_per_step)
+    teacher_index = None
+    if run.several_teachers:
+        teacher_index = np.repeat(run.prompts.teachers(data_position, config.prompts_per_step, config.seed),
+                                  config.group_size)
+        if run.shardings is not None:
+            teacher_index = _global_batch(teacher_index, run.shardings.batch)
+    began = time.perf_counter()
+    batch, scored = jax.block_until_ready(
+        run.step_fn.prepare(sampling_params, run.teacher_params, rollout, run.reference_params, teacher_index))
+    seconds["score_seconds"] = time.perf_counter() - began
+    began = time.perf_counter()
     rows_per_batch = config.prompts_per_step * config.group_size
     count = scored["response_tokens"] if config.loss_aggregation == "token_mean" else rows_per_batch
     normalizer = jnp.maximum(count, 1).astype(jnp.float32) / config.minibatches
     params, opt_state, updates = state["params"], state["opt_state"], []
+    shuffle_key = _step_keys(state["key"], step)[1]
     for epoch in range(config.epochs):
         order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), rows_per_batch)
         for rows in jnp.split(order, config.minibatches):
             params, opt_state, metrics = run.step_fn.update(params, opt_state, run.teacher_params,
                                                             run.step_fn.take_rows(batch, rows), normalizer)
             updates.append(metrics)
+    jax.block_until_ready(params)
+    seconds["update_seconds"] = time.perf_counter() - began
     step_count = jnp.asarray(step + 1, jnp.int32)
     if run.shardings is not None:  # a multi-process orbax save takes only global arrays
         step_count = _global_batch(np.asarray(step + 1, np.int32), run.shardings.replicated)
     next_state = {"params": params, "opt_state": opt_state, "step": step_count, "key": state["key"],
                   "data_position": state["data_position"] + config.prompts_per_step}
-    return next_state, {"scored": scored, "updates": updates}, run.finite_flags(params, opt_state)
+    if "sampling_params" in state:
+        next_state["sampling_params"] = state["params"]
+    return next_state, {"scored": scored, "updates": updates, "seconds": seconds}, run.finite_flags(params, opt_state)
 
 
 def _record(config: TrainConfig, metrics: dict, seconds: float) -> dict[str, float]:
@@ -286,6 +325,7 @@ def _record(config: TrainConfig, metrics: dict, seconds: float) -> dict[str, flo
         **scored,
         "tokens_per_second": tokens / seconds,
         "step_seconds": seconds,
+        **metrics["seconds"],
     }
 
 
@@ -301,6 +341,7 @@ def train(
     pad_id: int = 0,
     evaluate: Callable[[Decoder], dict[str, float]] | None = None,
     rollout_fn: Callable[..., Rollout] = generate,
+    rollout_backend: RolloutBackend | None = None,
     progress: bool = True,
     label: str = "",
     mesh: sharding_lib.MeshConfig | None = None,
@@ -324,7 +365,9 @@ def train(
       config: the run's :class:`TrainConfig`.
       student: the student decoder (its parameters are the starting point).
       student_config: its :class:`DecoderConfig` (for the export).
-      teacher: the frozen teacher; it must share the student's vocabulary.
+      teacher: the frozen teacher, or a ``{name: teacher}`` dict of several (``prompts.teacher_ids``
+        index it in order; metrics then also come per teacher, see :func:`opd_jax.step.make_train_step`);
+        every teacher must share the student's vocabulary.
       prompts: the prompt set.
       output_dir: receives ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``,
         ``curves.png`` and the exported student in ``student/``.
@@ -335,6 +378,9 @@ def train(
         default samples one response per prompt. Multi-turn rollouts (:mod:`opd_jax.rollouts`) keep
         tokens inserted by the environment in ``token_mask`` as context for both models but out of
         ``response_mask``, so they get no advantage and no gradient.
+      rollout_backend: sample with this backend (:mod:`opd_jax.backends`; it is sent the student's
+        weights before every rollout and left open) instead of the one ``config.rollout_backend``
+        names, which ``train`` starts and closes itself; ``rollout_fn`` is then not used.
       progress: show a progress bar.
       label: shown in the progress bar.
       mesh: shard the run over a ``data × fsdp × tensor`` device mesh (all devices of all
@@ -366,12 +412,10 @@ def train(
         the step reached is committed, and calling ``train`` again resumes it.
       NonFiniteError: a loss, gradient norm, parameter or optimiser state became non-finite; the
         state of that step is neither checkpointed nor exported.
+      WeightSyncError: the rollout backend could not take the student's weights; training stopped
+        at that step and the checkpoints already written are intact.
     """
-    from tqdm import tqdm
-
-    if teacher.config.vocab_size != student.config.vocab_size:
-        raise ValueError(f"teacher vocab_size {teacher.config.vocab_size} != student vocab_size "
-                         f"{student.config.vocab_size}")
+    _check_teachers(teacher, student, prompts)
     folder = RunFolder(output_dir, config, writer=jax.process_index() == 0)
     folder.check_resumable()
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
@@ -379,63 +423,106 @@ def train(
     if reference is not None and reference.config.vocab_size != student.config.vocab_size:
         raise ValueError(f"reference vocab_size {reference.config.vocab_size} != student vocab_size "
                          f"{student.config.vocab_size}")
-    run, state = _setup(config, student, teacher, reference, prompts, sampling, rollout_fn, mesh, student_rules,
-                        teacher_rules, advantage_fn, loss_fn)
-    store = CheckpointStore(folder.path / "checkpoints", keep=config.keep_checkpoints)
-    try:
+    if config.pipeline_rollouts and jax.process_count() > 1:
+        raise ValueError("pipeline_rollouts runs in one process only (a sampling thread's collectives could "
+                         "interleave differently on each process); set it to false for a multi-process run")
+    backend = rollout_backend or _start_backend(config, student, student_config, rollout_fn)
+    with contextlib.ExitStack() as cleanup:  # closed in reverse: logs, saves, the sampler, the engine
+        if rollout_backend is None:
+            cleanup.callback(backend.close)
+        run, state = _setup(config, student, teacher, reference, prompts, sampling, backend, mesh, student_rules,
+                            teacher_rules, advantage_fn, loss_fn)
+        cleanup.callback(run.rollouts.close)
+        store = cleanup.enter_context(contextlib.closing(
+            CheckpointStore(folder.path / "checkpoints", keep=config.keep_checkpoints)))
         resume_step, state = _restore(store, state, config, folder.path)
-    except ValueError:
-        store.close()
-        raise
-    _sync_processes("opd_jax_config_checked")  # every process read the old config before it is replaced
-    folder.start(resume_step)
+        _sync_processes("opd_jax_config_checked")  # every process read the old config before it is replaced
+        folder.start(resume_step)
+        cleanup.callback(folder.close)
+        # From here on a signal only sets a flag; every exit waits for the started saves and closes the logs.
+        with StopSignals() as stop_signals:
+            state = _run_steps(run, state, store, folder, stop_signals, evaluate,
+                               progress=progress and jax.process_index() == 0, label=label)
+            cleanup.close()
+            final_student = nnx.merge(run.graphdef, _addressable(state["params"]))
+            folder.export(final_student, student_config, dtype=export_dtype)
+            _sync_processes("opd_jax_exported")
+    history = folder.history()
+    folder.plot(history, label)
+    return TrainResult(final_student, history, folder.path)
+
+
+
+def _check_teachers(teacher, student: Decoder, prompts: PromptSet) -> None:
+    teachers = teacher if isinstance(teacher, dict) else {"teacher": teacher}
+    if not teachers:
+        raise ValueError("teacher: an empty dict; give at least one teacher")
+    for name, model in teachers.items():
+        if model.config.vocab_size != student.config.vocab_size:
+            label = "teacher" if len(teachers) == 1 else f"teacher {name!r}"
+            raise ValueError(f"{label} vocab_size {model.config.vocab_size} != student vocab_size "
+                             f"{student.config.vocab_size}")
+    if prompts.teacher_ids is not None:
+        ids = np.asarray(prompts.teacher_ids)
+        if ids.min() < 0 or ids.max() >= len(teachers):
+            raise ValueError(f"prompts.teacher_ids must lie in [0, {len(teachers)}) (one per teacher: "
+                             f"{', '.join(teachers)}); got {ids.min()}..{ids.max()}")
+
+
+def _run_steps(run: _Run, state: dict, store: CheckpointStore, folder: RunFolder, stop_signals: StopSignals,
+               evaluate, *, progress: bool, label: str) -> dict:
+    """Steps from the state's step to ``config.steps``: log, check, evaluate, checkpoint, stop on a signal."""
+    from tqdm import tqdm
+
+    config = run.config
 
     def run_eval(step: int) -> None:
         if evaluate is not None:
             folder.log(step, {f"eval_{k}": v for k, v in evaluate(nnx.merge(run.graphdef, state["params"])).items()})
 
     start = int(state["step"])
-    bar = tqdm(total=config.steps, initial=start, desc=label or "distil", dynamic_ncols=True,
-               disable=not progress or jax.process_index() != 0)
-    # From here on every exit waits for the started saves and closes the logs: a signal only sets a
-    # flag, and errors pass through the finally.
-    with StopSignals() as stop_signals:
-        try:
-            if start == 0:
-                run_eval(0)
-            for step in range(start, config.steps):
-                began = time.perf_counter()
-                state, metrics, finite = _train_step(run, state, step)
-                metrics, finite = jax.device_get((metrics, finite))  # the step's one fetch
-                record = _record(config, metrics, time.perf_counter() - began)
-                folder.log(step + 1, record)
-                _check_finite(config, step + 1, metrics["updates"], finite, store)  # before any save
-                bar.set_postfix(kl=f"{record['teacher_kl']:.3f}", len=f"{record['response_length']:.1f}")
-                bar.update(1)
-                if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-                    run_eval(step + 1)
-                saved = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
-                if saved:
+    bar = tqdm(total=config.steps, initial=start, desc=label or "distil", dynamic_ncols=True, disable=not progress)
+    try:
+        if start == 0:
+            run_eval(0)
+        for step in range(start, config.steps):
+            began = time.perf_counter()
+            state, metrics, finite = _train_step(run, state, step)
+            metrics, finite = jax.device_get((metrics, finite))  # the step's one fetch
+            record = _record(config, metrics, time.perf_counter() - began)
+            folder.log(step + 1, record)
+            _check_finite(config, step + 1, metrics["updates"], finite, store)  # before any save
+            bar.set_postfix(kl=f"{record['teacher_kl']:.3f}", len=f"{record['response_length']:.1f}")
+            bar.update(1)
+            if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+                run_eval(step + 1)
+            saved = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
+            if saved:
+                store.save(step + 1, _flatten(state))
+            if step + 1 < config.steps and stop_signals.agreed(step + 1):
+                if not saved:
                     store.save(step + 1, _flatten(state))
-                if step + 1 < config.steps and stop_signals.agreed(step + 1):
-                    if not saved:
-                        store.save(step + 1, _flatten(state))
-                    store.wait()
-                    raise Preempted(step + 1, config.steps, stop_signals.signal_name, str(store.path(step + 1)))
-            store.close()
-            if start < config.steps:
-                run_eval(config.steps)
-        finally:
-            bar.close()
-            store.close()
-            folder.close()
-        final_student = nnx.merge(run.graphdef, _addressable(state["params"]))
-        folder.export(final_student, student_config, dtype=export_dtype)
-        _sync_processes("opd_jax_exported")
-    history = folder.history()
-    folder.plot(history, label)
-    return TrainResult(final_student, history, folder.path)
+                store.wait()
+                raise Preempted(step + 1, config.steps, stop_signals.signal_name, str(store.path(step + 1)))
+        store.close()
+        if start < config.steps:
+            run_eval(config.steps)
+    finally:
+        bar.close()
+    return state
 
+
+def _start_backend(config: TrainConfig, student: Decoder, student_config: DecoderConfig,
+                   rollout_fn: Callable[..., Rollout]) -> RolloutBackend:
+    """The backend ``config.rollout_backend`` names; a multi-turn ``rollout_fn`` needs the JAX one."""
+    if config.rollout_backend == "jax":
+        return JaxBackend(nnx.graphdef(student), rollout_fn)
+    if rollout_fn is not generate:
+        raise ValueError(f"rollout_backend {config.rollout_backend!r} samples single-turn responses only; "
+                         "a custom rollout_fn (e.g. multi-turn) needs rollout_backend 'jax'")
+    from opd_jax.backends.vllm import VllmBackend
+
+    return VllmBackend(student_config, student)
 
 
 def _finite_flags(params, opt_state) -> Array:

@@ -1,9 +1,10 @@
 """A tiny distillation run, used by tests/test_train.py in a child process (so it can be killed).
 
-Usage: python tiny_run.py OUTPUT_DIR STEPS [DIVERGENCE]
+Usage: python tiny_run.py OUTPUT_DIR STEPS [DIVERGENCE] [pipelined]
 
 DIVERGENCE defaults to js; ``custom`` trains with ``custom_divergence.triangular`` (a Divergence value
-in the config, recorded in config.json as its module:attribute).
+in the config, recorded in config.json as its module:attribute). ``pipelined`` turns on
+``pipeline_rollouts``.
 """
 
 import sys
@@ -27,9 +28,9 @@ def models_and_prompts():
     return student, teacher, prompts
 
 
-def main(output_dir: str, steps: int, divergence: str = "js") -> None:
+def main(output_dir: str, steps: int, divergence: str = "js", *options: str) -> None:
     student, teacher, prompts = models_and_prompts()
-    settings = dict(TRAIN)
+    settings = dict(TRAIN, pipeline_rollouts="pipelined" in options)
     if divergence == "custom":
         import custom_divergence
 
