@@ -137,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$",
                                                        re.IGNORECASE)
     _add_train_options(train_parser)
+    held_out = train_parser.add_argument_group("evaluation during training (math datasets, see opd-jax eval)")
+    held_out.add_argument("--eval-dataset", type=pathlib.Path, metavar="FILE.jsonl",
+                          help="held-out math problems scored (avg@k, pass@k by math-verify, responses of at "
+                               "most --max-new-tokens) before training, every --eval-every steps and at the end; "
+                               "logged as eval_* metrics")
+    held_out.add_argument("--eval-answer-key", default="answer", metavar="KEY",
+                          help="field of the reference answer [answer]")
+    held_out.add_argument("--eval-samples", type=_positive_int(1), default=1, metavar="K",
+                          help="responses sampled per held-out problem [1]")
+    held_out.add_argument("--eval-every", dest="eval_every", type=_positive_int(0), default=None, metavar="N",
+                          help="evaluate every N steps (0: only before and after) [0]")
     add_model_options(train_parser)
     scale = train_parser.add_argument_group("scaling out (see docs/scaling_out.md)")
     scale.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
@@ -281,7 +292,7 @@ def _optional(kind):
 
 # TrainConfig fields opd-jax train does not offer: evaluation needs a task's evaluator, which only
 # `opd-jax demo` / `opd-jax eval` have.
-_NOT_IN_TRAIN = ("eval_every",)
+_NOT_IN_TRAIN = ("eval_every",)  # a flag of its own, with --eval-dataset
 
 
 def _boolean(value: str) -> bool:
@@ -508,9 +519,9 @@ def _train_config(args: argparse.Namespace):
             _fail("train", f"--config {args.config}: {error}")
         fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
         for name in _NOT_IN_TRAIN:
-            if values.get(name):
-                _fail("train", f"--config {args.config}: {name} is not an option of opd-jax train (it has no "
-                               "evaluator; opd-jax demo and opd-jax eval evaluate toy tasks); remove it")
+            if values.get(name) and args.eval_dataset is None:
+                _fail("train", f"--config {args.config}: {name} needs --eval-dataset (without one opd-jax train "
+                               "has no evaluator); remove it or give a held-out dataset")
         values = {name: _config_value(fields[name], value, f"--config {args.config}") if name in fields else value
                   for name, value in values.items()}
     for field in dataclasses.fields(TrainConfig):
@@ -521,6 +532,22 @@ def _train_config(args: argparse.Namespace):
         return TrainConfig.from_dict(values)
     except (ValueError, TypeError) as error:
         _fail("train", str(error))
+
+
+def _held_out_evaluator(args, config, tokenizer, student_config, use_chat_template: bool):
+    """The ``train(evaluate=)`` hook of ``--eval-dataset`` (``None`` without one), with the training
+    response budget (``max_new_tokens``); the dataset and its prompt lengths are checked here,
+    before anything is written."""
+    if args.eval_dataset is None:
+        return None
+    from opd_jax import evaluation
+
+    problems = evaluation.read_problems(args.eval_dataset, answer_key=args.eval_answer_key)
+    options = dict(samples=args.eval_samples, use_chat_template=use_chat_template,
+                   max_new_tokens=config.max_new_tokens)
+    evaluation.encode_problems(tokenizer, problems, evaluation.MathEvalConfig(**options),
+                               max_position_embeddings=student_config.max_position_embeddings)
+    return evaluation.math_evaluator(tokenizer, problems, **options)
 
 
 def _parse_teacher(value: str) -> tuple[str | None, pathlib.Path]:
@@ -578,6 +605,8 @@ def run_train(args: argparse.Namespace) -> int:
     from opd_jax.models.hf import checkpoint_dtype
 
     config = _train_config(args)
+    if config.eval_every and args.eval_dataset is None:
+        _fail("train", "--eval-every needs --eval-dataset (without one opd-jax train has no evaluator)")
     try:
         mesh = None if args.mesh is None else sharding.parse_mesh(args.mesh)
     except ValueError as error:
@@ -616,6 +645,7 @@ def run_train(args: argparse.Namespace) -> int:
             student_tokenizer, prompts, max_length=args.max_prompt_length, use_chat_template=use_chat_template,
             labels=[f"prompt {k} ({args.prompts}:{line})" for k, (line, _) in enumerate(records, start=1)],
         )
+        evaluate = _held_out_evaluator(args, config, student_tokenizer, student_config, use_chat_template)
     except ValueError as error:
         if "longer than max_length" in str(error):
             _fail("train", f"{error}; raise --max-prompt-length or shorten them")
@@ -670,7 +700,7 @@ def run_train(args: argparse.Namespace) -> int:
             config, student, student_config, next(iter(teachers.values())) if len(teachers) == 1 else teachers,
             train.PromptSet(tokens, mask, teacher_ids if len(teachers) > 1 else None), args.output,
             stop_ids=stop_ids, pad_id=pad_id, progress=not args.quiet and jax.process_index() == 0, mesh=mesh,
-            export_dtype=export_dtype,
+            export_dtype=export_dtype, evaluate=evaluate,
         )
     except ValueError as error:
         _fail("train", str(error))

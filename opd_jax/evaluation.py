@@ -2,7 +2,8 @@
 
 A dataset is a JSONL file, one problem a line: the question (``"prompt"`` text or ``"messages"``
 chat, or any text field named by ``question_key``) and the reference answer under ``answer_key``.
-Responses are sampled with :func:`opd_jax.sampling.generate` through the model's chat template and
+Responses are sampled through the model's chat template by a rollout backend (:mod:`opd_jax.backends`:
+the JAX sampler by default, or vLLM) and
 checked with Hugging Face's ``math-verify`` (``parse`` then ``verify``).
 
 Metrics, over ``m`` problems with ``n = K`` samples each and ``c_i`` correct ones for problem ``i``:
@@ -353,7 +354,7 @@ def encode_problems(tokenizer, problems: Sequence[MathProblem], config: MathEval
 
 
 def sample_responses(model, tokenizer, problems: Sequence[MathProblem], config: MathEvalConfig, *,
-                     progress: bool = False, label: str = "") -> Responses:
+                     progress: bool = False, label: str = "", backend=None) -> Responses:
     """Sample ``config.samples`` responses to every problem.
 
     Row ``i·K + j`` of the flattened batch is sample ``j`` of problem ``i``; prompts are left-padded
@@ -366,16 +367,22 @@ def sample_responses(model, tokenizer, problems: Sequence[MathProblem], config: 
       config: :class:`MathEvalConfig`.
       progress: a tqdm bar over batches (on stderr).
       label: the bar's description.
+      backend: the :class:`~opd_jax.backends.RolloutBackend` to sample with; it is sent ``model``'s
+        weights first (``None``: the JAX sampler in this process).
 
     Raises:
       ValueError: a prompt longer than ``config.max_prompt_length`` (named ``FILE:LINE``), or prompt
         plus ``max_new_tokens`` beyond the model's ``max_position_embeddings``.
     """
     import jax
+    from flax import nnx
     from tqdm import tqdm
 
     from opd_jax import sampling
+    from opd_jax.backends import JaxBackend
 
+    backend = backend or JaxBackend(nnx.graphdef(model))
+    backend.sync_weights(nnx.state(model))
     stop_ids, pad_id = _stop_and_pad(model, tokenizer)
     tokens_MxP, mask_MxP = encode_problems(tokenizer, problems, config,
                                            max_position_embeddings=model.config.max_position_embeddings, pad_id=pad_id)
@@ -394,8 +401,8 @@ def sample_responses(model, tokenizer, problems: Sequence[MathProblem], config: 
         row_B = np.arange(start, start + batch_size)
         row_B[row_B >= rows] = start
         problem_B = row_B // samples
-        rollout = sampling.generate(model, tokens_MxP[problem_B], mask_MxP[problem_B],
-                                    jax.random.fold_in(base_key, batch), sampling_config)
+        rollout = backend.generate(tokens_MxP[problem_B], mask_MxP[problem_B], jax.random.fold_in(base_key, batch),
+                                   sampling_config)
         kept = min(batch_size, rows - start)
         response_RxN[start:start + kept] = np.asarray(rollout.tokens[:kept, longest:])
         response_mask_RxN[start:start + kept] = np.asarray(rollout.response_mask[:kept, longest:])
@@ -433,9 +440,10 @@ class MathEvalResult:
 
 
 def evaluate_math(model, tokenizer, problems: Sequence[MathProblem], config: MathEvalConfig, *,
-                  progress: bool = False, label: str = "") -> MathEvalResult:
-    """Sample, check and summarise one dataset (see the module docstring for the metrics)."""
-    responses = sample_responses(model, tokenizer, problems, config, progress=progress, label=label)
+                  progress: bool = False, label: str = "", backend=None) -> MathEvalResult:
+    """Sample (with ``backend``, see :func:`sample_responses`), check and summarise one dataset (see the
+    module docstring for the metrics)."""
+    responses = sample_responses(model, tokenizer, problems, config, progress=progress, label=label, backend=backend)
     correct_MxK = score_responses(problems, responses.texts, timeout_seconds=config.verify_timeout)
     return MathEvalResult(responses=responses, correct=correct_MxK, metrics=summarize(correct_MxK, config.ks))
 

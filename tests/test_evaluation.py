@@ -346,3 +346,38 @@ def test_bad_datasets_are_named_before_the_model_is_loaded(tmp_path, capsys):
         cli.main(_eval_args(absent, good, extra=["--json", str(tmp_path)]))
     assert "is a directory" in capsys.readouterr().err
     assert not output.exists()
+
+
+# --- opd-jax train --eval-dataset: the same evaluation as a training hook --------------------------------
+
+def _train_args(model, prompts, output, *extra):
+    return ["train", "--teacher", str(model), "--student", str(model), "--prompts", str(prompts), "--output",
+            str(output), "--quiet", "--steps", "2", "--prompts-per-step", "2", "--group-size", "1",
+            "--max-new-tokens", "4", "--max-prompt-length", "160", *extra]
+
+
+def test_train_eval_dataset_logs_held_out_metrics_before_and_after(tiny, tmp_path):
+    model, dataset = tiny
+    output = tmp_path / "run"
+    assert cli.main(_train_args(model, dataset, output, "--eval-dataset", str(dataset), "--eval-samples", "2")) == 0
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in records if "eval_avg@2" in r}
+    assert sorted(evals) == [0, 2]
+    for record in evals.values():
+        assert 0 <= record["eval_avg@2"] <= record["eval_pass@2"] <= 1
+        assert record["eval_pass@1"] == pytest.approx(record["eval_avg@2"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--eval-every", "1"), r"--eval-every needs --eval-dataset"),
+    (("--eval-dataset", "{bad}"), r"bad\.jsonl:2: .*'answer'"),
+])
+def test_train_eval_errors_are_named_before_anything_is_written(tiny, tmp_path, capsys, extra, message):
+    model, dataset = tiny
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [GSM8K_STYLE[0], {"prompt": "no answer here"}])
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(_train_args(model, dataset, output, *(e.format(bad=bad) for e in extra)))
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not output.exists()
