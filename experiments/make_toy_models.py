@@ -23,8 +23,12 @@ loss mask, with optax AdamW, gradient clipping and a warmup-cosine schedule. (Th
 were trained by an earlier version of this script that computed the same loss from full logits;
 regenerating them gives equivalent, not bitwise identical, weights.)
 
+``--head-dim 32`` makes the variant the vLLM rollout backend can serve (vLLM's CPU attention takes
+head sizes 32, 64, 80, ... but not the default 12 and 24); it ships in ``opd_jax/tasks/assets/vllm``.
+
 Usage:
     .venv/bin/python experiments/make_toy_models.py                 # ships to opd_jax/tasks/assets
+    .venv/bin/python experiments/make_toy_models.py --head-dim 32 --out opd_jax/tasks/assets/vllm
     .venv/bin/python experiments/make_toy_models.py --out /tmp/toy --seed 1
 """
 
@@ -95,11 +99,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--student-check-every", type=_positive_int, default=10, help="steps between student checks")
     parser.add_argument("--validation-problems", type=_positive_int, default=256, help="training-split problems per student check")
     parser.add_argument("--eval-problems", type=_positive_int, default=512, help="held-out (test split) problems for the reported accuracies")
+    parser.add_argument("--head-dim", type=_positive_int, default=None,
+                        help="attention head size of both models (default: 24 teacher, 12 student); 32 for vLLM")
     parser.add_argument("--disk-dtype", choices=("float32", "bfloat16"), default="float32", help="tensor dtype on disk")
     return parser.parse_args(argv)
 
 
-def model_configs(vocab_size: int, eos_id: int, pad_id: int, max_positions: int) -> dict[str, DecoderConfig]:
+def model_configs(vocab_size: int, eos_id: int, pad_id: int, max_positions: int,
+                  head_dim: int | None = None) -> dict[str, DecoderConfig]:
     common = dict(
         model_type="qwen3",
         vocab_size=vocab_size,
@@ -113,10 +120,12 @@ def model_configs(vocab_size: int, eos_id: int, pad_id: int, max_positions: int)
     )
     return {
         "teacher": DecoderConfig(
-            hidden_size=96, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=24, **common
+            hidden_size=96, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=head_dim or 24,
+            **common
         ),
         "student": DecoderConfig(
-            hidden_size=48, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12, **common
+            hidden_size=48, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=head_dim or 12,
+            **common
         ),
     }
 
@@ -317,7 +326,8 @@ def main(argv=None) -> int:
     max_new_tokens = task.max_response_length + 2
     # Room for the prompt and a generous response budget (generate checks the sum against it).
     max_positions = max(64, -(-2 * (task.max_prompt_length + max_new_tokens) // 16) * 16)
-    configs = model_configs(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, max_positions)
+    configs = model_configs(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, max_positions,
+                            args.head_dim)
     held_out = task.sample_problems(EVAL_SEED, args.eval_problems, split="test")
     validation = task.sample_problems(VALIDATION_SEED, args.validation_problems, split="train")
 

@@ -534,6 +534,27 @@ def _train_config(args: argparse.Namespace):
         _fail("train", str(error))
 
 
+def _check_rollout_backend(config) -> None:
+    """A vLLM side environment that is missing or cannot import vllm is an error naming the command
+    that builds it, before anything is written (the probe takes the seconds of one ``import vllm``)."""
+    if config.rollout_backend != "vllm":
+        return
+    import os
+    import subprocess
+
+    from opd_jax.backends.vllm import BOOTSTRAP_COMMAND, DEFAULT_PYTHON
+
+    python = pathlib.Path(os.environ.get("OPD_VLLM_PYTHON") or DEFAULT_PYTHON)
+    if not (python.is_file() and os.access(python, os.X_OK)):
+        _fail("train", f"--rollout-backend vllm: no vLLM environment at {python}; build it with `{BOOTSTRAP_COMMAND}` "
+                       "(or point OPD_VLLM_PYTHON at one)")
+    probe = subprocess.run([str(python), "-c", "import vllm"], capture_output=True, text=True)
+    if probe.returncode:
+        last = (probe.stderr.strip().splitlines() or ["no message"])[-1]
+        _fail("train", f"--rollout-backend vllm: {python} cannot import vllm ({last}); rebuild the environment "
+                       f"with `{BOOTSTRAP_COMMAND}`")
+
+
 def _held_out_evaluator(args, config, tokenizer, student_config, use_chat_template: bool):
     """The ``train(evaluate=)`` hook of ``--eval-dataset`` (``None`` without one), with the training
     response budget (``max_new_tokens``); the dataset and its prompt lengths are checked here,
@@ -602,9 +623,11 @@ def run_train(args: argparse.Namespace) -> int:
     import numpy as np
 
     from opd_jax import data, models, run_folder, sharding, tokenization, train
+    from opd_jax.backends.vllm import VllmWorkerError
     from opd_jax.models.hf import checkpoint_dtype
 
     config = _train_config(args)
+    _check_rollout_backend(config)
     if config.eval_every and args.eval_dataset is None:
         _fail("train", "--eval-every needs --eval-dataset (without one opd-jax train has no evaluator)")
     try:
@@ -708,7 +731,8 @@ def run_train(args: argparse.Namespace) -> int:
         if jax.process_index() == 0:
             print(f"opd-jax train: {stopped}", file=sys.stderr)
         return EXIT_RESUMABLE
-    except train.NonFiniteError as error:  # nothing of the bad step was checkpointed or exported
+    except (train.NonFiniteError, train.WeightSyncError, VllmWorkerError) as error:
+        # nothing of the failed step was checkpointed or exported; earlier checkpoints are intact
         if jax.process_index() == 0:
             print(f"opd-jax train: error: {error}", file=sys.stderr)
         return 1

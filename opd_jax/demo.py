@@ -116,6 +116,9 @@ class DemoTask:
 #: output folder ``runs/demo-<name>``.
 DEMO_SETTINGS = types.MappingProxyType({
     "arithmetic": types.MappingProxyType({"output": pathlib.Path("runs/demo")}),
+    # The same task on models vLLM serves (head size 32), sampled by the vLLM backend.
+    "arithmetic_vllm": types.MappingProxyType({"config": dataclasses.replace(DEMO_CONFIG, rollout_backend="vllm"),
+                                               "output": pathlib.Path("runs/demo-arithmetic_vllm")}),
     "tool_use": types.MappingProxyType({"config": TOOL_USE_CONFIG, "columns": TOOL_USE_COLUMNS,
                                         "output": pathlib.Path("runs/demo-tool_use")}),
 })

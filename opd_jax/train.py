@@ -452,7 +452,6 @@ def train(
     return TrainResult(final_student, history, folder.path)
 
 
-
 def _check_teachers(teacher, student: Decoder, prompts: PromptSet) -> None:
     teachers = teacher if isinstance(teacher, dict) else {"teacher": teacher}
     if not teachers:

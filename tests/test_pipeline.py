@@ -102,3 +102,13 @@ def test_changing_pipeline_rollouts_on_resume_is_refused(tmp_path):
     with pytest.raises(ValueError, match="pipeline_rollouts"):
         _run(tmp_path, 4)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_an_unknown_rollout_backend_lists_the_valid_ones(tmp_path, capsys):
+    from opd_jax import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--teacher", "t", "--student", "s", "--prompts", "p", "--output", str(tmp_path / "r"),
+                  "--rollout-backend", "sglang"])
+    assert "rollout_backend must be one of jax, vllm; got 'sglang'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -18,6 +18,7 @@ from opd_jax.tasks.arithmetic import (
     ArithmeticTask,
     EvalResult,
     Problem,
+    VLLM_ASSETS_DIR,
     ToyArithmetic,
     build_tokenizer,
     evaluate,
@@ -86,4 +87,5 @@ def task_names() -> tuple[str, ...]:
 
 
 register_task("arithmetic", ToyArithmetic())
+register_task("arithmetic_vllm", ToyArithmetic("arithmetic_vllm", VLLM_ASSETS_DIR))
 register_task("tool_use", tool_use.ToyToolUse())

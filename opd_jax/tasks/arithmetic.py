@@ -37,6 +37,7 @@ from opd_jax.tasks.base import Evaluator, TaskSetup, teacher_kl
 __all__ = [
     "ALPHABET",
     "ASSETS_DIR",
+    "VLLM_ASSETS_DIR",
     "ANSWER_MARKER",
     "ArithmeticTask",
     "EvalResult",
@@ -59,6 +60,8 @@ SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
 OPERATIONS = ("+", "-")
 #: The shipped toy checkpoints: ``teacher/`` and ``student/`` (config, safetensors, tokenizer).
 ASSETS_DIR = pathlib.Path(__file__).resolve().parent / "assets"
+#: The same task's models with attention heads of size 32 (vLLM's CPU attention rejects 12 and 24).
+VLLM_ASSETS_DIR = ASSETS_DIR / "vllm"
 
 _ANSWER = re.compile(r"0|[1-9][0-9]*")
 _SPLITS = (None, "train", "test")
@@ -387,8 +390,11 @@ def evaluate(
     )
 
 
-def toy_model_path(role: str) -> pathlib.Path:
+def toy_model_path(role: str, assets: pathlib.Path = ASSETS_DIR) -> pathlib.Path:
     """The folder of the shipped toy ``"teacher"`` or ``"student"`` (HF config, safetensors, tokenizer).
+
+    ``assets``: :data:`ASSETS_DIR`, or :data:`VLLM_ASSETS_DIR` for the variant with head size 32
+    that vLLM's CPU attention serves.
 
     Raises:
       ValueError: another role.
@@ -397,7 +403,7 @@ def toy_model_path(role: str) -> pathlib.Path:
     """
     if role not in ("teacher", "student"):
         raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
-    folder = ASSETS_DIR / role
+    folder = assets / role
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"no toy {role} in {folder}; regenerate it with `python experiments/make_toy_models.py`"
@@ -405,11 +411,11 @@ def toy_model_path(role: str) -> pathlib.Path:
     return folder
 
 
-def toy_task() -> ArithmeticTask:
+def toy_task(assets: pathlib.Path = ASSETS_DIR) -> ArithmeticTask:
     """The :class:`ArithmeticTask` the shipped toy models were trained on (from ``metadata.json``)."""
     import json
 
-    metadata = ASSETS_DIR / "metadata.json"
+    metadata = assets / "metadata.json"
     if not metadata.is_file():
         raise FileNotFoundError(f"{metadata} is missing; regenerate it with `python experiments/make_toy_models.py`")
     return ArithmeticTask.from_dict(json.loads(metadata.read_text())["task"])
@@ -420,13 +426,15 @@ class ToyArithmetic:
     """The toy arithmetic task with its shipped teacher and student (a :class:`~opd_jax.tasks.base.Task`).
 
     Problems come from :func:`toy_task` (the task the shipped models were trained on), the checker
-    is :func:`is_correct`, the budget is the longest solution + 2 tokens.
+    is :func:`is_correct`, the budget is the longest solution + 2 tokens. ``assets``: the models'
+    folder (:data:`ASSETS_DIR`, or :data:`VLLM_ASSETS_DIR`: the ``arithmetic_vllm`` task).
     """
 
-    name = "arithmetic"
+    name: str = "arithmetic"
+    assets: pathlib.Path = ASSETS_DIR
 
     def problems(self, split: str, n: int, seed: int) -> list[Problem]:
-        return toy_task().sample_problems(seed, n, split=split)
+        return toy_task(self.assets).sample_problems(seed, n, split=split)
 
     def check(self, problem: Problem, response_text: str) -> bool:
         return is_correct(problem, response_text)
@@ -434,17 +442,17 @@ class ToyArithmetic:
     def tokenizer(self):
         from opd_jax import tokenization
 
-        return tokenization.load_tokenizer(toy_model_path("student"))
+        return tokenization.load_tokenizer(toy_model_path("student", self.assets))
 
     def model_path(self, role: str) -> pathlib.Path:
-        return toy_model_path(role)
+        return toy_model_path(role, self.assets)
 
     def evaluator(self, tokenizer, teacher, *, eval_problems: int = 512, seed: int = 0) -> Evaluator:
         """``model -> {accuracy, response_length[, teacher_kl]}``: greedy decoding for accuracy and
         length, one temperature-1 sample per problem for the teacher-KL."""
         from opd_jax import tokenization
 
-        task = toy_task()
+        task = toy_task(self.assets)
         held_out = self.problems("test", eval_problems, seed + 1)
         eos, pad = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
         max_new_tokens = task.max_response_length + 2
@@ -466,9 +474,9 @@ class ToyArithmetic:
         from opd_jax import models, tokenization
         from opd_jax.train import PromptSet
 
-        task, tokenizer = toy_task(), self.tokenizer()
-        teacher, _ = models.from_pretrained(toy_model_path("teacher"))
-        student, student_config = models.from_pretrained(toy_model_path("student"))
+        task, tokenizer = toy_task(self.assets), self.tokenizer()
+        teacher, _ = models.from_pretrained(self.model_path("teacher"))
+        student, student_config = models.from_pretrained(self.model_path("student"))
         pad = int(tokenizer.pad_token_id)
         tokens_NxP, mask_NxP = tokenization.encode_prompts(
             tokenizer, [p.prompt for p in self.problems("train", train_problems, seed)],

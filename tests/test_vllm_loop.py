@@ -1,0 +1,108 @@
+"""Training with the vLLM rollout backend: the loop, a real weight-sync failure, the CLI's checks, the toy demo.
+
+Skipped without ``.venv-vllm`` (``OPD_VLLM=1 .ci/bootstrap``), failed instead under
+``OPD_REQUIRE_VLLM=1`` (CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from opd_jax import cli, train
+from opd_jax.backends import WeightSyncError
+from opd_jax.backends.vllm import BOOTSTRAP_COMMAND, VllmBackend
+from opd_jax.config import TrainConfig
+from test_vllm_backend import CONFIG, _require_vllm, make_student
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
+from hf_fixtures import make_qwen3_folder  # noqa: E402
+
+SETTINGS = dict(prompts_per_step=4, group_size=2, max_new_tokens=8, learning_rate=1e-2, checkpoint_every=2)
+
+
+@pytest.fixture(autouse=True)
+def _vllm():
+    _require_vllm()
+
+
+def _prompts():
+    rng = np.random.default_rng(0)
+    return train.PromptSet(rng.integers(3, 256, (16, 6)).astype(np.int32), np.ones((16, 6), bool))
+
+
+def _leaves(model):
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+
+
+def test_training_samples_with_the_synced_weights(tmp_path):
+    """The engine's log-probs stay the trainer's at every step: a stale engine (sync not taken) would
+    sample from the step-0 weights, and with learning rate 1e-2 its log-probs would drift far more."""
+    student, teacher = make_student(0), make_student(1)
+    initial = _leaves(student)
+    config = TrainConfig(steps=4, rollout_backend="vllm", **SETTINGS)
+    result = train.train(config, student, CONFIG, teacher, _prompts(), tmp_path / "run", stop_ids=(2,),
+                         progress=False)
+    records = [r for r in result.history if "loss" in r]
+    assert len(records) == 4
+    for record in records:
+        assert record["sampling_logp_gap"] < 1e-4, record
+        assert record["sync_seconds"] > 0 and record["sample_seconds"] > 0
+    assert any(np.abs(a - b).max() > 1e-3 for a, b in zip(initial, _leaves(result.student)))
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+
+
+class _KilledAtSync(VllmBackend):
+    """Sends SIGKILL to the real worker just before the ``fatal``-th weight sync."""
+
+    def __init__(self, *args, fatal: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fatal, self.syncs = fatal, 0
+
+    def sync_weights(self, params):
+        self.syncs += 1
+        if self.syncs == self.fatal:
+            os.kill(self.pid, signal.SIGKILL)
+        super().sync_weights(params)
+
+
+def test_a_worker_killed_at_a_weight_sync_stops_the_run_with_the_step_and_keeps_the_checkpoint(tmp_path):
+    student, teacher = make_student(0), make_student(1)
+    config = TrainConfig(steps=4, **SETTINGS)
+    backend = _KilledAtSync(CONFIG, student, fatal=4)
+    try:
+        with pytest.raises(WeightSyncError, match=r"step 4: sending the student's weights to the vllm rollout "
+                                                  r"backend failed .*SIGKILL") as error:
+            train.train(config, student, CONFIG, teacher, _prompts(), tmp_path, stop_ids=(2,), progress=False,
+                        rollout_backend=backend)
+    finally:
+        backend.close()
+    assert error.value.step == 4
+    assert not (tmp_path / "student").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    # the checkpoint is good: the run resumes from it (here with the JAX sampler) and finishes
+    resumed = train.train(config, make_student(0), CONFIG, teacher, _prompts(), tmp_path, stop_ids=(2,),
+                          progress=False)
+    assert [r["step"] for r in resumed.history if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_cli_names_the_bootstrap_command_for_a_missing_vllm_environment(tmp_path, monkeypatch, capsys):
+    model = make_qwen3_folder(tmp_path / "model", seed=0, layers=1)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "add the numbers"}) + "\n")
+    monkeypatch.setenv("OPD_VLLM_PYTHON", str(tmp_path / "no-such-env" / "bin" / "python"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--teacher", str(model), "--student", str(model), "--prompts", str(prompts),
+                  "--output", str(tmp_path / "run"), "--rollout-backend", "vllm", "--quiet"])
+    assert exit_info.value.code == 2
+    assert BOOTSTRAP_COMMAND in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
