@@ -18,7 +18,8 @@ Requests:
     place, reset the prefix cache -> ``{"ok": true, "seconds": float}``
   ``{"cmd": "ping"}`` -> ``{"ok": true, "pid": int}``
   ``{"cmd": "close"}`` -> ``{"ok": true}``, then the worker exits.
-End of file on the request pipe (the parent is gone) also makes the worker exit.
+End of file on the request pipe, or the parent's death (checked every second, also during a
+request), makes the worker exit.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -95,12 +97,33 @@ def _generate(llm, request: dict) -> dict:
     return {"ok": True, "tokens": tokens, "logprobs": logprobs, "finish": finish}
 
 
+def _warm_up(llm) -> None:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm.generate([TokensPrompt(prompt_token_ids=[0])],
+                 SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False), use_tqdm=False)
+
+
 def _reload(llm, model: str) -> dict:
     start = time.perf_counter()
     llm.collective_rpc("reload_weights", kwargs={"weights_path": model})
     # Cached prefixes hold keys and values of the old weights.
     llm.reset_prefix_cache()
     return {"ok": True, "seconds": time.perf_counter() - start}
+
+
+def _exit_with_parent(interval_s: float = 1.0) -> None:
+    """Exit when the parent is gone, even in the middle of a request (the pipes only say so between requests)."""
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os._exit(5)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     os.set_inheritable(args.request_fd, False)
     os.set_inheritable(args.reply_fd, False)
 
+    _exit_with_parent()
     start = time.perf_counter()
     try:
         import vllm
@@ -127,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     import_seconds = time.perf_counter() - start
     try:
         llm = _engine(args.model, json.loads(args.engine_options))
+        # Some failures (e.g. a head size the CPU attention kernel lacks) only show in the first
+        # forward pass; one token now makes them start-up errors.
+        _warm_up(llm)
     except BaseException as error:  # noqa: BLE001
         _send(replies, {"ok": False, "stage": "engine", "error": f"building the vLLM engine failed: {error!r}\n"
                         + traceback.format_exc()})
