@@ -14,10 +14,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from opd_jax.chunking import map_row_chunks
-from opd_jax.models.decoder import Decoder, KVCache
+from opd_jax.models.decoder import DecodeCache, Decoder, KVCache
 
 Array = jax.Array
 
@@ -99,12 +100,94 @@ def _filter_logits(logits_BxV: Array, config: SamplingConfig) -> Array:
     return scaled
 
 
+# Threefry-2x32 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011): 20
+# rounds in 5 groups of 4, rotation constants alternating between the two groups below, a key
+# injection after every group.
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_THREEFRY_PARITY = 0x1BD11BDA
+
+
+def _rotate_left(x: Array, bits: int) -> Array:
+    return (x << np.uint32(bits)) | (x >> np.uint32(32 - bits))
+
+
+def _threefry2x32(k1: Array, k2: Array, x1: Array, x2: Array) -> tuple[Array, Array]:
+    """Threefry-2x32 of the counter words ``(x1, x2)`` (uint32) under the key words ``(k1, k2)``,
+    written out straight so that XLA fuses it into one elementwise kernel. jax lowers its own
+    (same) hash on CPU as a 5-step loop, which costs a dozen passes over the ``[B, V]`` noise per
+    decode step; the result is bitwise that of ``jax.random`` (checked in tests/test_sampling.py)."""
+    keys = (k1, k2, k1 ^ k2 ^ np.uint32(_THREEFRY_PARITY))
+    x1, x2 = x1 + keys[0], x2 + keys[1]
+    for group in range(5):
+        for rotation in _THREEFRY_ROTATIONS[group % 2]:
+            x1 = x1 + x2
+            x2 = _rotate_left(x2, rotation) ^ x1
+        x1 = x1 + keys[(group + 1) % 3]
+        x2 = x2 + keys[(group + 2) % 3] + np.uint32(group + 1)
+    return x1, x2
+
+
+def _straight_threefry_applies(key: Array) -> bool:
+    """Whether :func:`_split` / :func:`_gumbel` reproduce ``jax.random`` for this key: a threefry
+    key with the (default) partitionable counter layout and low-range Gumbel noise."""
+    return (
+        str(jax.random.key_impl(key)) == "threefry2x32"
+        and bool(jax.config.jax_threefry_partitionable)
+        and not bool(jax.config.jax_high_dynamic_range_gumbel)
+    )
+
+
+def _split(key: Array) -> tuple[Array, Array]:
+    """``jax.random.split(key)`` as a pair."""
+    if not _straight_threefry_applies(key):
+        first, second = jax.random.split(key)
+        return first, second
+    k = jax.random.key_data(key)
+    bits1, bits2 = _threefry2x32(k[0], k[1], jnp.zeros((2,), jnp.uint32), jnp.arange(2, dtype=jnp.uint32))
+    wrap = functools.partial(jax.random.wrap_key_data, impl="threefry2x32")
+    return wrap(jnp.stack([bits1[0], bits2[0]])), wrap(jnp.stack([bits1[1], bits2[1]]))
+
+
+def _gumbel(key: Array, shape: tuple[int, int]) -> Array:
+    """``jax.random.gumbel(key, shape)`` in float32 (``shape`` 2-D, fewer than 2**32 entries)."""
+    if not _straight_threefry_applies(key) or shape[0] * shape[1] >= 2**32:
+        return jax.random.gumbel(key, shape, jnp.float32)
+    k = jax.random.key_data(key)
+    rows = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+    columns = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
+    bits1, bits2 = _threefry2x32(k[0], k[1], jnp.zeros(shape, jnp.uint32), rows * np.uint32(shape[1]) + columns)
+    # 23 random mantissa bits under exponent 0: a float in [1, 2), minus 1, mapped to [tiny, 1).
+    mantissa = ((bits1 ^ bits2) >> np.uint32(32 - 23)) | np.uint32(0x3F800000)
+    tiny = jnp.float32(np.finfo(np.float32).tiny)
+    uniform = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - jnp.float32(1)
+    uniform = jnp.maximum(tiny, uniform * (jnp.float32(1) - tiny) + tiny)
+    return -jnp.log(-jnp.log(uniform))
+
+
+def _first_argmax(x_BxV: Array) -> Array:
+    """``jnp.argmax(x, axis=-1)`` (the first maximal index) for rows without NaN, as a maximum and a
+    minimum: XLA:CPU runs argmax's variadic (value, index) reduction several times slower."""
+    top = jnp.max(x_BxV, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x_BxV.shape, 1)
+    return jnp.min(jnp.where(x_BxV == top, index, x_BxV.shape[-1]), axis=-1)
+
+
 def _sample(logits_BxV: Array, key: Array, config: SamplingConfig) -> tuple[Array, Array]:
+    """Tokens ``[B]`` int32 and their log-probabilities ``[B]`` float32 under the filtered distribution.
+
+    The tokens are those of ``jax.random.categorical(key, filtered)`` (Gumbel-max with the same
+    noise), and the log-probability that of ``jax.nn.log_softmax(filtered)`` at the token (the
+    same operations, evaluated at the picked entry only).
+    """
     if config.temperature == 0:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), jnp.zeros(logits_BxV.shape[:1], jnp.float32)
+        return _first_argmax(logits_BxV), jnp.zeros(logits_BxV.shape[:1], jnp.float32)
     filtered = _filter_logits(logits_BxV, config)
-    tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(filtered, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    noise = _gumbel(key, filtered.shape)
+    tokens = _first_argmax(noise + filtered)
+    shift = jax.lax.stop_gradient(jnp.max(filtered, axis=-1, keepdims=True))
+    shifted = filtered - shift
+    picked = jnp.take_along_axis(shifted, tokens[:, None], axis=-1)[:, 0]
+    logp = picked - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
     return tokens, logp
 
 
@@ -143,58 +226,112 @@ def generate(
     return _generate(graphdef, state, prompt_tokens, prompt_mask, key, config)
 
 
+# Slots the decode cache grows by (at least): the decode loop runs in segments, each with a cache
+# of static size, so attention reads the filled part of the cache plus at most this many slots
+# rather than all ``P + N`` from the first step.
+_CACHE_GROWTH = 128
+
+
+def cache_segments(prompt_length: int, max_new_tokens: int, growth: int = _CACHE_GROWTH) -> tuple[int, ...]:
+    """Cache sizes of the decode segments: segment ``j`` decodes the steps whose slot fits in
+    ``sizes[j]``; the last size is ``P + N``.
+
+    Sizes grow by ``growth`` slots, or by a quarter of the current size once that is larger (a
+    long rollout gets O(log N) segments, each one more copy of the decode loop to compile, and
+    attention reads at most a quarter more than the filled part).
+    """
+    total = prompt_length + max_new_tokens
+    sizes = [min(total, prompt_length + growth)]
+    while sizes[-1] < total:
+        step = max(growth, -(-(sizes[-1] // 4) // growth) * growth)
+        sizes.append(min(total, sizes[-1] + step))
+    return tuple(sizes)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _DecodeState:
+    """The carry of the decode loop.
+
+    Attributes:
+      step: ``[]`` int32, the response slot sampled next.
+      logits_BxV: float32 logits of the next token.
+      cache: the :class:`DecodeCache` (its ``index`` is ``P + step``).
+      position_B: RoPE position of the next token.
+      done_B: rows that have emitted a stop id.
+      key: PRNG key, split once per step.
+      tokens_BxN, mask_BxN, logp_BxN: the response so far (``pad_id`` / False / 0 beyond it).
+    """
+
+    step: Array
+    logits_BxV: Array
+    cache: DecodeCache
+    position_B: Array
+    done_B: Array
+    key: Array
+    tokens_BxN: Array
+    mask_BxN: Array
+    logp_BxN: Array
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
 def _generate(graphdef, state, prompt_tokens, prompt_mask, key, config: SamplingConfig) -> Rollout:
     model = nnx.merge(graphdef, state)
     batch, prompt_length = prompt_tokens.shape
     new = config.max_new_tokens
-    cache = KVCache.zeros(model.config, batch, prompt_length + new, model.compute_dtype)
+    sizes = cache_segments(prompt_length, new)
     prompt_positions = positions_from_mask(prompt_mask)
-    hidden, cache = model.hidden_states(
-        prompt_tokens, positions_BxT=prompt_positions, token_mask_BxT=prompt_mask, cache=cache
+    hidden, prefill_cache = model.hidden_states(
+        prompt_tokens, positions_BxT=prompt_positions, token_mask_BxT=prompt_mask,
+        cache=KVCache.zeros(model.config, batch, prompt_length, model.compute_dtype),
     )
-    # Left padding puts every row's last prompt token in the last slot.
-    logits = model.logits(hidden[:, -1:])[:, 0]
-    next_position = prompt_positions[:, -1] + 1
+    # Once per rollout, outside the loop: fused projections in the compute dtype.
+    weights = model.decode_weights()
     stop_ids = jnp.asarray(config.stop_ids, jnp.int32)
 
-    def step(carry):
-        index, logits, cache, position, done, key, tokens, mask, logp = carry
-        key, sample_key = jax.random.split(key)
-        token, token_logp = _sample(logits, sample_key, config)
-        live = ~done
+    def step(state: _DecodeState) -> _DecodeState:
+        key, sample_key = _split(state.key)
+        token, token_logp = _sample(state.logits_BxV, sample_key, config)
+        live = ~state.done_B
         token = jnp.where(live, token, config.pad_id)
-        tokens = tokens.at[:, index].set(token)
-        mask = mask.at[:, index].set(live)
-        logp = logp.at[:, index].set(jnp.where(live, token_logp, 0.0))
-        done = done | jnp.isin(token, stop_ids)
-        hidden, cache = model.hidden_states(
-            token[:, None], positions_BxT=position[:, None], token_mask_BxT=live[:, None], cache=cache
+        logits, cache = model.decode_step(weights, token, state.position_B, live, state.cache)
+        return _DecodeState(
+            step=state.step + 1,
+            logits_BxV=logits,
+            cache=cache,
+            position_B=state.position_B + 1,
+            done_B=state.done_B | jnp.isin(token, stop_ids),
+            key=key,
+            tokens_BxN=state.tokens_BxN.at[:, state.step].set(token),
+            mask_BxN=state.mask_BxN.at[:, state.step].set(live),
+            logp_BxN=state.logp_BxN.at[:, state.step].set(jnp.where(live, token_logp, 0.0)),
         )
-        return index + 1, model.logits(hidden)[:, 0], cache, position + 1, done, key, tokens, mask, logp
 
-    def keep_going(carry):
-        index, done = carry[0], carry[4]
-        return (index < new) & ~jnp.all(done)
-
-    initial = (
-        jnp.zeros((), jnp.int32),
-        logits,
-        cache,
-        next_position,
-        jnp.zeros((batch,), bool),
-        key,
-        jnp.full((batch, new), config.pad_id, jnp.int32),
-        jnp.zeros((batch, new), bool),
-        jnp.zeros((batch, new), jnp.float32),
+    # Left padding puts every row's last prompt token in the last slot.
+    state = _DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        logits_BxV=model.logits(hidden[:, -1:])[:, 0],
+        cache=DecodeCache.from_cache(prefill_cache, sizes[0]),
+        position_B=prompt_positions[:, -1] + 1,
+        done_B=jnp.zeros((batch,), bool),
+        key=key,
+        tokens_BxN=jnp.full((batch, new), config.pad_id, jnp.int32),
+        mask_BxN=jnp.zeros((batch, new), bool),
+        logp_BxN=jnp.zeros((batch, new), jnp.float32),
     )
-    *_, response, response_mask, response_logp = jax.lax.while_loop(keep_going, step, initial)
+    for size in sizes:
+        # The steps that write slots below `size`; once every row is done, the rest are skipped.
+        def keep_going(state: _DecodeState, last=size - prompt_length) -> Array:
+            return (state.step < last) & ~jnp.all(state.done_B)
+
+        state = dataclasses.replace(state, cache=state.cache.grown(size))
+        state = jax.lax.while_loop(keep_going, step, state)
     pad_prompt = jnp.zeros((batch, prompt_length), bool)
     return Rollout(
-        tokens=jnp.concatenate([prompt_tokens, response], axis=1),
-        token_mask=jnp.concatenate([prompt_mask, response_mask], axis=1),
-        response_mask=jnp.concatenate([pad_prompt, response_mask], axis=1),
-        sampling_logp=jnp.concatenate([jnp.zeros((batch, prompt_length), jnp.float32), response_logp], axis=1),
+        tokens=jnp.concatenate([prompt_tokens, state.tokens_BxN], axis=1),
+        token_mask=jnp.concatenate([prompt_mask, state.mask_BxN], axis=1),
+        response_mask=jnp.concatenate([pad_prompt, state.mask_BxN], axis=1),
+        sampling_logp=jnp.concatenate([jnp.zeros((batch, prompt_length), jnp.float32), state.logp_BxN], axis=1),
     )
 
 

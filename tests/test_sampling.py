@@ -1,5 +1,7 @@
 """The KV-cache sampler and teacher scoring."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from flax import nnx
 
 from opd_jax import models, sampling
+from opd_jax.models.decoder import DecodeCache
 
 CONFIG = models.DecoderConfig(
     "qwen3", vocab_size=80, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -140,3 +143,148 @@ def test_bad_input_is_named(model):
                           ({"max_new_tokens": 0}, "max_new_tokens")):
         with pytest.raises(ValueError, match=field):
             sampling.SamplingConfig(**({"max_new_tokens": 4} | kwargs))
+
+
+# --------------------------------------------------------------------------------------------------
+# The decode path of generate: prepared weights, the per-layer cache, segments, the sampler's RNG
+
+BIASED = models.DecoderConfig(
+    "llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2,
+    head_dim=8, qkv_bias=True, mlp_bias=True, tie_word_embeddings=True, max_position_embeddings=256,
+    rope=models.RopeConfig(theta=500_000.0, rope_type="llama3", factor=8.0, original_max_position_embeddings=64),
+)
+
+
+def _randomised(config, seed=0):
+    """A decoder whose every parameter (norms and zero-initialised biases too) is random."""
+    model = models.Decoder(config, rngs=nnx.Rngs(seed))
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    noisy = [leaf + 0.3 * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)]
+    nnx.update(model, jax.tree.unflatten(treedef, noisy))
+    return model
+
+
+@pytest.mark.parametrize("config", [CONFIG, BIASED], ids=["qwen3", "llama_biased_tied"])
+def test_decode_weights_are_the_separate_projections_side_by_side(config):
+    model = _randomised(config)
+    weights = model.decode_weights()
+    d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    attention, mlp = model.layers.attention, model.layers.mlp
+    for i, layer in enumerate(weights.layers):
+        x = jax.random.normal(jax.random.key(i), (5, d))
+        qkv = np.asarray(x @ layer.qkv_DxE)
+        np.testing.assert_array_equal(qkv[:, : n * h], np.asarray(x @ attention.q[...][i].reshape(d, n * h)))
+        np.testing.assert_array_equal(qkv[:, n * h : (n + k) * h], np.asarray(x @ attention.k[...][i].reshape(d, -1)))
+        np.testing.assert_array_equal(qkv[:, (n + k) * h :], np.asarray(x @ attention.v[...][i].reshape(d, -1)))
+        gate_up = np.asarray(x @ layer.gate_up_Dx2F)
+        np.testing.assert_array_equal(gate_up[:, : config.intermediate_size], np.asarray(x @ mlp.gate[...][i]))
+        np.testing.assert_array_equal(gate_up[:, config.intermediate_size :], np.asarray(x @ mlp.up[...][i]))
+        np.testing.assert_array_equal(layer.o_ExD, attention.o[...][i].reshape(n * h, d))
+        if config.qkv_bias:
+            np.testing.assert_array_equal(layer.qkv_bias_E, np.concatenate(
+                [attention.q_bias[...][i].ravel(), attention.k_bias[...][i].ravel(), attention.v_bias[...][i].ravel()]))
+            np.testing.assert_array_equal(layer.gate_up_bias_2F,
+                                          np.concatenate([mlp.gate_bias[...][i], mlp.up_bias[...][i]]))
+        if config.qk_norm:
+            np.testing.assert_array_equal(layer.qk_norm_MxH[:n], np.broadcast_to(attention.q_norm.weight[...][i], (n, h)))
+            np.testing.assert_array_equal(layer.qk_norm_MxH[n:], np.broadcast_to(attention.k_norm.weight[...][i], (k, h)))
+        else:
+            assert layer.qk_norm_MxH is None
+    np.testing.assert_array_equal(weights.projection_DxV, model.output_projection())
+
+
+@pytest.mark.parametrize("config", [CONFIG, BIASED], ids=["qwen3", "llama_biased_tied"])
+def test_decode_step_equals_the_cached_forward_pass(config):
+    """decode_step over a grown DecodeCache gives the logits of hidden_states + logits with a
+    KVCache, token by token, padding rows and dead rows included."""
+    model = _randomised(config)
+    prompts, mask = _ragged_prompts()
+    prompts = prompts % config.vocab_size
+    batch, length, steps = 4, prompts.shape[1], 7
+    positions = sampling.positions_from_mask(mask)
+    cache = models.KVCache.zeros(config, batch, length + steps)
+    _, cache = model.hidden_states(prompts, positions_BxT=positions, token_mask_BxT=mask, cache=cache)
+    prefill = models.KVCache.zeros(config, batch, length)
+    _, prefill = model.hidden_states(prompts, positions_BxT=positions, token_mask_BxT=mask, cache=prefill)
+    decode_cache = DecodeCache.from_cache(prefill, length + 3)
+    weights = model.decode_weights()
+    step = jax.jit(model.decode_step)
+    rng = np.random.default_rng(1)
+    position = positions[:, -1] + 1
+    for t in range(steps):
+        tokens = jnp.asarray(rng.integers(0, config.vocab_size, batch), jnp.int32)
+        live = jnp.asarray([True, t < 3, True, t % 2 == 0])
+        hidden, cache = model.hidden_states(tokens[:, None], positions_BxT=position[:, None],
+                                            token_mask_BxT=live[:, None], cache=cache)
+        expected = model.logits(hidden)[:, 0]
+        if decode_cache.num_slots == decode_cache.index:
+            decode_cache = decode_cache.grown(decode_cache.num_slots + 2)
+        logits, decode_cache = step(weights, tokens, position, live, decode_cache)
+        np.testing.assert_allclose(logits, expected, atol=2e-5, rtol=2e-5)
+        position = position + 1
+    assert int(decode_cache.index) == length + steps
+
+
+def test_cache_segments_grow_to_the_rollout_length():
+    assert sampling.cache_segments(16, 128) == (144,)
+    assert sampling.cache_segments(16, 512) == (144, 272, 400, 528)
+    assert sampling.cache_segments(6, 1) == (7,)
+    sizes = sampling.cache_segments(100, 8000)
+    assert sizes[0] == 228 and sizes[-1] == 8100 and len(sizes) < 25
+    steps = np.diff(sizes)
+    assert np.all(steps >= 1) and np.all(steps[:-1] >= 128) and np.all(steps[:-1] % 128 == 0)
+    assert np.all(steps[:-1] <= np.maximum(128, np.asarray(sizes[:-2]) // 4 + 128))
+
+
+def test_rollouts_across_cache_segments_match_scoring_and_stop_early():
+    """151 new tokens run in two decode segments (144 slots, then 157): log-probs still equal the
+    full forward pass, and rows stopping in either segment are padded from there on."""
+    config = dataclasses.replace(CONFIG, max_position_embeddings=256)
+    model = models.Decoder(config, rngs=nnx.Rngs(3))
+    model.embedding[...] = model.embedding[...] * 40
+    prompts, mask = _ragged_prompts()
+    assert sampling.cache_segments(6, 151) == (134, 157)
+    rollout = sampling.generate(model, prompts, mask, jax.random.key(5), sampling.SamplingConfig(151))
+    response = np.asarray(rollout.response_mask)
+    assert response[:, 6:].all()
+    scored = sampling.score(model, rollout.tokens, rollout.token_mask)
+    np.testing.assert_allclose(np.where(response, scored, 0), rollout.sampling_logp, atol=2e-5)
+    tokens = np.asarray(rollout.tokens)
+    stop = int(tokens[0, 6 + 140])  # row 0 emits it in the second segment (or earlier)
+    stopped = sampling.generate(model, prompts, mask, jax.random.key(5), sampling.SamplingConfig(151, stop_ids=(stop,)))
+    for row in range(4):
+        hits = np.flatnonzero(tokens[row, 6:] == stop)
+        length = hits[0] + 1 if hits.size else 151
+        assert np.asarray(stopped.response_mask)[row, 6:].sum() == length
+        np.testing.assert_array_equal(np.asarray(stopped.tokens)[row, 6 : 6 + length], tokens[row, 6 : 6 + length])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**31 + 5])
+def test_sampler_random_numbers_are_bitwise_those_of_jax_random(seed):
+    key = jax.random.key(seed)
+    first, second = jax.jit(sampling._split)(key)
+    expected = jax.random.split(key)
+    np.testing.assert_array_equal(jax.random.key_data(first), jax.random.key_data(expected[0]))
+    np.testing.assert_array_equal(jax.random.key_data(second), jax.random.key_data(expected[1]))
+    for shape in ((3, 7), (64, 1024), (2, 4099)):
+        np.testing.assert_array_equal(jax.jit(sampling._gumbel, static_argnums=1)(key, shape),
+                                      jax.random.gumbel(key, shape, jnp.float32))
+    logits = 3 * jax.random.normal(jax.random.key(seed + 7), (16, 80), jnp.float32)  # as the model gives
+    tokens, logp = jax.jit(sampling._sample, static_argnums=2)(logits, key, sampling.SamplingConfig(4))
+    np.testing.assert_array_equal(tokens, jax.random.categorical(key, logits))
+    np.testing.assert_array_equal(logp, jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, None], -1)[:, 0])
+    greedy, _ = sampling._sample(logits, key, sampling.SamplingConfig(4, temperature=0))
+    np.testing.assert_array_equal(greedy, jnp.argmax(logits, -1))
+    # Ties go to the first maximal entry, as argmax does.
+    tied = jnp.zeros((2, 5)).at[:, 1].set(1).at[:, 3].set(1)
+    np.testing.assert_array_equal(sampling._first_argmax(tied), [1, 1])
+
+
+def test_other_key_implementations_fall_back_to_jax_random():
+    key = jax.random.key(4, impl="rbg")
+    assert not sampling._straight_threefry_applies(key)
+    np.testing.assert_array_equal(sampling._gumbel(key, (3, 5)), jax.random.gumbel(key, (3, 5), jnp.float32))
+    first, _ = sampling._split(key)
+    np.testing.assert_array_equal(jax.random.key_data(first), jax.random.key_data(jax.random.split(key)[0]))

@@ -183,6 +183,43 @@ def attention(
     return _zero_empty_rows(out, mask_BxTxS)
 
 
+def decode_attention(q_BxKxGxH: Array, keys_BxKxHxS: Array, values_BxKxSxH: Array, visible_BxS: Array,
+                     scale: float) -> Array:
+    """One query row per sequence against a decode cache laid out heads-first.
+
+    The sampler's decode step: key / value heads lead the cache (keys ``[B, K, H, S]``, values
+    ``[B, K, S, H]``), so both products are plain batched matmuls over ``(B, K)`` that read the
+    cache where it lies, with no transpose or copy of it; ``S`` is the part of the cache the
+    sampler has grown so far (see :class:`opd_jax.models.decoder.DecodeCache`), not the whole
+    rollout length.
+
+    The arithmetic is that of one ``chunked`` key block (float32 scores, maximum, ``exp``, sum,
+    ``p @ v`` then one division), so it agrees with the cached ``chunked`` / ``xla`` paths to
+    float32 round-off.
+
+    Args:
+      q_BxKxGxH: queries, the ``G = N / K`` query heads of each key / value head side by side
+        (query head ``n = k * G + g``, as grouped-query attention maps them).
+      keys_BxKxHxS, values_BxKxSxH: the cache, in the dtype of ``q``.
+      visible_BxS: bool, the slots this row may attend to (written and real).
+      scale: multiplies the scores.
+
+    Returns:
+      ``[B, K, G, H]`` in the dtype of ``q``; zeros for a row without a visible slot.
+    """
+    s = jnp.einsum("bkgh,bkhs->bkgs", q_BxKxGxH, keys_BxKxHxS, preferred_element_type=jnp.float32)
+    s = s * jnp.float32(scale)
+    visible = visible_BxS[:, None, None, :]
+    m = jnp.max(jnp.where(visible, s, _MASKED_SCORE), axis=-1)
+    p = jnp.where(visible, jnp.exp(s - m[..., None]), 0.0)
+    l = jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bkgs,bksh->bkgh", p.astype(values_BxKxSxH.dtype), values_BxKxSxH,
+                    preferred_element_type=jnp.float32)
+    seen = l > 0
+    out = jnp.where(seen[..., None], pv / jnp.where(seen, l, 1.0)[..., None], 0.0)
+    return out.astype(q_BxKxGxH.dtype)
+
+
 def _check_shapes(q, k, v, query_slots_T, key_valid_BxS) -> None:
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ValueError(

@@ -39,8 +39,8 @@ from opd_jax.models.config import DecoderConfig, RopeConfig
 
 Array = jax.Array
 
-__all__ = ["DTYPES", "REMAT_POLICIES", "AttentionConfig", "Decoder", "KVCache", "resolve_dtype",
-           "rope_inverse_frequencies"]
+__all__ = ["DTYPES", "REMAT_POLICIES", "AttentionConfig", "DecodeCache", "DecodeLayer", "DecodeWeights", "Decoder",
+           "KVCache", "resolve_dtype", "rope_inverse_frequencies"]
 
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
@@ -117,9 +117,14 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: Array) -> Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+        return _rms_norm(x, self.weight[...], self.eps)
+
+
+def _rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """:class:`RMSNorm` as a function of its weight (the decode step holds prepared weights)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
 @jax.tree_util.register_dataclass
@@ -146,6 +151,103 @@ class KVCache:
                    jnp.zeros((), jnp.int32))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeLayer:
+    """One block's weights laid out for a one-token decode step, in the compute dtype.
+
+    Built by :meth:`Decoder.decode_weights` from the stored parameters (which keep their names and
+    layout): the query, key and value projections side by side in one ``[D, (N + 2K) · H]`` matrix
+    and gate and up in one ``[D, 2F]``, so a step runs one matmul where it ran three and two; the
+    QK-norm weights of the ``M = N + K`` query and key heads stacked ``[M, H]``, so one norm and one
+    RoPE cover queries and keys. Optional parts (biases, QK-norm) are ``None`` when the architecture
+    has none.
+    """
+
+    attention_norm_D: Array
+    qkv_DxE: Array
+    o_ExD: Array
+    mlp_norm_D: Array
+    gate_up_Dx2F: Array
+    down_FxD: Array
+    qkv_bias_E: Array | None = None
+    qk_norm_MxH: Array | None = None
+    o_bias_D: Array | None = None
+    gate_up_bias_2F: Array | None = None
+    down_bias_D: Array | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeWeights:
+    """Every weight a decode step reads, prepared once per rollout (outside the decode loop).
+
+    Attributes:
+      embedding_VxD: the token embedding, in the compute dtype.
+      layers: one :class:`DecodeLayer` per block (the decode step runs the blocks unrolled, so each
+        reads its own arrays instead of slicing a stacked one, which XLA:CPU copies every step).
+      final_norm_D: the final RMSNorm weight.
+      projection_DxV: the output projection (the LM head, or the transposed embedding when tied).
+    """
+
+    embedding_VxD: Array
+    layers: tuple[DecodeLayer, ...]
+    final_norm_D: Array
+    projection_DxV: Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeCache:
+    """The KV cache of the decode loop: one array per layer, heads before slots.
+
+    Attributes:
+      keys_BxKxHxS: one ``[B, K, H, S]`` array per layer (slots last), in the compute dtype.
+      values_BxKxSxH: one ``[B, K, S, H]`` array per layer.
+        Per-layer arrays are updated in place in the loop carry. With key / value heads leading,
+        both attention products are batched matmuls over ``(B, K)`` reading the cache where it lies;
+        keys with slots last make the score product a plain ``[G, H] @ [H, S]`` (measured on
+        XLA:CPU at batch 256: 1.0 ms against 1.6 ms for ``[S, H]`` keys at 144 slots, 3.3 against
+        10 ms at 528).
+      valid_BxS: bool, slots holding a real (non-padding) token.
+      index: ``[]`` int32, the next slot to write (shared by all rows, prompts being left-padded).
+
+    ``S`` is the number of slots allocated so far: the sampler grows the cache with
+    :meth:`grown` as the rollout fills it, so attention reads about the filled part only.
+    """
+
+    keys_BxKxHxS: tuple[Array, ...]
+    values_BxKxSxH: tuple[Array, ...]
+    valid_BxS: Array
+    index: Array
+
+    @property
+    def num_slots(self) -> int:
+        return self.valid_BxS.shape[1]
+
+    @classmethod
+    def from_cache(cls, cache: KVCache, num_slots: int) -> DecodeCache:
+        """The decode layout of a (prefill) :class:`KVCache`, padded to ``num_slots`` slots."""
+        keys = cache.keys_LxBxSxKxH.transpose(0, 1, 3, 4, 2)
+        values = cache.values_LxBxSxKxH.transpose(0, 1, 3, 2, 4)
+        layers = keys.shape[0]
+        grown = cls(tuple(keys[i] for i in range(layers)), tuple(values[i] for i in range(layers)),
+                    cache.valid_BxS, cache.index)
+        return grown.grown(num_slots)
+
+    def grown(self, num_slots: int) -> DecodeCache:
+        """The same cache with ``num_slots`` slots (new slots empty and invalid)."""
+        extra = num_slots - self.num_slots
+        if extra < 0:
+            raise ValueError(f"a cache of {self.num_slots} slots cannot shrink to {num_slots}")
+        if extra == 0:
+            return self
+        key_pad, value_pad = ((0, 0), (0, 0), (0, 0), (0, extra)), ((0, 0), (0, 0), (0, extra), (0, 0))
+        return DecodeCache(tuple(jnp.pad(k, key_pad) for k in self.keys_BxKxHxS),
+                           tuple(jnp.pad(v, value_pad) for v in self.values_BxKxSxH),
+                           jnp.pad(self.valid_BxS, ((0, 0), (0, extra))), self.index)
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """Which attention kernel the decoder runs (see :mod:`opd_jax.models.attention`).
@@ -158,9 +260,11 @@ class AttentionConfig:
       interpret: run the Pallas splash kernel in interpret mode (on CPU, for tests).
       block_size: query / key block of the chunked kernel.
 
-    Self-attention over a whole sequence (training, scoring) uses the chosen kernel. With a KV
-    cache (prefill and decoding in the sampler) ``xla`` stays ``xla`` and every other choice runs
-    ``chunked``: splash has no cache form, and one query row against the cache is small.
+    Self-attention over a whole sequence (training, scoring) uses the chosen kernel. With a
+    :class:`KVCache` (the sampler's prefill) ``xla`` stays ``xla`` and every other choice runs
+    ``chunked``: splash has no cache form. The sampler's one-token decode steps
+    (:meth:`Decoder.decode_step`) run :func:`opd_jax.models.attention.decode_attention` whatever the
+    choice: one query row against the cache is small.
     """
 
     implementation: str = "auto"
@@ -390,6 +494,122 @@ class Decoder(nnx.Module):
             block_step, (x_BxTxD, cache.keys_LxBxSxKxH, cache.values_LxBxSxKxH), layers
         )
         return x_BxTxD, keys, values
+
+    def decode_weights(self) -> DecodeWeights:
+        """The weights in the decode layout (:class:`DecodeWeights`), cast to the compute dtype.
+
+        Call it once per rollout, outside the decode loop: it concatenates the projections (a copy
+        of the block weights), which :meth:`decode_step` then reads every step.
+        """
+        config, dtype = self.config, self.compute_dtype
+        d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        attention, mlp = self.layers.attention, self.layers.mlp
+
+        def get(param):
+            return param[...].astype(dtype)
+
+        q, kk, v, o = get(attention.q), get(attention.k), get(attention.v), get(attention.o)
+        gate, up, down = get(mlp.gate), get(mlp.up), get(mlp.down)
+        layers = []
+        for i in range(config.num_layers):
+            extras = {}
+            if config.qkv_bias:
+                extras["qkv_bias_E"] = jnp.concatenate(
+                    [get(attention.q_bias)[i].reshape(-1), get(attention.k_bias)[i].reshape(-1),
+                     get(attention.v_bias)[i].reshape(-1)])
+            if config.qk_norm:
+                extras["qk_norm_MxH"] = jnp.concatenate([
+                    jnp.broadcast_to(get(attention.q_norm.weight)[i], (n, h)),
+                    jnp.broadcast_to(get(attention.k_norm.weight)[i], (k, h))])
+            if config.o_bias:
+                extras["o_bias_D"] = get(attention.o_bias)[i]
+            if config.mlp_bias:
+                extras["gate_up_bias_2F"] = jnp.concatenate([get(mlp.gate_bias)[i], get(mlp.up_bias)[i]])
+                extras["down_bias_D"] = get(mlp.down_bias)[i]
+            layers.append(DecodeLayer(
+                attention_norm_D=get(self.layers.attention_norm.weight)[i],
+                qkv_DxE=jnp.concatenate(
+                    [q[i].reshape(d, n * h), kk[i].reshape(d, k * h), v[i].reshape(d, k * h)], axis=1),
+                o_ExD=o[i].reshape(n * h, d),
+                mlp_norm_D=get(self.layers.mlp_norm.weight)[i],
+                gate_up_Dx2F=jnp.concatenate([gate[i], up[i]], axis=1),
+                down_FxD=down[i],
+                **extras,
+            ))
+        return DecodeWeights(
+            embedding_VxD=get(self.embedding), layers=tuple(layers), final_norm_D=get(self.final_norm.weight),
+            projection_DxV=self.output_projection(),
+        )
+
+    def decode_step(
+        self, weights: DecodeWeights, tokens_B: Array, positions_B: Array, live_B: Array, cache: DecodeCache
+    ) -> tuple[Array, DecodeCache]:
+        """One token per row through the model, written into the cache at slot ``cache.index``.
+
+        The same computation as :meth:`hidden_states` + :meth:`logits` with ``T = 1`` and a cache,
+        restructured for a decode loop: fused projections (:class:`DecodeWeights`), the blocks
+        unrolled over per-layer cache arrays updated in place, and attention over the cache's
+        allocated slots (:func:`~opd_jax.models.attention.decode_attention`).
+
+        Args:
+          weights: from :meth:`decode_weights` (prepared once, outside the loop).
+          tokens_B: int32 token ids.
+          positions_B: int32 RoPE positions.
+          live_B: bool; a row that is not live writes an invalid slot (never attended to).
+          cache: a :class:`DecodeCache` with a free slot at ``index``.
+
+        Returns:
+          float32 logits ``[B, V]`` and the cache with ``index + 1``.
+        """
+        config = self.config
+        n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
+        batch = tokens_B.shape[0]
+        inv_freq, factor = rope_inverse_frequencies(config.rope, h)
+        angles = positions_B.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)  # [B, H/2]
+        angles = jnp.concatenate([angles, angles], axis=-1)[:, None, :]
+        cos = (jnp.cos(angles) * factor).astype(self.compute_dtype)
+        sin = (jnp.sin(angles) * factor).astype(self.compute_dtype)
+
+        def rope(x_BxMxH):
+            first, second = jnp.split(x_BxMxH, 2, axis=-1)
+            return x_BxMxH * cos + jnp.concatenate([-second, first], axis=-1) * sin
+
+        valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, live_B[:, None], cache.index, axis=1)
+        zero = jnp.zeros((), jnp.int32)
+        x = weights.embedding_VxD[tokens_B]  # [B, D]
+        keys, values = [], []
+        for layer, layer_keys, layer_values in zip(weights.layers, cache.keys_BxKxHxS, cache.values_BxKxSxH):
+            qkv = _rms_norm(x, layer.attention_norm_D, config.rms_norm_eps) @ layer.qkv_DxE
+            if layer.qkv_bias_E is not None:
+                qkv = qkv + layer.qkv_bias_E
+            # Query and key heads side by side [B, N + K, H]: norm and RoPE act per head alike.
+            qk = qkv[:, : (n + k) * h].reshape(batch, n + k, h)
+            new_v = qkv[:, (n + k) * h :].reshape(batch, k, h)
+            if layer.qk_norm_MxH is not None:
+                qk = _rms_norm(qk, layer.qk_norm_MxH, config.rms_norm_eps)
+            qk = rope(qk)
+            q, new_k = qk[:, :n], qk[:, n:]
+            layer_keys = jax.lax.dynamic_update_slice(
+                layer_keys, new_k[:, :, :, None].astype(layer_keys.dtype), (zero, zero, zero, cache.index))
+            layer_values = jax.lax.dynamic_update_slice(
+                layer_values, new_v[:, :, None].astype(layer_values.dtype), (zero, zero, cache.index, zero))
+            keys.append(layer_keys)
+            values.append(layer_values)
+            attended = attention_lib.decode_attention(
+                q.reshape(batch, k, n // k, h), layer_keys.astype(q.dtype), layer_values.astype(q.dtype), valid_BxS,
+                config.attention_scale,
+            )
+            out = attended.reshape(batch, n * h) @ layer.o_ExD
+            x = x + (out + layer.o_bias_D if layer.o_bias_D is not None else out)
+            gate_up = _rms_norm(x, layer.mlp_norm_D, config.rms_norm_eps) @ layer.gate_up_Dx2F
+            if layer.gate_up_bias_2F is not None:
+                gate_up = gate_up + layer.gate_up_bias_2F
+            gate, up = jnp.split(gate_up, 2, axis=-1)
+            out = (jax.nn.silu(gate) * up) @ layer.down_FxD
+            x = x + (out + layer.down_bias_D if layer.down_bias_D is not None else out)
+        hidden = _rms_norm(x, weights.final_norm_D, config.rms_norm_eps)
+        logits = jnp.einsum("bd,dv->bv", hidden, weights.projection_DxV, preferred_element_type=jnp.float32)
+        return logits, DecodeCache(tuple(keys), tuple(values), valid_BxS, cache.index + 1)
 
     def output_projection(self) -> Array:
         """``[D, V]`` in the compute dtype: the LM head, or the transposed embedding when tied."""
