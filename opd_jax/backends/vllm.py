@@ -28,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import weakref
 from multiprocessing.connection import Connection
@@ -137,8 +138,9 @@ class VllmBackend:
       engine_options: more keyword arguments of ``vllm.LLM``.
       env: more environment variables for the worker (e.g. ``VLLM_CPU_OMP_THREADS_BIND``).
       startup_timeout_s, request_timeout_s: how long to wait for the engine, and for one request.
-      workdir: where the weights and the worker log go (default: a new folder in ``/dev/shm``, else
-        the temporary directory); removed by :meth:`close`.
+      workdir: the folder in which the backend makes its own folder for the weights and the worker
+        log (default: ``/dev/shm``, else the temporary directory); that folder is removed by
+        :meth:`close`. In ``/dev/shm`` the weights take RAM: one copy of the checkpoint in ``dtype``.
 
     Raises:
       VllmWorkerError: the environment is missing or broken (the message names
@@ -177,6 +179,9 @@ class VllmBackend:
         self._graphdef = nnx.graphdef(student)
         self._process: subprocess.Popen | None = None
         self._finalizer = None
+        # One request in flight at a time: a sampling thread and the loop must not interleave
+        # their messages on the pipes. close() does not take it (it may stop a running request).
+        self._lock = threading.Lock()
         #: seconds: import vllm, build the engine, and the whole start-up seen from here.
         self.startup: dict[str, float] = {}
         #: seconds of the last :meth:`sync_weights`: writing the weights, the engine's reload, total.
@@ -304,13 +309,14 @@ class VllmBackend:
         return error
 
     def _request(self, what: str, message: dict, timeout_s: float | None = None) -> dict:
-        if self._finalizer is None or not self._finalizer.alive:
-            raise VllmWorkerError(f"vLLM backend used after close() (during {what})")
-        try:
-            self._requests.send_bytes(json.dumps(message).encode())
-        except OSError:
-            raise self._died(what) from None
-        return self._receive(what, self.request_timeout_s if timeout_s is None else timeout_s)
+        with self._lock:
+            if self._finalizer is None or not self._finalizer.alive:
+                raise VllmWorkerError(f"vLLM backend used after close() (during {what})")
+            try:
+                self._requests.send_bytes(json.dumps(message).encode())
+            except OSError:
+                raise self._died(what) from None
+            return self._receive(what, self.request_timeout_s if timeout_s is None else timeout_s)
 
     def close(self) -> None:
         """Stop the worker and remove the shared-memory folder; safe to call twice."""
