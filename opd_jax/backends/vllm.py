@@ -80,11 +80,13 @@ def _log_tail(path: pathlib.Path) -> str:
 
 
 def _shutdown(process: subprocess.Popen, requests: Connection, replies: Connection, workdir: str,
-              grace_s: float) -> None:
+              grace_s: float, owner_pid: int) -> None:
     """Stop the worker (close request, then SIGTERM, then SIGKILL to its process group) and remove ``workdir``.
 
     A module-level function so that the finalizer holds no reference to the backend.
     """
+    if os.getpid() != owner_pid:  # a forked copy of the parent exiting: the worker is not its own
+        return
     try:
         if process.poll() is None:
             try:
@@ -239,7 +241,7 @@ class VllmBackend:
         self._requests = Connection(request_write, readable=False)
         self._replies = Connection(reply_read, writable=False)
         self._finalizer = weakref.finalize(self, _shutdown, self._process, self._requests, self._replies,
-                                           str(self.workdir), 10.0)
+                                           str(self.workdir), 10.0, os.getpid())
         ready = self._receive("start-up", timeout_s)
         self.startup = {"import_s": ready["import_seconds"], "engine_s": ready["engine_seconds"],
                         "total_s": time.perf_counter() - start}
@@ -303,7 +305,8 @@ class VllmBackend:
     def _died(self, what: str) -> VllmWorkerError:
         detail = self._exit_detail()
         if what == "start-up":
-            detail += f" before the engine was ready (if the environment is broken, rebuild it with `{BOOTSTRAP_COMMAND}`)"
+            detail += (f" before the engine was ready (if the environment is broken, rebuild it with "
+                       f"`{BOOTSTRAP_COMMAND}`)")
         error = self._failure(what, detail)
         self.close()
         return error

@@ -9,11 +9,13 @@ messages. Each message is one UTF-8 JSON object framed by :class:`multiprocessin
 (``send_bytes`` / ``recv_bytes``: a length header, then the bytes). Every reply has ``"ok"``; a
 failed request replies ``{"ok": false, "error": <message and traceback>}`` and the worker keeps
 serving. The first message the worker sends is ``{"ok": true, "event": "ready", ...}`` once the
-engine is built, or ``{"ok": false, "stage": "import" | "engine", ...}`` before it exits.
+engine is built and has decoded one warm-up token, or ``{"ok": false, "stage": "import" |
+"engine", ...}`` before it exits.
 
 Requests:
   ``{"cmd": "generate", "prompts": [[int]], "params": {...}, "seeds": [int] | null}`` ->
-    ``{"ok": true, "tokens": [[int]], "logprobs": [[float]] | null, "finish": [str]}``
+    ``{"ok": true, "tokens": [[int]], "logprobs": [[float] | null], "finish": [str]}`` (a row's
+    log-probabilities are null when greedy)
   ``{"cmd": "reload"}`` -> reload the weights from the model folder (rewritten by the parent) in
     place, reset the prefix cache -> ``{"ok": true, "seconds": float}``
   ``{"cmd": "ping"}`` -> ``{"ok": true, "pid": int}``
