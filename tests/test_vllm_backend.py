@@ -12,6 +12,7 @@ different kernels), so the tolerance below is 1e-4.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import pathlib
@@ -215,6 +216,24 @@ def test_sync_weights(engine):
         engine.backend.sync_weights(nnx.state(engine.student))
     got = np.asarray(engine.backend.generate(tokens, mask, jax.random.key(0), config).tokens)
     assert (got == want_old).all(axis=1).sum() >= 15
+
+
+def test_sync_weights_of_a_tied_model():
+    """Tied embeddings (the toy models have them): the engine's output head must follow a sync too.
+    Before the worker prepared the tied head again, the engine sampled with the old embedding
+    (mean |log-prob gap| 0.25) while every parameter equalled a fresh engine's."""
+    _require_vllm()
+    tied = dataclasses.replace(CONFIG, tie_word_embeddings=True)
+    old, new = (models.Decoder(tied, rngs=nnx.Rngs(seed)) for seed in (0, 5))
+    tokens, mask = left_padded_prompts(8, 6, seed=9)
+    with VllmBackend(tied, old, max_num_seqs=8) as backend:
+        backend.sync_weights(nnx.state(new))
+        rollout = backend.generate(tokens, mask, jax.random.key(0), sampling.SamplingConfig(12, 1.0))
+    scored = np.asarray(sampling.score(new, rollout.tokens, rollout.token_mask))
+    stale = np.asarray(sampling.score(old, rollout.tokens, rollout.token_mask))
+    response = np.asarray(rollout.response_mask)
+    assert np.abs(np.asarray(rollout.sampling_logp) - scored)[response].max() < LOGP_TOLERANCE
+    assert np.abs(np.asarray(rollout.sampling_logp) - stale)[response].mean() > 100 * LOGP_TOLERANCE
 
 
 def test_request_error_keeps_the_worker(engine):
