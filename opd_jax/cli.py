@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                            f"(default {math_defaults.verify_timeout})")
     math.add_argument("--no-chat-template", action="store_true",
                       help="encode questions as plain text even if the tokenizer has a chat template")
+    math.add_argument("--rollout-backend", choices=("jax", "vllm"),
+                      help="sample with our JAX sampler (default) or a vLLM engine in its own process "
+                           "(.venv-vllm, built by OPD_VLLM=1 .ci/bootstrap)")
     math.add_argument("--param-dtype", choices=models.DTYPES, help="model parameters (default float32)")
     math.add_argument("--compute-dtype", choices=("auto", *models.DTYPES),
                       help="matmuls, activations and KV cache; auto: bfloat16 on TPU/GPU, float32 on CPU "
@@ -802,7 +805,7 @@ examples:
 _TOY_ONLY = ("teacher", "no_teacher_kl", "problems")
 _MATH_ONLY = ("answer_key", "question_key", "samples", "pass_k", "max_new_tokens", "max_prompt_length", "temperature",
               "top_p", "batch_size", "verify_timeout", "no_chat_template", "param_dtype", "compute_dtype", "attention",
-              "quiet")
+              "quiet", "rollout_backend")
 
 
 def _given_flags(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
@@ -889,10 +892,23 @@ def _run_math_eval(args: argparse.Namespace) -> int:
                                           attention=args.attention or "auto")
     except (FileNotFoundError, ValueError) as error:  # e.g. an attention kernel this platform lacks
         _fail("eval", str(error))
+    backend = None
+    if args.rollout_backend == "vllm":
+        from opd_jax.backends.vllm import VllmBackend, VllmWorkerError
+
+        try:
+            backend = VllmBackend(model_config, model, max_num_seqs=min(config.batch_size, 256))
+        except VllmWorkerError as error:
+            _fail("eval", f"--rollout-backend vllm: {error}")
     records = []
-    for path, problems in datasets:
-        result = evaluation.evaluate_math(model, tokenizer, problems, config, progress=not args.quiet, label=path.name)
-        records.append({"dataset": str(path), **result.record()})
+    try:
+        for path, problems in datasets:
+            result = evaluation.evaluate_math(model, tokenizer, problems, config, progress=not args.quiet,
+                                              label=path.name, backend=backend)
+            records.append({"dataset": str(path), **result.record()})
+    finally:
+        if backend is not None:
+            backend.close()
     print(f"{args.model}: {config.samples} sample(s) per problem at temperature {config.temperature:g}, "
           f"at most {config.max_new_tokens} new tokens, seed {config.seed}; answers checked by math-verify; "
           "95% intervals over problems (normal approximation)\n")

@@ -4,10 +4,8 @@ policy, the full-vocabulary term and the loss options, end to end through opd_ja
 import dataclasses
 import json
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +20,7 @@ from opd_jax.sampling import score
 HELPERS = pathlib.Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
 import custom_divergence  # noqa: E402
+import faults  # noqa: E402
 import tiny_run  # noqa: E402
 
 BASE = dict(prompts_per_step=4, group_size=2, max_new_tokens=6, steps=3, checkpoint_every=3, learning_rate=3e-3,
@@ -210,13 +209,7 @@ def _child(output_dir, steps):
 
 def test_a_custom_divergence_run_killed_and_resumed_is_bitwise_the_uninterrupted_one(tmp_path):
     assert _child(tmp_path / "whole", 8).wait(timeout=600) == 0
-    child = _child(tmp_path / "killed", 8)
-    deadline = time.time() + 600
-    while not (tmp_path / "killed" / "checkpoints" / "4").is_dir():
-        assert child.poll() is None and time.time() < deadline, child.stdout.read().decode()[-3000:]
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    faults.kill_after_checkpoint(_child(tmp_path / "killed", 8), tmp_path / "killed", 4)
     assert not (tmp_path / "killed" / "student").exists()
     assert _child(tmp_path / "killed", 8).wait(timeout=600) == 0
     assert (tmp_path / "killed" / "student" / "model.safetensors").read_bytes() == (

@@ -2,10 +2,8 @@
 parameters step k − 1 started with, and the run still resumes bitwise after SIGKILL."""
 
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -18,6 +16,7 @@ from opd_jax.config import TrainConfig
 
 HELPERS = pathlib.Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
+import faults  # noqa: E402
 import tiny_run  # noqa: E402
 
 
@@ -80,13 +79,7 @@ def test_a_pipelined_run_killed_and_resumed_is_bitwise_the_uninterrupted_one(tmp
     """The checkpoint holds the parameters the next rollout is sampled from, so a resumed run draws
     the rollout the killed one had in flight again."""
     assert _child(tmp_path / "whole", 8).wait(timeout=600) == 0
-    child = _child(tmp_path / "killed", 8)
-    deadline = time.time() + 600
-    while not (tmp_path / "killed" / "checkpoints" / "4").is_dir():
-        assert child.poll() is None and time.time() < deadline, child.stdout.read().decode()[-3000:]
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    faults.kill_after_checkpoint(_child(tmp_path / "killed", 8), tmp_path / "killed", 4)
     assert not (tmp_path / "killed" / "student").exists()
     resumed = _child(tmp_path / "killed", 8)
     output = resumed.communicate(timeout=600)[0].decode()

@@ -119,3 +119,21 @@ def test_the_toy_demo_runs_end_to_end_on_the_vllm_backend(tmp_path, capsys):
     trained = [r for r in records if "loss" in r]
     assert len(trained) == 3 and all(r["sampling_logp_gap"] < 1e-4 for r in trained)
     assert "eval_accuracy" in records[-1]
+
+
+def test_eval_with_the_vllm_backend_agrees_with_the_jax_sampler_greedy(tmp_path):
+    """`opd-jax eval --dataset ... --rollout-backend vllm`: greedy responses, so both backends must
+    give the same responses and therefore the same numbers."""
+    from test_evaluation import GSM8K_STYLE, _write_jsonl
+
+    model = make_qwen3_folder(tmp_path / "model", seed=0, layers=1, hidden=128, max_position_embeddings=256)
+    dataset = _write_jsonl(tmp_path / "gsm8k_style.jsonl", GSM8K_STYLE)
+    summaries = {}
+    for backend in ("jax", "vllm"):
+        output = tmp_path / f"{backend}.json"
+        assert cli.main(["eval", "--model", str(model), "--dataset", str(dataset), "--samples", "1", "--temperature",
+                         "0", "--max-new-tokens", "8", "--quiet", "--rollout-backend", backend, "--json",
+                         str(output)]) == 0
+        summaries[backend] = json.loads(output.read_text())["datasets"][0]
+    assert summaries["vllm"] == summaries["jax"]
+    assert summaries["jax"]["response_length"] > 1

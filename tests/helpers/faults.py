@@ -93,6 +93,16 @@ def signal_at_step(child: Child, output, step: int, signum, *, times: int = 1, t
     return reached
 
 
+def kill_after_checkpoint(process: subprocess.Popen, output, step: int, *, timeout: float = 600) -> None:
+    """SIGKILL ``process`` once ``output/checkpoints/<step>`` exists (no chance to clean up)."""
+    deadline = time.time() + timeout
+    while not (pathlib.Path(output) / "checkpoints" / str(step)).is_dir():
+        assert process.poll() is None and time.time() < deadline, f"no checkpoint {step} in {output}"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
 def data_files(step_dir) -> list[pathlib.Path]:
     """The array data files of one orbax step folder (OCDBT ``d/`` files)."""
     files = sorted(p for p in pathlib.Path(step_dir).rglob("*") if p.is_file() and p.parent.name == "d")
