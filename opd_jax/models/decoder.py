@@ -22,6 +22,14 @@ log-softmax never runs in bfloat16.
 
 The KV cache is a plain pytree passed in and returned, so decoding is a pure function under
 ``jax.jit`` / ``lax.while_loop``.
+
+The sampler's one-token decode steps run a second form of the same computation
+(:meth:`Decoder.decode_step`): the weights are rearranged once per rollout, outside the decode
+loop (:class:`DecodeWeights`: fused ``q|k|v`` and ``gate|up`` projections, cast to the compute
+dtype; the stored parameters keep their names and layout), the blocks are unrolled, and the cache
+is one heads-first array per layer (:class:`DecodeCache`). On XLA:CPU a scanned decode step sliced
+every layer's weights and cache out of the stacked arrays (copies) and transposed the cache for
+attention, at every step; that, not the matmuls, was what grew with the batch.
 """
 
 from __future__ import annotations
