@@ -103,7 +103,9 @@ def main() -> None:
         )
         times, foreign = [], []
         for call in range(cell["repeats"] + 1):  # call 0 is the warm-up
-            outputs, elapsed, other_load = timed_generate(lambda: llm.generate(prompts, params, use_tqdm=False))  # noqa: B023
+            outputs, elapsed, other_load = timed_generate(
+                lambda: llm.generate(prompts, params, use_tqdm=False)  # noqa: B023
+            )
             lengths = {len(output.outputs[0].token_ids) for output in outputs}
             if len(outputs) != len(prompts) or lengths != {new_tokens}:
                 raise RuntimeError(f"vLLM returned {len(outputs)} rows of lengths {sorted(lengths)}, "
