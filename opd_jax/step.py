@@ -343,11 +343,13 @@ def make_train_step(
         # Row selection stays eager here, as it always was on one device.
         return TrainStep(jax.jit(prepare), jax.jit(update), take_rows)
     batch, replicated = shardings.batch, shardings.replicated
+    # The rollout is donated: its tokens and masks become the ScoredBatch's without a copy.
+    sharded_prepare = jax.jit(prepare, in_shardings=(shardings.params, shardings.teacher_params, batch,
+                                                     shardings.reference_params, batch),
+                              out_shardings=(batch, replicated), donate_argnums=(2,))
     return TrainStep(
-        # The rollout is donated: its tokens and masks become the ScoredBatch's without a copy.
-        prepare=jax.jit(prepare, in_shardings=(shardings.params, shardings.teacher_params, batch,
-                                               shardings.reference_params, batch), out_shardings=(batch, replicated),
-                        donate_argnums=(2,)),
+        prepare=lambda params, teacher_params, rollout, reference_params, teacher_index_B=None: sharded_prepare(
+            params, teacher_params, rollout, reference_params, teacher_index_B),
         update=jax.jit(
             update,
             in_shardings=(shardings.params, shardings.opt_state, shardings.teacher_params, batch, replicated),
