@@ -208,6 +208,19 @@ def _masked_mean(values_BxT: Array, mask_BxT: Array) -> Array:
     return jnp.sum(jnp.where(mask_BxT, values_BxT, 0.0)) / jnp.maximum(jnp.sum(mask_BxT), 1)
 
 
+def _per_teacher_metrics(teacher_names, teacher_index_B, log_ratio_BxT, token_advantage_BxT, mask_BxT) -> dict:
+    """KL, mean advantage, response length and row count of the rows each teacher scored."""
+    metrics = {}
+    for index, name in enumerate(teacher_names):
+        rows_B = teacher_index_B == index
+        own_BxT = mask_BxT & rows_B[:, None]
+        metrics |= {f"teacher_kl/{name}": _masked_mean(log_ratio_BxT, own_BxT),
+                    f"advantage_mean/{name}": _masked_mean(token_advantage_BxT, own_BxT),
+                    f"response_length/{name}": jnp.sum(own_BxT) / jnp.maximum(jnp.sum(rows_B), 1),
+                    f"rows/{name}": jnp.sum(rows_B)}
+    return metrics
+
+
 def make_train_step(
     config: TrainConfig,
     graphdef,
@@ -267,17 +280,6 @@ def make_train_step(
             logp_BxT = jnp.where((teacher_index_B == index)[:, None], own_BxT, logp_BxT)
         return logp_BxT, None, None
 
-    def per_teacher_metrics(teacher_index_B, log_ratio_BxT, token_advantage_BxT, mask_BxT):
-        metrics = {}
-        for index, name in enumerate(teacher_names):
-            rows_B = teacher_index_B == index
-            own_BxT = mask_BxT & rows_B[:, None]
-            metrics |= {f"teacher_kl/{name}": _masked_mean(log_ratio_BxT, own_BxT),
-                        f"advantage_mean/{name}": _masked_mean(token_advantage_BxT, own_BxT),
-                        f"response_length/{name}": jnp.sum(own_BxT) / jnp.maximum(jnp.sum(rows_B), 1),
-                        f"rows/{name}": jnp.sum(rows_B)}
-        return metrics
-
     def prepare(params, teacher_params, rollout: Rollout, reference_params, teacher_index_B=None):
         mask_BxT = rollout.response_mask
         behaviour_logp, student_hidden, student_projection = log_probs(graph_of["student"], params, rollout.tokens,
@@ -308,7 +310,8 @@ def make_train_step(
             "sampling_logp_gap": _masked_mean(jnp.abs(rollout.sampling_logp - behaviour_logp), mask_BxT),
         }
         if teacher_names is not None:
-            metrics |= per_teacher_metrics(teacher_index_B, behaviour_logp - teacher_logp, token_advantage, mask_BxT)
+            metrics |= _per_teacher_metrics(teacher_names, teacher_index_B, behaviour_logp - teacher_logp,
+                                            token_advantage, mask_BxT)
         batch = ScoredBatch(rollout.tokens, rollout.token_mask, mask_BxT, behaviour_logp, advantages,
                             jax.lax.stop_gradient(teacher_hidden) if full_vocab else None)
         return batch, metrics
