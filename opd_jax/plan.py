@@ -81,6 +81,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from opd_jax import sharding as sharding_lib
 from opd_jax import step as step_lib
 from opd_jax import topologies as topologies_lib
+from opd_jax.backends import JaxBackend
 from opd_jax import train as train_lib
 from opd_jax.models import DTYPES, REMAT_POLICIES, AttentionConfig, Decoder, DecoderConfig, resolve_dtype
 from opd_jax.models.presets import PRESETS, resolve_model
@@ -348,10 +349,10 @@ def _build_programs(config: PlanConfig, mesh, student, teacher) -> tuple[dict[st
     }
     sampling_config = SamplingConfig(max_new_tokens=config.new_tokens, temperature=train_config.temperature,
                                      stop_ids=tuple(config.student.eos_token_id))
-    rollout_fn = train_lib._sharded_sampler(graphdef, shardings, sampling_config)
+    sampler = JaxBackend.sharded(graphdef, shardings, sampling_config)
 
     def rollout(params, prompt_tokens, prompt_mask, key):
-        return rollout_fn(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, sampling_config)
+        return sampler.rollout_fn(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, sampling_config)
 
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
     step = step_lib.make_train_step(train_config, graphdef, teacher_graphdef, optimizer, shardings)
@@ -361,7 +362,7 @@ def _build_programs(config: PlanConfig, mesh, student, teacher) -> tuple[dict[st
             (params, rows(B, config.prompt_length, "int32"), rows(B, config.prompt_length, "bool"), key),
             1, ("opt_state", "teacher_params"), (0,),
         ),
-        "score": _Program(step.prepare, (params, teacher_params, buffers["rollout"], None), 1, ("opt_state",), (0, 1)),
+        "score": _Program(step.prepare, (params, teacher_params, buffers["rollout"], None, None), 1, ("opt_state",), (0, 1)),
         # The update reads the teacher only for a full-vocabulary term; otherwise jit drops the
         # argument, and the teacher counts as resident beside the program.
         "update": _Program(

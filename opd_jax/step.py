@@ -150,7 +150,8 @@ class TrainStep:
     Attributes:
       prepare: ``(params, teacher_params, rollout, reference_params, teacher_index_B=None)`` ->
         ``(ScoredBatch, metrics)``; ``reference_params`` is ``None`` without a reference model,
-        ``teacher_index_B`` (int ``[B]``) is read with several teachers only.
+        ``teacher_index_B`` (int ``[B]``) is read with several teachers only (pass ``None``
+        otherwise; the sharded step takes all five arguments).
       update: ``(params, opt_state, teacher_params, rows: ScoredBatch, normalizer [])`` for one
         minibatch -> ``(params, opt_state, metrics)``.
       take_rows: ``(ScoredBatch, rows [M])`` -> the minibatch of those rows, placed like the batch.
@@ -346,13 +347,12 @@ def make_train_step(
         # Row selection stays eager here, as it always was on one device.
         return TrainStep(jax.jit(prepare), jax.jit(update), take_rows)
     batch, replicated = shardings.batch, shardings.replicated
-    # The rollout is donated: its tokens and masks become the ScoredBatch's without a copy.
-    sharded_prepare = jax.jit(prepare, in_shardings=(shardings.params, shardings.teacher_params, batch,
-                                                     shardings.reference_params, batch),
-                              out_shardings=(batch, replicated), donate_argnums=(2,))
     return TrainStep(
-        prepare=lambda params, teacher_params, rollout, reference_params, teacher_index_B=None: sharded_prepare(
-            params, teacher_params, rollout, reference_params, teacher_index_B),
+        # The rollout is donated: its tokens and masks become the ScoredBatch's without a copy. With
+        # explicit shardings every argument is passed, teacher_index_B too (None for one teacher).
+        prepare=jax.jit(prepare, in_shardings=(shardings.params, shardings.teacher_params, batch,
+                                               shardings.reference_params, batch), out_shardings=(batch, replicated),
+                        donate_argnums=(2,)),
         update=jax.jit(
             update,
             in_shardings=(shardings.params, shardings.opt_state, shardings.teacher_params, batch, replicated),

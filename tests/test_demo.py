@@ -1,5 +1,6 @@
 """The embedded default (`opd-jax demo`), `opd-jax eval`, and the grid helpers behind them."""
 
+import dataclasses
 import json
 import pathlib
 
@@ -50,7 +51,7 @@ def test_summary_is_the_mean_and_sample_std_over_seeds():
 
 
 def test_demo_tasks_are_the_registered_tasks_with_the_demo_settings(monkeypatch):
-    assert list(demo.TASKS) == list(tasks.task_names()) == ["arithmetic", "tool_use"]
+    assert list(demo.TASKS) == list(tasks.task_names()) == ["arithmetic", "arithmetic_vllm", "tool_use"]
     arithmetic, tool = demo.TASKS["arithmetic"], demo.TASKS["tool_use"]
     assert arithmetic.task is tasks.get_task("arithmetic") and tool.task is tasks.get_task("tool_use")
     assert (arithmetic.config, arithmetic.output) == (demo.DEMO_CONFIG, pathlib.Path("runs/demo"))
@@ -59,11 +60,13 @@ def test_demo_tasks_are_the_registered_tasks_with_the_demo_settings(monkeypatch)
     assert tool.teacher_path() == tool_use.toy_model_path("teacher")
     with pytest.raises(KeyError):
         demo.TASKS["chess"]
-    with pytest.raises(ValueError, match="unknown task 'chess'; registered: arithmetic, tool_use"):
+    with pytest.raises(ValueError, match="unknown task 'chess'; registered: arithmetic, arithmetic_vllm, tool_use"):
         demo.demo_task("chess")
+    # the head-size-32 variant of the arithmetic task samples with vLLM
+    assert demo.TASKS["arithmetic_vllm"].config == dataclasses.replace(demo.DEMO_CONFIG, rollout_backend="vllm")
     # A task registered later is a demo task too, with the default settings.
     monkeypatch.setitem(tasks._registry, "arithmetic_copy", tasks.get_task("arithmetic"))
-    assert "arithmetic_copy" in demo.TASKS and len(demo.TASKS) == 3
+    assert "arithmetic_copy" in demo.TASKS and len(demo.TASKS) == 4
     assert demo.TASKS["arithmetic_copy"].output == pathlib.Path("runs/demo-arithmetic_copy")
     assert demo.TASKS["arithmetic_copy"].config == demo.DEMO_CONFIG
 

@@ -2,7 +2,7 @@
 a registry of :class:`~opd_jax.tasks.base.Task` objects by name.
 
 >>> sorted(task_names())
-['arithmetic', 'tool_use']
+['arithmetic', 'arithmetic_vllm', 'tool_use']
 >>> get_task("tool_use").model_path("teacher").name
 'teacher'
 

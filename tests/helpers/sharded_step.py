@@ -37,7 +37,7 @@ def relative(a, b) -> float:
 def run_step(step_fn, params, opt_state, teacher_params, rollout, place=lambda x: x):
     """prepare, then UPDATES minibatch updates on fixed row sets; returns losses, final params and the
     prepared (behaviour log-probs, teacher-KL, advantages)."""
-    scored, metrics = step_fn.prepare(params, teacher_params, rollout, None)
+    scored, metrics = step_fn.prepare(params, teacher_params, rollout, None, None)
     normalizer = place(jnp.maximum(metrics["response_tokens"], 1).astype(jnp.float32) / CONFIG.minibatches)
     losses = []
     for update in range(UPDATES):
