@@ -2,7 +2,7 @@
 
 A step of :func:`opd_jax.train.train` runs three compiled programs:
 
-- ``rollout``: the sampler (:func:`opd_jax.train._sharded_sampler` over
+- ``rollout``: the sampler (:meth:`opd_jax.backends.JaxBackend.sharded` over
   :func:`opd_jax.sampling.generate`): prefill of ``prompt_length`` slots, then KV-cache decoding of
   ``sequence_length - prompt_length`` tokens for ``prompts_per_step × group_size`` rows;
 - ``score``: :func:`opd_jax.step.make_train_step`'s ``prepare``: student and teacher log-probs of

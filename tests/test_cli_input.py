@@ -125,7 +125,7 @@ def test_bad_options_and_inputs_fail_before_anything_is_written(folders, tmp_pat
         (config("c.toml", "group_size = true"), r"c.toml: group_size must be an integer; got True \(a boolean\)"),
         (config("d.toml", 'temperature = "hot"'), r"temperature must be a number; got 'hot'"),
         (config("e.toml", "log_ratio_clip = [1]"), r"log_ratio_clip must be a number or \"none\"; got \[1\]"),
-        (config("f.toml", "eval_every = 5"), r"eval_every is not an option of opd-jax train"),
+        (config("f.toml", "eval_every = 5"), r"eval_every needs --eval-dataset"),
         (["--steps", "2.5"], r"argument --steps: invalid int value: '2.5'"),
         (["--learning-rate", "-1e-3"], r"learning_rate must lie in \(0\.0, 1\.0\]; got -0\.001"),
         (["--gamma", "-.5"], r"gamma must lie in \[0\.0, 1\.0\]; got -0\.5"),
@@ -164,9 +164,10 @@ def test_bad_options_and_inputs_fail_before_anything_is_written(folders, tmp_pat
         err = refused(_args(*argv), capsys)
         assert re.search(message, err), (argv, err)
         assert not output.exists() and snapshot(tmp_path / "a_file") == before
-    with pytest.raises(SystemExit) as exit_info:  # argparse: not offered at all
+    with pytest.raises(SystemExit) as exit_info:  # only with a held-out dataset to evaluate
         cli.main(_args(teacher, student, prompts, output, "--eval-every", "2"))
-    assert exit_info.value.code == 2 and "unrecognized arguments: --eval-every" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--eval-every needs --eval-dataset" in capsys.readouterr().err
+    assert not output.exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
