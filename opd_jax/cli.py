@@ -545,9 +545,9 @@ def _check_rollout_backend(config) -> None:
     import os
     import subprocess
 
-    from opd_jax.backends.vllm import BOOTSTRAP_COMMAND, DEFAULT_PYTHON
+    from opd_jax.backends.vllm import BOOTSTRAP_COMMAND, vllm_python
 
-    python = pathlib.Path(os.environ.get("OPD_VLLM_PYTHON") or DEFAULT_PYTHON)
+    python = vllm_python()
     if not (python.is_file() and os.access(python, os.X_OK)):
         _fail("train", f"--rollout-backend vllm: no vLLM environment at {python}; build it with `{BOOTSTRAP_COMMAND}` "
                        "(or point OPD_VLLM_PYTHON at one)")

@@ -42,13 +42,18 @@ from flax import nnx
 from opd_jax.models import Decoder, DecoderConfig, save_pretrained
 from opd_jax.sampling import Rollout, SamplingConfig
 
-__all__ = ["BOOTSTRAP_COMMAND", "CPU_HEAD_SIZES", "DEFAULT_PYTHON", "VllmBackend", "VllmWorkerError"]
+__all__ = ["BOOTSTRAP_COMMAND", "CPU_HEAD_SIZES", "DEFAULT_PYTHON", "VllmBackend", "VllmWorkerError", "vllm_python"]
 
 #: The command that builds the side environment.
 BOOTSTRAP_COMMAND = "OPD_VLLM=1 .ci/bootstrap"
 _REPO = pathlib.Path(__file__).resolve().parents[2]
 #: The side environment's interpreter; ``OPD_VLLM_PYTHON`` or the ``python`` argument override it.
 DEFAULT_PYTHON = _REPO / ".venv-vllm" / "bin" / "python"
+
+
+def vllm_python(python: str | os.PathLike | None = None) -> pathlib.Path:
+    """The side environment's interpreter: ``python``, else ``$OPD_VLLM_PYTHON``, else :data:`DEFAULT_PYTHON`."""
+    return pathlib.Path(python or os.environ.get("OPD_VLLM_PYTHON") or DEFAULT_PYTHON)
 _WORKER = pathlib.Path(__file__).with_name("vllm_worker.py")
 #: Head sizes vLLM 0.32's CPU attention runs: ``CPUAttentionBackend.get_supported_head_sizes`` lists
 #: 32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512 (not checked at engine start on CPU: another
@@ -177,7 +182,7 @@ class VllmBackend:
         self.dtype = dtype
         self.max_model_len = int(max_model_len or config.max_position_embeddings)
         self.request_timeout_s = float(request_timeout_s)
-        self.python = pathlib.Path(python or os.environ.get("OPD_VLLM_PYTHON") or DEFAULT_PYTHON)
+        self.python = vllm_python(python)
         self._graphdef = nnx.graphdef(student)
         self._process: subprocess.Popen | None = None
         self._finalizer = None
