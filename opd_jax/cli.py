@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                        help="shard over a device mesh, e.g. 1,8,1 or fsdp=4,tensor=2; the product must be the "
                             "number of devices of all processes (default: one device)")
+    scale.add_argument("--teacher-mesh", metavar="DATA,FSDP,TENSOR",
+                       help="score with the teacher on a mesh of its own: --mesh then takes the first devices and "
+                            "this the rest (the two products must add up to the device count; one process); with "
+                            "--pipeline-rollouts true the next step's sampling and scoring run during the update")
     scale.add_argument("--coordinator", metavar="HOST:PORT",
                        help="multi-process run: address of process 0 (default: $JAX_COORDINATOR_ADDRESS, or "
                             "what jax detects on TPU pods / SLURM)")
@@ -633,11 +637,22 @@ def run_train(args: argparse.Namespace) -> int:
     _check_rollout_backend(config)
     if config.eval_every and args.eval_dataset is None:
         _fail("train", "--eval-every needs --eval-dataset (without one opd-jax train has no evaluator)")
-    try:
-        mesh = None if args.mesh is None else sharding.parse_mesh(args.mesh)
-    except ValueError as error:
-        _fail("train", f"--mesh: {error}")
+    meshes = {}
+    for flag, text in (("--mesh", args.mesh), ("--teacher-mesh", args.teacher_mesh)):
+        try:
+            meshes[flag] = None if text is None else sharding.parse_mesh(text)
+        except ValueError as error:
+            _fail("train", f"{flag}: {error}")
+    mesh, teacher_mesh = meshes.values()
+    if teacher_mesh is not None and mesh is None:
+        _fail("train", "--teacher-mesh needs --mesh (the student's mesh takes the first devices, the teacher's the rest)")
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if teacher_mesh is not None:
+        try:
+            train.check_teacher_mesh(config, mesh, teacher_mesh)
+            sharding.disjoint_meshes(mesh, teacher_mesh)
+        except ValueError as error:
+            _fail("train", f"--mesh / --teacher-mesh: {error}")
     use_chat_template = not args.no_chat_template
     args.teachers = _teacher_folders(args.teacher)
     # Every check that reads only inputs runs before anything is written (the run folder included).
@@ -726,7 +741,7 @@ def run_train(args: argparse.Namespace) -> int:
             config, student, student_config, next(iter(teachers.values())) if len(teachers) == 1 else teachers,
             train.PromptSet(tokens, mask, teacher_ids if len(teachers) > 1 else None), args.output,
             stop_ids=stop_ids, pad_id=pad_id, progress=not args.quiet and jax.process_index() == 0, mesh=mesh,
-            export_dtype=export_dtype, evaluate=evaluate,
+            teacher_mesh=teacher_mesh, export_dtype=export_dtype, evaluate=evaluate,
         )
     except ValueError as error:
         _fail("train", str(error))

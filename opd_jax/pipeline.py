@@ -5,6 +5,10 @@ parameters step ``k`` starts with, while step ``k`` scores and updates (JAX rele
 while a computation runs, and an inference engine runs in its own process anyway). The loop then
 trains on rollouts one step old: see :class:`~opd_jax.config.TrainConfig` ``pipeline_rollouts`` and
 docs/overlap.md for the estimator that gives and its measured bias.
+
+With a ``score`` stage (a teacher on its own devices) the producer also scores each rollout with
+the teacher, so that step ``k + 1``'s scoring runs on the teacher's devices while step ``k``
+updates on the student's.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ __all__ = ["RolloutPipeline"]
 
 #: ``(step, data_position) -> (prompt_tokens_BxP, prompt_mask_BxP, key)``: the prompts and sampling key of a step.
 BatchFn = Callable[[int, int], tuple[Any, Any, jax.Array]]
+#: ``(rollout, data_position) -> teacher_logp_BxT``: the teacher's log-probs of a rollout, placed like it.
+ScoreFn = Callable[[Rollout, int], jax.Array]
 
 
 class RolloutPipeline:
@@ -35,15 +41,16 @@ class RolloutPipeline:
       sampling: the sampling settings.
       ahead: prefetch the next step's rollout in a background thread.
       place: applied to each rollout before it is returned (e.g. a ``device_put`` to the batch sharding).
+      score: the teacher's scoring of each rollout, run by the producer (``None``: the step scores).
     """
 
     def __init__(self, backend: RolloutBackend, batch_fn: BatchFn, sampling: SamplingConfig, *, ahead: bool,
-                 place: Callable[[Rollout], Rollout] = lambda rollout: rollout):
-        self.backend, self.batch_fn, self.sampling, self.place = backend, batch_fn, sampling, place
+                 place: Callable[[Rollout], Rollout] = lambda rollout: rollout, score: ScoreFn | None = None):
+        self.backend, self.batch_fn, self.sampling, self.place, self.score = backend, batch_fn, sampling, place, score
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="opd-rollouts") if ahead else None
         self._pending: tuple[int, concurrent.futures.Future] | None = None
 
-    def _produce(self, params: Any, step: int, data_position: int) -> tuple[Rollout, dict[str, float]]:
+    def _produce(self, params: Any, step: int, data_position: int):
         began = time.perf_counter()
         try:
             self.backend.sync_weights(params)
@@ -56,23 +63,30 @@ class RolloutPipeline:
         synced = time.perf_counter()
         tokens, mask, key = self.batch_fn(step, data_position)
         rollout = jax.block_until_ready(self.place(self.backend.generate(tokens, mask, key, self.sampling)))
-        return rollout, {"sync_seconds": synced - began, "sample_seconds": time.perf_counter() - synced}
+        sampled = time.perf_counter()
+        seconds = {"sync_seconds": synced - began, "sample_seconds": sampled - synced}
+        if self.score is None:
+            return rollout, None, seconds
+        teacher_logp_BxT = jax.block_until_ready(self.score(rollout, data_position))
+        return rollout, teacher_logp_BxT, seconds | {"teacher_seconds": time.perf_counter() - sampled}
 
-    def take(self, params: Any, step: int, data_position: int) -> tuple[Rollout, dict[str, float]]:
-        """The rollout of ``step`` and its timings: the prefetched one, or one sampled now from ``params``.
+    def take(self, params: Any, step: int, data_position: int) -> tuple[Rollout, jax.Array | None, dict[str, float]]:
+        """The rollout of ``step``, its teacher log-probs and its timings: prefetched, or produced now from ``params``.
 
-        The timings are ``sync_seconds`` and ``sample_seconds`` (spent by the producer) and
-        ``rollout_wait_seconds`` (how long the caller waited for it: all of it unless prefetched).
+        The teacher log-probs are ``None`` without a ``score`` stage. The timings are
+        ``sync_seconds``, ``sample_seconds`` and, with a ``score`` stage, ``teacher_seconds`` (spent
+        by the producer), and ``rollout_wait_seconds`` (how long the caller waited: all of it
+        unless prefetched).
         """
         began = time.perf_counter()
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] == step:
-            rollout, seconds = pending[1].result()
+            rollout, teacher_logp_BxT, seconds = pending[1].result()
         else:
             if pending is not None:
                 pending[1].cancel()
-            rollout, seconds = self._produce(params, step, data_position)
-        return rollout, seconds | {"rollout_wait_seconds": time.perf_counter() - began}
+            rollout, teacher_logp_BxT, seconds = self._produce(params, step, data_position)
+        return rollout, teacher_logp_BxT, seconds | {"rollout_wait_seconds": time.perf_counter() - began}
 
     def prefetch(self, params: Any, step: int, data_position: int) -> None:
         """Start producing the rollout of ``step`` from ``params`` (nothing unless ``ahead``)."""

@@ -49,6 +49,7 @@ __all__ = [
     "batch_sharding",
     "check_batch",
     "check_divisible",
+    "disjoint_meshes",
     "parse_mesh",
     "partition_specs",
     "path_name",
@@ -135,6 +136,26 @@ class MeshConfig:
             # physical axis split between two mesh axes, which jax.make_mesh does not do.
             grid = mesh_utils.create_device_mesh(self.shape, devices, allow_split_physical_axes=True)
             return Mesh(grid, AXES, axis_types=(kind,) * 3)
+
+
+def disjoint_meshes(student: MeshConfig, teacher: MeshConfig,
+                    devices: Sequence[jax.Device] | None = None) -> tuple[Mesh, Mesh]:
+    """The student's mesh over the first ``student.size`` devices and the teacher's over the rest.
+
+    Two device groups run their programs at the same time, so a teacher scoring on its own group
+    does not wait for the student's update (the loop's ``teacher_mesh``).
+
+    Raises:
+      ValueError: the two sizes do not add up to the device count (the message names both meshes).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if student.size + teacher.size != len(devices):
+        raise ValueError(
+            f"mesh {student.data},{student.fsdp},{student.tensor} ({student.size} devices) + teacher mesh "
+            f"{teacher.data},{teacher.fsdp},{teacher.tensor} ({teacher.size} devices) = {student.size + teacher.size}, "
+            f"but there are {len(devices)} devices; with a teacher mesh the two must split the devices between them"
+        )
+    return student.make_mesh(devices[:student.size]), teacher.make_mesh(devices[student.size:])
 
 
 def parse_mesh(text: str) -> MeshConfig:

@@ -133,6 +133,9 @@ class StepShardings:
       reference_params: the reference model's (``None`` without one).
       batch: rows over ``data × fsdp`` (every ``[B, ...]`` array of a rollout).
       replicated: scalars (metrics, normaliser, counters) on every device.
+      teacher_batch: rows over the teacher's own mesh, disjoint from the student's (``None``: the
+        teacher shares the student's mesh). ``teacher_params`` then lie on that mesh, the teacher
+        scores through :attr:`TrainStep.score_teacher` there, and ``update`` takes no teacher.
     """
 
     params: PyTree
@@ -141,6 +144,7 @@ class StepShardings:
     batch: Any
     replicated: Any
     reference_params: PyTree = None
+    teacher_batch: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,13 +157,22 @@ class TrainStep:
         ``teacher_index_B`` (int ``[B]``) is read with several teachers only (pass ``None``
         otherwise; the sharded step takes all five arguments).
       update: ``(params, opt_state, teacher_params, rows: ScoredBatch, normalizer [])`` for one
-        minibatch -> ``(params, opt_state, metrics)``.
+        minibatch -> ``(params, opt_state, metrics)``; ``teacher_params`` is read by the
+        full-vocabulary term only (pass ``None`` when the teacher has its own mesh).
       take_rows: ``(ScoredBatch, rows [M])`` -> the minibatch of those rows, placed like the batch.
+      score_teacher: ``(teacher_params, tokens_BxT, token_mask_BxT, teacher_index_B)`` -> float32
+        ``[B, T]``, each row's own teacher's log-probs of its tokens, on the teacher's devices.
+      prepare_scored: ``prepare`` with the teacher's log-probs given (``teacher_logp_BxT`` in place
+        of ``teacher_params``, placed like the batch): the half of a step that runs on the student's
+        mesh when the teacher scores on its own. No full-vocabulary term (it needs the teacher's
+        hidden states).
     """
 
     prepare: Callable
     update: Callable
     take_rows: Callable
+    score_teacher: Callable
+    prepare_scored: Callable
 
 
 def _function_name(fn: Callable) -> str:
@@ -271,21 +284,32 @@ def make_train_step(
         )
         return logp_BxT, hidden_BxTxD, model.output_projection()
 
-    def teacher_log_probs(teacher_params, rollout: Rollout, teacher_index_B):
+    def teacher_log_probs(teacher_params, tokens_BxT, token_mask_BxT, teacher_index_B):
         """Each row's own teacher's log-probs; the hidden states and projection of a single teacher."""
         if teacher_names is None:
-            return log_probs(graph_of["teacher"], teacher_params, rollout.tokens, rollout.token_mask)
-        logp_BxT = jnp.zeros(rollout.tokens.shape, jnp.float32)
+            return log_probs(graph_of["teacher"], teacher_params, tokens_BxT, token_mask_BxT)
+        logp_BxT = jnp.zeros(tokens_BxT.shape, jnp.float32)
         for index, name in enumerate(teacher_names):
-            own_BxT, _, _ = log_probs(teacher_graphdef[name], teacher_params[name], rollout.tokens, rollout.token_mask)
+            own_BxT, _, _ = log_probs(teacher_graphdef[name], teacher_params[name], tokens_BxT, token_mask_BxT)
             logp_BxT = jnp.where((teacher_index_B == index)[:, None], own_BxT, logp_BxT)
         return logp_BxT, None, None
 
+    def score_teacher(teacher_params, tokens_BxT, token_mask_BxT, teacher_index_B=None):
+        return teacher_log_probs(teacher_params, tokens_BxT, token_mask_BxT, teacher_index_B)[0]
+
     def prepare(params, teacher_params, rollout: Rollout, reference_params, teacher_index_B=None):
+        teacher = teacher_log_probs(teacher_params, rollout.tokens, rollout.token_mask, teacher_index_B)
+        return scored_batch(params, teacher, rollout, reference_params, teacher_index_B)
+
+    def prepare_scored(params, teacher_logp_BxT, rollout: Rollout, reference_params, teacher_index_B=None):
+        return scored_batch(params, (teacher_logp_BxT, None, None), rollout, reference_params, teacher_index_B)
+
+    def scored_batch(params, teacher, rollout: Rollout, reference_params, teacher_index_B):
+        """The ScoredBatch and metrics from the teacher's ``(logp_BxT, hidden_BxTxE, projection)``."""
+        teacher_logp, teacher_hidden, teacher_projection = teacher
         mask_BxT = rollout.response_mask
         behaviour_logp, student_hidden, student_projection = log_probs(graph_of["student"], params, rollout.tokens,
                                                                        rollout.token_mask)
-        teacher_logp, teacher_hidden, teacher_projection = teacher_log_probs(teacher_params, rollout, teacher_index_B)
         reference = {}
         if reference_graphdef is not None:
             reference["reference_logp_BxT"], _, _ = log_probs(reference_graphdef, reference_params, rollout.tokens,
@@ -345,20 +369,31 @@ def make_train_step(
     graph_of = {"student": graphdef, "teacher": teacher_graphdef}
     if shardings is None:
         # Row selection stays eager here, as it always was on one device.
-        return TrainStep(jax.jit(prepare), jax.jit(update), take_rows)
+        return TrainStep(jax.jit(prepare), jax.jit(update), take_rows, jax.jit(score_teacher), jax.jit(prepare_scored))
     batch, replicated = shardings.batch, shardings.replicated
+    own_mesh = shardings.teacher_batch is not None
+    if own_mesh and full_vocab:
+        raise ValueError("full_vocab_weight > 0 needs the teacher's hidden states in the update, on the student's "
+                         "devices; a teacher on its own mesh (teacher_mesh) sends log-probs only: drop one of the two")
+    teacher_batch = shardings.teacher_batch if own_mesh else batch
+    # The rollout is donated: its tokens and masks become the ScoredBatch's without a copy. With
+    # explicit shardings every argument is passed, teacher_index_B too (None for one teacher).
+    update_teacher = None if own_mesh else shardings.teacher_params
     return TrainStep(
-        # The rollout is donated: its tokens and masks become the ScoredBatch's without a copy. With
-        # explicit shardings every argument is passed, teacher_index_B too (None for one teacher).
         prepare=jax.jit(prepare, in_shardings=(shardings.params, shardings.teacher_params, batch,
                                                shardings.reference_params, batch), out_shardings=(batch, replicated),
                         donate_argnums=(2,)),
         update=jax.jit(
             update,
-            in_shardings=(shardings.params, shardings.opt_state, shardings.teacher_params, batch, replicated),
+            in_shardings=(shardings.params, shardings.opt_state, update_teacher, batch, replicated),
             out_shardings=(shardings.params, shardings.opt_state, replicated),
             donate_argnums=(0, 1) if donate_state else (),
         ),
         # A gather of rows from a sharded batch, re-split over data × fsdp for the update.
         take_rows=jax.jit(take_rows, out_shardings=batch),
+        score_teacher=jax.jit(score_teacher, in_shardings=(shardings.teacher_params,) + (teacher_batch,) * 3,
+                              out_shardings=teacher_batch),
+        prepare_scored=jax.jit(prepare_scored, in_shardings=(shardings.params, batch, batch, shardings.reference_params,
+                                                             batch), out_shardings=(batch, replicated),
+                               donate_argnums=(2,)),
     )

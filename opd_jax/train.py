@@ -45,7 +45,7 @@ PyTree = Any
 
 __all__ = [
     "RESUME_FREE", "NonFiniteError", "Preempted", "PromptSet", "StepShardings", "TrainConfig", "TrainResult",
-    "TrainStep", "WeightSyncError", "make_train_step", "train",
+    "TrainStep", "WeightSyncError", "check_teacher_mesh", "make_train_step", "train",
 ]
 
 
@@ -140,22 +140,29 @@ def _addressable(tree: PyTree) -> PyTree:
 
 
 def _place_on_mesh(config, mesh_config, state, teacher_params, reference_params, optimizer, student_rules,
-                   teacher_rules):
+                   teacher_rules, teacher_mesh_config=None):
     """Check the mesh against devices, parameters and batch, then place state, teacher and reference on it.
 
     All checks run on shapes only, before any compilation or transfer. The reference model (often
-    the initial student) is split by the student's rules.
+    the initial student) is split by the student's rules. With ``teacher_mesh_config`` the student
+    takes the first devices and the teacher the rest (:func:`opd_jax.sharding.disjoint_meshes`).
 
     Returns:
       ``(StepShardings, state, teacher_params, reference_params)`` with the state's parameters and
       optimiser state split by the rules and its counters and key replicated.
     """
     batch_size = config.prompts_per_step * config.group_size
-    mesh = mesh_config.make_mesh()
+    if teacher_mesh_config is None:
+        mesh = teacher_mesh = mesh_config.make_mesh()
+    else:
+        mesh, teacher_mesh = sharding_lib.disjoint_meshes(mesh_config, teacher_mesh_config)
+        sharding_lib.check_batch(batch_size, teacher_mesh, what="rollout batch (prompts_per_step × group_size) "
+                                                                "on the teacher mesh")
     sharding_lib.check_batch(batch_size, mesh, what="rollout batch (prompts_per_step × group_size)")
     sharding_lib.check_batch(batch_size // config.minibatches, mesh, what="minibatch")
     param_shardings = sharding_lib.state_shardings(state["params"], mesh, student_rules, what="student parameter")
-    teacher_shardings = sharding_lib.state_shardings(teacher_params, mesh, teacher_rules, what="teacher parameter")
+    teacher_shardings = sharding_lib.state_shardings(teacher_params, teacher_mesh, teacher_rules,
+                                                     what="teacher parameter")
     opt_shardings = sharding_lib.state_shardings(
         jax.eval_shape(optimizer.init, state["params"]), mesh, student_rules, what="optimizer state of"
     )
@@ -166,10 +173,12 @@ def _place_on_mesh(config, mesh_config, state, teacher_params, reference_params,
                                                            what="reference parameter")
         reference_params, _ = sharding_lib.shard_state(reference_params, mesh, student_rules,
                                                        what="reference parameter")
-    shardings = StepShardings(param_shardings, opt_shardings, teacher_shardings,
-                              sharding_lib.batch_sharding(mesh), replicated, reference_shardings)
+    shardings = StepShardings(param_shardings, opt_shardings, teacher_shardings, sharding_lib.batch_sharding(mesh),
+                              replicated, reference_shardings,
+                              None if teacher_mesh is mesh else sharding_lib.batch_sharding(teacher_mesh))
     params, _ = sharding_lib.shard_state(state["params"], mesh, student_rules, what="student parameter")
-    teacher_params, _ = sharding_lib.shard_state(teacher_params, mesh, teacher_rules, what="teacher parameter")
+    teacher_params, _ = sharding_lib.shard_state(teacher_params, teacher_mesh, teacher_rules,
+                                                 what="teacher parameter")
     placed = {
         "params": params,
         # Initialised in place: the AdamW moments are never whole on one device.
@@ -196,11 +205,12 @@ class _Run:
 
 
 def _setup(config, student, teacher, reference, prompts, sampling, backend, mesh, student_rules, teacher_rules,
-           advantage_fn, loss_fn) -> tuple[_Run, dict]:
+           advantage_fn, loss_fn, teacher_mesh=None) -> tuple[_Run, dict]:
     """The jitted step and the initial state ``{params, opt_state, step, key, data_position}``, placed on ``mesh``.
 
     With ``pipeline_rollouts`` the state also carries ``sampling_params``, the parameters the
-    step's rollout is sampled from (the previous step's), so a resumed run samples it again.
+    step's rollout is sampled from (the previous step's), so a resumed run samples it again. With
+    ``teacher_mesh`` the rollout producer also scores each rollout with the teacher, on its devices.
     """
     graphdef, params = nnx.split(student)
     if isinstance(teacher, dict):
@@ -217,7 +227,8 @@ def _setup(config, student, teacher, reference, prompts, sampling, backend, mesh
         state["opt_state"] = optimizer.init(params)
     else:
         shardings, state, teacher_params, reference_params = _place_on_mesh(
-            config, mesh, state, teacher_params, reference_params, optimizer, student_rules, teacher_rules)
+            config, mesh, state, teacher_params, reference_params, optimizer, student_rules, teacher_rules,
+            teacher_mesh)
         if isinstance(backend, JaxBackend) and backend.rollout_fn is generate:
             backend = JaxBackend.sharded(graphdef, shardings, sampling)
     if config.pipeline_rollouts:
@@ -237,11 +248,29 @@ def _setup(config, student, teacher, reference, prompts, sampling, backend, mesh
             tokens, mask = (_global_batch(a, shardings.batch) for a in (tokens, mask))
         return tokens, mask, _step_keys(state["key"], step)[0]
 
+    several_teachers = isinstance(teacher, dict)
+
+    def score_on_teacher_mesh(rollout: Rollout, data_position: int) -> Array:
+        """The teacher's log-probs of ``rollout``, computed on the teacher's devices, sent back to the student's."""
+        tokens, mask = jax.device_put((rollout.tokens, rollout.token_mask), shardings.teacher_batch)
+        index = _teacher_index(config, prompts, data_position, shardings.teacher_batch, several_teachers)
+        return jax.device_put(step_fn.score_teacher(teacher_params, tokens, mask, index), shardings.batch)
+
     # The sampler's outputs are placed by XLA's propagation; the step's inputs are explicit.
     place = (lambda rollout: rollout) if shardings is None else (lambda r: jax.device_put(r, shardings.batch))
-    rollouts = RolloutPipeline(backend, step_batch, sampling, ahead=config.pipeline_rollouts, place=place)
+    rollouts = RolloutPipeline(backend, step_batch, sampling, ahead=config.pipeline_rollouts, place=place,
+                               score=score_on_teacher_mesh if teacher_mesh is not None else None)
     return _Run(config, graphdef, teacher_params, reference_params, step_fn, shardings, rollouts, finite_flags,
-                prompts, isinstance(teacher, dict)), state
+                prompts, several_teachers), state
+
+
+def _teacher_index(config: TrainConfig, prompts: PromptSet, data_position: int, sharding,
+                   several_teachers: bool) -> Array | None:
+    """``[B]`` int: the teacher of each row of the step at ``data_position`` (``None`` with one teacher)."""
+    if not several_teachers:
+        return None
+    index_B = np.repeat(prompts.teachers(data_position, config.prompts_per_step, config.seed), config.group_size)
+    return index_B if sharding is None else _global_batch(index_B, sharding)
 
 
 def _step_keys(key_data: Array, step: int) -> tuple[Array, Array]:
@@ -275,19 +304,21 @@ def _train_step(run: _Run, state: dict, step: int) -> tuple[dict, dict, Array]:
     config = run.config
     data_position = int(state["data_position"])
     sampling_params = state.get("sampling_params", state["params"])
-    rollout, seconds = run.rollouts.take(sampling_params, step, data_position)
+    rollout, teacher_logp, seconds = run.rollouts.take(sampling_params, step, data_position)
     if step + 1 < config.steps:
         run.rollouts.prefetch(state["params"], step + 1, data_position + config.prompts_per_step)
-    teacher_index = None
-    if run.several_teachers:
-        teacher_index = np.repeat(run.prompts.teachers(data_position, config.prompts_per_step, config.seed),
-                                  config.group_size)
-        if run.shardings is not None:
-            teacher_index = _global_batch(teacher_index, run.shardings.batch)
+    teacher_index = _teacher_index(config, run.prompts, data_position,
+                                   None if run.shardings is None else run.shardings.batch, run.several_teachers)
     began = time.perf_counter()
-    batch, scored = jax.block_until_ready(
-        run.step_fn.prepare(sampling_params, run.teacher_params, rollout, run.reference_params, teacher_index))
+    if teacher_logp is None:
+        batch, scored = run.step_fn.prepare(sampling_params, run.teacher_params, rollout, run.reference_params,
+                                            teacher_index)
+    else:  # the teacher scored on its own mesh
+        batch, scored = run.step_fn.prepare_scored(sampling_params, teacher_logp, rollout, run.reference_params,
+                                                   teacher_index)
+    jax.block_until_ready((batch, scored))
     seconds["score_seconds"] = time.perf_counter() - began
+    update_teacher = run.teacher_params if teacher_logp is None else None  # read by the full-vocab term only
     began = time.perf_counter()
     rows_per_batch = config.prompts_per_step * config.group_size
     count = scored["response_tokens"] if config.loss_aggregation == "token_mean" else rows_per_batch
@@ -297,7 +328,7 @@ def _train_step(run: _Run, state: dict, step: int) -> tuple[dict, dict, Array]:
     for epoch in range(config.epochs):
         order = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), rows_per_batch)
         for rows in jnp.split(order, config.minibatches):
-            params, opt_state, metrics = run.step_fn.update(params, opt_state, run.teacher_params,
+            params, opt_state, metrics = run.step_fn.update(params, opt_state, update_teacher,
                                                             run.step_fn.take_rows(batch, rows), normalizer)
             updates.append(metrics)
     jax.block_until_ready(params)
@@ -345,6 +376,7 @@ def train(
     progress: bool = True,
     label: str = "",
     mesh: sharding_lib.MeshConfig | None = None,
+    teacher_mesh: sharding_lib.MeshConfig | None = None,
     student_rules: sharding_lib.PartitionRules = sharding_lib.DEFAULT_RULES,
     teacher_rules: sharding_lib.PartitionRules = sharding_lib.DEFAULT_RULES,
     export_dtype: Any = None,
@@ -387,7 +419,13 @@ def train(
         processes; see :mod:`opd_jax.sharding`). ``None``: the single-device path. In a
         multi-process run every process calls ``train`` with the same arguments; process 0 alone
         writes metrics, config, curves and the export, and orbax writes checkpoints together.
-      student_rules, teacher_rules: partition rules of the two models under ``mesh``.
+      teacher_mesh: put the teacher on a mesh of its own: the student's ``mesh`` then takes the
+        first ``mesh.size`` devices and the teacher the remaining ``teacher_mesh.size`` (together
+        all devices of the one process). The rollout producer scores each rollout with the
+        teacher there and sends only ``[B, T]`` log-probs back; with ``pipeline_rollouts``,
+        sampling and scoring of step ``k + 1`` run while step ``k`` updates. Needs ``mesh``; not
+        with ``full_vocab_weight > 0`` (which needs the teacher's hidden states in the update).
+      student_rules, teacher_rules: partition rules of the two models under their meshes.
       export_dtype: dtype of the exported student's tensors (default: its parameters' dtype).
       advantage_fn: ``(student_logp_BxT, teacher_logp_BxT, response_mask_BxT) -> [B, T] | [B]``
         replacing the config's estimator (run under jit, held under stop-gradient); see :mod:`opd_jax.step`.
@@ -423,6 +461,7 @@ def train(
     if reference is not None and reference.config.vocab_size != student.config.vocab_size:
         raise ValueError(f"reference vocab_size {reference.config.vocab_size} != student vocab_size "
                          f"{student.config.vocab_size}")
+    check_teacher_mesh(config, mesh, teacher_mesh)
     if config.pipeline_rollouts and jax.process_count() > 1:
         raise ValueError("pipeline_rollouts runs in one process only (a sampling thread's collectives could "
                          "interleave differently on each process); set it to false for a multi-process run")
@@ -431,7 +470,7 @@ def train(
         if rollout_backend is None:
             cleanup.callback(backend.close)
         run, state = _setup(config, student, teacher, reference, prompts, sampling, backend, mesh, student_rules,
-                            teacher_rules, advantage_fn, loss_fn)
+                            teacher_rules, advantage_fn, loss_fn, teacher_mesh)
         cleanup.callback(run.rollouts.close)
         store = cleanup.enter_context(contextlib.closing(
             CheckpointStore(folder.path / "checkpoints", keep=config.keep_checkpoints)))
@@ -450,6 +489,22 @@ def train(
     history = folder.history()
     folder.plot(history, label)
     return TrainResult(final_student, history, folder.path)
+
+
+def check_teacher_mesh(config: TrainConfig, mesh, teacher_mesh) -> None:
+    """Refuse a ``teacher_mesh`` without ``mesh``, with the full-vocabulary term, or in several processes."""
+    if teacher_mesh is None:
+        return
+    if mesh is None:
+        raise ValueError("teacher_mesh needs mesh: the student's mesh takes the first devices and the teacher's "
+                         "the rest; pass both")
+    if config.full_vocab_weight > 0:
+        raise ValueError(f"teacher_mesh with full_vocab_weight = {config.full_vocab_weight}: the full-vocabulary "
+                         "term needs the teacher's hidden states in the update, on the student's devices; set "
+                         "full_vocab_weight to 0 or drop teacher_mesh")
+    if jax.process_count() > 1:
+        raise ValueError("teacher_mesh runs in one process only (its scoring thread's transfers and collectives "
+                         "could interleave differently on each process); drop it for a multi-process run")
 
 
 def _check_teachers(teacher, student: Decoder, prompts: PromptSet) -> None:

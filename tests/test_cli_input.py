@@ -130,6 +130,13 @@ def test_bad_options_and_inputs_fail_before_anything_is_written(folders, tmp_pat
         (["--learning-rate", "-1e-3"], r"learning_rate must lie in \(0\.0, 1\.0\]; got -0\.001"),
         (["--gamma", "-.5"], r"gamma must lie in \[0\.0, 1\.0\]; got -0\.5"),
         (["--seed", "-1"], r"seed must lie in \[0, ∞\); got -1"),
+        (["--mesh", "1,1,1", "--teacher-mesh", "2,x"], r"--teacher-mesh: mesh '2,x'"),
+        (["--teacher-mesh", "1,1,1"], r"--teacher-mesh needs --mesh"),
+        (["--mesh", "1,1,1", "--teacher-mesh", "1,1,1"],
+         r"--mesh / --teacher-mesh: mesh 1,1,1 \(1 devices\) \+ teacher mesh 1,1,1 \(1 devices\) = 2, but there "
+         r"are 1 devices"),
+        (["--mesh", "1,1,1", "--teacher-mesh", "1,1,1", "--full-vocab-weight", "0.5"],
+         r"teacher_mesh with full_vocab_weight = 0.5"),
         (["--temperature", "-1E+2"], r"temperature must lie in \(0\.0, ∞\).*got -100\.0"),
         (["--max-prompt-length", "120", "--max-new-tokens", "16"],
          r"--max-prompt-length 120 \+ --max-new-tokens 16 = 136 positions, more than the student's "
