@@ -5,7 +5,8 @@ teacher log-probabilities of the sampled tokens (at the rollout temperature: the
 is the one trained, see :class:`~opd_jax.config.TrainConfig`), the advantages from an
 ``advantage_fn``, and, with a full-vocabulary term, its reward-to-go. ``update(params, opt_state,
 teacher_params, rows, normalizer) -> (params, opt_state, metrics)`` minimises the ``loss_fn``
-surrogate (plus the full-vocabulary term) over one minibatch with optax.
+surrogate (plus the full-vocabulary term) over one minibatch with optax. A teacher on a mesh of its
+own scores with ``score_teacher`` there, and ``prepare_scored`` is ``prepare`` given those log-probs.
 
 The two plug points, with the config's built-ins as defaults:
 
