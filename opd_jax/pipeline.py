@@ -50,7 +50,7 @@ class RolloutPipeline:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="opd-rollouts") if ahead else None
         self._pending: tuple[int, concurrent.futures.Future] | None = None
 
-    def _produce(self, params: Any, step: int, data_position: int):
+    def _produce(self, params: Any, step: int, data_position: int) -> tuple[Rollout, jax.Array | None, dict]:
         began = time.perf_counter()
         try:
             self.backend.sync_weights(params)

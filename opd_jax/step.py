@@ -377,9 +377,9 @@ def make_train_step(
         raise ValueError("full_vocab_weight > 0 needs the teacher's hidden states in the update, on the student's "
                          "devices; a teacher on its own mesh (teacher_mesh) sends log-probs only: drop one of the two")
     teacher_batch = shardings.teacher_batch if own_mesh else batch
+    update_teacher = None if own_mesh else shardings.teacher_params
     # The rollout is donated: its tokens and masks become the ScoredBatch's without a copy. With
     # explicit shardings every argument is passed, teacher_index_B too (None for one teacher).
-    update_teacher = None if own_mesh else shardings.teacher_params
     return TrainStep(
         prepare=jax.jit(prepare, in_shardings=(shardings.params, shardings.teacher_params, batch,
                                                shardings.reference_params, batch), out_shardings=(batch, replicated),
