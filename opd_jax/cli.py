@@ -623,20 +623,13 @@ def _check_positions(args, config, teacher_configs, student_config, longest: int
                    f"{limit} ({folder / 'config.json'}){advice}")
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Validate everything cheap first (options, prompt file, folders, tokenizers), then train."""
-    import jax
+def _train_meshes(args: argparse.Namespace, config) -> tuple:
+    """``(mesh, teacher_mesh)`` from ``--mesh`` / ``--teacher-mesh``, checked against the devices.
 
-    import numpy as np
+    Joins a multi-process run first (``--coordinator`` ...), since the device count spans processes.
+    """
+    from opd_jax import sharding, train
 
-    from opd_jax import data, models, run_folder, sharding, tokenization, train
-    from opd_jax.backends.vllm import VllmWorkerError
-    from opd_jax.models.hf import checkpoint_dtype
-
-    config = _train_config(args)
-    _check_rollout_backend(config)
-    if config.eval_every and args.eval_dataset is None:
-        _fail("train", "--eval-every needs --eval-dataset (without one opd-jax train has no evaluator)")
     meshes = {}
     for flag, text in (("--mesh", args.mesh), ("--teacher-mesh", args.teacher_mesh)):
         try:
@@ -653,6 +646,24 @@ def run_train(args: argparse.Namespace) -> int:
             sharding.disjoint_meshes(mesh, teacher_mesh)
         except ValueError as error:
             _fail("train", f"--mesh / --teacher-mesh: {error}")
+    return mesh, teacher_mesh
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Validate everything cheap first (options, prompt file, folders, tokenizers), then train."""
+    import jax
+
+    import numpy as np
+
+    from opd_jax import data, models, run_folder, tokenization, train
+    from opd_jax.backends.vllm import VllmWorkerError
+    from opd_jax.models.hf import checkpoint_dtype
+
+    config = _train_config(args)
+    _check_rollout_backend(config)
+    if config.eval_every and args.eval_dataset is None:
+        _fail("train", "--eval-every needs --eval-dataset (without one opd-jax train has no evaluator)")
+    mesh, teacher_mesh = _train_meshes(args, config)
     use_chat_template = not args.no_chat_template
     args.teachers = _teacher_folders(args.teacher)
     # Every check that reads only inputs runs before anything is written (the run folder included).
