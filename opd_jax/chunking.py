@@ -47,3 +47,59 @@ def map_row_chunks(fn: Callable[..., Array], *arrays: Array, chunk_size: int | N
     if tail < num_rows:
         pieces.append(jax.checkpoint(fn)(*(a[tail:] for a in arrays)))
     return jnp.concatenate(pieces)
+
+
+#: ``logit_chunk_size = "auto"``: chosen by :func:`auto_logit_chunk_size`.
+AUTO = "auto"
+#: The share of one device's memory that the float32 logits of one chunk may take.
+LOGIT_BUDGET_FRACTION = 1 / 32
+# float32 logits, their exponentials (log-sum-exp) and, in the update, their cotangent.
+_LOGIT_COPIES = 3
+
+
+def logit_bytes_per_token(vocab_size: int) -> int:
+    """Bytes one token's vocabulary projection holds at its peak: ``3 · 4 · V`` (see :func:`auto_logit_chunk_size`)."""
+    return _LOGIT_COPIES * 4 * int(vocab_size)
+
+
+def auto_logit_chunk_size(*, vocab_size: int, tokens_per_device: int, device_memory_bytes: int) -> int | None:
+    """The ``logit_chunk_size`` that ``"auto"`` stands for: the one rule of train and plan.
+
+    The vocabulary projection of a token holds ``3 · 4 · V`` bytes at its peak (float32 logits,
+    their exponentials, and their cotangent in the update); the logits of one chunk may take
+    :data:`LOGIT_BUDGET_FRACTION` of a device's memory.
+
+    * If all of a device's tokens fit that budget at once, nothing is chunked (``None``).
+    * Otherwise the chunk is the largest power of two of tokens whose logits fit the budget. It
+      is sized against one device although a chunk is counted in tokens of the whole batch: a
+      chunk's rows are read by a dynamic slice, which the partitioner serves by gathering them onto
+      every device of the batch axes, so a device holds the whole chunk's logits.
+
+    Args:
+      vocab_size: ``V`` of the output projection.
+      tokens_per_device: the most tokens one device projects in one program (the scoring pass:
+        rows × sequence length over the batch shards).
+      device_memory_bytes: memory of one device.
+
+    Returns:
+      Tokens per chunk, or ``None`` for no chunking.
+
+    Raises:
+      ValueError: one token's logits alone exceed the budget (the message names the bytes).
+
+    >>> auto_logit_chunk_size(vocab_size=151_936, tokens_per_device=65_536, device_memory_bytes=95 * 2**30)
+    1024
+    >>> auto_logit_chunk_size(vocab_size=32, tokens_per_device=4_096, device_memory_bytes=2**30) is None
+    True
+    """
+    per_token = logit_bytes_per_token(vocab_size)
+    budget = int(device_memory_bytes * LOGIT_BUDGET_FRACTION)
+    if tokens_per_device * per_token <= budget:
+        return None
+    if per_token > budget:
+        raise ValueError(
+            f"logit_chunk_size auto: one token's logits need {per_token} bytes (3 × 4 × vocab_size {vocab_size}), "
+            f"more than the {budget} bytes ({LOGIT_BUDGET_FRACTION:g} of the device's {device_memory_bytes}) a chunk "
+            "may take; this vocabulary does not fit the device"
+        )
+    return 1 << ((budget // per_token).bit_length() - 1)

@@ -275,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     plan.add_arguments(plan_parser)
+    plan_parser.add_argument("--config", type=pathlib.Path,
+                             help="the JSON or TOML file of training options that opd-jax train --config reads")
+    plan_parser._negative_number_matcher = train_parser._negative_number_matcher
+    _add_train_options(plan_parser)
     add_model_options(plan_parser)
     return parser
 
@@ -294,6 +298,18 @@ def _optional(kind):
         return EXPLICIT_NONE if text.lower() == "none" else kind(text)
 
     parse.__name__ = kind.__name__  # argparse names the type in "invalid <type> value"
+    return parse
+
+
+def _or_keywords(kind, keywords: tuple[str, ...]):
+    """``kind``, or one of the field's keywords (e.g. ``auto``) as given."""
+    if not keywords:
+        return kind
+
+    def parse(text: str):
+        return text.lower() if text.lower() in keywords else kind(text)
+
+    parse.__name__ = kind.__name__
     return parse
 
 
@@ -335,6 +351,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             kind = str
         if "None" in str(field.type):
             kind = _optional(kind)
+        kind = _or_keywords(kind, field.metadata.get("keywords", ()))
         groups[field.metadata["section"]].add_argument(
             "--" + field.name.replace("_", "-"), dest=field.name, type=kind, default=None,
             help=f"{field.metadata['help']} [{field.default}]",
@@ -480,11 +497,13 @@ def _fail(command: str, message: str):
     raise SystemExit(2)
 
 
-def _config_value(field, value, source: str):
+def _config_value(field, value, source: str, command: str):
     """A config-file value checked against the field's declared type (``"none"`` for an optional
     field is None, as on the command line); the error names the field, the type and the value."""
     declared = str(field.type)
     optional = "None" in declared
+    if isinstance(value, str) and value.lower() in field.metadata.get("keywords", ()):
+        return value.lower()
     if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
         return None
     if "bool" in declared:
@@ -498,47 +517,52 @@ def _config_value(field, value, source: str):
     if not ok:
         kind = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}.get(type(value),
                                                                                            type(value).__name__)
-        alternative = ' or "none"' if optional else ""
-        _fail("train", f"{source}: {field.name} must be {wanted}{alternative}; got {value!r} ({kind})")
+        alternative = "".join(f' or "{word}"' for word in (*field.metadata.get("keywords", ()),
+                                                            *(("none",) if optional else ())))
+        _fail(command, f"{source}: {field.name} must be {wanted}{alternative}; got {value!r} ({kind})")
     return float(value) if wanted == "a number" else value
 
 
-def _train_config(args: argparse.Namespace):
+def _train_config(args: argparse.Namespace, command: str = "train", overrides: dict | None = None):
+    """The :class:`~opd_jax.config.TrainConfig` of ``--config`` and the flags (flags win), then
+    ``overrides``; what ``opd-jax train`` trains and ``opd-jax plan`` plans."""
     import dataclasses
     import tomllib
 
     from opd_jax.config import TrainConfig, flatten_sections
 
     values: dict = {}
+    eval_dataset = getattr(args, "eval_dataset", None)
     if args.config is not None:
         if not args.config.is_file():
-            _fail("train", f"--config {args.config} does not exist")
+            _fail(command, f"--config {args.config} does not exist")
         try:
             text = args.config.read_text(encoding="utf-8")
             values = tomllib.loads(text) if args.config.suffix == ".toml" else json.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
-            _fail("train", f"--config {args.config}: cannot parse ({error})")
+            _fail(command, f"--config {args.config}: cannot parse ({error})")
         if not isinstance(values, dict):
-            _fail("train", f"--config {args.config}: expected a table of options, got {type(values).__name__}")
+            _fail(command, f"--config {args.config}: expected a table of options, got {type(values).__name__}")
         try:
             values = flatten_sections(values)
         except ValueError as error:
-            _fail("train", f"--config {args.config}: {error}")
+            _fail(command, f"--config {args.config}: {error}")
         fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
         for name in _NOT_IN_TRAIN:
-            if values.get(name) and args.eval_dataset is None:
-                _fail("train", f"--config {args.config}: {name} needs --eval-dataset (without one opd-jax train "
+            if values.get(name) and eval_dataset is None:
+                _fail(command, f"--config {args.config}: {name} needs --eval-dataset (without one opd-jax train "
                                "has no evaluator); remove it or give a held-out dataset")
-        values = {name: _config_value(fields[name], value, f"--config {args.config}") if name in fields else value
-                  for name, value in values.items()}
+        values = {name: _config_value(fields[name], value, f"--config {args.config}", command)
+                  if name in fields else value for name, value in values.items()}
     for field in dataclasses.fields(TrainConfig):
         given = getattr(args, field.name, None)
         if given is not None:
             values[field.name] = None if given is EXPLICIT_NONE else given
+    values.update(overrides or {})
     try:
         return TrainConfig.from_dict(values)
     except (ValueError, TypeError) as error:
-        _fail("train", str(error))
+        _fail(command, str(error))
 
 
 def _check_rollout_backend(config) -> None:
@@ -954,10 +978,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    runners = {"train": run_train, "demo": run_demo, "eval": run_eval, "verify": run_verify, "plan": run_plan}
+    return runners[args.command](args)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """``opd-jax plan`` on the training configuration ``opd-jax train`` would build from the same
+    ``--config`` and flags (``--sequence-length`` L stands for ``--max-new-tokens`` L − P)."""
     from opd_jax import plan
 
-    runners = {"train": run_train, "demo": run_demo, "eval": run_eval, "verify": run_verify, "plan": plan.run}
-    return runners[args.command](args)
+    overrides = {}
+    if args.sequence_length is not None:
+        if args.max_new_tokens is not None:
+            _fail("plan", f"--sequence-length {args.sequence_length} and --max-new-tokens {args.max_new_tokens}: "
+                          "give one (the sequence is --prompt-length + max_new_tokens)")
+        if args.sequence_length <= args.prompt_length:
+            _fail("plan", f"--prompt-length ({args.prompt_length}) must be < --sequence-length "
+                          f"({args.sequence_length}): the sequence is the prompt plus at least one response token")
+        overrides["max_new_tokens"] = args.sequence_length - args.prompt_length
+    return plan.run(args, _train_config(args, "plan", overrides))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import importlib
 import math
 from typing import Any
 
+from opd_jax import chunking
 from opd_jax import divergences as divergences_lib
 from opd_jax.advantages import ESTIMATORS, LEVELS
 
@@ -40,8 +41,9 @@ RESUME_FREE = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "l
 ROLLOUT_BACKENDS = ("jax", "vllm")
 
 
-def _field(section: str, default: Any, help_text: str) -> Any:
-    return dataclasses.field(default=default, metadata={"section": section, "help": help_text})
+def _field(section: str, default: Any, help_text: str, keywords: tuple[str, ...] = ()) -> Any:
+    """A config field: its section, help text and the words it takes besides its type (e.g. ``auto``)."""
+    return dataclasses.field(default=default, metadata={"section": section, "help": help_text, "keywords": keywords})
 
 
 def resolve_divergence(value: str | divergences_lib.Divergence, *, field: str = "divergence",
@@ -194,8 +196,10 @@ class TrainConfig:
     eval_every: int = _field("loop", 0, "evaluate every N steps (0: only before and after; needs a task)")
     checkpoint_every: int = _field("loop", 25, "save a checkpoint every N steps")
     keep_checkpoints: int = _field("loop", 3, "checkpoints kept on disk")
-    logit_chunk_size: int | None = _field("loop", None,
-                                          "tokens per vocabulary-projection chunk ('none': all at once)")
+    logit_chunk_size: int | str | None = _field(
+        "loop", chunking.AUTO,
+        "tokens per vocabulary-projection chunk ('none': all at once; 'auto': chosen from the vocabulary size, "
+        "tokens per device and device memory, see opd_jax.chunking.auto_logit_chunk_size)", keywords=(chunking.AUTO,))
 
     def __post_init__(self):
         self.divergence_fn()  # validates name / reference, beta, alpha
@@ -229,7 +233,9 @@ class TrainConfig:
             _range(name, getattr(self, name), 1, None)
         for name in ("warmup_steps", "eval_every", "seed"):
             _range(name, getattr(self, name), 0, None)
-        if self.logit_chunk_size is not None:
+        if isinstance(self.logit_chunk_size, str):
+            _choice("logit_chunk_size", self.logit_chunk_size, (chunking.AUTO,))
+        elif self.logit_chunk_size is not None:
             _range("logit_chunk_size", self.logit_chunk_size, 1, None)
         if self.baseline == "leave_one_out" and self.group_size < 2:
             raise ValueError("baseline 'leave_one_out' needs group_size >= 2")
@@ -256,6 +262,22 @@ class TrainConfig:
         if self.full_vocab_divergence is None:
             return self.divergence_fn()
         return resolve_divergence(self.full_vocab_divergence, field="full_vocab_divergence")
+
+    def with_resolved_chunks(self, *, vocab_size: int, sequence_length: int, batch_shards: int,
+                             device_memory_bytes: int) -> TrainConfig:
+        """This config with ``logit_chunk_size = "auto"`` replaced by its value (others unchanged).
+
+        The scoring pass projects the most tokens at once: ``prompts_per_step × group_size`` rows
+        of ``sequence_length`` over ``batch_shards`` devices (see
+        :func:`opd_jax.chunking.auto_logit_chunk_size`, whose ``ValueError`` it raises).
+        """
+        if self.logit_chunk_size != chunking.AUTO:
+            return self
+        rows = self.prompts_per_step * self.group_size
+        chunk = chunking.auto_logit_chunk_size(
+            vocab_size=vocab_size, tokens_per_device=-(-rows * sequence_length // batch_shards),
+            device_memory_bytes=device_memory_bytes)
+        return dataclasses.replace(self, logit_chunk_size=chunk)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat ``{field: value}`` of JSON values (divergences as names or ``module:attribute``)."""

@@ -101,81 +101,76 @@ class PlanCompileError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class PlanConfig:
-    """One step to plan.
+    """One step to plan: the step :func:`opd_jax.train.train` runs for ``train`` on ``topology``.
 
     Attributes:
       student, teacher: architectures (see :func:`opd_jax.models.presets.resolve_model`).
+      train: the run's :class:`~opd_jax.config.TrainConfig`, objective included (rows per step =
+        ``prompts_per_step × group_size``, ``max_new_tokens`` response slots, ``minibatches ×
+        epochs`` updates; ``logit_chunk_size = "auto"`` is resolved for the topology).
       topology: a name accepted by :func:`opd_jax.topologies.parse_topology`.
-      sequence_length: prompt + response slots ``L``.
-      prompt_length: prompt slots ``P`` (< ``L``); the response has ``L - P`` tokens.
-      prompts_per_step, group_size: rows per step = their product.
-      minibatches, epochs: updates per step = their product; minibatches divides the rows.
+      prompt_length: prompt slots ``P``; the sequence has ``L = P + max_new_tokens`` slots.
       mesh: ``data × fsdp × tensor`` sizes; ``None``: chosen by :func:`default_mesh`.
+      teacher_mesh: the teacher's own mesh over the devices after ``mesh``'s (needs ``mesh``),
+        as ``train(teacher_mesh=)``; its scoring is then the program ``teacher``.
       attention: ``auto`` | ``xla`` | ``chunked`` | ``splash`` | ``cudnn`` for both models.
       remat: the student's rematerialisation (``none`` | ``full`` | ``dots``; only the update has a
         backward pass).
       param_dtype: student parameters and optimizer state.
       compute_dtype: matmuls, activations and KV cache of both models.
       teacher_dtype: teacher parameters.
-      logit_chunk_size: tokens per vocabulary-projection chunk (``None``: all at once).
       student_name, teacher_name: labels for the report.
     """
 
     student: DecoderConfig
     teacher: DecoderConfig
+    train: train_lib.TrainConfig = dataclasses.field(default_factory=train_lib.TrainConfig)
     topology: str = "local"
-    sequence_length: int = 2048
     prompt_length: int = 512
-    prompts_per_step: int = 64
-    group_size: int = 4
-    minibatches: int = 8
-    epochs: int = 1
     mesh: sharding_lib.MeshConfig | None = None
+    teacher_mesh: sharding_lib.MeshConfig | None = None
     attention: str = "auto"
     remat: str = "full"
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
     teacher_dtype: str = "bfloat16"
-    logit_chunk_size: int | None = None
     student_name: str = "student"
     teacher_name: str = "teacher"
 
     @property
     def rows(self) -> int:
-        return self.prompts_per_step * self.group_size
+        return self.train.prompts_per_step * self.train.group_size
 
     @property
     def new_tokens(self) -> int:
-        return self.sequence_length - self.prompt_length
+        return self.train.max_new_tokens
 
-    def train_config(self) -> train_lib.TrainConfig:
-        """The :class:`~opd_jax.train.TrainConfig` of the step (its objective options at their defaults)."""
-        return train_lib.TrainConfig(
-            prompts_per_step=self.prompts_per_step, group_size=self.group_size, max_new_tokens=self.new_tokens,
-            minibatches=self.minibatches, epochs=self.epochs, logit_chunk_size=self.logit_chunk_size,
-        )
+    @property
+    def sequence_length(self) -> int:
+        return self.prompt_length + self.train.max_new_tokens
+
+    def execution(self) -> dict[str, str]:
+        """How the models run (the ``execution`` section of the report)."""
+        return {name: getattr(self, name) for name in ("attention", "remat", "param_dtype", "compute_dtype",
+                                                        "teacher_dtype")}
 
 
 def check_config(config: PlanConfig) -> None:
     """Everything that needs no devices, so that a bad plan fails before anything is built.
 
+    (The :class:`~opd_jax.config.TrainConfig` checked itself when it was made.)
+
     Raises:
       ValueError: naming the field, its value and what is allowed.
     """
-    for name in ("sequence_length", "prompt_length", "prompts_per_step", "group_size", "minibatches", "epochs"):
-        value = getattr(config, name)
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-    if config.prompt_length >= config.sequence_length:
-        raise ValueError(
-            f"prompt_length ({config.prompt_length}) must be < sequence_length ({config.sequence_length}): "
-            "the sequence is the prompt plus at least one response token"
-        )
+    if not isinstance(config.prompt_length, (int, np.integer)) or config.prompt_length < 1:
+        raise ValueError(f"prompt_length must be an integer >= 1; got {config.prompt_length!r}")
     for role, model in (("student", config.student), ("teacher", config.teacher)):
         if config.sequence_length > model.max_position_embeddings:
             raise ValueError(
-                f"sequence_length {config.sequence_length} exceeds the {role}'s "
-                f"({getattr(config, role + '_name')}) max_position_embeddings {model.max_position_embeddings}"
+                f"sequence_length {config.sequence_length} (prompt_length {config.prompt_length} + max_new_tokens "
+                f"{config.new_tokens}) exceeds the {role}'s ({getattr(config, role + '_name')}) "
+                f"max_position_embeddings {model.max_position_embeddings}"
             )
     if config.student.vocab_size != config.teacher.vocab_size:
         raise ValueError(f"teacher vocab_size {config.teacher.vocab_size} != student vocab_size "
@@ -185,7 +180,8 @@ def check_config(config: PlanConfig) -> None:
             raise ValueError(f"{name} must be one of {', '.join(DTYPES)}; got {getattr(config, name)!r}")
     if config.remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}; got {config.remat!r}")
-    config.train_config()  # minibatches must divide the rows, chunk size >= 1
+    if config.teacher_mesh is not None:
+        train_lib.check_teacher_mesh(config.train, config.mesh, config.teacher_mesh)
 
 
 def check_mesh(config: PlanConfig, mesh: sharding_lib.MeshConfig, num_devices: int) -> None:
@@ -193,20 +189,24 @@ def check_mesh(config: PlanConfig, mesh: sharding_lib.MeshConfig, num_devices: i
 
     (Parameter dimensions are checked against the mesh when the shardings are built.)
     """
-    if mesh.size != num_devices:
+    meshes = {"student": mesh, "teacher": mesh if config.teacher_mesh is None else config.teacher_mesh}
+    used = mesh.size + (0 if config.teacher_mesh is None else config.teacher_mesh.size)
+    if used != num_devices:
+        teacher = "" if config.teacher_mesh is None else f" + teacher mesh of {config.teacher_mesh.size}"
         raise ValueError(
-            f"mesh data={mesh.data} × fsdp={mesh.fsdp} × tensor={mesh.tensor} = {mesh.size} devices, but "
-            f"topology {config.topology} has {num_devices}; the product must equal the device count"
+            f"mesh data={mesh.data} × fsdp={mesh.fsdp} × tensor={mesh.tensor} = {mesh.size} devices{teacher}, but "
+            f"topology {config.topology} has {num_devices}; the meshes must use every device"
         )
     for role, model in (("student", config.student), ("teacher", config.teacher)):
-        if model.num_heads % mesh.tensor or model.num_kv_heads % mesh.tensor:
+        tensor = meshes[role].tensor
+        if model.num_heads % tensor or model.num_kv_heads % tensor:
             raise ValueError(
-                f"mesh axis 'tensor' ({mesh.tensor}) must divide the {role}'s ({getattr(config, role + '_name')}) "
+                f"mesh axis 'tensor' ({tensor}) must divide the {role}'s ({getattr(config, role + '_name')}) "
                 f"num_heads ({model.num_heads}) and num_kv_heads ({model.num_kv_heads}): attention heads are "
                 "split over it"
             )
     sharding_lib.check_batch(config.rows, mesh, what="rollout batch (prompts_per_step × group_size)")
-    sharding_lib.check_batch(config.rows // config.minibatches, mesh,
+    sharding_lib.check_batch(config.rows // config.train.minibatches, mesh,
                              what="update minibatch (prompts_per_step × group_size / minibatches)")
 
 
@@ -297,6 +297,8 @@ class CompiledPlan:
       resident_bytes: program name -> per-device bytes of step buffers alive but not arguments.
       executions: program name -> runs per step.
       parameters: ``{"student": n, "teacher": n}`` parameter counts.
+      meshes: program name -> the mesh it runs on (the teacher's own, for ``teacher``).
+      step_programs: every program of the step (compiled or not).
     """
 
     config: PlanConfig
@@ -311,40 +313,38 @@ class CompiledPlan:
     resident_bytes: dict[str, int]
     executions: dict[str, int]
     parameters: dict[str, int]
+    meshes: dict[str, jax.sharding.Mesh] = dataclasses.field(default_factory=dict)
+    step_programs: tuple[str, ...] = PROGRAMS
 
 
-def _build_programs(config: PlanConfig, mesh, student, teacher) -> tuple[dict[str, _Program], dict[str, Any]]:
-    """The three jitted programs of a step with their abstract, sharded arguments, and the buffers a
-    step keeps alive between programs (by name)."""
+def _build_programs(config: PlanConfig, devices, student, teacher) -> tuple[dict[str, _Program], dict[str, Any]]:
+    """The jitted programs of a step with their abstract, sharded arguments, and the buffers a step
+    keeps alive between programs (by name): the step and shardings of :func:`opd_jax.train.train`."""
     (graphdef, params), (teacher_graphdef, teacher_params) = student, teacher
-    train_config = config.train_config()
+    train_config = config.train
     optimizer = step_lib.make_optimizer(train_config)
-    opt_state = jax.eval_shape(optimizer.init, params)
-    replicated = NamedSharding(mesh, P())
-    batch = sharding_lib.batch_sharding(mesh)
-    shardings = step_lib.StepShardings(
-        params=sharding_lib.state_shardings(params, mesh, what="student parameter"),
-        opt_state=sharding_lib.state_shardings(opt_state, mesh, what="optimizer state of"),
-        teacher_params=sharding_lib.state_shardings(teacher_params, mesh, what="teacher parameter"),
-        batch=batch,
-        replicated=replicated,
-    )
+    shardings = step_lib.make_step_shardings(train_config, config.mesh, params, teacher_params, optimizer,
+                                             teacher_mesh_config=config.teacher_mesh, devices=devices)
     params = _with_shardings(params, shardings.params)
-    opt_state = _with_shardings(opt_state, shardings.opt_state)
+    opt_state = _with_shardings(jax.eval_shape(optimizer.init, params), shardings.opt_state)
     teacher_params = _with_shardings(teacher_params, shardings.teacher_params)
+    own_mesh = shardings.teacher_batch is not None
 
-    def rows(n, length, dtype, sharding=batch):
+    def rows(n, length, dtype, sharding=shardings.batch):
         return jax.ShapeDtypeStruct((n, length) if length else (n,), jnp.dtype(dtype), sharding=sharding)
 
-    B, L, M = config.rows, config.sequence_length, config.rows // config.minibatches
+    B, L, M = config.rows, config.sequence_length, config.rows // train_config.minibatches
     sequence_level = train_config.level == "sequence"
+    full_vocab = train_config.full_vocab_weight > 0
     def scored(n):  # a ScoredBatch of n rows
+        hidden = (jax.ShapeDtypeStruct((n, L, config.teacher.hidden_size), jnp.dtype(config.compute_dtype),
+                                       sharding=shardings.batch) if full_vocab else None)
         return step_lib.ScoredBatch(rows(n, L, "int32"), rows(n, L, "bool"), rows(n, L, "bool"), rows(n, L, "float32"),
-                                    rows(n, None if sequence_level else L, "float32"), None)
+                                    rows(n, None if sequence_level else L, "float32"), hidden)
 
+    rollout_batch = Rollout(rows(B, L, "int32"), rows(B, L, "bool"), rows(B, L, "bool"), rows(B, L, "float32"))
     buffers = {  # what a step keeps alive between its programs
-        "params": params, "opt_state": opt_state, "teacher_params": teacher_params,
-        "rollout": Rollout(rows(B, L, "int32"), rows(B, L, "bool"), rows(B, L, "bool"), rows(B, L, "float32")),
+        "params": params, "opt_state": opt_state, "teacher_params": teacher_params, "rollout": rollout_batch,
         "scores": scored(B),
     }
     sampling_config = SamplingConfig(max_new_tokens=config.new_tokens, temperature=train_config.temperature,
@@ -354,24 +354,39 @@ def _build_programs(config: PlanConfig, mesh, student, teacher) -> tuple[dict[st
     def rollout(params, prompt_tokens, prompt_mask, key):
         return sampler.rollout_fn(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, sampling_config)
 
+    replicated = shardings.replicated
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
-    step = step_lib.make_train_step(train_config, graphdef, teacher_graphdef, optimizer, shardings)
-    return {
+    step = step_lib.make_train_step(train_config, graphdef, teacher_graphdef, optimizer, shardings,
+                                    donate_state=not train_config.pipeline_rollouts)
+    # Beside each program the step holds what it does not take as arguments; a teacher on its own
+    # devices is resident on none of the student's programs.
+    teacher_beside = () if own_mesh else ("teacher_params",)
+    programs = {
         "rollout": _Program(
             jax.jit(rollout),
             (params, rows(B, config.prompt_length, "int32"), rows(B, config.prompt_length, "bool"), key),
-            1, ("opt_state", "teacher_params"), (0,),
+            1, ("opt_state", *teacher_beside), (0,),
         ),
-        "score": _Program(step.prepare, (params, teacher_params, buffers["rollout"], None, None), 1, ("opt_state",), (0, 1)),
+        "score": _Program(step.prepare, (params, teacher_params, rollout_batch, None, None), 1, ("opt_state",),
+                          (0, 1)),
         # The update reads the teacher only for a full-vocabulary term; otherwise jit drops the
         # argument, and the teacher counts as resident beside the program.
         "update": _Program(
             step.update,
-            (params, opt_state, teacher_params, scored(M), jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)),
-            config.minibatches * config.epochs,
-            ("scores",) if train_config.full_vocab_weight > 0 else ("scores", "teacher_params"), (0, 2),
+            (params, opt_state, None if own_mesh else teacher_params, scored(M),
+             jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)),
+            train_config.minibatches * train_config.epochs,
+            ("scores",) if full_vocab or own_mesh else ("scores", "teacher_params"), (0, 2),
         ),
-    }, buffers
+    }
+    if own_mesh:
+        teacher_rows = functools.partial(rows, sharding=shardings.teacher_batch)
+        programs["teacher"] = _Program(
+            step.score_teacher, (teacher_params, teacher_rows(B, L, "int32"), teacher_rows(B, L, "bool"), None),
+            1, (), (0,))
+        programs["score"] = _Program(step.prepare_scored, (params, rows(B, L, "float32"), rollout_batch, None, None),
+                                     1, ("opt_state",), (0,))
+    return programs, buffers
 
 
 _OOM = re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
@@ -386,13 +401,14 @@ def _parse_oom(message: str) -> tuple[int, int] | None:
     return (int(float(match.group(1)) * scale[match.group(2)]), int(float(match.group(3)) * scale[match.group(4)]))
 
 
-def compile_programs(config: PlanConfig, *, programs: Sequence[str] = PROGRAMS,
+def compile_programs(config: PlanConfig, *, programs: Sequence[str] | None = None,
                      progress: Callable[[str], None] | None = None) -> CompiledPlan:
     """Build the step's programs for ``config.topology`` and compile them (nothing runs).
 
     Args:
       config: the :class:`PlanConfig`.
-      programs: which of ``rollout``, ``score``, ``update`` to compile.
+      programs: which of ``rollout``, ``score``, ``update`` (and ``teacher`` with a teacher mesh) to
+        compile; ``None``: all.
       progress: called with a line before and after each compile (e.g. ``print`` to stderr).
 
     Returns:
@@ -404,9 +420,6 @@ def compile_programs(config: PlanConfig, *, programs: Sequence[str] = PROGRAMS,
       PlanCompileError: the compiler failed on a program for a reason other than memory.
     """
     check_config(config)
-    unknown = [p for p in programs if p not in PROGRAMS]
-    if unknown:
-        raise ValueError(f"unknown program(s) {unknown}; programs are {', '.join(PROGRAMS)}")
     topology = topologies_lib.parse_topology(config.topology)
     devices = topology.devices()
     platform = devices[0].platform
@@ -417,41 +430,55 @@ def compile_programs(config: PlanConfig, *, programs: Sequence[str] = PROGRAMS,
     if config.mesh is None:
         config = dataclasses.replace(config, mesh=default_mesh(config, len(devices), student[1], teacher[1]))
     check_mesh(config, config.mesh, len(devices))
-    mesh = config.mesh.make_mesh(devices)
+    config = dataclasses.replace(config, train=train_lib.resolve_logit_chunks(
+        config.train, config.student.vocab_size, config.prompt_length, config.mesh, config.teacher_mesh,
+        device_memory_bytes=topology.memory_bytes(devices), say=progress))
     # Splash's Pallas kernel does not lower with 64-bit indices; every input here has an explicit dtype.
-    with jax.enable_x64(False), jax.set_mesh(mesh):
-        built, buffers = _build_programs(config, mesh, student, teacher)
+    with jax.enable_x64(False):
+        built, buffers = _build_programs(config, devices, student, teacher)
+        names = list(built) if programs is None else list(programs)
+        unknown = [p for p in names if p not in built]
+        if unknown:
+            raise ValueError(f"unknown program(s) {unknown}; this step's programs are {', '.join(built)}")
+        mesh = jax.tree.leaves(buffers["params"])[0].sharding.mesh
         result = CompiledPlan(
             config, topology, mesh, resolved, {}, {}, {}, {}, {}, {}, {},
-            {"student": _count(student[1]), "teacher": _count(teacher[1])},
+            {"student": _count(student[1]), "teacher": _count(teacher[1])}, step_programs=tuple(built),
         )
-        for index, name in enumerate(programs, 1):
+        for index, name in enumerate(names, 1):
             program = built[name]
             result.executions[name] = program.executions
             result.resident_bytes[name] = sum(_device_bytes(buffers[b]) for b in program.resident)
             if progress:
-                progress(f"compiling {name} ({index}/{len(programs)})...")
+                progress(f"compiling {name} ({index}/{len(names)})...")
             began = time.perf_counter()
-            try:
-                traced = program.jitted.trace(*program.args)
-            except ValueError as error:  # a shape the model or a kernel refuses, e.g. splash's divisibility
-                raise ValueError(f"building program {name!r}: {error}") from error
-            result.traced[name] = traced
-            flags = program.weight_flags()
-            result.weights[name] = flags if len(flags) == len(traced.jaxpr.jaxpr.invars) else []
-            try:
-                result.compiled[name] = traced.lower().compile()
-            except Exception as error:  # XLA raises JaxRuntimeError; an OOM is a finding, not a failure
-                message = str(error)
-                if "RESOURCE_EXHAUSTED" in message and _parse_oom(message) is not None:
-                    result.oom[name] = message.splitlines()[0]
-                else:
-                    raise PlanCompileError(f"compiling program {name!r} failed: {message}") from error
+            _compile(program, name, result)
             result.compile_seconds[name] = time.perf_counter() - began
             if progress:
                 state = "out of memory" if name in result.oom else "done"
                 progress(f"  {name}: {state} in {result.compile_seconds[name]:.1f} s")
     return result
+
+
+def _compile(program: _Program, name: str, result: CompiledPlan) -> None:
+    """Trace, lower and compile ``program`` on its own mesh into ``result`` (an OOM is recorded, not raised)."""
+    mesh = result.meshes[name] = jax.tree.leaves(program.args[0])[0].sharding.mesh
+    with jax.set_mesh(mesh):
+        try:
+            traced = program.jitted.trace(*program.args)
+        except ValueError as error:  # a shape the model or a kernel refuses, e.g. splash's divisibility
+            raise ValueError(f"building program {name!r}: {error}") from error
+        result.traced[name] = traced
+        flags = program.weight_flags()
+        result.weights[name] = flags if len(flags) == len(traced.jaxpr.jaxpr.invars) else []
+        try:
+            result.compiled[name] = traced.lower().compile()
+        except Exception as error:  # XLA raises JaxRuntimeError; an OOM is a finding, not a failure
+            message = str(error)
+            if "RESOURCE_EXHAUSTED" in message and _parse_oom(message) is not None:
+                result.oom[name] = message.splitlines()[0]
+            else:
+                raise PlanCompileError(f"compiling program {name!r} failed: {message}") from error
 
 
 def _count(tree) -> int:
@@ -653,8 +680,11 @@ def _phases(traced, weights: Sequence[bool], decode_trips: int, tensor: int, dev
 # The report
 
 
-def plan(config: PlanConfig, *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def plan(config: PlanConfig, *, programs: Sequence[str] | None = None,
+         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Compile the step for the topology and report memory, FLOPs, fit and a roofline step time.
+
+    ``programs`` (default: all) limits the compile to some programs; the step time is then ``None``.
 
     Returns:
       A JSON-ready dict with ``topology``, ``devices``, ``device_memory_bytes``, ``programs.{rollout,
@@ -662,7 +692,7 @@ def plan(config: PlanConfig, *, progress: Callable[[str], None] | None = None) -
       compile_seconds, ...}``, ``fits``, ``estimated_step_seconds`` and ``mesh``, ``models``,
       ``batch``, ``chip``, ``over`` (the programs that do not fit and by how many bytes).
     """
-    compiled = compile_programs(config, progress=progress)
+    compiled = compile_programs(config, programs=programs, progress=progress)
     return report(compiled)
 
 
@@ -697,8 +727,9 @@ def report(compiled: CompiledPlan) -> dict[str, Any]:
         cost = executable.cost_analysis() or {}
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         xla_flops, xla_bytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-        phases = _phases(compiled.traced[name], compiled.weights[name], config.new_tokens, config.mesh.tensor,
-                         compiled.mesh.size)
+        mesh = compiled.meshes[name]
+        phases = _phases(compiled.traced[name], compiled.weights[name], config.new_tokens, mesh.shape["tensor"],
+                         mesh.size)
         seconds = sum(repeats * max(f / chip.peak_flops, b / chip.hbm_bandwidth) for _, repeats, f, b in phases)
         total = peak + compiled.resident_bytes[name]
         entry.update(
@@ -717,7 +748,9 @@ def report(compiled: CompiledPlan) -> dict[str, Any]:
         if step_seconds is not None:
             step_seconds += compiled.executions[name] * seconds
         programs[name] = entry
-    mesh = config.mesh
+    if set(compiled.traced) != set(compiled.step_programs):
+        step_seconds = None  # a step time needs every program
+    mesh, teacher_mesh, train = config.mesh, config.teacher_mesh, config.train
     return {
         "topology": config.topology,
         "devices": topology.num_devices,
@@ -725,6 +758,8 @@ def report(compiled: CompiledPlan) -> dict[str, Any]:
         "chip": {"name": chip.name, "peak_flops": chip.peak_flops, "hbm_bytes": chip.hbm_bytes,
                  "hbm_bandwidth": chip.hbm_bandwidth, "source": chip.source},
         "mesh": {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor},
+        "teacher_mesh": None if teacher_mesh is None else {"data": teacher_mesh.data, "fsdp": teacher_mesh.fsdp,
+                                                           "tensor": teacher_mesh.tensor},
         "models": {
             "student": {"name": config.student_name, "parameters": compiled.parameters["student"],
                         "param_dtype": config.param_dtype, "compute_dtype": config.compute_dtype,
@@ -733,10 +768,13 @@ def report(compiled: CompiledPlan) -> dict[str, Any]:
                         "param_dtype": config.teacher_dtype, "compute_dtype": config.compute_dtype},
             "attention": compiled.attention,
         },
-        "batch": {"rows": config.rows, "prompts_per_step": config.prompts_per_step, "group_size": config.group_size,
+        "batch": {"rows": config.rows, "prompts_per_step": train.prompts_per_step, "group_size": train.group_size,
                   "sequence_length": config.sequence_length, "prompt_length": config.prompt_length,
-                  "new_tokens": config.new_tokens, "minibatches": config.minibatches, "epochs": config.epochs,
-                  "logit_chunk_size": config.logit_chunk_size},
+                  "new_tokens": config.new_tokens, "minibatches": train.minibatches, "epochs": train.epochs,
+                  "logit_chunk_size": train.logit_chunk_size},
+        # As the run folder's config.json records it ("auto" resolved), and how the models run.
+        "train_config": train.to_json(),
+        "execution": {**config.execution(), "attention_resolved": compiled.attention},
         "programs": programs,
         "fits": not over,
         "over": over,
@@ -809,7 +847,8 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``opd-jax plan`` options (the model-execution options come from the CLI's shared group)."""
+    """The ``opd-jax plan`` options of its own (the training options, ``--config`` and the
+    model-execution options are the ones ``opd-jax train`` takes, added by the CLI)."""
     def positive(text: str) -> int:
         try:
             value = int(text)
@@ -819,28 +858,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
         return value
 
-    def chunk(text: str) -> int | None:
-        return None if text.lower() == "none" else positive(text)
-
-    parser.add_argument("--topology", required=True,
-                        help="v5p-N / v4-N (N TensorCores), v5e-N / v6e-N (N chips), an explicit grid such as "
-                             "v5p:2x4x4, cpu:N (N virtual CPU devices) or local")
-    parser.add_argument("--student", required=True,
-                        help=f"preset ({', '.join(PRESETS)}) or a Hugging Face folder (only config.json is read)")
-    parser.add_argument("--teacher", required=True, help="preset or Hugging Face folder, as --student")
-    parser.add_argument("--sequence-length", type=positive, required=True, help="prompt + response slots")
-    parser.add_argument("--prompt-length", type=positive, required=True, help="prompt slots (< --sequence-length)")
-    parser.add_argument("--prompts-per-step", type=positive, default=64, help="prompts per step [64]")
-    parser.add_argument("--group-size", type=positive, default=4, help="rollouts per prompt [4]")
-    parser.add_argument("--minibatches", type=positive, default=8, help="updates per epoch; divides the rows [8]")
-    parser.add_argument("--epochs", type=positive, default=1, help="passes over the rollout batch [1]")
-    parser.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
-                        help="e.g. 1,16,2 or fsdp=16,tensor=2 (default: fsdp over every device; a factor of 2, 4 "
-                             "or 8 moves to tensor when the update minibatch has fewer rows than devices, to data "
-                             "when fsdp would not divide a parameter)")
-    parser.add_argument("--logit-chunk-size", type=chunk, default=None,
-                        help="tokens per vocabulary-projection chunk ('none': all at once) [none]")
-    parser.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write the report as JSON")
+    group = parser.add_argument_group("what to plan for")
+    group.add_argument("--topology", required=True,
+                       help="v5p-N / v4-N (N TensorCores), v5e-N / v6e-N (N chips), an explicit grid such as "
+                            "v5p:2x4x4, cpu:N (N virtual CPU devices) or local")
+    group.add_argument("--student", required=True,
+                       help=f"preset ({', '.join(PRESETS)}) or a Hugging Face folder (only config.json is read)")
+    group.add_argument("--teacher", required=True, help="preset or Hugging Face folder, as --student")
+    group.add_argument("--prompt-length", type=positive, required=True,
+                       help="prompt slots P (train: --max-prompt-length)")
+    group.add_argument("--sequence-length", type=positive,
+                       help="prompt + response slots L: sets max_new_tokens to L - P (default: P + max_new_tokens)")
+    group.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                       help="e.g. 1,16,2 or fsdp=16,tensor=2 (default: fsdp over every device; a factor of 2, 4 "
+                            "or 8 moves to tensor when the update minibatch has fewer rows than devices, to data "
+                            "when fsdp would not divide a parameter)")
+    group.add_argument("--teacher-mesh", metavar="DATA,FSDP,TENSOR",
+                       help="the teacher scores on a mesh of its own, over the devices after --mesh's (as opd-jax "
+                            "train --teacher-mesh); planned as the program 'teacher'")
+    group.add_argument("--programs", type=lambda text: [p.strip() for p in text.split(",") if p.strip()],
+                       metavar="NAME[,NAME]",
+                       help="compile only these of rollout, score, update (and teacher with --teacher-mesh); "
+                            "the step time then is not estimated [all]")
+    group.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write the report as JSON")
 
 
 def _error(message: str, status: int) -> int:
@@ -848,9 +888,10 @@ def _error(message: str, status: int) -> int:
     return status
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, train_config: train_lib.TrainConfig) -> int:
     """``opd-jax plan``: exit 0 with a report (also when it does not fit), 2 for bad input, 1 when a
-    program does not compile."""
+    program does not compile. ``train_config`` is what ``opd-jax train`` would build from the same
+    ``--config`` and flags."""
     import os
 
     if args.json is not None and args.json.is_dir():
@@ -861,17 +902,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         topology = topologies_lib.parse_topology(args.topology)
         student, teacher = resolve_model(args.student), resolve_model(args.teacher)
-        mesh = None if args.mesh is None else sharding_lib.parse_mesh(args.mesh)
+        mesh, teacher_mesh = (None if text is None else sharding_lib.parse_mesh(text)
+                              for text in (args.mesh, args.teacher_mesh))
         platform = "tpu" if topology.is_tpu else topology.devices()[0].platform
         compute_dtype, teacher_dtype = (resolve_dtype(d, platform) for d in (args.compute_dtype, args.teacher_dtype))
         config = PlanConfig(
-            student=student, teacher=teacher, topology=args.topology, sequence_length=args.sequence_length,
-            prompt_length=args.prompt_length, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
-            minibatches=args.minibatches, epochs=args.epochs, mesh=mesh, attention=args.attention,
+            student=student, teacher=teacher, train=train_config, topology=args.topology,
+            prompt_length=args.prompt_length, mesh=mesh, teacher_mesh=teacher_mesh, attention=args.attention,
             remat=args.remat, param_dtype=args.param_dtype, compute_dtype=compute_dtype, teacher_dtype=teacher_dtype,
-            logit_chunk_size=args.logit_chunk_size, student_name=args.student, teacher_name=args.teacher,
+            student_name=args.student, teacher_name=args.teacher,
         )
-        result = plan(config, progress=functools.partial(print, file=sys.stderr, flush=True))
+        result = plan(config, programs=args.programs, progress=functools.partial(print, file=sys.stderr, flush=True))
     except ValueError as error:
         return _error(str(error), 2)
     except PlanCompileError as error:

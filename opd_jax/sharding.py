@@ -53,6 +53,7 @@ __all__ = [
     "parse_mesh",
     "partition_specs",
     "path_name",
+    "place",
     "shard_state",
     "state_shardings",
 ]
@@ -289,8 +290,12 @@ def shard_state(state: PyTree, mesh: Mesh, rules: PartitionRules = DEFAULT_RULES
       ``(sharded_state, shardings)``: the placed tree and its :class:`NamedSharding` tree.
     """
     shardings = state_shardings(state, mesh, rules, what=what)
-    placed = jax.tree.map(_fresh_copy, state, shardings)
-    return placed, shardings
+    return place(state, shardings), shardings
+
+
+def place(tree: PyTree, shardings: PyTree) -> PyTree:
+    """``tree``'s arrays copied onto ``shardings`` (see :func:`shard_state`: never aliasing the input)."""
+    return jax.tree.map(_fresh_copy, tree, shardings)
 
 
 def _fresh_copy(x, sharding) -> jax.Array:

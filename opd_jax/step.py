@@ -25,7 +25,8 @@ computed inside the jitted functions; the loop fetches them once per step.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from opd_jax import chunking, topologies
 from opd_jax.advantages import leave_one_out_baseline, sequence_advantages, token_advantages
 from opd_jax.config import TrainConfig
 from opd_jax.objectives import (
@@ -43,6 +45,8 @@ from opd_jax.objectives import (
     importance_surrogate,
 )
 from opd_jax.sampling import Rollout, token_log_probs_and_hidden
+from opd_jax import sharding as sharding_lib
+from opd_jax.sharding import BATCH_AXES
 
 Array = jax.Array
 PyTree = Any
@@ -50,7 +54,7 @@ AdvantageFn = Callable[[Array, Array, Array], Array]
 LossFn = Callable[[Array, Array, Array, Array], Array]
 
 __all__ = ["AdvantageFn", "LossFn", "ScoredBatch", "StepShardings", "TrainStep", "config_advantage_fn",
-           "config_loss_fn", "make_optimizer", "make_train_step"]
+           "config_loss_fn", "make_optimizer", "make_step_shardings", "make_train_step"]
 
 
 def config_advantage_fn(config: TrainConfig) -> AdvantageFn:
@@ -148,6 +152,51 @@ class StepShardings:
     teacher_batch: Any = None
 
 
+def make_step_shardings(config: TrainConfig, mesh_config, params, teacher_params, optimizer: optax.GradientTransformation,
+                        student_rules=sharding_lib.DEFAULT_RULES, teacher_rules=sharding_lib.DEFAULT_RULES,
+                        teacher_mesh_config=None, reference_params=None,
+                        devices: Sequence[jax.Device] | None = None) -> StepShardings:
+    """Where a step's inputs live: the one layout of :func:`opd_jax.train.train` and :mod:`opd_jax.plan`.
+
+    Shapes only: the parameter trees may be arrays or ``jax.ShapeDtypeStruct``, and nothing is
+    placed. The batch must split over the meshes' ``data × fsdp`` axes (the minibatch too) and
+    every sharded parameter dimension over its axes; the reference model follows the student's
+    rules. With ``teacher_mesh_config`` the student takes the first devices and the teacher the rest
+    (:func:`opd_jax.sharding.disjoint_meshes`).
+
+    Args:
+      devices: the devices to build the meshes on (default: ``jax.devices()``; the plan passes a
+        topology's compile-only devices).
+
+    Raises:
+      ValueError: the mesh does not fit the devices, the batch or a parameter (the message names which).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    batch_size = config.prompts_per_step * config.group_size
+    if teacher_mesh_config is None:
+        mesh = teacher_mesh = mesh_config.make_mesh(devices)
+    else:
+        mesh, teacher_mesh = sharding_lib.disjoint_meshes(mesh_config, teacher_mesh_config, devices)
+        sharding_lib.check_batch(batch_size, teacher_mesh, what="rollout batch (prompts_per_step × group_size) "
+                                                                "on the teacher mesh")
+    sharding_lib.check_batch(batch_size, mesh, what="rollout batch (prompts_per_step × group_size)")
+    sharding_lib.check_batch(batch_size // config.minibatches, mesh, what="minibatch")
+    reference = None
+    if reference_params is not None:
+        reference = sharding_lib.state_shardings(reference_params, mesh, student_rules, what="reference parameter")
+    return StepShardings(
+        params=sharding_lib.state_shardings(params, mesh, student_rules, what="student parameter"),
+        opt_state=sharding_lib.state_shardings(jax.eval_shape(optimizer.init, params), mesh, student_rules,
+                                               what="optimizer state of"),
+        teacher_params=sharding_lib.state_shardings(teacher_params, teacher_mesh, teacher_rules,
+                                                    what="teacher parameter"),
+        batch=sharding_lib.batch_sharding(mesh),
+        replicated=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+        reference_params=reference,
+        teacher_batch=None if teacher_mesh is mesh else sharding_lib.batch_sharding(teacher_mesh),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
     """The jitted pieces of one training step (see :func:`make_train_step`).
@@ -209,11 +258,11 @@ def _checked_loss(loss_fn: LossFn, logp_BxT, behaviour_logp_BxT, advantages, res
 
 
 def _per_token_full_vocab(config: TrainConfig, student_hidden_BxTxD, student_projection, teacher_hidden_BxTxE,
-                          teacher_projection, response_mask_BxT) -> Array:
+                          teacher_projection, response_mask_BxT, chunk_size: int | None) -> Array:
     """``[B, T]`` ``D_f(q_T ‖ π_T)`` at the state before each response token (slot ``t − 1`` predicts ``t``)."""
     per_token = full_vocab_divergence_from_hidden(
         student_hidden_BxTxD[:, :-1], student_projection, teacher_hidden_BxTxE[:, :-1], teacher_projection,
-        response_mask_BxT[:, 1:], divergence=config.full_vocab_divergence_fn(), chunk_size=config.logit_chunk_size,
+        response_mask_BxT[:, 1:], divergence=config.full_vocab_divergence_fn(), chunk_size=chunk_size,
         temperature=config.temperature,
     )
     return jnp.pad(per_token, ((0, 0), (1, 0)))
@@ -278,12 +327,26 @@ def make_train_step(
     loss_fn = config_loss_fn(config) if loss_fn is None else loss_fn
     full_vocab = config.full_vocab_weight > 0
 
+    def chunk_size(tokens_BxT, vocab_size: int) -> int | None:
+        """``config.logit_chunk_size``, with ``"auto"`` resolved for this call's sequence length
+        (train and plan resolve it before building the step; this serves direct callers)."""
+        if config.logit_chunk_size != chunking.AUTO:
+            return config.logit_chunk_size
+        mesh = None if shardings is None else shardings.batch.mesh
+        devices = jax.devices()[:1] if mesh is None else list(mesh.devices.flat)
+        shards = 1 if mesh is None else math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+        return config.with_resolved_chunks(
+            vocab_size=vocab_size, sequence_length=tokens_BxT.shape[1], batch_shards=shards,
+            device_memory_bytes=topologies.device_memory_bytes(devices)).logit_chunk_size
+
     def log_probs(graph, params, tokens_BxT, token_mask_BxT):
         model = nnx.merge(graph, params)
+        projection = model.output_projection()
         logp_BxT, hidden_BxTxD = token_log_probs_and_hidden(
-            model, tokens_BxT, token_mask_BxT, temperature=config.temperature, chunk_size=config.logit_chunk_size
+            model, tokens_BxT, token_mask_BxT, temperature=config.temperature,
+            chunk_size=chunk_size(tokens_BxT, projection.shape[-1]),
         )
-        return logp_BxT, hidden_BxTxD, model.output_projection()
+        return logp_BxT, hidden_BxTxD, projection
 
     def teacher_log_probs(teacher_params, tokens_BxT, token_mask_BxT, teacher_index_B):
         """Each row's own teacher's log-probs; the hidden states and projection of a single teacher."""
@@ -319,7 +382,8 @@ def make_train_step(
         metrics = {}
         if full_vocab:
             divergence_BxT = _per_token_full_vocab(config, student_hidden, student_projection, teacher_hidden,
-                                                   teacher_projection, mask_BxT)
+                                                   teacher_projection, mask_BxT,
+                                                   chunk_size(rollout.tokens, student_projection.shape[-1]))
             to_go = full_vocab_reward_to_go(config.full_vocab_weight * divergence_BxT, mask_BxT, gamma=config.gamma)
             advantages = _broadcast_advantages(advantages, mask_BxT) + to_go
             metrics["full_vocab_divergence"] = _masked_mean(divergence_BxT, mask_BxT)
@@ -349,7 +413,8 @@ def make_train_step(
         if full_vocab:
             teacher_projection = nnx.merge(graph_of["teacher"], teacher_params).output_projection()
             divergence_BxT = _per_token_full_vocab(config, hidden, projection, rows.teacher_hidden_BxTxE,
-                                                   teacher_projection, mask_BxT)
+                                                   teacher_projection, mask_BxT,
+                                                   chunk_size(rows.tokens_BxT, projection.shape[-1]))
             per_sequence = per_sequence + config.full_vocab_weight * jnp.sum(divergence_BxT, axis=-1)
         if config.loss_aggregation == "sequence_mean":
             per_sequence = per_sequence / jnp.maximum(jnp.sum(mask_BxT, axis=-1), 1)

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import jax
 
-__all__ = ["CHIPS", "Chip", "Topology", "parse_topology", "valid_forms"]
+__all__ = ["CHIPS", "Chip", "Topology", "device_memory_bytes", "parse_topology", "valid_forms"]
 
 GIB = 2**30
 
@@ -151,10 +151,26 @@ class Topology:
         if self.chip.name == "cpu":
             return _host_memory_bytes() // self.num_devices
         if self.name == "local" and devices:
-            stats = _memory_stats(devices[0])
-            if stats and stats.get("bytes_limit"):
-                return int(stats["bytes_limit"])
+            return device_memory_bytes(devices)
         return self.chip.memory_bytes
+
+
+def device_memory_bytes(devices: Sequence[jax.Device]) -> int:
+    """Memory of one of ``devices`` (all of one kind): what the runtime reports, else the chip's
+    documented figure; CPU devices share the host's memory.
+
+    Raises:
+      ValueError: neither the runtime nor :data:`CHIPS` knows the device kind.
+    """
+    if devices[0].platform == "cpu":
+        return _host_memory_bytes() // len(devices)
+    stats = _memory_stats(devices[0])
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    kind = _chip_kind(devices[0])
+    if kind is None:
+        raise ValueError(f"no memory figure for device kind {devices[0].device_kind!r}; known: {', '.join(sorted(CHIPS))}")
+    return CHIPS[kind].memory_bytes
 
 
 def parse_topology(text: str) -> Topology:

@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from opd_jax import chunking
 from opd_jax import sharding as sharding_lib
+from opd_jax import topologies as topologies_lib
 from opd_jax.backends import JaxBackend, RolloutBackend, WeightSyncError
 from opd_jax.checkpoint import CheckpointStore
 from opd_jax.config import RESUME_FREE, TrainConfig
@@ -38,7 +40,8 @@ from opd_jax.pipeline import RolloutPipeline
 from opd_jax.preemption import Preempted, StopSignals
 from opd_jax.run_folder import RunFolder
 from opd_jax.sampling import Rollout, SamplingConfig, generate
-from opd_jax.step import AdvantageFn, LossFn, StepShardings, TrainStep, make_optimizer, make_train_step
+from opd_jax.step import (AdvantageFn, LossFn, StepShardings, TrainStep, make_optimizer, make_step_shardings,
+                           make_train_step)
 
 Array = jax.Array
 PyTree = Any
@@ -104,6 +107,10 @@ def _flatten(tree: PyTree) -> dict[str, Array]:
     return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _sync_processes(name: str) -> None:
     """A barrier across the processes of a multi-process run (nothing to do in a single one)."""
     if jax.process_count() > 1:
@@ -151,39 +158,17 @@ def _place_on_mesh(config, mesh_config, state, teacher_params, reference_params,
       ``(StepShardings, state, teacher_params, reference_params)`` with the state's parameters and
       optimiser state split by the rules and its counters and key replicated.
     """
-    batch_size = config.prompts_per_step * config.group_size
-    if teacher_mesh_config is None:
-        mesh = teacher_mesh = mesh_config.make_mesh()
-    else:
-        mesh, teacher_mesh = sharding_lib.disjoint_meshes(mesh_config, teacher_mesh_config)
-        sharding_lib.check_batch(batch_size, teacher_mesh, what="rollout batch (prompts_per_step × group_size) "
-                                                                "on the teacher mesh")
-    sharding_lib.check_batch(batch_size, mesh, what="rollout batch (prompts_per_step × group_size)")
-    sharding_lib.check_batch(batch_size // config.minibatches, mesh, what="minibatch")
-    param_shardings = sharding_lib.state_shardings(state["params"], mesh, student_rules, what="student parameter")
-    teacher_shardings = sharding_lib.state_shardings(teacher_params, teacher_mesh, teacher_rules,
-                                                     what="teacher parameter")
-    opt_shardings = sharding_lib.state_shardings(
-        jax.eval_shape(optimizer.init, state["params"]), mesh, student_rules, what="optimizer state of"
-    )
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    reference_shardings = None
+    shardings = make_step_shardings(config, mesh_config, state["params"], teacher_params, optimizer, student_rules,
+                                    teacher_rules, teacher_mesh_config, reference_params)
     if reference_params is not None:
-        reference_shardings = sharding_lib.state_shardings(reference_params, mesh, student_rules,
-                                                           what="reference parameter")
-        reference_params, _ = sharding_lib.shard_state(reference_params, mesh, student_rules,
-                                                       what="reference parameter")
-    shardings = StepShardings(param_shardings, opt_shardings, teacher_shardings, sharding_lib.batch_sharding(mesh),
-                              replicated, reference_shardings,
-                              None if teacher_mesh is mesh else sharding_lib.batch_sharding(teacher_mesh))
-    params, _ = sharding_lib.shard_state(state["params"], mesh, student_rules, what="student parameter")
-    teacher_params, _ = sharding_lib.shard_state(teacher_params, teacher_mesh, teacher_rules,
-                                                 what="teacher parameter")
+        reference_params = sharding_lib.place(reference_params, shardings.reference_params)
+    params = sharding_lib.place(state["params"], shardings.params)
+    teacher_params = sharding_lib.place(teacher_params, shardings.teacher_params)
     placed = {
         "params": params,
         # Initialised in place: the AdamW moments are never whole on one device.
-        "opt_state": jax.jit(optimizer.init, out_shardings=opt_shardings)(params),
-        **{k: jax.device_put(state[k], replicated) for k in ("step", "key", "data_position")},
+        "opt_state": jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params),
+        **{k: jax.device_put(state[k], shardings.replicated) for k in ("step", "key", "data_position")},
     }
     return shardings, placed, teacher_params, reference_params
 
@@ -454,6 +439,8 @@ def train(
         at that step and the checkpoints already written are intact.
     """
     _check_teachers(teacher, student, prompts)
+    config = resolve_logit_chunks(config, student.config.vocab_size, prompts.tokens.shape[1], mesh, teacher_mesh,
+                                  say=_say if jax.process_index() == 0 else None)
     folder = RunFolder(output_dir, config, writer=jax.process_index() == 0)
     folder.check_resumable()
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
@@ -489,6 +476,34 @@ def train(
     history = folder.history()
     folder.plot(history, label)
     return TrainResult(final_student, history, folder.path)
+
+
+def resolve_logit_chunks(config: TrainConfig, vocab_size: int, prompt_length: int,
+                         mesh: sharding_lib.MeshConfig | None = None,
+                         teacher_mesh: sharding_lib.MeshConfig | None = None, *,
+                         device_memory_bytes: int | None = None,
+                         say: Callable[[str], None] | None = None) -> TrainConfig:
+    """``config`` with ``logit_chunk_size = "auto"`` resolved for a run's devices (train and plan).
+
+    The sequence is ``prompt_length + max_new_tokens`` slots; a batch shard is one ``data × fsdp``
+    position of the student's mesh, or of the teacher's where that has fewer (its devices score all
+    rows); the memory is ``device_memory_bytes``, by default that of the first local device
+    (:func:`opd_jax.topologies.device_memory_bytes`). ``say`` is given the line naming the choice.
+    """
+    if config.logit_chunk_size != chunking.AUTO:
+        return config
+    shards = min([m.data * m.fsdp for m in (mesh, teacher_mesh) if m is not None] or [1])
+    if device_memory_bytes is None:
+        device_memory_bytes = topologies_lib.device_memory_bytes(jax.local_devices())
+    sequence_length = prompt_length + config.max_new_tokens
+    resolved = config.with_resolved_chunks(vocab_size=vocab_size, sequence_length=sequence_length,
+                                           batch_shards=shards, device_memory_bytes=device_memory_bytes)
+    if say is not None:
+        chosen = "none (all at once)" if resolved.logit_chunk_size is None else f"{resolved.logit_chunk_size} tokens"
+        say(f"logit_chunk_size auto: {chosen} (vocab_size {vocab_size}, {config.prompts_per_step * config.group_size} "
+            f"rows × {sequence_length} slots over {shards} batch shard(s), "
+            f"{device_memory_bytes / 2**30:.1f} GiB per device)")
+    return resolved
 
 
 def check_teacher_mesh(config: TrainConfig, mesh, teacher_mesh) -> None:

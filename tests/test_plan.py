@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from opd_jax import plan, topologies
+from opd_jax import chunking, plan, topologies
+from opd_jax.config import TrainConfig
 from opd_jax.cli import main
 from opd_jax.models import DecoderConfig
 from opd_jax.models.presets import PRESETS, resolve_model
@@ -35,7 +36,10 @@ def tiny_folder(tmp_path_factory) -> pathlib.Path:
 
 
 def _plan(capsys, *args) -> tuple[int, str, str]:
-    status = main(["plan", *args])
+    try:
+        status = main(["plan", *args])
+    except SystemExit as exit:  # bad input found by the checks train shares exits as argparse does
+        status = exit.code
     captured = capsys.readouterr()
     return status, captured.out, captured.err
 
@@ -43,8 +47,8 @@ def _plan(capsys, *args) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def tpu_plan():
     """The three programs of the small plan compiled for v5p-8 (4 chips), and their report."""
-    config = plan.PlanConfig(student=TINY, teacher=TINY, topology="v5p-8", sequence_length=256, prompt_length=64,
-                             prompts_per_step=4, group_size=2, minibatches=2)
+    config = plan.PlanConfig(student=TINY, teacher=TINY, topology="v5p-8", prompt_length=64,
+                             train=TrainConfig(prompts_per_step=4, group_size=2, minibatches=2, max_new_tokens=192))
     compiled = plan.compile_programs(config)
     return compiled, plan.report(compiled)
 
@@ -130,18 +134,27 @@ def test_jaxpr_count_with_loop_bodies_once_agrees_with_xla(tpu_plan):
         assert once.flops / 4 == pytest.approx(result["programs"][name]["xla_flops"], rel=0.1), name
 
 
-def test_a_plan_that_does_not_fit_says_so_and_exits_0(capsys, tmp_path):
-    """Unchunked [rows · L, V] logits of a large vocabulary on one v5e chip: the compiler refuses
-    scoring (CompileTimeHbmOom), which the plan reports as not fitting, naming the program."""
+WIDE_PLAN = ["--topology", "v5e-1", "--sequence-length", "4096", "--prompt-length", "64", "--prompts-per-step", "16",
+             "--group-size", "1", "--minibatches", "1", "--programs", "score"]
+
+
+@pytest.fixture(scope="module")
+def wide_folder(tmp_path_factory) -> pathlib.Path:
+    """A large vocabulary on a small model: [16 · 4096, 65536] float32 logits are 16 GiB."""
     wide = DecoderConfig("qwen3", vocab_size=65536, hidden_size=128, intermediate_size=256, num_layers=2,
                          num_heads=2, num_kv_heads=1, head_dim=64, max_position_embeddings=8192)
-    folder = tmp_path / "wide"
-    folder.mkdir()
+    folder = tmp_path_factory.mktemp("wide")
     (folder / "config.json").write_text(json.dumps(wide.to_hf()))
+    return folder
+
+
+def test_a_plan_that_does_not_fit_says_so_and_exits_0(capsys, wide_folder, tmp_path):
+    """Unchunked [rows · L, V] logits of a large vocabulary on one v5e chip (--logit-chunk-size
+    none): the compiler refuses scoring (CompileTimeHbmOom), which the plan reports as not
+    fitting, naming the program."""
     out_file = tmp_path / "plan.json"
-    status, out, err = _plan(capsys, "--topology", "v5e-1", "--student", str(folder), "--teacher", str(folder),
-                             "--sequence-length", "4096", "--prompt-length", "64", "--prompts-per-step", "16",
-                             "--group-size", "1", "--minibatches", "1", "--json", str(out_file))
+    status, out, err = _plan(capsys, *WIDE_PLAN, "--student", str(wide_folder), "--teacher", str(wide_folder),
+                             "--logit-chunk-size", "none", "--json", str(out_file))
     assert status == 0, err
     result = json.loads(out_file.read_text())
     assert result["fits"] is False
@@ -150,6 +163,24 @@ def test_a_plan_that_does_not_fit_says_so_and_exits_0(capsys, tmp_path):
     score = result["programs"]["score"]
     assert score["peak_bytes"] > result["device_memory_bytes"]
     assert "fits: NO" in out and "score is" in out and "GiB over" in out and "--logit-chunk-size" in out
+
+
+def test_the_default_auto_chunk_makes_the_same_plan_fit(capsys, wide_folder, tmp_path):
+    """The same step with no memory flag: logit_chunk_size "auto" chunks the projection (by the
+    rule of opd_jax.chunking.auto_logit_chunk_size), says so, records it, and the compiler fits it."""
+    out_file = tmp_path / "plan.json"
+    status, out, err = _plan(capsys, *WIDE_PLAN, "--student", str(wide_folder), "--teacher", str(wide_folder),
+                             "--json", str(out_file))
+    assert status == 0, err
+    result = json.loads(out_file.read_text())
+    memory = topologies.CHIPS["v5e"].memory_bytes
+    expected = chunking.auto_logit_chunk_size(vocab_size=65536, tokens_per_device=16 * 4096, device_memory_bytes=memory)
+    assert expected is not None and 65536 * 12 * expected <= memory / 32
+    assert result["batch"]["logit_chunk_size"] == expected
+    assert result["train_config"]["loop"]["logit_chunk_size"] == expected
+    assert f"logit_chunk_size auto: {expected} tokens" in err
+    assert result["fits"] is True, result["programs"]["score"]
+    assert result["programs"]["score"]["total_bytes"] < memory
 
 
 def test_cpu_topology_in_a_subprocess(tiny_folder, tmp_path):
@@ -288,12 +319,13 @@ def test_mesh_must_divide_the_batch(capsys, tiny_folder):
 
 def test_sequence_length_over_the_context_is_refused(capsys, tiny_folder):
     err = _refused(capsys, tiny_folder, "--sequence-length", "8192", "--prompt-length", "64")
-    assert "sequence_length 8192 exceeds" in err and "max_position_embeddings 4096" in err
+    assert "sequence_length 8192 (prompt_length 64 + max_new_tokens 8128) exceeds" in err
+    assert "max_position_embeddings 4096" in err
 
 
 def test_prompt_must_be_shorter_than_the_sequence(capsys, tiny_folder):
     err = _refused(capsys, tiny_folder, "--sequence-length", "256", "--prompt-length", "256")
-    assert "prompt_length (256) must be < sequence_length (256)" in err
+    assert "--prompt-length (256) must be < --sequence-length (256)" in err
 
 
 def test_unavailable_attention_is_refused(capsys, tiny_folder):
