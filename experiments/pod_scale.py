@@ -32,12 +32,14 @@ import pathlib
 import sys
 
 from opd_jax import plan
+from opd_jax.config import TrainConfig
 from opd_jax.models.presets import PRESETS
 
 GIB = 2**30
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "pod_scale"
-# Tokens per vocabulary-projection chunk in scoring and the update: 1024 × 151,936 float32 logits
-# are 0.6 GB, where unchunked [rows, L, V] logits would not fit any chip.
+# Tokens per vocabulary-projection chunk in scoring and the update, as the recorded tables were
+# compiled (before "auto" became the default): 1024 × 151,936 float32 logits are 0.6 GB, where
+# unchunked [rows, L, V] logits would not fit any chip.
 LOGIT_CHUNK = 1024
 
 
@@ -58,22 +60,27 @@ def depth_table(layers=(4, 8, 16, 36), topology="v5p-16", length=2048, repeats=2
     for _ in range(repeats):
         for count in layers:
             student = dataclasses.replace(width, num_layers=count)
-            config = plan.PlanConfig(student=student, teacher=student, topology=topology, sequence_length=length,
-                                     prompt_length=length // 2, prompts_per_step=8, group_size=1, minibatches=1,
-                                     remat="full", logit_chunk_size=LOGIT_CHUNK,
+            config = plan.PlanConfig(student=student, teacher=student, topology=topology, prompt_length=length // 2,
+                                     train=_train_config(8, 1, 1, length - length // 2), remat="full",
                                      student_name=f"qwen3-8b width, {count} layers")
             update = plan.report(plan.compile_programs(config, programs=("update",), progress=_progress))
             seconds[count].append(update["programs"]["update"]["compile_seconds"])
             memory[count] = update["programs"]["update"]
     rows = [{"layers": count, "compile_seconds": min(seconds[count]), "compile_seconds_all": seconds[count],
              "temp_bytes": memory[count]["temp_bytes"], "peak_bytes": memory[count]["peak_bytes"]} for count in layers]
+    return rows, depth_markdown(rows, topology=topology, length=length)
+
+
+def depth_markdown(rows: list[dict], topology="v5p-16", length=2048) -> str:
+    """The table of :func:`depth_table`'s rows (``depth.json``)."""
     fastest = min(r["compile_seconds"] for r in rows)
+    repeats = len(rows[0]["compile_seconds_all"])
     lines = [f"update step, Qwen3-8B width, {topology}, one {length}-token sequence per chip, remat full; "
              f"compile seconds: minimum of {repeats} interleaved rounds",
              "", "| layers | compile s | × fastest | temp GiB/chip | peak GiB/chip |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['layers']} | {r['compile_seconds']:.1f} | {r['compile_seconds'] / fastest:.2f} | "
               f"{_gib(r['temp_bytes'])} | {_gib(r['peak_bytes'])} |" for r in rows]
-    return rows, "\n".join(lines)
+    return "\n".join(lines)
 
 
 def remat_table(lengths=(2048, 4096), topology="v5p-16", student="qwen3-1.7b") -> tuple[list[dict], str]:
@@ -81,25 +88,34 @@ def remat_table(lengths=(2048, 4096), topology="v5p-16", student="qwen3-1.7b") -
     for length in lengths:
         for policy in ("none", "dots", "full"):
             config = plan.PlanConfig(student=PRESETS[student], teacher=PRESETS[student], topology=topology,
-                                     sequence_length=length, prompt_length=length // 2, prompts_per_step=8,
-                                     group_size=1, minibatches=1, remat=policy, logit_chunk_size=LOGIT_CHUNK,
-                                     student_name=student)
+                                     prompt_length=length // 2, train=_train_config(8, 1, 1, length - length // 2),
+                                     remat=policy, student_name=student)
             update = plan.report(plan.compile_programs(config, programs=("update",), progress=_progress))
             entry = update["programs"]["update"]
             rows.append({"sequence_length": length, "remat": policy, "temp_bytes": entry["temp_bytes"],
                          "peak_bytes": entry["peak_bytes"], "compiler_error": entry.get("compiler_error")})
+    return rows, remat_markdown(rows, topology=topology, student=student)
+
+
+def remat_markdown(rows: list[dict], topology="v5p-16", student="qwen3-1.7b") -> str:
+    """The table of :func:`remat_table`'s rows (``remat.json``)."""
     lines = [f"update step temporaries, {student}, {topology}, one sequence per chip (memory_analysis)", "",
              "| L | remat | temp GiB/chip | peak GiB/chip |", "|---:|---|---:|---:|"]
     lines += [f"| {r['sequence_length']} | {r['remat']} | {_gib(r['temp_bytes'])} | {_gib(r['peak_bytes'])} |"
               for r in rows]
-    return rows, "\n".join(lines)
+    return "\n".join(lines)
 
 
 def sizing_config(student: str, length: int, topology: str, teacher: str = "qwen3-8b") -> plan.PlanConfig:
-    return plan.PlanConfig(student=PRESETS[student], teacher=PRESETS[teacher], topology=topology,
-                           sequence_length=length, prompt_length=1024, prompts_per_step=64, group_size=4,
-                           minibatches=8, remat="full", logit_chunk_size=LOGIT_CHUNK, student_name=student,
+    return plan.PlanConfig(student=PRESETS[student], teacher=PRESETS[teacher], topology=topology, prompt_length=1024,
+                           train=_train_config(64, 4, 8, length - 1024), remat="full", student_name=student,
                            teacher_name=teacher)
+
+
+def _train_config(prompts_per_step: int, group_size: int, minibatches: int, new_tokens: int) -> TrainConfig:
+    """The run's options at their defaults but for the batch, the response length and the recorded chunk."""
+    return TrainConfig(prompts_per_step=prompts_per_step, group_size=group_size, minibatches=minibatches,
+                       max_new_tokens=new_tokens, logit_chunk_size=LOGIT_CHUNK)
 
 
 def sizing_table(students, lengths, topologies, out: pathlib.Path) -> tuple[list[dict], str]:
@@ -114,6 +130,11 @@ def sizing_table(students, lengths, topologies, out: pathlib.Path) -> tuple[list
                 _progress(f"== {key}")
                 done[key] = plan.plan(sizing_config(student, length, topology), progress=_progress)
                 path.write_text(json.dumps(done, indent=1) + "\n")  # keep finished rows if a later one dies
+    return list(done.values()), sizing_markdown(done)
+
+
+def sizing_markdown(done: dict[str, dict]) -> str:
+    """The table of ``sizing.json``: ``"student|length|topology"`` -> :func:`opd_jax.plan.plan`'s report."""
     header = ["| student | L | topology | mesh d×f×t | rollout GiB | score GiB | update GiB | of chip | fits | "
               "est. step s |", "|---|---:|---|---|---:|---:|---:|---:|---|---:|"]
     lines = []
@@ -128,7 +149,7 @@ def sizing_table(students, lengths, topologies, out: pathlib.Path) -> tuple[list
             + " | ".join(_gib(programs[p]["total_bytes"]) for p in plan.PROGRAMS)
             + f" | {worst / result['device_memory_bytes']:.0%} | {'yes' if result['fits'] else 'NO'} | "
             f"{'—' if step is None else f'{step:.1f}'} |")
-    return list(done.values()), "\n".join(header + lines)
+    return "\n".join(header + lines)
 
 
 def main(argv=None) -> int:

@@ -329,6 +329,11 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
+def results_markdown(results) -> str:
+    """``results.md``: the summary tables, then every case (``results``: :func:`run_all`'s, or ``results.json``'s)."""
+    return "## Summary\n\n" + summary_markdown(results) + "\n## All cases\n\n" + markdown(results)
+
+
 def main(argv=None) -> None:
     import argparse
     import pathlib
@@ -342,7 +347,7 @@ def main(argv=None) -> None:
         results = json.loads(pathlib.Path(args.from_json).read_text())
     else:
         results = run_all(progress=lambda message: print(message, file=sys.stderr))
-    text = "## Summary\n\n" + summary_markdown(results) + "\n## All cases\n\n" + markdown(results)
+    text = results_markdown(results)
     print(text)
     if args.output:
         folder = pathlib.Path(args.output)

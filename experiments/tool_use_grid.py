@@ -69,6 +69,15 @@ def format_table(rows: list[dict], reference: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: dict, budget: int) -> str:
+    """``results.md`` from the contents of ``results.json``; ``budget``: the setup's response budget (tokens)."""
+    settings = results["settings"]
+    line = (f"{settings['steps']} steps × {settings['prompts_per_step']} prompts × {settings['group_size']} rollouts, "
+            f"token level, γ = 0, log_ratio_clip 20, lr {settings['learning_rate']}, budget {budget} tokens; "
+            f"{settings['eval_problems']} held-out questions; seeds {settings['seeds']}")
+    return f"# Tool use: OPD vs OPD+\n\n{line}\n\n{format_table(results['summary'], results['reference'])}\n"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -117,13 +126,9 @@ def main(argv=None) -> int:
         print(json.dumps(record), flush=True)
 
     rows = demo.summarize(records)
-    table = format_table(rows, reference)
-    settings = (f"{args.steps} steps × {args.prompts_per_step} prompts × {args.group_size} rollouts, token level, "
-                f"γ = 0, log_ratio_clip 20, lr {args.learning_rate}, budget {budget} tokens; "
-                f"{args.eval_problems} held-out questions; seeds {args.seeds}")
-    (args.out / "results.json").write_text(json.dumps(
-        {"settings": vars(args) | {"out": str(args.out)}, "reference": reference, "runs": records, "summary": rows,
-         "run_seconds_total": round(sum(r["seconds"] for r in records), 1)}, indent=2) + "\n")
+    results = {"settings": vars(args) | {"out": str(args.out)}, "reference": reference, "runs": records,
+               "summary": rows, "run_seconds_total": round(sum(r["seconds"] for r in records), 1)}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     # Training curves of the first seed of every variation.
     curves = {}
     for divergence, estimator, seed in runs:
@@ -131,8 +136,9 @@ def main(argv=None) -> int:
             curves[f"{divergence}/{estimator}"] = read_jsonl(args.out / f"{divergence}-{estimator}-seed{seed}" / "metrics.jsonl")
     plot_curves(curves, ["teacher_kl", "response_length", "grad_norm", "advantage_mean"], args.out / "curves.png",
                 title=f"tool use: training curves, seed {args.seeds[0]}")
-    (args.out / "results.md").write_text(f"# Tool use: OPD vs OPD+\n\n{settings}\n\n{table}\n")
-    print(f"\n{settings}\n\n{table}\n\nwrote {args.out / 'results.md'} in {time.perf_counter() - started:.0f} s")
+    text = markdown(results, budget)
+    (args.out / "results.md").write_text(text)
+    print(f"\n{text}\nwrote {args.out / 'results.md'} in {time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -30,6 +30,8 @@ import statistics
 import sys
 import tempfile
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # _common, beside this file
+
 QUICK = dict(layers=1, hidden=64, steps=4, warmup=1, prompts=4, group=2, new_tokens=8, epochs=1)
 
 
@@ -114,6 +116,18 @@ def run_mode(args, pipelined: bool, folder: pathlib.Path) -> dict:
     return phases
 
 
+def markdown(results: dict) -> str:
+    """The table of ``results`` (the ``results`` of the JSON file: mode -> phase medians, seconds)."""
+    from _common import markdown_table
+
+    rows = [[mode, f"{phases['sample']:.3f}", f"{phases['rollout_wait']:.3f}",
+             f"{phases['score']:.3f} + {phases['update']:.3f}", f"{phases['step']:.3f}",
+             f"{phases['step_over_max']:.2f}", f"{phases['step_over_max_alone']:.2f}"]
+            for mode, phases in results.items()]
+    return markdown_table(["mode", "sample", "wait", "score + update", "step", "step / max",
+                           "step / max (phases alone)"], rows)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.pin:
@@ -121,29 +135,24 @@ def main(argv=None) -> int:
         if len(cpus) < 2:
             raise SystemExit("--pin needs at least 2 CPUs")
         os.sched_setaffinity(0, cpus[1:])  # before jax starts its thread pools
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    from _common import machine_info, machine_lines, markdown_table, write_json
+    from _common import machine_info, machine_lines, write_json
 
-    rows, results = [], {}
+    results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for pipelined in (False, True):
             mode = "pipelined" if pipelined else "sequential"
             results[mode] = run_mode(args, pipelined, pathlib.Path(scratch) / mode)
     # The phases run alone (sequential mode) are the reference of what overlap can reach.
     alone = max(results["sequential"]["sample"], results["sequential"]["train"])
-    for mode, phases in results.items():
+    for phases in results.values():
         phases["step_over_max_alone"] = phases["step"] / alone
-        rows.append([mode, f"{phases['sample']:.3f}", f"{phases['rollout_wait']:.3f}",
-                     f"{phases['score']:.3f} + {phases['update']:.3f}", f"{phases['step']:.3f}",
-                     f"{phases['step_over_max']:.2f}", f"{phases['step_over_max_alone']:.2f}"])
     machine = machine_info()
     print("\n".join(machine_lines(machine)))
     print(f"backend {args.rollout_backend}{' (engine on CPU 0, trainer on the others)' if args.pin else ''}; "
           f"student {args.layers} x {args.hidden}, teacher {args.teacher_layers} x {args.hidden}; "
           f"{args.prompts} x {args.group} rollouts of {args.new_tokens} tokens, {args.epochs} epochs; medians of "
           f"steps {args.warmup + 1}..{args.steps} (s)\n")
-    print(markdown_table(["mode", "sample", "wait", "score + update", "step", "step / max",
-                          "step / max (phases alone)"], rows))
+    print(markdown(results))
     write_json(args.json, {"machine": machine, "settings": vars(args) | {"json": str(args.json)},
                            "results": results})
     return 0
