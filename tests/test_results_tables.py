@@ -350,3 +350,9 @@ def test_pod_scale_representative_step():
         (found,) = re.findall(pattern, read(where))
         problems += cell_problems(where, " ".join(found), [largest, step["estimated_step_seconds"]])
     assert not problems
+
+
+def test_every_results_folder_has_its_command_in_the_readme():
+    rows = find_table((RESULTS / "README.md").read_text(), "| folder | command | writes | time |")
+    listed = {cells[0].strip("`/") for cells in rows if cells[0]}
+    assert listed == {path.name for path in RESULTS.iterdir() if path.is_dir()}
