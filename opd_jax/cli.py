@@ -565,43 +565,6 @@ def _train_config(args: argparse.Namespace, command: str = "train", overrides: d
         _fail(command, str(error))
 
 
-def _check_rollout_backend(config) -> None:
-    """A vLLM side environment that is missing or cannot import vllm is an error naming the command
-    that builds it, before anything is written (the probe takes the seconds of one ``import vllm``)."""
-    if config.rollout_backend != "vllm":
-        return
-    import os
-    import subprocess
-
-    from opd_jax.backends.vllm import BOOTSTRAP_COMMAND, vllm_python
-
-    python = vllm_python()
-    if not (python.is_file() and os.access(python, os.X_OK)):
-        _fail("train", f"--rollout-backend vllm: no vLLM environment at {python}; build it with `{BOOTSTRAP_COMMAND}` "
-                       "(or point OPD_VLLM_PYTHON at one)")
-    probe = subprocess.run([str(python), "-c", "import vllm"], capture_output=True, text=True)
-    if probe.returncode:
-        last = (probe.stderr.strip().splitlines() or ["no message"])[-1]
-        _fail("train", f"--rollout-backend vllm: {python} cannot import vllm ({last}); rebuild the environment "
-                       f"with `{BOOTSTRAP_COMMAND}`")
-
-
-def _held_out_evaluator(args, config, tokenizer, student_config, use_chat_template: bool):
-    """The ``train(evaluate=)`` hook of ``--eval-dataset`` (``None`` without one), with the training
-    response budget (``max_new_tokens``); the dataset and its prompt lengths are checked here,
-    before anything is written."""
-    if args.eval_dataset is None:
-        return None
-    from opd_jax import evaluation
-
-    problems = evaluation.read_problems(args.eval_dataset, answer_key=args.eval_answer_key)
-    options = dict(samples=args.eval_samples, use_chat_template=use_chat_template,
-                   max_new_tokens=config.max_new_tokens)
-    evaluation.encode_problems(tokenizer, problems, evaluation.MathEvalConfig(**options),
-                               max_position_embeddings=student_config.max_position_embeddings)
-    return evaluation.math_evaluator(tokenizer, problems, **options)
-
-
 def _parse_teacher(value: str) -> tuple[str | None, pathlib.Path]:
     """``PATH`` or ``NAME=PATH`` (a name is letters, digits, ``_``, ``-``, ``.``)."""
     name, separator, path = value.partition("=")
@@ -625,160 +588,47 @@ def _teacher_folders(given: list[tuple[str | None, pathlib.Path]]) -> dict[str, 
     return dict(given)
 
 
-def _check_positions(args, config, teacher_configs, student_config, longest: int) -> None:
-    """Prompt slots plus new tokens must fit every model's positions; say which flag to change."""
-    total = args.max_prompt_length + config.max_new_tokens
-    limit, who, folder = min([(student_config.max_position_embeddings, "student", args.student)] + [
-        (teacher_config.max_position_embeddings, "teacher" if len(teacher_configs) == 1 else f"teacher {name}",
-         args.teachers[name]) for name, teacher_config in teacher_configs.items()])
-    if total <= limit:
-        return
-    fixes = []
-    if limit - config.max_new_tokens >= longest:
-        fixes.append(f"--max-prompt-length at most {limit - config.max_new_tokens} (the longest prompt has "
-                     f"{longest} tokens)")
-    if limit - args.max_prompt_length >= 1:
-        fixes.append(f"--max-new-tokens at most {limit - args.max_prompt_length}")
-    elif limit - longest >= 1:
-        fixes.append(f"--max-new-tokens at most {limit - longest} with --max-prompt-length {longest}")
-    advice = "; set " + " or ".join(fixes) if fixes else f"; the longest prompt alone has {longest} tokens"
-    _fail("train", f"--max-prompt-length {args.max_prompt_length} + --max-new-tokens {config.max_new_tokens} "
-                   f"= {total} positions, more than the {who}'s max_position_embeddings "
-                   f"{limit} ({folder / 'config.json'}){advice}")
+def _run_spec(args: argparse.Namespace):
+    """The :class:`~opd_jax.launch.RunSpec` of the ``opd-jax train`` flags (and ``--config``)."""
+    from opd_jax import launch, sharding
 
-
-def _train_meshes(args: argparse.Namespace, config) -> tuple:
-    """``(mesh, teacher_mesh)`` from ``--mesh`` / ``--teacher-mesh``, checked against the devices.
-
-    Joins a multi-process run first (``--coordinator`` ...), since the device count spans processes.
-    """
-    from opd_jax import sharding, train
-
+    config = _train_config(args)
     meshes = {}
     for flag, text in (("--mesh", args.mesh), ("--teacher-mesh", args.teacher_mesh)):
         try:
             meshes[flag] = None if text is None else sharding.parse_mesh(text)
         except ValueError as error:
             _fail("train", f"{flag}: {error}")
-    mesh, teacher_mesh = meshes.values()
-    if teacher_mesh is not None and mesh is None:
-        _fail("train", "--teacher-mesh needs --mesh (the student's mesh takes the first devices, the teacher's the rest)")
-    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    if teacher_mesh is not None:
-        try:
-            train.check_teacher_mesh(config, mesh, teacher_mesh)
-            sharding.disjoint_meshes(mesh, teacher_mesh)
-        except ValueError as error:
-            _fail("train", f"--mesh / --teacher-mesh: {error}")
-    return mesh, teacher_mesh
+    try:
+        return launch.RunSpec(
+            train=config, output=args.output,
+            models=launch.Models(student=args.student, teachers=_teacher_folders(args.teacher)),
+            data=launch.Data(prompts=args.prompts, max_prompt_length=args.max_prompt_length,
+                             chat_template=not args.no_chat_template, eval_dataset=args.eval_dataset,
+                             eval_answer_key=args.eval_answer_key, eval_samples=args.eval_samples),
+            execution=launch.Execution(attention=args.attention, remat=args.remat, param_dtype=args.param_dtype,
+                                       compute_dtype=args.compute_dtype, teacher_dtype=args.teacher_dtype,
+                                       export_dtype=args.export_dtype),
+            placement=launch.Placement(*meshes.values()),
+        )
+    except ValueError as error:
+        _fail("train", str(error))
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Validate everything cheap first (options, prompt file, folders, tokenizers), then train."""
+    """``opd-jax train``: the flags as a run specification, launched; exceptions become exit codes
+    (2: bad input, nothing written; 75: preempted, resumable; 1: the run failed)."""
     import jax
 
-    import numpy as np
-
-    from opd_jax import data, models, run_folder, tokenization, train
+    from opd_jax import launch, run_folder, train
     from opd_jax.backends.vllm import VllmWorkerError
-    from opd_jax.models.hf import checkpoint_dtype
 
-    config = _train_config(args)
-    _check_rollout_backend(config)
-    if config.eval_every and args.eval_dataset is None:
-        _fail("train", "--eval-every needs --eval-dataset (without one opd-jax train has no evaluator)")
-    mesh, teacher_mesh = _train_meshes(args, config)
-    use_chat_template = not args.no_chat_template
-    args.teachers = _teacher_folders(args.teacher)
-    # Every check that reads only inputs runs before anything is written (the run folder included).
+    spec = _run_spec(args)
+    # A multi-process run joins before anything counts devices.
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     try:
-        run_folder.check_output_folder(args.output)
-        records = data.read_prompt_records(args.prompts)
-        teacher_ids = np.asarray(data.prompt_teachers(args.prompts, tuple(args.teachers)), np.int32)
-        flags = {**{f"--teacher {name}" if len(args.teachers) > 1 else "--teacher": folder
-                    for name, folder in args.teachers.items()}, "--student": args.student}
-        folder_configs = {}
-        for flag, folder in flags.items():
-            try:
-                folder_configs[flag] = models.load_config(folder)
-                run_folder.weight_files(folder)
-            except (FileNotFoundError, ValueError) as error:
-                raise type(error)(f"{flag}: {error}") from None
-        student_config = folder_configs.pop("--student")
-        teacher_configs = dict(zip(args.teachers, folder_configs.values()))
-        export_dtype = checkpoint_dtype(args.student) if args.export_dtype == "auto" else args.export_dtype
-        student_tokenizer = tokenization.load_tokenizer(args.student)
-        for flag, teacher_config in zip(folder_configs, teacher_configs.values()):
-            try:
-                tokenization.check_compatible(
-                    tokenization.load_tokenizer(flags[flag]), student_tokenizer, teacher_config, student_config,
-                    chat_template=use_chat_template or any(not isinstance(p, str) for _, p in records),
-                )
-            except ValueError as error:
-                raise ValueError(f"{flag}: {error}" if len(teacher_configs) > 1 else str(error)) from None
-        prompts = [prompt for _, prompt in records]
-        tokens, mask = tokenization.encode_prompts(
-            student_tokenizer, prompts, max_length=args.max_prompt_length, use_chat_template=use_chat_template,
-            labels=[f"prompt {k} ({args.prompts}:{line})" for k, (line, _) in enumerate(records, start=1)],
-        )
-        evaluate = _held_out_evaluator(args, config, student_tokenizer, student_config, use_chat_template)
-    except ValueError as error:
-        if "longer than max_length" in str(error):
-            _fail("train", f"{error}; raise --max-prompt-length or shorten them")
-        _fail("train", str(error))
-    except FileNotFoundError as error:
-        _fail("train", str(error))
-    _check_positions(args, config, teacher_configs, student_config, int(mask.sum(axis=1).max()))
-    identity = run_folder.compute_identity(
-        next(iter(args.teachers.values())) if len(args.teachers) == 1 else args.teachers, args.student, args.prompts,
-        {"max_prompt_length": args.max_prompt_length, "chat_template": use_chat_template},
-    )
-    try:
-        run_folder.check_identity(args.output, identity)  # read only; again under the lock below
-    except run_folder.RunFolderError as error:
-        _fail("train", str(error))
-    # Process 0 holds the run folder's lock for the whole run (the others write only checkpoints,
-    # which orbax coordinates).
-    run_lock = None
-    if jax.process_index() == 0:
-        try:
-            run_lock = run_folder.RunLock(args.output)
-            folder_state = run_folder.check_identity(args.output, identity)
-        except run_folder.RunFolderError as error:
-            if run_lock is not None:
-                run_lock.release(undo=True)
-            _fail("train", str(error))
-        if folder_state == "unrecorded":
-            print(f"opd-jax train: warning: {args.output} holds a run started before opd-jax recorded run "
-                  f"inputs ({run_folder.IDENTITY_FILE}); resuming it without checking that the teacher, student "
-                  "and prompts are the same", file=sys.stderr)
-    platform = jax.default_backend()
-    compute_dtype, teacher_dtype = (models.resolve_dtype(d, platform) for d in (args.compute_dtype, args.teacher_dtype))
-    try:
-        student, student_config = models.from_pretrained(
-            args.student, args.param_dtype, compute_dtype=compute_dtype, attention=args.attention, remat=args.remat
-        )
-        teachers = {name: models.from_pretrained(folder, teacher_dtype, compute_dtype=compute_dtype,
-                                                 attention=args.attention)[0]
-                    for name, folder in args.teachers.items()}
-    except (FileNotFoundError, ValueError) as error:  # e.g. an attention kernel this platform lacks
-        if run_lock is not None:
-            run_lock.release(undo=True)
-        _fail("train", str(error))
-    if run_lock is not None and folder_state == "new":
-        run_folder.write_identity(args.output, identity)
-    stop_ids = tuple(student_config.eos_token_id) or (
-        (student_tokenizer.eos_token_id,) if student_tokenizer.eos_token_id is not None else ()
-    )
-    pad_id = next((i for i in (student_tokenizer.pad_token_id, student_tokenizer.eos_token_id) if i is not None), 0)
-    try:
-        result = train.train(
-            config, student, student_config, next(iter(teachers.values())) if len(teachers) == 1 else teachers,
-            train.PromptSet(tokens, mask, teacher_ids if len(teachers) > 1 else None), args.output,
-            stop_ids=stop_ids, pad_id=pad_id, progress=not args.quiet and jax.process_index() == 0, mesh=mesh,
-            teacher_mesh=teacher_mesh, export_dtype=export_dtype, evaluate=evaluate,
-        )
-    except ValueError as error:
+        result = launch.launch(spec, progress=not args.quiet)
+    except (ValueError, FileNotFoundError, run_folder.RunFolderError) as error:
         _fail("train", str(error))
     except train.Preempted as stopped:  # the step reached is committed: re-running resumes it
         if jax.process_index() == 0:
@@ -789,14 +639,10 @@ def run_train(args: argparse.Namespace) -> int:
         if jax.process_index() == 0:
             print(f"opd-jax train: error: {error}", file=sys.stderr)
         return 1
-    finally:
-        if run_lock is not None:
-            run_lock.release()
     if jax.process_index() != 0:  # process 0 exports and reports
         return 0
-    student_tokenizer.save_pretrained(result.output_dir / "student")
     final = result.history[-1]
-    print(f"done: {config.steps} steps, teacher KL {final.get('teacher_kl', float('nan')):.4f}; "
+    print(f"done: {spec.train.steps} steps, teacher KL {final.get('teacher_kl', float('nan')):.4f}; "
           f"student exported to {result.output_dir / 'student'}")
     return 0
 

@@ -298,6 +298,7 @@ class CompiledPlan:
       executions: program name -> runs per step.
       parameters: ``{"student": n, "teacher": n}`` parameter counts.
       meshes: program name -> the mesh it runs on (the teacher's own, for ``teacher``).
+      arguments: program name -> the abstract, sharded arguments it was compiled for.
       step_programs: every program of the step (compiled or not).
     """
 
@@ -314,6 +315,7 @@ class CompiledPlan:
     executions: dict[str, int]
     parameters: dict[str, int]
     meshes: dict[str, jax.sharding.Mesh] = dataclasses.field(default_factory=dict)
+    arguments: dict[str, tuple] = dataclasses.field(default_factory=dict)
     step_programs: tuple[str, ...] = PROGRAMS
 
 
@@ -462,6 +464,7 @@ def compile_programs(config: PlanConfig, *, programs: Sequence[str] | None = Non
 
 def _compile(program: _Program, name: str, result: CompiledPlan) -> None:
     """Trace, lower and compile ``program`` on its own mesh into ``result`` (an OOM is recorded, not raised)."""
+    result.arguments[name] = program.args
     mesh = result.meshes[name] = jax.tree.leaves(program.args[0])[0].sharding.mesh
     with jax.set_mesh(mesh):
         try:

@@ -200,6 +200,25 @@ def test_cpu_topology_in_a_subprocess(tiny_folder, tmp_path):
     assert all(result["programs"][name]["peak_bytes"] > 0 for name in plan.PROGRAMS)
 
 
+def test_plan_and_train_build_the_same_step(tmp_path):
+    """opd-jax plan and opd-jax train, from the same folders and TrainConfig on cpu:8, build the
+    same jitted programs: train's lowered on the plan's arguments give the plan's HLO text, with a
+    full-vocabulary term (the teacher in the update) and with a teacher on its own mesh (its own
+    program); a train step with another weight does not (tests/helpers/plan_train_hlo.py)."""
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"}
+    completed = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "plan_train_hlo.py"), str(tmp_path)],
+                               cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert set(results["full_vocab"]) == {"score", "update"}
+    assert set(results["teacher_mesh"]) == {"teacher", "score", "update"}
+    assert results["teacher_mesh"]["update"]["programs"] == ["rollout", "score", "teacher", "update"]
+    for case in ("full_vocab", "teacher_mesh"):
+        for name, program in results[case].items():
+            assert program["equal"] and program["lines"] > 100, (case, name)
+    assert results["control"] is False
+
+
 # --------------------------------------------------------------------------------------------------
 # Counting work on the jaxpr
 

@@ -1,0 +1,368 @@
+"""One run specification, one run: what ``opd-jax train`` does, for Python users too.
+
+A :class:`RunSpec` holds everything that defines a run: the :class:`~opd_jax.config.TrainConfig`,
+how the models run (:class:`Execution`), which models (:class:`Models`), where they are placed
+(:class:`Placement`), the data (:class:`Data`) and the run folder. :func:`check` runs every check
+that needs no compile (options, prompt file, folders, weights, tokenizers, meshes, lengths) and
+writes nothing; :func:`launch` checks, takes the run folder's lock, loads the models and trains.
+The command line only maps flags or TOML onto a :class:`RunSpec` and exceptions onto exit codes;
+``opd-jax plan`` plans the same :class:`~opd_jax.config.TrainConfig`, :class:`Execution` and
+:class:`Placement`.
+
+Errors in the input are ``ValueError`` (or ``FileNotFoundError``) naming the option, raised before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from opd_jax import sharding as sharding_lib
+from opd_jax.config import TrainConfig
+from opd_jax.models import DTYPES, REMAT_POLICIES
+
+__all__ = ["Checked", "Data", "Execution", "Models", "Placement", "RunSpec", "check", "launch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How the models run: speed and memory, not the objective (a resumed run may change them).
+
+    Attributes:
+      attention: ``auto`` | ``xla`` | ``chunked`` | ``splash`` | ``cudnn`` (both models).
+      remat: the student's rematerialisation: ``none`` | ``full`` | ``dots``.
+      param_dtype: student parameters and optimizer state.
+      compute_dtype, teacher_dtype: matmuls / activations of both models, and the teacher's
+        parameters; ``auto``: bfloat16 on TPU/GPU, float32 on CPU.
+      export_dtype: the exported student's weights; ``auto``: the student checkpoint's.
+    """
+
+    attention: str = "auto"
+    remat: str = "full"
+    param_dtype: str = "float32"
+    compute_dtype: str = "auto"
+    teacher_dtype: str = "auto"
+    export_dtype: str = "auto"
+
+    def __post_init__(self):
+        for name in ("param_dtype", "compute_dtype", "teacher_dtype", "export_dtype"):
+            allowed = DTYPES if name == "param_dtype" else ("auto", *DTYPES)
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}; got {self.remat!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The checkpoint folders (Hugging Face: config.json, safetensors, tokenizer).
+
+    Attributes:
+      student: the student's folder.
+      teachers: ``{name: folder}``; one teacher is conventionally named ``teacher``. With several,
+        each prompt line names its own (``"teacher"`` key).
+    """
+
+    student: pathlib.Path
+    teachers: Mapping[str, pathlib.Path]
+
+    def __post_init__(self):
+        if not self.teachers:
+            raise ValueError("--teacher: give at least one teacher folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Role -> mesh and partition rules (see :mod:`opd_jax.sharding`).
+
+    Attributes:
+      mesh: the student's ``data × fsdp × tensor`` mesh (``None``: one device).
+      teacher_mesh: the teacher's own mesh over the devices after ``mesh``'s (``None``: the student's).
+      student_rules, teacher_rules: partition rules of the two models.
+    """
+
+    mesh: sharding_lib.MeshConfig | None = None
+    teacher_mesh: sharding_lib.MeshConfig | None = None
+    student_rules: sharding_lib.PartitionRules = sharding_lib.DEFAULT_RULES
+    teacher_rules: sharding_lib.PartitionRules = sharding_lib.DEFAULT_RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """Prompts and the held-out evaluation.
+
+    Attributes:
+      prompts: JSONL, one ``{"prompt": str}`` or ``{"messages": [...]}`` per line.
+      max_prompt_length: prompt slots; a longer prompt is an error.
+      chat_template: encode prompts with the tokenizer's chat template (when it has one).
+      eval_dataset, eval_answer_key, eval_samples: held-out math problems scored with math-verify
+        (``None``: no evaluation; ``TrainConfig.eval_every`` then must be 0).
+    """
+
+    prompts: pathlib.Path
+    max_prompt_length: int = 256
+    chat_template: bool = True
+    eval_dataset: pathlib.Path | None = None
+    eval_answer_key: str = "answer"
+    eval_samples: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines one run (see the module docstring)."""
+
+    train: TrainConfig
+    models: Models
+    data: Data
+    output: pathlib.Path
+    execution: Execution = Execution()
+    placement: Placement = Placement()
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What :func:`check` read and derived, for :func:`launch`."""
+
+    student_config: Any
+    teacher_configs: dict[str, Any]
+    tokenizer: Any
+    tokens: np.ndarray
+    mask: np.ndarray
+    teacher_ids: np.ndarray
+    evaluate: Callable | None
+    identity: dict
+    export_dtype: str
+
+
+def check(spec: RunSpec) -> Checked:
+    """Every check that needs no compile, in the order a user fixes them; writes nothing.
+
+    Raises:
+      ValueError, FileNotFoundError: naming the option, its value and what is allowed.
+    """
+    from opd_jax import data, models, run_folder, tokenization
+    from opd_jax.models.hf import checkpoint_dtype
+
+    config = spec.train
+    _check_rollout_backend(config)
+    if config.eval_every and spec.data.eval_dataset is None:
+        raise ValueError("--eval-every needs --eval-dataset (without one opd-jax train has no evaluator)")
+    _check_meshes(config, spec.placement)
+    run_folder.check_output_folder(spec.output)
+    teachers = dict(spec.models.teachers)
+    records = data.read_prompt_records(spec.data.prompts)
+    teacher_ids = np.asarray(data.prompt_teachers(spec.data.prompts, tuple(teachers)), np.int32)
+    flags = {**{f"--teacher {name}" if len(teachers) > 1 else "--teacher": folder
+                for name, folder in teachers.items()}, "--student": spec.models.student}
+    folder_configs = {}
+    for flag, folder in flags.items():
+        try:
+            folder_configs[flag] = models.load_config(folder)
+            run_folder.weight_files(folder)
+        except (FileNotFoundError, ValueError) as error:
+            raise type(error)(f"{flag}: {error}") from None
+    student_config = folder_configs.pop("--student")
+    teacher_configs = dict(zip(teachers, folder_configs.values()))
+    tokenizer = tokenization.load_tokenizer(spec.models.student)
+    for flag, teacher_config in zip(folder_configs, teacher_configs.values()):
+        try:
+            tokenization.check_compatible(
+                tokenization.load_tokenizer(flags[flag]), tokenizer, teacher_config, student_config,
+                chat_template=spec.data.chat_template or any(not isinstance(p, str) for _, p in records),
+            )
+        except ValueError as error:
+            raise ValueError(f"{flag}: {error}" if len(teacher_configs) > 1 else str(error)) from None
+    try:
+        tokens, mask = tokenization.encode_prompts(
+            tokenizer, [prompt for _, prompt in records], max_length=spec.data.max_prompt_length,
+            use_chat_template=spec.data.chat_template,
+            labels=[f"prompt {k} ({spec.data.prompts}:{line})" for k, (line, _) in enumerate(records, start=1)],
+        )
+    except ValueError as error:
+        if "longer than max_length" in str(error):
+            raise ValueError(f"{error}; raise --max-prompt-length or shorten them") from None
+        raise
+    evaluate = _held_out_evaluator(spec.data, config, tokenizer, student_config)
+    _check_positions(spec, teacher_configs, student_config, int(mask.sum(axis=1).max()))
+    identity = run_folder.compute_identity(
+        next(iter(teachers.values())) if len(teachers) == 1 else teachers, spec.models.student, spec.data.prompts,
+        {"max_prompt_length": spec.data.max_prompt_length, "chat_template": spec.data.chat_template},
+    )
+    run_folder.check_identity(spec.output, identity)  # read only; again under the lock in launch
+    export_dtype = (checkpoint_dtype(spec.models.student) if spec.execution.export_dtype == "auto"
+                    else spec.execution.export_dtype)
+    return Checked(student_config, teacher_configs, tokenizer, tokens, mask, teacher_ids, evaluate, identity,
+                   export_dtype)
+
+
+def launch(spec: RunSpec, *, progress: bool = True):
+    """Check ``spec`` (:func:`check`), take the run folder's lock, load the models, train, export.
+
+    In a multi-process run every process calls it (after ``jax.distributed.initialize``); process 0
+    holds the lock and writes the run folder.
+
+    Returns:
+      The :class:`~opd_jax.train.TrainResult`; the student's tokenizer is saved beside its export.
+
+    Raises:
+      ValueError, FileNotFoundError: bad input (nothing written), or a run folder holding another run.
+      opd_jax.run_folder.RunFolderError: the folder is locked by a live run, or holds another run.
+      Preempted, NonFiniteError, WeightSyncError: as :func:`opd_jax.train.train`.
+    """
+    import jax
+
+    from opd_jax import run_folder
+
+    checked = check(spec)
+    run_lock, folder_state = _lock(spec, checked.identity) if jax.process_index() == 0 else (None, None)
+    try:
+        student, teachers = _load_models(spec)
+    except BaseException:
+        if run_lock is not None:
+            run_lock.release(undo=True)  # nothing was written but the lock
+        raise
+    if run_lock is not None and folder_state == "new":
+        run_folder.write_identity(spec.output, checked.identity)
+    try:
+        result = _train(spec, checked, student, teachers, progress=progress and jax.process_index() == 0)
+    finally:
+        if run_lock is not None:
+            run_lock.release()
+    if jax.process_index() == 0:
+        checked.tokenizer.save_pretrained(result.output_dir / "student")
+    return result
+
+
+def _lock(spec: RunSpec, identity: dict):
+    """``(lock, folder state)``: the run folder's lock, held for the whole run by process 0 (the
+    other processes write only checkpoints, which orbax coordinates), after the identity check."""
+    from opd_jax import run_folder
+
+    run_lock = run_folder.RunLock(spec.output)
+    try:
+        folder_state = run_folder.check_identity(spec.output, identity)
+    except run_folder.RunFolderError:
+        run_lock.release(undo=True)
+        raise
+    if folder_state == "unrecorded":
+        print(f"opd-jax train: warning: {spec.output} holds a run started before opd-jax recorded run inputs "
+              f"({run_folder.IDENTITY_FILE}); resuming it without checking that the teacher, student and prompts "
+              "are the same", file=sys.stderr)
+    return run_lock, folder_state
+
+
+def _load_models(spec: RunSpec):
+    """``(student, {name: teacher})`` loaded with the execution options of ``spec``."""
+    import jax
+
+    from opd_jax import models
+
+    execution = spec.execution
+    platform = jax.default_backend()
+    compute_dtype, teacher_dtype = (models.resolve_dtype(d, platform)
+                                    for d in (execution.compute_dtype, execution.teacher_dtype))
+    student, _ = models.from_pretrained(spec.models.student, execution.param_dtype, compute_dtype=compute_dtype,
+                                        attention=execution.attention, remat=execution.remat)
+    teachers = {name: models.from_pretrained(folder, teacher_dtype, compute_dtype=compute_dtype,
+                                             attention=execution.attention)[0]
+                for name, folder in spec.models.teachers.items()}
+    return student, teachers
+
+
+def _train(spec: RunSpec, checked: Checked, student, teachers: dict, *, progress: bool):
+    """:func:`opd_jax.train.train` on the checked inputs."""
+    from opd_jax import train
+
+    tokenizer = checked.tokenizer
+    stop_ids = tuple(checked.student_config.eos_token_id) or (
+        (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    several = len(teachers) > 1
+    return train.train(
+        spec.train, student, checked.student_config, teachers if several else next(iter(teachers.values())),
+        train.PromptSet(checked.tokens, checked.mask, checked.teacher_ids if several else None), spec.output,
+        stop_ids=stop_ids, pad_id=pad_id, progress=progress, mesh=spec.placement.mesh,
+        teacher_mesh=spec.placement.teacher_mesh, student_rules=spec.placement.student_rules,
+        teacher_rules=spec.placement.teacher_rules, export_dtype=checked.export_dtype, evaluate=checked.evaluate,
+    )
+
+
+def _check_rollout_backend(config: TrainConfig) -> None:
+    """A vLLM side environment that is missing or cannot import vllm is an error naming the command
+    that builds it, before anything is written (the probe takes the seconds of one ``import vllm``)."""
+    if config.rollout_backend != "vllm":
+        return
+    from opd_jax.backends.vllm import BOOTSTRAP_COMMAND, vllm_python
+
+    python = vllm_python()
+    if not (python.is_file() and os.access(python, os.X_OK)):
+        raise ValueError(f"--rollout-backend vllm: no vLLM environment at {python}; build it with "
+                         f"`{BOOTSTRAP_COMMAND}` (or point OPD_VLLM_PYTHON at one)")
+    probe = subprocess.run([str(python), "-c", "import vllm"], capture_output=True, text=True)
+    if probe.returncode:
+        last = (probe.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ValueError(f"--rollout-backend vllm: {python} cannot import vllm ({last}); rebuild the environment "
+                         f"with `{BOOTSTRAP_COMMAND}`")
+
+
+def _check_meshes(config: TrainConfig, placement: Placement) -> None:
+    """A teacher mesh needs a student mesh, one process and no full-vocabulary term, and the two
+    meshes must split the devices (which a multi-process run has joined by now)."""
+    from opd_jax import train
+
+    if placement.teacher_mesh is None:
+        return
+    if placement.mesh is None:
+        raise ValueError("--teacher-mesh needs --mesh (the student's mesh takes the first devices, the teacher's "
+                         "the rest)")
+    try:
+        train.check_teacher_mesh(config, placement.mesh, placement.teacher_mesh)
+        sharding_lib.disjoint_meshes(placement.mesh, placement.teacher_mesh)
+    except ValueError as error:
+        raise ValueError(f"--mesh / --teacher-mesh: {error}") from None
+
+
+def _held_out_evaluator(data: Data, config: TrainConfig, tokenizer, student_config):
+    """The ``train(evaluate=)`` hook of ``eval_dataset`` (``None`` without one), with the training
+    response budget (``max_new_tokens``); the dataset and its prompt lengths are checked here,
+    before anything is written."""
+    if data.eval_dataset is None:
+        return None
+    from opd_jax import evaluation
+
+    problems = evaluation.read_problems(data.eval_dataset, answer_key=data.eval_answer_key)
+    options = dict(samples=data.eval_samples, use_chat_template=data.chat_template,
+                   max_new_tokens=config.max_new_tokens)
+    evaluation.encode_problems(tokenizer, problems, evaluation.MathEvalConfig(**options),
+                               max_position_embeddings=student_config.max_position_embeddings)
+    return evaluation.math_evaluator(tokenizer, problems, **options)
+
+
+def _check_positions(spec: RunSpec, teacher_configs: dict, student_config, longest: int) -> None:
+    """Prompt slots plus new tokens must fit every model's positions; say which option to change."""
+    prompt_slots, new_tokens = spec.data.max_prompt_length, spec.train.max_new_tokens
+    total = prompt_slots + new_tokens
+    limit, who, folder = min([(student_config.max_position_embeddings, "student", spec.models.student)] + [
+        (teacher_config.max_position_embeddings, "teacher" if len(teacher_configs) == 1 else f"teacher {name}",
+         spec.models.teachers[name]) for name, teacher_config in teacher_configs.items()])
+    if total <= limit:
+        return
+    fixes = []
+    if limit - new_tokens >= longest:
+        fixes.append(f"--max-prompt-length at most {limit - new_tokens} (the longest prompt has {longest} tokens)")
+    if limit - prompt_slots >= 1:
+        fixes.append(f"--max-new-tokens at most {limit - prompt_slots}")
+    elif limit - longest >= 1:
+        fixes.append(f"--max-new-tokens at most {limit - longest} with --max-prompt-length {longest}")
+    advice = "; set " + " or ".join(fixes) if fixes else f"; the longest prompt alone has {longest} tokens"
+    raise ValueError(f"--max-prompt-length {prompt_slots} + --max-new-tokens {new_tokens} = {total} positions, more "
+                     f"than the {who}'s max_position_embeddings {limit} ({pathlib.Path(folder) / 'config.json'})"
+                     f"{advice}")
