@@ -1,0 +1,235 @@
+"""Flag parsing shared by several ``opd-jax`` commands: typed values, the training and model-execution
+options, the training configuration they make, and the argparse-like failure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+# Exit status of `opd-jax train` stopped by SIGTERM / SIGINT after committing the step it reached:
+# re-running the same command resumes (EX_TEMPFAIL of sysexits.h; = opd_jax.preemption.EXIT_RESUMABLE,
+# not imported here so that the CLI starts without importing jax).
+EXIT_RESUMABLE = 75
+
+# TrainConfig fields opd-jax train does not offer: evaluation needs a task's evaluator, which only
+# `opd-jax demo` / `opd-jax eval` have.
+_NOT_IN_TRAIN = ("eval_every",)  # a flag of its own, with --eval-dataset
+
+
+def fail(command: str, message: str):
+    """Exit like argparse does for a bad argument: status 2 and the reason on stderr."""
+    print(f"opd-jax {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def positive_int(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def accept_negative_numbers(parser: argparse.ArgumentParser) -> None:
+    """Let ``parser`` read ``-1e-3`` and ``-inf`` as values.
+
+    argparse takes "-1e-3" or "-inf" for an unknown flag ("expected one argument"); plain "-1" and
+    "-0.5" it already reads as numbers. No flag of the commands that take the training options looks
+    like a number, so widen its matcher.
+    """
+    parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$",
+                                                 re.IGNORECASE)
+
+
+class _ExplicitNone:
+    """``--flag none``: distinct from the flag's absence (``None``), which keeps the configured value."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+EXPLICIT_NONE = _ExplicitNone()
+
+
+def _optional(kind):
+    def parse(text: str):
+        return EXPLICIT_NONE if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid <type> value"
+    return parse
+
+
+def _or_keywords(kind, keywords: tuple[str, ...]):
+    """``kind``, or one of the field's keywords (e.g. ``auto``) as given."""
+    if not keywords:
+        return kind
+
+    def parse(text: str):
+        return text.lower() if text.lower() in keywords else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _boolean(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, from its metadata (section, help), defaulting to None so that
+    only given flags override."""
+    import dataclasses
+
+    from opd_jax.train import TrainConfig
+
+    from opd_jax.config import SECTIONS
+
+    groups = {section: parser.add_argument_group(f"training options: {section} (defaults in brackets; "
+                                                 f"[{section}] table of --config)")
+              for section in SECTIONS}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in _NOT_IN_TRAIN:
+            continue
+        if "bool" in str(field.type):
+            kind = _boolean
+        elif "float" in str(field.type):
+            kind = float
+        elif "int" in str(field.type):
+            kind = int
+        else:
+            kind = str
+        if "None" in str(field.type):
+            kind = _optional(kind)
+        kind = _or_keywords(kind, field.metadata.get("keywords", ()))
+        groups[field.metadata["section"]].add_argument(
+            "--" + field.name.replace("_", "-"), dest=field.name, type=kind, default=None,
+            help=f"{field.metadata['help']} [{field.default}]",
+        )
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """How the models run: attention kernel, rematerialisation and the three dtypes.
+
+    They change speed and memory, not the objective, so they are not part of the saved training
+    configuration: a resumed run may change them.
+    """
+    from opd_jax import models
+
+    group = parser.add_argument_group("model execution (speed and memory; see docs/pod_scale.md)")
+    group.add_argument("--attention", choices=models.ATTENTION_IMPLEMENTATIONS, default="auto",
+                       help="attention kernel: auto picks splash on TPU, cudnn on GPU, chunked on CPU [auto]")
+    group.add_argument("--remat", choices=models.REMAT_POLICIES, default="full",
+                       help="what each block keeps for the backward pass: full recomputes the block (activations "
+                            "O(layers·tokens·width), the only choice that fits thousands of tokens per chip, for "
+                            "about a third more compute); dots keeps the matmul outputs; none keeps everything [full]")
+    group.add_argument("--param-dtype", choices=models.DTYPES, default="float32",
+                       help="student parameters and optimizer state (master weights) [float32]")
+    group.add_argument("--compute-dtype", choices=("auto", *models.DTYPES), default="auto",
+                       help="student and teacher matmuls, activations and KV cache; logits, log-softmax, "
+                            "divergences and advantages are float32 always; auto: bfloat16 on TPU/GPU, "
+                            "float32 on CPU (where bfloat16 matmuls are slow) [auto]")
+    group.add_argument("--teacher-dtype", choices=("auto", *models.DTYPES), default="auto",
+                       help="teacher parameters; auto: bfloat16 on TPU/GPU, float32 on CPU [auto]")
+
+
+def _config_value(field, value, source: str, command: str):
+    """A config-file value checked against the field's declared type (``"none"`` for an optional
+    field is None, as on the command line); the error names the field, the type and the value."""
+    declared = str(field.type)
+    optional = "None" in declared
+    if isinstance(value, str) and value.lower() in field.metadata.get("keywords", ()):
+        return value.lower()
+    if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
+        return None
+    if "bool" in declared:
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif "int" in declared:
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif "float" in declared:
+        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, wanted = isinstance(value, str), "a string"
+    if not ok:
+        kind = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}.get(type(value),
+                                                                                           type(value).__name__)
+        alternative = "".join(f' or "{word}"' for word in (*field.metadata.get("keywords", ()),
+                                                            *(("none",) if optional else ())))
+        fail(command, f"{source}: {field.name} must be {wanted}{alternative}; got {value!r} ({kind})")
+    return float(value) if wanted == "a number" else value
+
+
+def train_config(args: argparse.Namespace, command: str = "train", overrides: dict | None = None):
+    """The :class:`~opd_jax.config.TrainConfig` of ``--config`` and the flags (flags win), then
+    ``overrides``; what ``opd-jax train`` trains and ``opd-jax plan`` plans."""
+    import dataclasses
+    import tomllib
+
+    from opd_jax.config import TrainConfig, flatten_sections
+
+    values: dict = {}
+    eval_dataset = getattr(args, "eval_dataset", None)
+    if args.config is not None:
+        if not args.config.is_file():
+            fail(command, f"--config {args.config} does not exist")
+        try:
+            text = args.config.read_text(encoding="utf-8")
+            values = tomllib.loads(text) if args.config.suffix == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            fail(command, f"--config {args.config}: cannot parse ({error})")
+        if not isinstance(values, dict):
+            fail(command, f"--config {args.config}: expected a table of options, got {type(values).__name__}")
+        try:
+            values = flatten_sections(values)
+        except ValueError as error:
+            fail(command, f"--config {args.config}: {error}")
+        fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+        for name in _NOT_IN_TRAIN:
+            if values.get(name) and eval_dataset is None:
+                fail(command, f"--config {args.config}: {name} needs --eval-dataset (without one opd-jax train "
+                              "has no evaluator); remove it or give a held-out dataset")
+        values = {name: _config_value(fields[name], value, f"--config {args.config}", command)
+                  if name in fields else value for name, value in values.items()}
+    for field in dataclasses.fields(TrainConfig):
+        given = getattr(args, field.name, None)
+        if given is not None:
+            values[field.name] = None if given is EXPLICIT_NONE else given
+    values.update(overrides or {})
+    try:
+        return TrainConfig.from_dict(values)
+    except (ValueError, TypeError) as error:
+        fail(command, str(error))
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Join a multi-process JAX program with ``jax.distributed.initialize``, if one is asked for.
+
+    Asked for when any argument is given, or ``JAX_COORDINATOR_ADDRESS`` is set, or
+    ``OPD_JAX_DISTRIBUTED=1`` (TPU pod slices and SLURM, where jax finds everything itself). CPU
+    processes exchange collectives over gloo. Must run before anything touches a device.
+
+    Returns:
+      whether this is a multi-process run.
+    """
+    import os
+
+    import jax
+
+    asked = (coordinator is not None or num_processes is not None or process_id is not None
+             or "JAX_COORDINATOR_ADDRESS" in os.environ or os.environ.get("OPD_JAX_DISTRIBUTED") == "1")
+    if not asked or num_processes == 1:
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    return jax.process_count() > 1

@@ -1,0 +1,124 @@
+"""``opd-jax plan``: compile a step's programs for a device topology (:mod:`opd_jax.plan`) on the
+training configuration ``opd-jax train`` would build, and report memory, FLOPs and fit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+from opd_jax.commands.flags import (accept_negative_numbers, add_model_options, add_train_options, fail, positive_int,
+                                    train_config)
+
+
+def add_parser(subparsers) -> None:
+    plan_parser = subparsers.add_parser(
+        "plan",
+        help="compile a step's rollout, scoring and update for a TPU topology and report memory, FLOPs and fit",
+        description=(
+            "Compile the three programs of one distillation step (rollout, score, update) for --topology "
+            "ahead of time, without running them (TPU topologies compile on any host through libtpu: "
+            'pip install "opd-jax[tpu]"), and report per-device memory, FLOPs, whether the step fits and a '
+            "roofline step time. Only config.json of a checkpoint folder is read."
+        ),
+    )
+    _add_plan_options(plan_parser)
+    plan_parser.add_argument("--config", type=pathlib.Path,
+                             help="the JSON or TOML file of training options that opd-jax train --config reads")
+    accept_negative_numbers(plan_parser)
+    add_train_options(plan_parser)
+    add_model_options(plan_parser)
+
+
+def _add_plan_options(parser: argparse.ArgumentParser) -> None:
+    """The ``opd-jax plan`` options of its own (the training options, ``--config`` and the
+    model-execution options are the ones ``opd-jax train`` takes)."""
+    from opd_jax.models.presets import PRESETS
+
+    group = parser.add_argument_group("what to plan for")
+    group.add_argument("--topology", required=True,
+                       help="v5p-N / v4-N (N TensorCores), v5e-N / v6e-N (N chips), an explicit grid such as "
+                            "v5p:2x4x4, cpu:N (N virtual CPU devices) or local")
+    group.add_argument("--student", required=True,
+                       help=f"preset ({', '.join(PRESETS)}) or a Hugging Face folder (only config.json is read)")
+    group.add_argument("--teacher", required=True, help="preset or Hugging Face folder, as --student")
+    group.add_argument("--prompt-length", type=positive_int(1), required=True,
+                       help="prompt slots P (train: --max-prompt-length)")
+    group.add_argument("--sequence-length", type=positive_int(1),
+                       help="prompt + response slots L: sets max_new_tokens to L - P (default: P + max_new_tokens)")
+    group.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                       help="e.g. 1,16,2 or fsdp=16,tensor=2 (default: fsdp over every device; a factor of 2, 4 "
+                            "or 8 moves to tensor when the update minibatch has fewer rows than devices, to data "
+                            "when fsdp would not divide a parameter)")
+    group.add_argument("--teacher-mesh", metavar="DATA,FSDP,TENSOR",
+                       help="the teacher scores on a mesh of its own, over the devices after --mesh's (as opd-jax "
+                            "train --teacher-mesh); planned as the program 'teacher'")
+    group.add_argument("--programs", type=lambda text: [p.strip() for p in text.split(",") if p.strip()],
+                       metavar="NAME[,NAME]",
+                       help="compile only these of rollout, score, update (and teacher with --teacher-mesh); "
+                            "the step time then is not estimated [all]")
+    group.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``opd-jax plan`` on the training configuration ``opd-jax train`` would build from the same
+    ``--config`` and flags (``--sequence-length`` L stands for ``--max-new-tokens`` L − P)."""
+    overrides = {}
+    if args.sequence_length is not None:
+        if args.max_new_tokens is not None:
+            fail("plan", f"--sequence-length {args.sequence_length} and --max-new-tokens {args.max_new_tokens}: "
+                         "give one (the sequence is --prompt-length + max_new_tokens)")
+        if args.sequence_length <= args.prompt_length:
+            fail("plan", f"--prompt-length ({args.prompt_length}) must be < --sequence-length "
+                         f"({args.sequence_length}): the sequence is the prompt plus at least one response token")
+        overrides["max_new_tokens"] = args.sequence_length - args.prompt_length
+    return _plan(args, train_config(args, "plan", overrides))
+
+
+def _error(message: str, status: int) -> int:
+    print(f"opd-jax plan: error: {message}", file=sys.stderr)
+    return status
+
+
+def _plan(args: argparse.Namespace, config) -> int:
+    """Exit 0 with a report (also when it does not fit), 2 for bad input, 1 when a program does not
+    compile. ``config`` is the :class:`~opd_jax.config.TrainConfig` to plan."""
+    import functools
+    import os
+
+    import jax
+
+    from opd_jax import plan, sharding, topologies
+    from opd_jax.models import resolve_dtype
+    from opd_jax.models.presets import resolve_model
+
+    if args.json is not None and args.json.is_dir():
+        return _error(f"--json {args.json} is a directory; give a file path", 2)
+    if args.topology.strip().lower() != "local" and "JAX_PLATFORMS" not in os.environ:
+        # Compiling for a named topology needs no accelerator here; do not start one.
+        jax.config.update("jax_platforms", "cpu")
+    try:
+        topology = topologies.parse_topology(args.topology)
+        student, teacher = resolve_model(args.student), resolve_model(args.teacher)
+        mesh, teacher_mesh = (None if text is None else sharding.parse_mesh(text)
+                              for text in (args.mesh, args.teacher_mesh))
+        platform = "tpu" if topology.is_tpu else topology.devices()[0].platform
+        compute_dtype, teacher_dtype = (resolve_dtype(d, platform) for d in (args.compute_dtype, args.teacher_dtype))
+        plan_config = plan.PlanConfig(
+            student=student, teacher=teacher, train=config, topology=args.topology,
+            prompt_length=args.prompt_length, mesh=mesh, teacher_mesh=teacher_mesh, attention=args.attention,
+            remat=args.remat, param_dtype=args.param_dtype, compute_dtype=compute_dtype, teacher_dtype=teacher_dtype,
+            student_name=args.student, teacher_name=args.teacher,
+        )
+        result = plan.plan(plan_config, programs=args.programs,
+                           progress=functools.partial(print, file=sys.stderr, flush=True))
+    except ValueError as error:
+        return _error(str(error), 2)
+    except plan.PlanCompileError as error:
+        return _error(str(error), 1)
+    print(plan.format_report(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
