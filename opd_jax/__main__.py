@@ -1,5 +1,5 @@
 import sys
 
-from opd_jax.cli import main
+from opd_jax.commands import main
 
 sys.exit(main())

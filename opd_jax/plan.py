@@ -59,14 +59,10 @@ reduce-scatters), elementwise work and kernel efficiency, so it is a lower bound
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import math
-import pathlib
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -76,19 +72,17 @@ import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from opd_jax import sharding as sharding_lib
 from opd_jax import step as step_lib
 from opd_jax import topologies as topologies_lib
 from opd_jax.backends import JaxBackend
 from opd_jax import train as train_lib
-from opd_jax.models import DTYPES, REMAT_POLICIES, AttentionConfig, Decoder, DecoderConfig, resolve_dtype
-from opd_jax.models.presets import PRESETS, resolve_model
+from opd_jax.models import DTYPES, REMAT_POLICIES, AttentionConfig, Decoder, DecoderConfig
 from opd_jax.sampling import Rollout, SamplingConfig
 
-__all__ = ["PROGRAMS", "CompiledPlan", "PlanCompileError", "PlanConfig", "add_arguments", "check_config",
-           "check_mesh", "compile_programs", "default_mesh", "format_report", "plan", "report", "run"]
+__all__ = ["PROGRAMS", "CompiledPlan", "PlanCompileError", "PlanConfig", "check_config", "check_mesh",
+           "compile_programs", "default_mesh", "format_report", "plan", "report"]
 
 PROGRAMS = ("rollout", "score", "update")
 GIB = 2**30
@@ -843,85 +837,3 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"estimated step: {result['estimated_step_seconds']:.3g} s (roofline lower bound: "
                      "rollout + score + minibatches × epochs × update)")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``opd-jax plan`` options of its own (the training options, ``--config`` and the
-    model-execution options are the ones ``opd-jax train`` takes, added by the CLI)."""
-    def positive(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-        return value
-
-    group = parser.add_argument_group("what to plan for")
-    group.add_argument("--topology", required=True,
-                       help="v5p-N / v4-N (N TensorCores), v5e-N / v6e-N (N chips), an explicit grid such as "
-                            "v5p:2x4x4, cpu:N (N virtual CPU devices) or local")
-    group.add_argument("--student", required=True,
-                       help=f"preset ({', '.join(PRESETS)}) or a Hugging Face folder (only config.json is read)")
-    group.add_argument("--teacher", required=True, help="preset or Hugging Face folder, as --student")
-    group.add_argument("--prompt-length", type=positive, required=True,
-                       help="prompt slots P (train: --max-prompt-length)")
-    group.add_argument("--sequence-length", type=positive,
-                       help="prompt + response slots L: sets max_new_tokens to L - P (default: P + max_new_tokens)")
-    group.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
-                       help="e.g. 1,16,2 or fsdp=16,tensor=2 (default: fsdp over every device; a factor of 2, 4 "
-                            "or 8 moves to tensor when the update minibatch has fewer rows than devices, to data "
-                            "when fsdp would not divide a parameter)")
-    group.add_argument("--teacher-mesh", metavar="DATA,FSDP,TENSOR",
-                       help="the teacher scores on a mesh of its own, over the devices after --mesh's (as opd-jax "
-                            "train --teacher-mesh); planned as the program 'teacher'")
-    group.add_argument("--programs", type=lambda text: [p.strip() for p in text.split(",") if p.strip()],
-                       metavar="NAME[,NAME]",
-                       help="compile only these of rollout, score, update (and teacher with --teacher-mesh); "
-                            "the step time then is not estimated [all]")
-    group.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write the report as JSON")
-
-
-def _error(message: str, status: int) -> int:
-    print(f"opd-jax plan: error: {message}", file=sys.stderr)
-    return status
-
-
-def run(args: argparse.Namespace, train_config: train_lib.TrainConfig) -> int:
-    """``opd-jax plan``: exit 0 with a report (also when it does not fit), 2 for bad input, 1 when a
-    program does not compile. ``train_config`` is what ``opd-jax train`` would build from the same
-    ``--config`` and flags."""
-    import os
-
-    if args.json is not None and args.json.is_dir():
-        return _error(f"--json {args.json} is a directory; give a file path", 2)
-    if args.topology.strip().lower() != "local" and "JAX_PLATFORMS" not in os.environ:
-        # Compiling for a named topology needs no accelerator here; do not start one.
-        jax.config.update("jax_platforms", "cpu")
-    try:
-        topology = topologies_lib.parse_topology(args.topology)
-        student, teacher = resolve_model(args.student), resolve_model(args.teacher)
-        mesh, teacher_mesh = (None if text is None else sharding_lib.parse_mesh(text)
-                              for text in (args.mesh, args.teacher_mesh))
-        platform = "tpu" if topology.is_tpu else topology.devices()[0].platform
-        compute_dtype, teacher_dtype = (resolve_dtype(d, platform) for d in (args.compute_dtype, args.teacher_dtype))
-        config = PlanConfig(
-            student=student, teacher=teacher, train=train_config, topology=args.topology,
-            prompt_length=args.prompt_length, mesh=mesh, teacher_mesh=teacher_mesh, attention=args.attention,
-            remat=args.remat, param_dtype=args.param_dtype, compute_dtype=compute_dtype, teacher_dtype=teacher_dtype,
-            student_name=args.student, teacher_name=args.teacher,
-        )
-        result = plan(config, programs=args.programs, progress=functools.partial(print, file=sys.stderr, flush=True))
-    except ValueError as error:
-        return _error(str(error), 2)
-    except PlanCompileError as error:
-        return _error(str(error), 1)
-    print(format_report(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0

@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from opd_jax import cli
+from opd_jax.commands import main
 
 
 def test_help_lists_verify_and_its_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["verify", "--help"])
+        main(["verify", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for option in ("--vocab-size", "--horizon", "--no-eos", "--seeds", "--divergence", "--json", "--csv"):
@@ -18,7 +18,7 @@ def test_help_lists_verify_and_its_options(capsys):
 
 
 def test_no_command_prints_help_and_fails(capsys):
-    assert cli.main([]) == 2
+    assert main([]) == 2
     assert "verify" in capsys.readouterr().out
 
 
@@ -27,7 +27,7 @@ def test_verify_reports_opd_plus_exact_and_forward_kl_stop_grad_reversed(tmp_pat
     argv = ["verify", "--vocab-size", "2", "--horizon", "2", "--seeds", "0", "1", "--quiet",
             "--divergence", "reverse_kl", "--divergence", "forward_kl",
             "--json", str(json_path), "--csv", str(csv_path)]
-    assert cli.main(argv) == 0
+    assert main(argv) == 0
     table = capsys.readouterr().out
     assert "| forward_kl | sequence | opd_plus |" in table
 
@@ -59,7 +59,7 @@ def test_verify_reports_opd_plus_exact_and_forward_kl_stop_grad_reversed(tmp_pat
 )
 def test_bad_arguments_fail_before_any_work_with_a_named_reason(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
+        main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -67,6 +67,6 @@ def test_bad_arguments_fail_before_any_work_with_a_named_reason(argv, message, c
 def test_output_path_that_is_a_directory_is_refused_and_left_untouched(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("data")
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["verify", "--quiet", "--divergence", "reverse_kl", "--json", str(tmp_path)])
+        main(["verify", "--quiet", "--divergence", "reverse_kl", "--json", str(tmp_path)])
     assert exit_info.value.code == 2 and "is a directory" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "data"

@@ -18,7 +18,8 @@ import time
 import jax.numpy as jnp
 import pytest
 
-from opd_jax import cli, run_folder
+from opd_jax import run_folder
+from opd_jax.commands import main
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
 from hf_fixtures import make_qwen3_folder, make_tokenizer  # noqa: E402
@@ -61,7 +62,7 @@ def refused(argv, capsys) -> str:
     """Run the CLI, expect exit status 2, return stderr."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
+        main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err
     assert "Traceback" not in err
@@ -76,11 +77,11 @@ def finished_run(folders, tmp_path_factory):
     config_file = root / "opd.toml"
     config_file.write_text("log_ratio_clip = 5.0\n")
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(_args(teacher, student, prompts, output, "--max-new-tokens", "110"))
+        main(_args(teacher, student, prompts, output, "--max-new-tokens", "110"))
     assert exit_info.value.code == 2 and not output.exists()
     # The natural fix is accepted (nothing of the refused attempt was written to refuse it with).
-    assert cli.main(_args(teacher, student, prompts, output, "--config", str(config_file),
-                          "--log-ratio-clip", "none")) == 0
+    assert main(_args(teacher, student, prompts, output, "--config", str(config_file),
+                      "--log-ratio-clip", "none")) == 0
     return output
 
 
@@ -172,7 +173,7 @@ def test_bad_options_and_inputs_fail_before_anything_is_written(folders, tmp_pat
         assert re.search(message, err), (argv, err)
         assert not output.exists() and snapshot(tmp_path / "a_file") == before
     with pytest.raises(SystemExit) as exit_info:  # only with a held-out dataset to evaluate
-        cli.main(_args(teacher, student, prompts, output, "--eval-every", "2"))
+        main(_args(teacher, student, prompts, output, "--eval-every", "2"))
     assert exit_info.value.code == 2 and "--eval-every needs --eval-dataset" in capsys.readouterr().err
     assert not output.exists()
 
@@ -227,8 +228,8 @@ def test_resume_with_other_inputs_is_refused_naming_each_change(finished_run, fo
     assert snapshot(finished_run) == before
     # The same inputs (the prompt file moved, same bytes) resume; the record is left as it was.
     record = (finished_run / run_folder.IDENTITY_FILE).read_bytes()
-    assert cli.main(_args(teacher, student, moved_prompts, finished_run, "--steps", "2", "--log-ratio-clip", "none",
-                          "--export-dtype", "float32")) == 0
+    assert main(_args(teacher, student, moved_prompts, finished_run, "--steps", "2", "--log-ratio-clip", "none",
+                      "--export-dtype", "float32")) == 0
     assert (finished_run / run_folder.IDENTITY_FILE).read_bytes() == record
     from opd_jax.models.hf import checkpoint_dtype
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from opd_jax import cli
+from opd_jax.commands import main
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
 from hf_fixtures import make_qwen3_folder, make_tokenizer  # noqa: E402
@@ -41,7 +41,7 @@ def test_train_end_to_end_and_export_loads_in_transformers(folders, tmp_path):
     config_file.write_text('[objective]\ndivergence = "generalized_js"\nbeta = 0.3\nestimator = "opd_plus"\n'
                            '[loop]\ncheckpoint_every = 2\n')
     output = tmp_path / "run"
-    assert cli.main(_args(teacher, student, prompts, output, "--config", str(config_file), "--gamma", "0.5")) == 0
+    assert main(_args(teacher, student, prompts, output, "--config", str(config_file), "--gamma", "0.5")) == 0
     saved = json.loads((output / "config.json").read_text())
     objective = saved["objective"]
     assert objective["divergence"] == "generalized_js" and objective["beta"] == 0.3 and objective["gamma"] == 0.5
@@ -73,7 +73,7 @@ def test_malformed_prompt_file_names_the_line(folders, tmp_path, line, message, 
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "a"}\n\n' + line + "\n")
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(_args(teacher, student, bad, tmp_path / "run"))
+        main(_args(teacher, student, bad, tmp_path / "run"))
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
@@ -93,7 +93,7 @@ def test_missing_folders_mismatched_tokenizers_and_bad_options_fail_before_any_w
     cases.append((_args(teacher, other, prompts, output), "teacher/student eos_token_id mismatch"))
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
-            cli.main(argv)
+            main(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
         assert not output.exists()
@@ -102,9 +102,9 @@ def test_missing_folders_mismatched_tokenizers_and_bad_options_fail_before_any_w
 def test_rerun_with_other_options_keeps_the_existing_run(folders, tmp_path, capsys):
     _, teacher, student, prompts = folders
     output = tmp_path / "run"
-    assert cli.main(_args(teacher, student, prompts, output, "--steps", "1")) == 0
+    assert main(_args(teacher, student, prompts, output, "--steps", "1")) == 0
     before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit):
-        cli.main(_args(teacher, student, prompts, output, "--steps", "1", "--divergence", "forward_kl"))
+        main(_args(teacher, student, prompts, output, "--steps", "1", "--divergence", "forward_kl"))
     assert "different configuration" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before

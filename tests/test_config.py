@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from opd_jax import cli
+from opd_jax.commands import main
 from opd_jax.config import SECTIONS, TrainConfig, flatten_sections
 
 
@@ -13,7 +13,7 @@ def test_every_field_has_a_section_and_help_and_a_flag_in_its_group(capsys):
     fields = dataclasses.fields(TrainConfig)
     assert all(f.metadata["section"] in SECTIONS and len(f.metadata["help"]) > 10 for f in fields)
     with pytest.raises(SystemExit):
-        cli.main(["train", "--help"])
+        main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     positions = [text.index(f"training options: {section}") for section in SECTIONS]
     assert positions == sorted(positions)

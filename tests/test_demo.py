@@ -7,7 +7,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from opd_jax import cli, demo, tasks
+from opd_jax import demo, tasks
+from opd_jax.commands import main
 from opd_jax.tasks import tool_use
 
 
@@ -74,8 +75,8 @@ def test_demo_tasks_are_the_registered_tasks_with_the_demo_settings(monkeypatch)
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("demo") / "out"
-    assert cli.main(["demo", "--steps", "2", "--divergence", "forward_kl", "--estimator", "opd_plus",
-                     "--estimator", "stop_grad", "--output", str(output), "--quiet"]) == 0
+    assert main(["demo", "--steps", "2", "--divergence", "forward_kl", "--estimator", "opd_plus",
+                 "--estimator", "stop_grad", "--output", str(output), "--quiet"]) == 0
     return output
 
 
@@ -100,8 +101,8 @@ def test_demo_writes_the_table_results_curves_and_exported_students(demo_run):
 def test_eval_of_an_exported_student_reproduces_the_demo_numbers(demo_run, tmp_path, capsys):
     record = json.loads((demo_run / "results.json").read_text())["runs"][0]
     output = tmp_path / "metrics.json"
-    assert cli.main(["eval", "--model", str(demo_run / "forward_kl-opd_plus-seed0" / "student"),
-                     "--json", str(output)]) == 0
+    assert main(["eval", "--model", str(demo_run / "forward_kl-opd_plus-seed0" / "student"),
+                 "--json", str(output)]) == 0
     measured = json.loads(output.read_text())
     for key in ("accuracy", "response_length", "teacher_kl"):
         assert measured[key] == pytest.approx(record[key], rel=1e-5, abs=1e-6), key
@@ -110,8 +111,8 @@ def test_eval_of_an_exported_student_reproduces_the_demo_numbers(demo_run, tmp_p
 
 def test_rerunning_the_demo_reuses_finished_runs(demo_run):
     before = json.loads((demo_run / "results.json").read_text())["runs"]
-    assert cli.main(["demo", "--steps", "2", "--divergence", "forward_kl", "--estimator", "opd_plus",
-                     "--output", str(demo_run), "--quiet"]) == 0
+    assert main(["demo", "--steps", "2", "--divergence", "forward_kl", "--estimator", "opd_plus",
+                 "--output", str(demo_run), "--quiet"]) == 0
     after = json.loads((demo_run / "results.json").read_text())["runs"]
     assert [r["accuracy"] for r in after] == [before[0]["accuracy"]]
     lines = (demo_run / "forward_kl-opd_plus-seed0" / "metrics.jsonl").read_text().splitlines()
@@ -122,14 +123,14 @@ def test_bad_demo_and_eval_input_is_named_and_nothing_is_overwritten(tmp_path, c
     taken = tmp_path / "taken"
     taken.write_text("keep me")
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["demo", "--output", str(taken), "--quiet"])
+        main(["demo", "--output", str(taken), "--quiet"])
     assert exit_info.value.code == 2 and "is a file" in capsys.readouterr().err
     assert taken.read_text() == "keep me"
     with pytest.raises(SystemExit):
-        cli.main(["eval", "--model", str(tmp_path / "absent")])
+        main(["eval", "--model", str(tmp_path / "absent")])
     assert str(tmp_path / "absent") in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.main(["demo", "--divergence", "alpha"])  # needs a parameter: only in the grid script
+        main(["demo", "--divergence", "alpha"])  # needs a parameter: only in the grid script
     assert "invalid choice" in capsys.readouterr().err
 
 
@@ -150,8 +151,8 @@ def test_grid_script_runs_parametrised_divergences_over_seeds(tmp_path):
 
 def test_tool_use_demo_trains_with_its_own_settings_and_eval_reproduces_it(tmp_path, capsys):
     output = tmp_path / "tool_use"
-    assert cli.main(["demo", "--task", "tool_use", "--steps", "1", "--divergence", "js", "--estimator", "opd_plus",
-                     "--eval-problems", "32", "--output", str(output), "--quiet"]) == 0
+    assert main(["demo", "--task", "tool_use", "--steps", "1", "--divergence", "js", "--estimator", "opd_plus",
+                 "--eval-problems", "32", "--output", str(output), "--quiet"]) == 0
     (record,) = json.loads((output / "results.json").read_text())["runs"]
     config = record["config"]
     assert (config["prompts_per_step"], config["learning_rate"], config["steps"]) == (
@@ -162,8 +163,8 @@ def test_tool_use_demo_trains_with_its_own_settings_and_eval_reproduces_it(tmp_p
     assert "call validity before → after" in (output / "results.md").read_text()
     # The exported student evaluated on the same held-out questions gives the demo's numbers.
     metrics = tmp_path / "metrics.json"
-    assert cli.main(["eval", "--task", "tool_use", "--model", str(output / "js-opd_plus-seed0" / "student"),
-                     "--problems", "32", "--json", str(metrics)]) == 0
+    assert main(["eval", "--task", "tool_use", "--model", str(output / "js-opd_plus-seed0" / "student"),
+                 "--problems", "32", "--json", str(metrics)]) == 0
     measured = json.loads(metrics.read_text())
     for key in ("accuracy", "call_validity", "response_length", "teacher_kl"):
         assert measured[key] == pytest.approx(record[key], rel=1e-5, abs=1e-6), key
@@ -171,6 +172,6 @@ def test_tool_use_demo_trains_with_its_own_settings_and_eval_reproduces_it(tmp_p
     # An arithmetic demo into the tool-use folder is refused before anything is trained or written.
     before = (output / "results.json").read_text()
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["demo", "--output", str(output), "--steps", "1", "--quiet"])
+        main(["demo", "--output", str(output), "--steps", "1", "--quiet"])
     assert exit_info.value.code == 2 and "holds results of task 'tool_use'" in capsys.readouterr().err
     assert (output / "results.json").read_text() == before

@@ -12,7 +12,8 @@ import threading
 import numpy as np
 import pytest
 
-from opd_jax import cli, evaluation
+from opd_jax import evaluation
+from opd_jax.commands import main
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
 from hf_fixtures import make_qwen3_folder  # noqa: E402
@@ -233,7 +234,7 @@ def test_eval_on_datasets_end_to_end(tiny, tmp_path, capsys):
     model, dataset = tiny
     second = _write_jsonl(tmp_path / "second.jsonl", GSM8K_STYLE[2:])
     output = tmp_path / "out" / "eval.json"
-    assert cli.main(_eval_args(model, dataset, second, extra=["--pass-k", "2", "3", "1", "--json", str(output)])) == 0
+    assert main(_eval_args(model, dataset, second, extra=["--pass-k", "2", "3", "1", "--json", str(output)])) == 0
     summary = json.loads(output.read_text())
     assert summary["config"]["samples"] == 3 and summary["config"]["pass_k"] == [1, 2, 3]
     assert [d["dataset"] for d in summary["datasets"]] == [str(dataset), str(second)]
@@ -275,7 +276,7 @@ def test_eval_counts_injected_responses(tiny, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(evaluation, "sample_responses", sample)
     output = tmp_path / "eval.json"
-    assert cli.main(_eval_args(model, dataset, extra=["--json", str(output)])) == 0
+    assert main(_eval_args(model, dataset, extra=["--json", str(output)])) == 0
     metrics = json.loads(output.read_text())["datasets"][0]["metrics"]
     # Right per problem: 2, 1, 0, 3 of 3.
     per_problem = np.array([2, 1, 0, 3]) / 3
@@ -290,7 +291,7 @@ def test_eval_counts_injected_responses(tiny, tmp_path, monkeypatch, capsys):
 def test_greedy_with_several_samples_warns_and_repeats_one_response(tiny, tmp_path, capsys):
     model, dataset = tiny
     output = tmp_path / "eval.json"
-    assert cli.main(_eval_args(model, dataset, extra=["--temperature", "0", "--json", str(output)])) == 0
+    assert main(_eval_args(model, dataset, extra=["--temperature", "0", "--json", str(output)])) == 0
     assert "--temperature 0 is greedy decoding" in capsys.readouterr().err
     metrics = json.loads(output.read_text())["datasets"][0]["metrics"]
     assert metrics["pass@3"]["value"] == metrics["pass@1"]["value"] == metrics["avg@3"]["value"]
@@ -310,7 +311,7 @@ def test_bad_option_combinations_fail_before_anything_is_written(tiny, tmp_path,
     model, dataset = tiny
     output = tmp_path / "eval.json"
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(_eval_args(model, dataset, extra=[*extra, "--json", str(output)]))
+        main(_eval_args(model, dataset, extra=[*extra, "--json", str(output)]))
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not output.exists()
@@ -318,7 +319,7 @@ def test_bad_option_combinations_fail_before_anything_is_written(tiny, tmp_path,
 
 def test_math_options_are_refused_for_the_toy_task(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["eval", "--model", "m", "--samples", "4", "--temperature", "0.5"])
+        main(["eval", "--model", "m", "--samples", "4", "--temperature", "0.5"])
     assert exit_info.value.code == 2
     assert "--samples, --temperature apply to --dataset evaluation only, not to the toy task arithmetic" in (
         capsys.readouterr().err)
@@ -334,16 +335,16 @@ def test_bad_datasets_are_named_before_the_model_is_loaded(tmp_path, capsys):
     for dataset, message in ((bad, f"{bad}:2: no 'answer' field"),
                              (tmp_path / "missing.jsonl", f"dataset {tmp_path / 'missing.jsonl'} does not exist")):
         with pytest.raises(SystemExit) as exit_info:
-            cli.main(_eval_args(absent, good, dataset, extra=["--json", str(output)]))
+            main(_eval_args(absent, good, dataset, extra=["--json", str(output)]))
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.main(_eval_args(absent, good, extra=["--answer-key", "solution"]))
+        main(_eval_args(absent, good, extra=["--answer-key", "solution"]))
     assert f"{good}:1: no 'solution' field" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.main(_eval_args(absent, good, extra=["--json", str(output)]))
+        main(_eval_args(absent, good, extra=["--json", str(output)]))
     assert str(absent) in capsys.readouterr().err  # only then is the model looked at
     with pytest.raises(SystemExit):
-        cli.main(_eval_args(absent, good, extra=["--json", str(tmp_path)]))
+        main(_eval_args(absent, good, extra=["--json", str(tmp_path)]))
     assert "is a directory" in capsys.readouterr().err
     assert not output.exists()
 
@@ -359,7 +360,7 @@ def _train_args(model, prompts, output, *extra):
 def test_train_eval_dataset_logs_held_out_metrics_before_and_after(tiny, tmp_path):
     model, dataset = tiny
     output = tmp_path / "run"
-    assert cli.main(_train_args(model, dataset, output, "--eval-dataset", str(dataset), "--eval-samples", "2")) == 0
+    assert main(_train_args(model, dataset, output, "--eval-dataset", str(dataset), "--eval-samples", "2")) == 0
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in records if "eval_avg@2" in r}
     assert sorted(evals) == [0, 2]
@@ -377,7 +378,7 @@ def test_train_eval_errors_are_named_before_anything_is_written(tiny, tmp_path, 
     bad = _write_jsonl(tmp_path / "bad.jsonl", [GSM8K_STYLE[0], {"prompt": "no answer here"}])
     output = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(_train_args(model, dataset, output, *(e.format(bad=bad) for e in extra)))
+        main(_train_args(model, dataset, output, *(e.format(bad=bad) for e in extra)))
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not output.exists()

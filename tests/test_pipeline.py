@@ -98,10 +98,10 @@ def test_changing_pipeline_rollouts_on_resume_is_refused(tmp_path):
 
 
 def test_an_unknown_rollout_backend_lists_the_valid_ones(tmp_path, capsys):
-    from opd_jax import cli
+    from opd_jax.commands import main
 
     with pytest.raises(SystemExit):
-        cli.main(["train", "--teacher", "t", "--student", "s", "--prompts", "p", "--output", str(tmp_path / "r"),
-                  "--rollout-backend", "sglang"])
+        main(["train", "--teacher", "t", "--student", "s", "--prompts", "p", "--output", str(tmp_path / "r"),
+              "--rollout-backend", "sglang"])
     assert "rollout_backend must be one of jax, vllm; got 'sglang'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

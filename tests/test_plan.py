@@ -13,7 +13,7 @@ import pytest
 
 from opd_jax import chunking, plan, topologies
 from opd_jax.config import TrainConfig
-from opd_jax.cli import main
+from opd_jax.commands import main
 from opd_jax.models import DecoderConfig
 from opd_jax.models.presets import PRESETS, resolve_model
 

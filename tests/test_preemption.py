@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from opd_jax import cli, models, preemption, run_folder, train
+from opd_jax import models, preemption, run_folder, train
+from opd_jax.commands import main
+from opd_jax.commands.flags import EXIT_RESUMABLE
 
 HELPERS = pathlib.Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
@@ -89,7 +91,7 @@ def test_a_runs_life_sigkill_before_a_checkpoint_sigterm_finish_extend_sigint_fi
     child = _start(setup, output, "1.log", 20)
     reached = faults.signal_at_step(child, output, 6, signal.SIGTERM)
     assert reached < 19
-    assert child.wait() == preemption.EXIT_RESUMABLE == cli.EXIT_RESUMABLE, child.output()[-4000:]
+    assert child.wait() == preemption.EXIT_RESUMABLE == EXIT_RESUMABLE, child.output()[-4000:]
     stopped = faults.metric_steps(output)[-1]
     assert stopped in (reached, reached + 1)  # within one step of the signal
     assert stopped in _committed_steps(output)
@@ -199,7 +201,7 @@ def test_neyman_chi2_without_a_clip_going_non_finite_stops_with_the_step_and_qua
 ])
 def test_non_finite_hyper_parameters_are_refused_at_parse_time(setup, tmp_path, capsys, flags, config_text, message):
     output = tmp_path / "run"
-    argv = _argv(setup, output)[3:]  # cli.main's argv starts at the command
+    argv = _argv(setup, output)[3:]  # main's argv starts at the command
     if config_text is not None:  # the config file's values, not the flags' (flags override it)
         at = argv.index("--learning-rate")
         del argv[at : at + 2]
@@ -209,7 +211,7 @@ def test_non_finite_hyper_parameters_are_refused_at_parse_time(setup, tmp_path, 
         path.write_text(config_text)
         argv += ["--config", str(path)]
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
+        main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not output.exists()
@@ -294,4 +296,4 @@ def test_two_processes_agree_on_the_step_at_sigterm_and_the_rerun_ends_bitwise_e
 
 
 def test_exit_status_constant_is_documented_as_resumable():
-    assert cli.EXIT_RESUMABLE == preemption.EXIT_RESUMABLE == os.EX_TEMPFAIL
+    assert EXIT_RESUMABLE == preemption.EXIT_RESUMABLE == os.EX_TEMPFAIL

@@ -20,7 +20,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from opd_jax import cli, sharding
+from opd_jax import sharding
+from opd_jax.commands import build_parser, main
+from opd_jax.commands.flags import initialize_distributed
 
 HELPERS = pathlib.Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
@@ -172,11 +174,11 @@ def test_every_decoder_parameter_gets_a_rule_and_divisibility_is_checked_on_shap
 
 
 def test_cli_mesh_flags_reach_the_parser_and_single_process_skips_distributed():
-    args = cli.build_parser().parse_args(
+    args = build_parser().parse_args(
         ["train", "--teacher", "t", "--student", "s", "--prompts", "p", "--output", "o", "--mesh", "1,4,2",
          "--coordinator", "host:1234", "--num-processes", "2", "--process-id", "1"])
     assert (args.mesh, args.coordinator, args.num_processes, args.process_id) == ("1,4,2", "host:1234", 2, 1)
-    assert cli.initialize_distributed(None, 1, 0) is False  # one process: nothing to join
+    assert initialize_distributed(None, 1, 0) is False  # one process: nothing to join
 
 
 def test_cli_trains_on_a_one_device_mesh_and_rejects_a_bad_one(tmp_path, capsys):
@@ -189,12 +191,12 @@ def test_cli_trains_on_a_one_device_mesh_and_rejects_a_bad_one(tmp_path, capsys)
     base = ["train", "--teacher", str(teacher), "--student", str(student), "--prompts", str(prompts), "--quiet",
             "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4",
             "--max-prompt-length", "24", "--checkpoint-every", "1"]
-    assert cli.main([*base, "--output", str(tmp_path / "run"), "--mesh", "1,1,1"]) == 0
+    assert main([*base, "--output", str(tmp_path / "run"), "--mesh", "1,1,1"]) == 0
     assert [json.loads(r)["step"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
             if "loss" in r] == [1, 2]
     assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
     for mesh, message in (("2,1,1", "= 2 devices, but there are 1 devices"), ("1,1", "--mesh: mesh '1,1'")):
         with pytest.raises(SystemExit) as exit_info:
-            cli.main([*base, "--output", str(tmp_path / mesh), "--mesh", mesh])
+            main([*base, "--output", str(tmp_path / mesh), "--mesh", mesh])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err

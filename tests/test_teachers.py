@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from opd_jax import cli, models, step, train
+from opd_jax import models, step, train
+from opd_jax.commands import main
 from opd_jax.config import TrainConfig
 from opd_jax.sampling import SamplingConfig, generate, score
 
@@ -113,9 +114,9 @@ def _write(path, lines):
 def _train(folders, prompts, output, *teacher_flags):
     root, a, b, student = folders
     flags = [x for flag in teacher_flags for x in ("--teacher", flag.format(a=a, b=b))]
-    return cli.main(["train", *flags, "--student", str(student), "--prompts", str(prompts), "--output", str(output),
-                     "--quiet", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens",
-                     "4", "--max-prompt-length", "32"])
+    return main(["train", *flags, "--student", str(student), "--prompts", str(prompts), "--output", str(output),
+                 "--quiet", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens",
+                 "4", "--max-prompt-length", "32"])
 
 
 def test_cli_routes_prompts_by_their_teacher_key(folders, tmp_path):

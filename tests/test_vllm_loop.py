@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from opd_jax import cli, train
+from opd_jax import train
 from opd_jax.backends import WeightSyncError
 from opd_jax.backends.vllm import BOOTSTRAP_COMMAND, VllmBackend
+from opd_jax.commands import main
 from opd_jax.config import TrainConfig
 from test_vllm_backend import CONFIG, _require_vllm, make_student
 
@@ -100,8 +101,8 @@ def test_cli_names_the_bootstrap_command_for_a_missing_vllm_environment(tmp_path
     prompts.write_text(json.dumps({"prompt": "add the numbers"}) + "\n")
     monkeypatch.setenv("OPD_VLLM_PYTHON", str(tmp_path / "no-such-env" / "bin" / "python"))
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", "--teacher", str(model), "--student", str(model), "--prompts", str(prompts),
-                  "--output", str(tmp_path / "run"), "--rollout-backend", "vllm", "--quiet"])
+        main(["train", "--teacher", str(model), "--student", str(model), "--prompts", str(prompts),
+              "--output", str(tmp_path / "run"), "--rollout-backend", "vllm", "--quiet"])
     assert exit_info.value.code == 2
     assert BOOTSTRAP_COMMAND in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -111,8 +112,8 @@ def test_cli_names_the_bootstrap_command_for_a_missing_vllm_environment(tmp_path
 def test_the_toy_demo_runs_end_to_end_on_the_vllm_backend(tmp_path, capsys):
     """`opd-jax demo --task arithmetic_vllm`: the shipped head-size-32 models, rollouts from vLLM."""
     output = tmp_path / "demo"
-    assert cli.main(["demo", "--task", "arithmetic_vllm", "--steps", "3", "--divergence", "js", "--estimator",
-                     "opd_plus", "--eval-problems", "16", "--output", str(output), "--quiet"]) == 0
+    assert main(["demo", "--task", "arithmetic_vllm", "--steps", "3", "--divergence", "js", "--estimator",
+                 "opd_plus", "--eval-problems", "16", "--output", str(output), "--quiet"]) == 0
     (run,) = [p for p in output.iterdir() if p.is_dir() and (p / "config.json").is_file()]
     assert json.loads((run / "config.json").read_text())["rollout"]["rollout_backend"] == "vllm"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -131,9 +132,9 @@ def test_eval_with_the_vllm_backend_agrees_with_the_jax_sampler_greedy(tmp_path)
     summaries = {}
     for backend in ("jax", "vllm"):
         output = tmp_path / f"{backend}.json"
-        assert cli.main(["eval", "--model", str(model), "--dataset", str(dataset), "--samples", "1", "--temperature",
-                         "0", "--max-new-tokens", "8", "--quiet", "--rollout-backend", backend, "--json",
-                         str(output)]) == 0
+        assert main(["eval", "--model", str(model), "--dataset", str(dataset), "--samples", "1", "--temperature",
+                     "0", "--max-new-tokens", "8", "--quiet", "--rollout-backend", backend, "--json",
+                     str(output)]) == 0
         summaries[backend] = json.loads(output.read_text())["datasets"][0]
     assert summaries["vllm"] == summaries["jax"]
     assert summaries["jax"]["response_length"] > 1

@@ -57,7 +57,7 @@ class Child:
 
 
 def train_argv(*args) -> list[str]:
-    return [sys.executable, "-m", "opd_jax.cli", "train", *map(str, args)]
+    return [sys.executable, "-m", "opd_jax", "train", *map(str, args)]
 
 
 def metric_steps(output) -> list[int]:

@@ -16,9 +16,9 @@ STEPS = 20
 
 
 def main(root: str, num_processes: int, process_id: int, port: int, mode: str) -> int:
-    from opd_jax import cli
+    from opd_jax.commands.flags import initialize_distributed
 
-    cli.initialize_distributed(f"localhost:{port}", num_processes, process_id)
+    initialize_distributed(f"localhost:{port}", num_processes, process_id)
     import jax
 
     from opd_jax import preemption, sharding, train

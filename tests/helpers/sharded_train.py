@@ -23,9 +23,9 @@ STEPS = 3
 
 
 def main(output_dir: str, num_processes: int, process_id: int, port: int) -> None:
-    from opd_jax import cli
+    from opd_jax.commands.flags import initialize_distributed
 
-    cli.initialize_distributed(f"localhost:{port}" if num_processes > 1 else None, num_processes, process_id)
+    initialize_distributed(f"localhost:{port}" if num_processes > 1 else None, num_processes, process_id)
     from opd_jax import sharding, step, train
 
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
