@@ -1,5 +1,9 @@
 """One distillation step as jitted pure functions: score a rollout, then update on minibatches.
 
+The step's functions are module-level and pure, each taking a frozen :class:`StepSpec` (the
+config, the models' graphs, the plug points, the optimizer and the shardings) first, in the style
+of nanodo's ``_train_step``; :func:`make_train_step` binds a spec and jits them.
+
 ``prepare(params, teacher_params, rollout) -> (ScoredBatch, metrics)`` takes the behaviour and
 teacher log-probabilities of the sampled tokens (at the rollout temperature: the tempered policy
 is the one trained, see :class:`~opd_jax.config.TrainConfig`), the advantages from an
@@ -25,6 +29,7 @@ computed inside the jitted functions; the loop fetches them once per step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -53,8 +58,9 @@ PyTree = Any
 AdvantageFn = Callable[[Array, Array, Array], Array]
 LossFn = Callable[[Array, Array, Array, Array], Array]
 
-__all__ = ["AdvantageFn", "LossFn", "ScoredBatch", "StepShardings", "TrainStep", "config_advantage_fn",
-           "config_loss_fn", "make_optimizer", "make_step_shardings", "make_train_step"]
+__all__ = ["AdvantageFn", "LossFn", "ScoredBatch", "StepShardings", "StepSpec", "TrainStep", "config_advantage_fn",
+           "config_loss_fn", "make_optimizer", "make_step_shardings", "make_train_step", "minibatch_loss", "prepare",
+           "prepare_scored", "score_teacher", "scored_batch", "take_rows", "update"]
 
 
 def config_advantage_fn(config: TrainConfig) -> AdvantageFn:
@@ -285,6 +291,168 @@ def _per_teacher_metrics(teacher_names, teacher_index_B, log_ratio_BxT, token_ad
     return metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What the step's pure functions read besides arrays: static under jit (see :func:`make_train_step`).
+
+    Attributes:
+      config: the run's configuration.
+      graphdef: the student's NNX graph.
+      teacher_graphdef: the teacher's graph, or ``{name: graph}`` of several teachers.
+      advantage_fn, loss_fn: the plug points (module docstring), already defaulted.
+      optimizer: the optax transformation.
+      reference_graphdef: a frozen reference model's graph (``None``: none).
+      shardings: where the step's arrays live (``None``: one device); ``"auto"`` logit chunks are
+        resolved for its batch axes.
+    """
+
+    config: TrainConfig
+    graphdef: Any
+    teacher_graphdef: Any
+    advantage_fn: AdvantageFn
+    loss_fn: LossFn
+    optimizer: optax.GradientTransformation
+    reference_graphdef: Any = None
+    shardings: StepShardings | None = None
+
+    @property
+    def teacher_names(self) -> tuple[str, ...] | None:
+        """The teachers' names in routing order (``None``: one teacher)."""
+        return tuple(self.teacher_graphdef) if isinstance(self.teacher_graphdef, dict) else None
+
+    @property
+    def full_vocab(self) -> bool:
+        return self.config.full_vocab_weight > 0
+
+
+def _chunk_size(spec: StepSpec, tokens_BxT: Array, vocab_size: int) -> int | None:
+    """``config.logit_chunk_size``, with ``"auto"`` resolved for this call's sequence length (train
+    and plan resolve it before building the step; this serves direct callers)."""
+    config = spec.config
+    if config.logit_chunk_size != chunking.AUTO:
+        return config.logit_chunk_size
+    mesh = None if spec.shardings is None else spec.shardings.batch.mesh
+    devices = jax.devices()[:1] if mesh is None else list(mesh.devices.flat)
+    shards = 1 if mesh is None else math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+    return config.with_resolved_chunks(
+        vocab_size=vocab_size, sequence_length=tokens_BxT.shape[1], batch_shards=shards,
+        device_memory_bytes=topologies.device_memory_bytes(devices)).logit_chunk_size
+
+
+def _log_probs(spec: StepSpec, graph, params, tokens_BxT: Array, token_mask_BxT: Array):
+    """``(logp_BxT, hidden_BxTxD, projection_DxV)`` of one model at the rollout temperature."""
+    model = nnx.merge(graph, params)
+    projection = model.output_projection()
+    logp_BxT, hidden_BxTxD = token_log_probs_and_hidden(
+        model, tokens_BxT, token_mask_BxT, temperature=spec.config.temperature,
+        chunk_size=_chunk_size(spec, tokens_BxT, projection.shape[-1]),
+    )
+    return logp_BxT, hidden_BxTxD, projection
+
+
+def _teacher_log_probs(spec: StepSpec, teacher_params, tokens_BxT, token_mask_BxT, teacher_index_B):
+    """Each row's own teacher's log-probs; the hidden states and projection of a single teacher."""
+    if spec.teacher_names is None:
+        return _log_probs(spec, spec.teacher_graphdef, teacher_params, tokens_BxT, token_mask_BxT)
+    logp_BxT = jnp.zeros(tokens_BxT.shape, jnp.float32)
+    for index, name in enumerate(spec.teacher_names):
+        own_BxT, _, _ = _log_probs(spec, spec.teacher_graphdef[name], teacher_params[name], tokens_BxT,
+                                   token_mask_BxT)
+        logp_BxT = jnp.where((teacher_index_B == index)[:, None], own_BxT, logp_BxT)
+    return logp_BxT, None, None
+
+
+def score_teacher(spec: StepSpec, teacher_params, tokens_BxT, token_mask_BxT, teacher_index_B=None) -> Array:
+    """``[B, T]`` float32: each row's own teacher's log-probs of its tokens."""
+    return _teacher_log_probs(spec, teacher_params, tokens_BxT, token_mask_BxT, teacher_index_B)[0]
+
+
+def prepare(spec: StepSpec, params, teacher_params, rollout: Rollout, reference_params, teacher_index_B=None):
+    """``(ScoredBatch, metrics)`` of ``rollout``: the teacher scores it, then :func:`scored_batch`."""
+    teacher = _teacher_log_probs(spec, teacher_params, rollout.tokens, rollout.token_mask, teacher_index_B)
+    return scored_batch(spec, params, teacher, rollout, reference_params, teacher_index_B)
+
+
+def prepare_scored(spec: StepSpec, params, teacher_logp_BxT, rollout: Rollout, reference_params,
+                   teacher_index_B=None):
+    """:func:`prepare` with the teacher's log-probs given (scored on the teacher's own mesh)."""
+    return scored_batch(spec, params, (teacher_logp_BxT, None, None), rollout, reference_params, teacher_index_B)
+
+
+def scored_batch(spec: StepSpec, params, teacher, rollout: Rollout, reference_params, teacher_index_B):
+    """The ScoredBatch and metrics from the teacher's ``(logp_BxT, hidden_BxTxE, projection)``."""
+    config = spec.config
+    teacher_logp, teacher_hidden, teacher_projection = teacher
+    mask_BxT = rollout.response_mask
+    behaviour_logp, student_hidden, student_projection = _log_probs(spec, spec.graphdef, params, rollout.tokens,
+                                                                    rollout.token_mask)
+    reference = {}
+    if spec.reference_graphdef is not None:
+        reference["reference_logp_BxT"], _, _ = _log_probs(spec, spec.reference_graphdef, reference_params,
+                                                           rollout.tokens, rollout.token_mask)
+    advantages = _checked_advantages(spec.advantage_fn, behaviour_logp, teacher_logp, mask_BxT, **reference)
+    metrics = {}
+    if spec.full_vocab:
+        divergence_BxT = _per_token_full_vocab(config, student_hidden, student_projection, teacher_hidden,
+                                               teacher_projection, mask_BxT,
+                                               _chunk_size(spec, rollout.tokens, student_projection.shape[-1]))
+        to_go = full_vocab_reward_to_go(config.full_vocab_weight * divergence_BxT, mask_BxT, gamma=config.gamma)
+        advantages = _broadcast_advantages(advantages, mask_BxT) + to_go
+        metrics["full_vocab_divergence"] = _masked_mean(divergence_BxT, mask_BxT)
+    token_advantage = _broadcast_advantages(advantages, mask_BxT)
+    response_tokens = jnp.sum(mask_BxT)
+    metrics |= {
+        "teacher_kl": _masked_mean(behaviour_logp - teacher_logp, mask_BxT),
+        "advantage_mean": _masked_mean(token_advantage, mask_BxT),
+        "advantage_abs_max": jnp.max(jnp.abs(advantages)),
+        "response_length": response_tokens / mask_BxT.shape[0],
+        "response_tokens": response_tokens,
+        # The sampler's own log-probs against the trainer's: 0 up to rounding for our sampler;
+        # an inference engine's numerics show up here.
+        "sampling_logp_gap": _masked_mean(jnp.abs(rollout.sampling_logp - behaviour_logp), mask_BxT),
+    }
+    if spec.teacher_names is not None:
+        metrics |= _per_teacher_metrics(spec.teacher_names, teacher_index_B, behaviour_logp - teacher_logp,
+                                        token_advantage, mask_BxT)
+    batch = ScoredBatch(rollout.tokens, rollout.token_mask, mask_BxT, behaviour_logp, advantages,
+                        jax.lax.stop_gradient(teacher_hidden) if spec.full_vocab else None)
+    return batch, metrics
+
+
+def minibatch_loss(spec: StepSpec, params, teacher_params, rows: ScoredBatch, normalizer):
+    """``(loss, aux)``: the minibatch's summed surrogate (plus the full-vocabulary term) over ``normalizer``."""
+    config = spec.config
+    logp, hidden, projection = _log_probs(spec, spec.graphdef, params, rows.tokens_BxT, rows.token_mask_BxT)
+    mask_BxT = rows.response_mask_BxT
+    per_sequence = _checked_loss(spec.loss_fn, logp, rows.behaviour_logp_BxT, rows.advantages, mask_BxT)
+    if spec.full_vocab:
+        teacher_projection = nnx.merge(spec.teacher_graphdef, teacher_params).output_projection()
+        divergence_BxT = _per_token_full_vocab(config, hidden, projection, rows.teacher_hidden_BxTxE,
+                                               teacher_projection, mask_BxT,
+                                               _chunk_size(spec, rows.tokens_BxT, projection.shape[-1]))
+        per_sequence = per_sequence + config.full_vocab_weight * jnp.sum(divergence_BxT, axis=-1)
+    if config.loss_aggregation == "sequence_mean":
+        per_sequence = per_sequence / jnp.maximum(jnp.sum(mask_BxT, axis=-1), 1)
+    clipped = clipped_token_mask(logp, rows.behaviour_logp_BxT, rows.advantages, mask_BxT,
+                                 clip_epsilon=config.clip_epsilon, clip_ratio_c=config.clip_ratio_c)
+    log_ratio = jnp.where(mask_BxT, logp - rows.behaviour_logp_BxT, 0.0)
+    aux = {"clipped_tokens": jnp.sum(clipped), "log_ratio_abs_max": jnp.max(jnp.abs(log_ratio))}
+    return jnp.sum(per_sequence) / normalizer, aux
+
+
+def update(spec: StepSpec, params, opt_state, teacher_params, rows: ScoredBatch, normalizer):
+    """One optax update on a minibatch: ``(params, opt_state, metrics)``."""
+    (loss, aux), grads = jax.value_and_grad(minibatch_loss, argnums=1, has_aux=True)(
+        spec, params, teacher_params, rows, normalizer)
+    updates, opt_state = spec.optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+
+
+def take_rows(batch: ScoredBatch, rows) -> ScoredBatch:
+    """The minibatch of ``rows`` (int ``[M]``) of ``batch``."""
+    return jax.tree.map(lambda a: a[rows], batch)
+
+
 def make_train_step(
     config: TrainConfig,
     graphdef,
@@ -297,7 +465,7 @@ def make_train_step(
     reference_graphdef=None,
     donate_state: bool = True,
 ) -> TrainStep:
-    """Build the jitted prepare / update functions of a step, pure in their array arguments.
+    """Jit the step's pure functions (:func:`prepare`, :func:`update`, ...) over one :class:`StepSpec`.
 
     Args:
       config: the run's configuration.
@@ -319,126 +487,27 @@ def make_train_step(
     """
     if reference_graphdef is not None and advantage_fn is None:
         raise ValueError("a reference model is read only by an advantage_fn (reference_logp_BxT=); pass one")
-    teacher_names = tuple(teacher_graphdef) if isinstance(teacher_graphdef, dict) else None
-    if teacher_names is not None and config.full_vocab_weight > 0:
+    spec = StepSpec(config, graphdef, teacher_graphdef,
+                    config_advantage_fn(config) if advantage_fn is None else advantage_fn,
+                    config_loss_fn(config) if loss_fn is None else loss_fn, optimizer, reference_graphdef, shardings)
+    if spec.teacher_names is not None and spec.full_vocab:
         raise ValueError("full_vocab_weight > 0 takes one teacher (its hidden states are kept for the update); "
-                         f"got {len(teacher_names)}: {', '.join(teacher_names)}")
-    advantage_fn = config_advantage_fn(config) if advantage_fn is None else advantage_fn
-    loss_fn = config_loss_fn(config) if loss_fn is None else loss_fn
-    full_vocab = config.full_vocab_weight > 0
-
-    def chunk_size(tokens_BxT, vocab_size: int) -> int | None:
-        """``config.logit_chunk_size``, with ``"auto"`` resolved for this call's sequence length
-        (train and plan resolve it before building the step; this serves direct callers)."""
-        if config.logit_chunk_size != chunking.AUTO:
-            return config.logit_chunk_size
-        mesh = None if shardings is None else shardings.batch.mesh
-        devices = jax.devices()[:1] if mesh is None else list(mesh.devices.flat)
-        shards = 1 if mesh is None else math.prod(mesh.shape[axis] for axis in BATCH_AXES)
-        return config.with_resolved_chunks(
-            vocab_size=vocab_size, sequence_length=tokens_BxT.shape[1], batch_shards=shards,
-            device_memory_bytes=topologies.device_memory_bytes(devices)).logit_chunk_size
-
-    def log_probs(graph, params, tokens_BxT, token_mask_BxT):
-        model = nnx.merge(graph, params)
-        projection = model.output_projection()
-        logp_BxT, hidden_BxTxD = token_log_probs_and_hidden(
-            model, tokens_BxT, token_mask_BxT, temperature=config.temperature,
-            chunk_size=chunk_size(tokens_BxT, projection.shape[-1]),
-        )
-        return logp_BxT, hidden_BxTxD, projection
-
-    def teacher_log_probs(teacher_params, tokens_BxT, token_mask_BxT, teacher_index_B):
-        """Each row's own teacher's log-probs; the hidden states and projection of a single teacher."""
-        if teacher_names is None:
-            return log_probs(graph_of["teacher"], teacher_params, tokens_BxT, token_mask_BxT)
-        logp_BxT = jnp.zeros(tokens_BxT.shape, jnp.float32)
-        for index, name in enumerate(teacher_names):
-            own_BxT, _, _ = log_probs(teacher_graphdef[name], teacher_params[name], tokens_BxT, token_mask_BxT)
-            logp_BxT = jnp.where((teacher_index_B == index)[:, None], own_BxT, logp_BxT)
-        return logp_BxT, None, None
-
-    def score_teacher(teacher_params, tokens_BxT, token_mask_BxT, teacher_index_B=None):
-        return teacher_log_probs(teacher_params, tokens_BxT, token_mask_BxT, teacher_index_B)[0]
-
-    def prepare(params, teacher_params, rollout: Rollout, reference_params, teacher_index_B=None):
-        teacher = teacher_log_probs(teacher_params, rollout.tokens, rollout.token_mask, teacher_index_B)
-        return scored_batch(params, teacher, rollout, reference_params, teacher_index_B)
-
-    def prepare_scored(params, teacher_logp_BxT, rollout: Rollout, reference_params, teacher_index_B=None):
-        return scored_batch(params, (teacher_logp_BxT, None, None), rollout, reference_params, teacher_index_B)
-
-    def scored_batch(params, teacher, rollout: Rollout, reference_params, teacher_index_B):
-        """The ScoredBatch and metrics from the teacher's ``(logp_BxT, hidden_BxTxE, projection)``."""
-        teacher_logp, teacher_hidden, teacher_projection = teacher
-        mask_BxT = rollout.response_mask
-        behaviour_logp, student_hidden, student_projection = log_probs(graph_of["student"], params, rollout.tokens,
-                                                                       rollout.token_mask)
-        reference = {}
-        if reference_graphdef is not None:
-            reference["reference_logp_BxT"], _, _ = log_probs(reference_graphdef, reference_params, rollout.tokens,
-                                                              rollout.token_mask)
-        advantages = _checked_advantages(advantage_fn, behaviour_logp, teacher_logp, mask_BxT, **reference)
-        metrics = {}
-        if full_vocab:
-            divergence_BxT = _per_token_full_vocab(config, student_hidden, student_projection, teacher_hidden,
-                                                   teacher_projection, mask_BxT,
-                                                   chunk_size(rollout.tokens, student_projection.shape[-1]))
-            to_go = full_vocab_reward_to_go(config.full_vocab_weight * divergence_BxT, mask_BxT, gamma=config.gamma)
-            advantages = _broadcast_advantages(advantages, mask_BxT) + to_go
-            metrics["full_vocab_divergence"] = _masked_mean(divergence_BxT, mask_BxT)
-        token_advantage = _broadcast_advantages(advantages, mask_BxT)
-        response_tokens = jnp.sum(mask_BxT)
-        metrics |= {
-            "teacher_kl": _masked_mean(behaviour_logp - teacher_logp, mask_BxT),
-            "advantage_mean": _masked_mean(token_advantage, mask_BxT),
-            "advantage_abs_max": jnp.max(jnp.abs(advantages)),
-            "response_length": response_tokens / mask_BxT.shape[0],
-            "response_tokens": response_tokens,
-            # The sampler's own log-probs against the trainer's: 0 up to rounding for our sampler;
-            # an inference engine's numerics show up here.
-            "sampling_logp_gap": _masked_mean(jnp.abs(rollout.sampling_logp - behaviour_logp), mask_BxT),
-        }
-        if teacher_names is not None:
-            metrics |= _per_teacher_metrics(teacher_names, teacher_index_B, behaviour_logp - teacher_logp,
-                                            token_advantage, mask_BxT)
-        batch = ScoredBatch(rollout.tokens, rollout.token_mask, mask_BxT, behaviour_logp, advantages,
-                            jax.lax.stop_gradient(teacher_hidden) if full_vocab else None)
-        return batch, metrics
-
-    def minibatch_loss(params, teacher_params, rows: ScoredBatch, normalizer):
-        logp, hidden, projection = log_probs(graph_of["student"], params, rows.tokens_BxT, rows.token_mask_BxT)
-        mask_BxT = rows.response_mask_BxT
-        per_sequence = _checked_loss(loss_fn, logp, rows.behaviour_logp_BxT, rows.advantages, mask_BxT)
-        if full_vocab:
-            teacher_projection = nnx.merge(graph_of["teacher"], teacher_params).output_projection()
-            divergence_BxT = _per_token_full_vocab(config, hidden, projection, rows.teacher_hidden_BxTxE,
-                                                   teacher_projection, mask_BxT,
-                                                   chunk_size(rows.tokens_BxT, projection.shape[-1]))
-            per_sequence = per_sequence + config.full_vocab_weight * jnp.sum(divergence_BxT, axis=-1)
-        if config.loss_aggregation == "sequence_mean":
-            per_sequence = per_sequence / jnp.maximum(jnp.sum(mask_BxT, axis=-1), 1)
-        clipped = clipped_token_mask(logp, rows.behaviour_logp_BxT, rows.advantages, mask_BxT,
-                                     clip_epsilon=config.clip_epsilon, clip_ratio_c=config.clip_ratio_c)
-        log_ratio = jnp.where(mask_BxT, logp - rows.behaviour_logp_BxT, 0.0)
-        aux = {"clipped_tokens": jnp.sum(clipped), "log_ratio_abs_max": jnp.max(jnp.abs(log_ratio))}
-        return jnp.sum(per_sequence) / normalizer, aux
-
-    def update(params, opt_state, teacher_params, rows: ScoredBatch, normalizer):
-        (loss, aux), grads = jax.value_and_grad(minibatch_loss, has_aux=True)(params, teacher_params, rows, normalizer)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-
-    def take_rows(batch: ScoredBatch, rows):
-        return jax.tree.map(lambda a: a[rows], batch)
-
-    graph_of = {"student": graphdef, "teacher": teacher_graphdef}
+                         f"got {len(spec.teacher_names)}: {', '.join(spec.teacher_names)}")
+    # jit names a partial's program after its function (jit_prepare, ...), as before.
+    bound = {fn.__name__: functools.partial(fn, spec) for fn in (prepare, update, score_teacher, prepare_scored)}
     if shardings is None:
         # Row selection stays eager here, as it always was on one device.
-        return TrainStep(jax.jit(prepare), jax.jit(update), take_rows, jax.jit(score_teacher), jax.jit(prepare_scored))
+        return TrainStep(jax.jit(bound["prepare"]), jax.jit(bound["update"]), take_rows,
+                         jax.jit(bound["score_teacher"]), jax.jit(bound["prepare_scored"]))
+    return _sharded_step(spec, bound, shardings, donate_state)
+
+
+def _sharded_step(spec: StepSpec, bound: dict[str, Callable], shardings: StepShardings,
+                  donate_state: bool) -> TrainStep:
+    """The step's functions jitted with explicit in / out shardings and donation."""
     batch, replicated = shardings.batch, shardings.replicated
     own_mesh = shardings.teacher_batch is not None
-    if own_mesh and full_vocab:
+    if own_mesh and spec.full_vocab:
         raise ValueError("full_vocab_weight > 0 needs the teacher's hidden states in the update, on the student's "
                          "devices; a teacher on its own mesh (teacher_mesh) sends log-probs only: drop one of the two")
     teacher_batch = shardings.teacher_batch if own_mesh else batch
@@ -446,20 +515,20 @@ def make_train_step(
     # The rollout is donated: its tokens and masks become the ScoredBatch's without a copy. With
     # explicit shardings every argument is passed, teacher_index_B too (None for one teacher).
     return TrainStep(
-        prepare=jax.jit(prepare, in_shardings=(shardings.params, shardings.teacher_params, batch,
-                                               shardings.reference_params, batch), out_shardings=(batch, replicated),
-                        donate_argnums=(2,)),
+        prepare=jax.jit(bound["prepare"], in_shardings=(shardings.params, shardings.teacher_params, batch,
+                                                        shardings.reference_params, batch),
+                        out_shardings=(batch, replicated), donate_argnums=(2,)),
         update=jax.jit(
-            update,
+            bound["update"],
             in_shardings=(shardings.params, shardings.opt_state, update_teacher, batch, replicated),
             out_shardings=(shardings.params, shardings.opt_state, replicated),
             donate_argnums=(0, 1) if donate_state else (),
         ),
         # A gather of rows from a sharded batch, re-split over data × fsdp for the update.
         take_rows=jax.jit(take_rows, out_shardings=batch),
-        score_teacher=jax.jit(score_teacher, in_shardings=(shardings.teacher_params,) + (teacher_batch,) * 3,
+        score_teacher=jax.jit(bound["score_teacher"], in_shardings=(shardings.teacher_params,) + (teacher_batch,) * 3,
                               out_shardings=teacher_batch),
-        prepare_scored=jax.jit(prepare_scored, in_shardings=(shardings.params, batch, batch, shardings.reference_params,
-                                                             batch), out_shardings=(batch, replicated),
-                               donate_argnums=(2,)),
+        prepare_scored=jax.jit(bound["prepare_scored"], in_shardings=(shardings.params, batch, batch,
+                                                                      shardings.reference_params, batch),
+                               out_shardings=(batch, replicated), donate_argnums=(2,)),
     )
