@@ -779,6 +779,21 @@ def report(compiled: CompiledPlan) -> dict[str, Any]:
     }
 
 
+def _configuration_lines(result: dict[str, Any]) -> list[str]:
+    """The planned run's objective, logit chunking and teacher mesh, as the report echoes them."""
+    objective, loop = result["train_config"]["objective"], result["train_config"]["loop"]
+    parameters = "".join(f" {k}={objective[k]}" for k in ("beta", "alpha") if objective[k] is not None)
+    level = objective["level"] + ("" if objective["level"] == "sequence" else f" (γ {objective['gamma']})")
+    lines = [f"objective: {objective['divergence']}{parameters} {objective['estimator']}, {level} level, baseline "
+             f"{objective['baseline']}, full-vocabulary weight {objective['full_vocab_weight']}; logit chunk "
+             f"{loop['logit_chunk_size'] or 'none'} tokens"]
+    teacher_mesh = result.get("teacher_mesh")
+    if teacher_mesh:
+        lines.append(f"teacher on its own mesh data={teacher_mesh['data']} fsdp={teacher_mesh['fsdp']} "
+                     f"tensor={teacher_mesh['tensor']} (program 'teacher')")
+    return lines
+
+
 def format_report(result: dict[str, Any]) -> str:
     """The report as a readable table (GiB = 2**30 bytes per device)."""
     def gib(x):
@@ -799,6 +814,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"{batch['rows']} rows ({batch['prompts_per_step']} prompts × {batch['group_size']}) of "
         f"{batch['sequence_length']} = {batch['prompt_length']} prompt + {batch['new_tokens']} new tokens; "
         f"{batch['minibatches']} minibatches × {batch['epochs']} epoch(s)",
+        *_configuration_lines(result),
         "",
         "| program | runs | args GiB | out GiB | temp GiB | peak GiB | + resident GiB | total GiB | TFLOP/device "
         "| roofline s | compile s |",

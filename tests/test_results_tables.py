@@ -186,6 +186,24 @@ def test_pod_scale_md_is_rendered_from_json(name):
     assert (RESULTS / "pod_scale" / f"{name}.md").read_text() == rendered + "\n"
 
 
+@pytest.mark.parametrize("path", sorted((RESULTS / "plan_defaults").glob("*.json")), ids=lambda p: p.stem)
+def test_plan_reports_are_rendered_from_their_json(path):
+    """Each `opd-jax plan --json` report is its .md beside it (opd_jax.plan.format_report)."""
+    from opd_jax import plan
+
+    assert path.with_suffix(".md").read_text() == plan.format_report(json.loads(path.read_text())) + "\n"
+
+
+def test_the_plan_with_no_memory_flags_is_quoted_as_reported():
+    """docs/pod_scale.md quotes the representative plan's report verbatim, and it fits."""
+    from opd_jax import plan
+
+    report = json.loads((RESULTS / "plan_defaults" / "representative_v5p-64.json").read_text())
+    assert report["fits"] and report["batch"]["logit_chunk_size"] == 1024
+    assert report["train_config"]["loop"]["logit_chunk_size"] == 1024
+    assert plan.format_report(report) in (ROOT / "docs" / "pod_scale.md").read_text()
+
+
 # --- tables copied into README.md and docs/*.md ---------------------------------------------------
 
 
