@@ -33,6 +33,7 @@ import sys
 
 from opd_jax import plan
 from opd_jax.config import TrainConfig
+from opd_jax.launch import Execution
 from opd_jax.models.presets import PRESETS
 
 GIB = 2**30
@@ -61,7 +62,8 @@ def depth_table(layers=(4, 8, 16, 36), topology="v5p-16", length=2048, repeats=2
         for count in layers:
             student = dataclasses.replace(width, num_layers=count)
             config = plan.PlanConfig(student=student, teacher=student, topology=topology, prompt_length=length // 2,
-                                     train=_train_config(8, 1, 1, length - length // 2), remat="full",
+                                     train=_train_config(8, 1, 1, length - length // 2),
+                                     execution=Execution(remat="full"),
                                      student_name=f"qwen3-8b width, {count} layers")
             update = plan.report(plan.compile_programs(config, programs=("update",), progress=_progress))
             seconds[count].append(update["programs"]["update"]["compile_seconds"])
@@ -89,7 +91,7 @@ def remat_table(lengths=(2048, 4096), topology="v5p-16", student="qwen3-1.7b") -
         for policy in ("none", "dots", "full"):
             config = plan.PlanConfig(student=PRESETS[student], teacher=PRESETS[student], topology=topology,
                                      prompt_length=length // 2, train=_train_config(8, 1, 1, length - length // 2),
-                                     remat=policy, student_name=student)
+                                     execution=Execution(remat=policy), student_name=student)
             update = plan.report(plan.compile_programs(config, programs=("update",), progress=_progress))
             entry = update["programs"]["update"]
             rows.append({"sequence_length": length, "remat": policy, "temp_bytes": entry["temp_bytes"],
@@ -108,7 +110,8 @@ def remat_markdown(rows: list[dict], topology="v5p-16", student="qwen3-1.7b") ->
 
 def sizing_config(student: str, length: int, topology: str, teacher: str = "qwen3-8b") -> plan.PlanConfig:
     return plan.PlanConfig(student=PRESETS[student], teacher=PRESETS[teacher], topology=topology, prompt_length=1024,
-                           train=_train_config(64, 4, 8, length - 1024), remat="full", student_name=student,
+                           train=_train_config(64, 4, 8, length - 1024), execution=Execution(remat="full"),
+                           student_name=student,
                            teacher_name=teacher)
 
 

@@ -78,7 +78,8 @@ from opd_jax import step as step_lib
 from opd_jax import topologies as topologies_lib
 from opd_jax.backends import JaxBackend
 from opd_jax import train as train_lib
-from opd_jax.models import DTYPES, REMAT_POLICIES, AttentionConfig, Decoder, DecoderConfig
+from opd_jax.launch import Execution, Placement
+from opd_jax.models import AttentionConfig, Decoder, DecoderConfig, resolve_dtype
 from opd_jax.sampling import Rollout, SamplingConfig
 
 __all__ = ["PROGRAMS", "CompiledPlan", "PlanCompileError", "PlanConfig", "check_config", "check_mesh",
@@ -104,15 +105,12 @@ class PlanConfig:
         epochs`` updates; ``logit_chunk_size = "auto"`` is resolved for the topology).
       topology: a name accepted by :func:`opd_jax.topologies.parse_topology`.
       prompt_length: prompt slots ``P``; the sequence has ``L = P + max_new_tokens`` slots.
-      mesh: ``data × fsdp × tensor`` sizes; ``None``: chosen by :func:`default_mesh`.
-      teacher_mesh: the teacher's own mesh over the devices after ``mesh``'s (needs ``mesh``),
-        as ``train(teacher_mesh=)``; its scoring is then the program ``teacher``.
-      attention: ``auto`` | ``xla`` | ``chunked`` | ``splash`` | ``cudnn`` for both models.
-      remat: the student's rematerialisation (``none`` | ``full`` | ``dots``; only the update has a
-        backward pass).
-      param_dtype: student parameters and optimizer state.
-      compute_dtype: matmuls, activations and KV cache of both models.
-      teacher_dtype: teacher parameters.
+      execution: how the models run (:class:`~opd_jax.launch.Execution`; ``auto`` dtypes resolve
+        for the topology's platform: bfloat16 on TPU).
+      placement: the meshes and partition rules (:class:`~opd_jax.launch.Placement`): ``mesh``
+        ``None`` is chosen by :func:`default_mesh`; a ``teacher_mesh`` (which needs ``mesh``) puts
+        the teacher on the devices after ``mesh``'s, as ``train(teacher_mesh=)``, and its scoring
+        is then the program ``teacher``.
       student_name, teacher_name: labels for the report.
     """
 
@@ -121,13 +119,8 @@ class PlanConfig:
     train: train_lib.TrainConfig = dataclasses.field(default_factory=train_lib.TrainConfig)
     topology: str = "local"
     prompt_length: int = 512
-    mesh: sharding_lib.MeshConfig | None = None
-    teacher_mesh: sharding_lib.MeshConfig | None = None
-    attention: str = "auto"
-    remat: str = "full"
-    param_dtype: str = "float32"
-    compute_dtype: str = "bfloat16"
-    teacher_dtype: str = "bfloat16"
+    execution: Execution = Execution()
+    placement: Placement = Placement()
     student_name: str = "student"
     teacher_name: str = "teacher"
 
@@ -143,16 +136,12 @@ class PlanConfig:
     def sequence_length(self) -> int:
         return self.prompt_length + self.train.max_new_tokens
 
-    def execution(self) -> dict[str, str]:
-        """How the models run (the ``execution`` section of the report)."""
-        return {name: getattr(self, name) for name in ("attention", "remat", "param_dtype", "compute_dtype",
-                                                        "teacher_dtype")}
-
 
 def check_config(config: PlanConfig) -> None:
     """Everything that needs no devices, so that a bad plan fails before anything is built.
 
-    (The :class:`~opd_jax.config.TrainConfig` checked itself when it was made.)
+    (The :class:`~opd_jax.config.TrainConfig` and :class:`~opd_jax.launch.Execution` checked
+    themselves when they were made.)
 
     Raises:
       ValueError: naming the field, its value and what is allowed.
@@ -169,13 +158,9 @@ def check_config(config: PlanConfig) -> None:
     if config.student.vocab_size != config.teacher.vocab_size:
         raise ValueError(f"teacher vocab_size {config.teacher.vocab_size} != student vocab_size "
                          f"{config.student.vocab_size}: distillation needs one vocabulary")
-    for name in ("param_dtype", "compute_dtype", "teacher_dtype"):
-        if getattr(config, name) not in DTYPES:
-            raise ValueError(f"{name} must be one of {', '.join(DTYPES)}; got {getattr(config, name)!r}")
-    if config.remat not in REMAT_POLICIES:
-        raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}; got {config.remat!r}")
-    if config.teacher_mesh is not None:
-        train_lib.check_teacher_mesh(config.train, config.mesh, config.teacher_mesh)
+    placement = config.placement
+    if placement.teacher_mesh is not None:
+        train_lib.check_teacher_mesh(config.train, placement.mesh, placement.teacher_mesh)
 
 
 def check_mesh(config: PlanConfig, mesh: sharding_lib.MeshConfig, num_devices: int) -> None:
@@ -183,10 +168,11 @@ def check_mesh(config: PlanConfig, mesh: sharding_lib.MeshConfig, num_devices: i
 
     (Parameter dimensions are checked against the mesh when the shardings are built.)
     """
-    meshes = {"student": mesh, "teacher": mesh if config.teacher_mesh is None else config.teacher_mesh}
-    used = mesh.size + (0 if config.teacher_mesh is None else config.teacher_mesh.size)
+    teacher_mesh = config.placement.teacher_mesh
+    meshes = {"student": mesh, "teacher": mesh if teacher_mesh is None else teacher_mesh}
+    used = mesh.size + (0 if teacher_mesh is None else teacher_mesh.size)
     if used != num_devices:
-        teacher = "" if config.teacher_mesh is None else f" + teacher mesh of {config.teacher_mesh.size}"
+        teacher = "" if teacher_mesh is None else f" + teacher mesh of {teacher_mesh.size}"
         raise ValueError(
             f"mesh data={mesh.data} × fsdp={mesh.fsdp} × tensor={mesh.tensor} = {mesh.size} devices{teacher}, but "
             f"topology {config.topology} has {num_devices}; the meshes must use every device"
@@ -227,9 +213,11 @@ def default_mesh(config: PlanConfig, num_devices: int, student_params=None, teac
             candidate = sharding_lib.MeshConfig(data=data, fsdp=rest // data, tensor=tensor)
             try:
                 check_mesh(config, candidate, num_devices)
-                for tree, what in ((student_params, "student parameter"), (teacher_params, "teacher parameter")):
+                placement = config.placement
+                for tree, what, rules in ((student_params, "student parameter", placement.student_rules),
+                                          (teacher_params, "teacher parameter", placement.teacher_rules)):
                     if tree is not None:
-                        specs = sharding_lib.partition_specs(tree)
+                        specs = sharding_lib.partition_specs(tree, rules)
                         sharding_lib.check_divisible(tree, specs, candidate, what=what)
                 return candidate
             except ValueError as error:
@@ -319,8 +307,10 @@ def _build_programs(config: PlanConfig, devices, student, teacher) -> tuple[dict
     (graphdef, params), (teacher_graphdef, teacher_params) = student, teacher
     train_config = config.train
     optimizer = step_lib.make_optimizer(train_config)
-    shardings = step_lib.make_step_shardings(train_config, config.mesh, params, teacher_params, optimizer,
-                                             teacher_mesh_config=config.teacher_mesh, devices=devices)
+    placement = config.placement
+    shardings = step_lib.make_step_shardings(train_config, placement.mesh, params, teacher_params, optimizer,
+                                             placement.student_rules, placement.teacher_rules,
+                                             placement.teacher_mesh, devices=devices)
     params = _with_shardings(params, shardings.params)
     opt_state = _with_shardings(jax.eval_shape(optimizer.init, params), shardings.opt_state)
     teacher_params = _with_shardings(teacher_params, shardings.teacher_params)
@@ -333,7 +323,7 @@ def _build_programs(config: PlanConfig, devices, student, teacher) -> tuple[dict
     sequence_level = train_config.level == "sequence"
     full_vocab = train_config.full_vocab_weight > 0
     def scored(n):  # a ScoredBatch of n rows
-        hidden = (jax.ShapeDtypeStruct((n, L, config.teacher.hidden_size), jnp.dtype(config.compute_dtype),
+        hidden = (jax.ShapeDtypeStruct((n, L, config.teacher.hidden_size), jnp.dtype(config.execution.compute_dtype),
                                        sharding=shardings.batch) if full_vocab else None)
         return step_lib.ScoredBatch(rows(n, L, "int32"), rows(n, L, "bool"), rows(n, L, "bool"), rows(n, L, "float32"),
                                     rows(n, None if sequence_level else L, "float32"), hidden)
@@ -419,15 +409,20 @@ def compile_programs(config: PlanConfig, *, programs: Sequence[str] | None = Non
     topology = topologies_lib.parse_topology(config.topology)
     devices = topology.devices()
     platform = devices[0].platform
-    attention = AttentionConfig(config.attention, platform=platform)
+    execution = dataclasses.replace(config.execution, **{
+        name: resolve_dtype(getattr(config.execution, name), platform) for name in ("compute_dtype", "teacher_dtype")})
+    attention = AttentionConfig(execution.attention, platform=platform)
     resolved = attention.resolved()  # an attention kernel the platform lacks fails here
-    student = _abstract_model(config.student, config.param_dtype, config.compute_dtype, attention, config.remat)
-    teacher = _abstract_model(config.teacher, config.teacher_dtype, config.compute_dtype, attention, "none")
-    if config.mesh is None:
-        config = dataclasses.replace(config, mesh=default_mesh(config, len(devices), student[1], teacher[1]))
-    check_mesh(config, config.mesh, len(devices))
+    student = _abstract_model(config.student, execution.param_dtype, execution.compute_dtype, attention,
+                              execution.remat)
+    teacher = _abstract_model(config.teacher, execution.teacher_dtype, execution.compute_dtype, attention, "none")
+    placement = config.placement
+    if placement.mesh is None:
+        placement = dataclasses.replace(placement, mesh=default_mesh(config, len(devices), student[1], teacher[1]))
+    config = dataclasses.replace(config, execution=execution, placement=placement)
+    check_mesh(config, placement.mesh, len(devices))
     config = dataclasses.replace(config, train=train_lib.resolve_logit_chunks(
-        config.train, config.student.vocab_size, config.prompt_length, config.mesh, config.teacher_mesh,
+        config.train, config.student.vocab_size, config.prompt_length, placement.mesh, placement.teacher_mesh,
         device_memory_bytes=topology.memory_bytes(devices), say=progress))
     # Splash's Pallas kernel does not lower with 64-bit indices; every input here has an explicit dtype.
     with jax.enable_x64(False):
@@ -747,7 +742,8 @@ def report(compiled: CompiledPlan) -> dict[str, Any]:
         programs[name] = entry
     if set(compiled.traced) != set(compiled.step_programs):
         step_seconds = None  # a step time needs every program
-    mesh, teacher_mesh, train = config.mesh, config.teacher_mesh, config.train
+    mesh, teacher_mesh, train, execution = config.placement.mesh, config.placement.teacher_mesh, config.train, \
+        config.execution
     return {
         "topology": config.topology,
         "devices": topology.num_devices,
@@ -759,10 +755,10 @@ def report(compiled: CompiledPlan) -> dict[str, Any]:
                                                            "tensor": teacher_mesh.tensor},
         "models": {
             "student": {"name": config.student_name, "parameters": compiled.parameters["student"],
-                        "param_dtype": config.param_dtype, "compute_dtype": config.compute_dtype,
-                        "remat": config.remat},
+                        "param_dtype": execution.param_dtype, "compute_dtype": execution.compute_dtype,
+                        "remat": execution.remat},
             "teacher": {"name": config.teacher_name, "parameters": compiled.parameters["teacher"],
-                        "param_dtype": config.teacher_dtype, "compute_dtype": config.compute_dtype},
+                        "param_dtype": execution.teacher_dtype, "compute_dtype": execution.compute_dtype},
             "attention": compiled.attention,
         },
         "batch": {"rows": config.rows, "prompts_per_step": train.prompts_per_step, "group_size": train.group_size,
@@ -771,7 +767,7 @@ def report(compiled: CompiledPlan) -> dict[str, Any]:
                   "logit_chunk_size": train.logit_chunk_size},
         # As the run folder's config.json records it ("auto" resolved), and how the models run.
         "train_config": train.to_json(),
-        "execution": {**config.execution(), "attention_resolved": compiled.attention},
+        "execution": {**dataclasses.asdict(execution), "attention_resolved": compiled.attention},
         "programs": programs,
         "fits": not over,
         "over": over,

@@ -233,3 +233,25 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     return jax.process_count() > 1
+
+
+def execution(args: argparse.Namespace):
+    """The :class:`~opd_jax.launch.Execution` of the model-execution flags (:func:`add_model_options`)."""
+    from opd_jax import launch
+
+    return launch.Execution(attention=args.attention, remat=args.remat, param_dtype=args.param_dtype,
+                            compute_dtype=args.compute_dtype, teacher_dtype=args.teacher_dtype,
+                            export_dtype=getattr(args, "export_dtype", "auto"))
+
+
+def placement(args: argparse.Namespace, command: str):
+    """The :class:`~opd_jax.launch.Placement` of ``--mesh`` / ``--teacher-mesh`` (default rules)."""
+    from opd_jax import launch, sharding
+
+    meshes = []
+    for flag, text in (("--mesh", args.mesh), ("--teacher-mesh", args.teacher_mesh)):
+        try:
+            meshes.append(None if text is None else sharding.parse_mesh(text))
+        except ValueError as error:
+            fail(command, f"{flag}: {error}")
+    return launch.Placement(*meshes)

@@ -8,8 +8,8 @@ import json
 import pathlib
 import sys
 
-from opd_jax.commands.flags import (accept_negative_numbers, add_model_options, add_train_options, fail, positive_int,
-                                    train_config)
+from opd_jax.commands.flags import (accept_negative_numbers, add_model_options, add_train_options, execution, fail,
+                                    placement, positive_int, train_config)
 
 
 def add_parser(subparsers) -> None:
@@ -89,8 +89,7 @@ def _plan(args: argparse.Namespace, config) -> int:
 
     import jax
 
-    from opd_jax import plan, sharding, topologies
-    from opd_jax.models import resolve_dtype
+    from opd_jax import plan
     from opd_jax.models.presets import resolve_model
 
     if args.json is not None and args.json.is_dir():
@@ -99,17 +98,11 @@ def _plan(args: argparse.Namespace, config) -> int:
         # Compiling for a named topology needs no accelerator here; do not start one.
         jax.config.update("jax_platforms", "cpu")
     try:
-        topology = topologies.parse_topology(args.topology)
         student, teacher = resolve_model(args.student), resolve_model(args.teacher)
-        mesh, teacher_mesh = (None if text is None else sharding.parse_mesh(text)
-                              for text in (args.mesh, args.teacher_mesh))
-        platform = "tpu" if topology.is_tpu else topology.devices()[0].platform
-        compute_dtype, teacher_dtype = (resolve_dtype(d, platform) for d in (args.compute_dtype, args.teacher_dtype))
         plan_config = plan.PlanConfig(
-            student=student, teacher=teacher, train=config, topology=args.topology,
-            prompt_length=args.prompt_length, mesh=mesh, teacher_mesh=teacher_mesh, attention=args.attention,
-            remat=args.remat, param_dtype=args.param_dtype, compute_dtype=compute_dtype, teacher_dtype=teacher_dtype,
-            student_name=args.student, teacher_name=args.teacher,
+            student=student, teacher=teacher, train=config, topology=args.topology, prompt_length=args.prompt_length,
+            execution=execution(args), placement=placement(args, "plan"), student_name=args.student,
+            teacher_name=args.teacher,
         )
         result = plan.plan(plan_config, programs=args.programs,
                            progress=functools.partial(print, file=sys.stderr, flush=True))

@@ -9,7 +9,7 @@ import re
 import sys
 
 from opd_jax.commands.flags import (EXIT_RESUMABLE, accept_negative_numbers, add_model_options, add_train_options,
-                                    fail, initialize_distributed, positive_int, train_config)
+                                    execution, fail, initialize_distributed, placement, positive_int, train_config)
 
 
 def _parse_teacher(value: str) -> tuple[str | None, pathlib.Path]:
@@ -104,15 +104,9 @@ def _teacher_folders(given: list[tuple[str | None, pathlib.Path]]) -> dict[str, 
 
 def _run_spec(args: argparse.Namespace):
     """The :class:`~opd_jax.launch.RunSpec` of the ``opd-jax train`` flags (and ``--config``)."""
-    from opd_jax import launch, sharding
+    from opd_jax import launch
 
     config = train_config(args)
-    meshes = {}
-    for flag, text in (("--mesh", args.mesh), ("--teacher-mesh", args.teacher_mesh)):
-        try:
-            meshes[flag] = None if text is None else sharding.parse_mesh(text)
-        except ValueError as error:
-            fail("train", f"{flag}: {error}")
     try:
         return launch.RunSpec(
             train=config, output=args.output,
@@ -120,10 +114,7 @@ def _run_spec(args: argparse.Namespace):
             data=launch.Data(prompts=args.prompts, max_prompt_length=args.max_prompt_length,
                              chat_template=not args.no_chat_template, eval_dataset=args.eval_dataset,
                              eval_answer_key=args.eval_answer_key, eval_samples=args.eval_samples),
-            execution=launch.Execution(attention=args.attention, remat=args.remat, param_dtype=args.param_dtype,
-                                       compute_dtype=args.compute_dtype, teacher_dtype=args.teacher_dtype,
-                                       export_dtype=args.export_dtype),
-            placement=launch.Placement(*meshes.values()),
+            execution=execution(args), placement=placement(args, "train"),
         )
     except ValueError as error:
         fail("train", str(error))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opd_jax import models, plan, sharding, train
+from opd_jax import launch, models, plan, sharding, train
 from opd_jax.backends import JaxBackend
 from opd_jax.models.presets import resolve_model
 from opd_jax.sampling import SamplingConfig
@@ -44,7 +44,8 @@ def planned(config: train.TrainConfig, folders: dict, mesh, teacher_mesh) -> pla
     programs = ("score", "update") if teacher_mesh is None else ("teacher", "score", "update")
     return plan.compile_programs(plan.PlanConfig(
         student=resolve_model(folders["student"]), teacher=resolve_model(folders["teacher"]), train=config,
-        topology="cpu:8", prompt_length=PROMPT_LENGTH, mesh=mesh, teacher_mesh=teacher_mesh, **EXECUTION),
+        topology="cpu:8", prompt_length=PROMPT_LENGTH, execution=launch.Execution(**EXECUTION),
+        placement=launch.Placement(mesh, teacher_mesh)),
         programs=programs)
 
 
