@@ -347,6 +347,39 @@ def test_prompt_must_be_shorter_than_the_sequence(capsys, tiny_folder):
     assert "--prompt-length (256) must be < --sequence-length (256)" in err
 
 
+@pytest.mark.parametrize("text", ['[objective]\ndivergence = "nope"\n', '[loop]\nlogit_chunk_size = "big"\n',
+                                  '[objective]\nlevel = "sequence"\nfull_vocab_weight = 0.5\n',
+                                  'steps = 2.5\n', '[loop]\neval_every = 5\n'])
+def test_a_config_train_refuses_is_refused_by_plan_with_the_same_message(capsys, tiny_folder, tmp_path, text):
+    config = tmp_path / "run.toml"
+    config.write_text(text)
+    plan_err = _refused(capsys, tiny_folder, "--config", str(config))
+    with pytest.raises(SystemExit) as exit:
+        main(["train", "--config", str(config), "--teacher", str(tiny_folder), "--student", str(tiny_folder),
+              "--prompts", str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "run")])
+    train_err = capsys.readouterr().err
+    assert exit.value.code == 2 and not (tmp_path / "run").exists()
+    message = plan_err.strip().removeprefix("opd-jax plan: error: ")
+    assert message and train_err.strip() == f"opd-jax train: error: {message}"
+
+
+def test_a_folder_without_config_json_is_named(capsys, tiny_folder, tmp_path):
+    err = _refused(capsys, tiny_folder, "--student", str(tmp_path))
+    assert f"no config.json in {tmp_path}" in err
+
+
+def test_an_auto_chunk_that_cannot_fit_names_the_bytes(capsys, tmp_path):
+    """A vocabulary whose one token's logits exceed the chunk budget of a v5e chip (abstract model:
+    nothing is allocated)."""
+    huge = DecoderConfig("qwen3", vocab_size=50_000_000, hidden_size=8, intermediate_size=16, num_layers=1,
+                         num_heads=1, num_kv_heads=1, head_dim=8, max_position_embeddings=512)
+    (tmp_path / "config.json").write_text(json.dumps(huge.to_hf()))
+    status, out, err = _plan(capsys, "--topology", "v5e-1", "--student", str(tmp_path), "--teacher", str(tmp_path),
+                             "--prompt-length", "8", "--max-new-tokens", "8", "--prompts-per-step", "1")
+    assert status == 2 and "compiling" not in err
+    assert "logit_chunk_size auto: one token's logits need 600000000 bytes" in err
+
+
 def test_unavailable_attention_is_refused(capsys, tiny_folder):
     err = _refused(capsys, tiny_folder, "--attention", "cudnn")
     assert "'cudnn'" in err and "GPU" in err
