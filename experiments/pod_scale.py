@@ -33,7 +33,7 @@ import sys
 
 from opd_jax import plan
 from opd_jax.config import TrainConfig
-from opd_jax.launch import Execution
+from opd_jax.models import Execution
 from opd_jax.models.presets import PRESETS
 
 GIB = 2**30

@@ -1,8 +1,9 @@
 """One run specification, one run: what ``opd-jax train`` does, for Python users too.
 
 A :class:`RunSpec` holds everything that defines a run: the :class:`~opd_jax.config.TrainConfig`,
-how the models run (:class:`Execution`), which models (:class:`Models`), where they are placed
-(:class:`Placement`), the data (:class:`Data`) and the run folder. :func:`check` runs every check
+how the models run (:class:`~opd_jax.models.Execution`), which models (:class:`Models`), where they
+are placed (:class:`~opd_jax.sharding.Placement`: role -> mesh and partition rules), the data
+(:class:`Data`) and the run folder. :func:`check` runs every check
 that needs no compile (options, prompt file, folders, weights, tokenizers, meshes, lengths) and
 writes nothing; :func:`launch` checks, takes the run folder's lock, loads the models and trains.
 The command line only maps flags or TOML onto a :class:`RunSpec` and exceptions onto exit codes;
@@ -27,38 +28,10 @@ import numpy as np
 
 from opd_jax import sharding as sharding_lib
 from opd_jax.config import TrainConfig
-from opd_jax.models import DTYPES, REMAT_POLICIES
+from opd_jax.models import Execution
+from opd_jax.sharding import Placement
 
 __all__ = ["Checked", "Data", "Execution", "Models", "Placement", "RunSpec", "check", "launch"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Execution:
-    """How the models run: speed and memory, not the objective (a resumed run may change them).
-
-    Attributes:
-      attention: ``auto`` | ``xla`` | ``chunked`` | ``splash`` | ``cudnn`` (both models).
-      remat: the student's rematerialisation: ``none`` | ``full`` | ``dots``.
-      param_dtype: student parameters and optimizer state.
-      compute_dtype, teacher_dtype: matmuls / activations of both models, and the teacher's
-        parameters; ``auto``: bfloat16 on TPU/GPU, float32 on CPU.
-      export_dtype: the exported student's weights; ``auto``: the student checkpoint's.
-    """
-
-    attention: str = "auto"
-    remat: str = "full"
-    param_dtype: str = "float32"
-    compute_dtype: str = "auto"
-    teacher_dtype: str = "auto"
-    export_dtype: str = "auto"
-
-    def __post_init__(self):
-        for name in ("param_dtype", "compute_dtype", "teacher_dtype", "export_dtype"):
-            allowed = DTYPES if name == "param_dtype" else ("auto", *DTYPES)
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}; got {self.remat!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,22 +50,6 @@ class Models:
     def __post_init__(self):
         if not self.teachers:
             raise ValueError("--teacher: give at least one teacher folder")
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """Role -> mesh and partition rules (see :mod:`opd_jax.sharding`).
-
-    Attributes:
-      mesh: the student's ``data × fsdp × tensor`` mesh (``None``: one device).
-      teacher_mesh: the teacher's own mesh over the devices after ``mesh``'s (``None``: the student's).
-      student_rules, teacher_rules: partition rules of the two models.
-    """
-
-    mesh: sharding_lib.MeshConfig | None = None
-    teacher_mesh: sharding_lib.MeshConfig | None = None
-    student_rules: sharding_lib.PartitionRules = sharding_lib.DEFAULT_RULES
-    teacher_rules: sharding_lib.PartitionRules = sharding_lib.DEFAULT_RULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +105,7 @@ def check(spec: RunSpec) -> Checked:
     Raises:
       ValueError, FileNotFoundError: naming the option, its value and what is allowed.
     """
-    from opd_jax import data, models, run_folder, tokenization
+    from opd_jax import data, run_folder, tokenization
     from opd_jax.models.hf import checkpoint_dtype
 
     config = spec.train
@@ -160,26 +117,8 @@ def check(spec: RunSpec) -> Checked:
     teachers = dict(spec.models.teachers)
     records = data.read_prompt_records(spec.data.prompts)
     teacher_ids = np.asarray(data.prompt_teachers(spec.data.prompts, tuple(teachers)), np.int32)
-    flags = {**{f"--teacher {name}" if len(teachers) > 1 else "--teacher": folder
-                for name, folder in teachers.items()}, "--student": spec.models.student}
-    folder_configs = {}
-    for flag, folder in flags.items():
-        try:
-            folder_configs[flag] = models.load_config(folder)
-            run_folder.weight_files(folder)
-        except (FileNotFoundError, ValueError) as error:
-            raise type(error)(f"{flag}: {error}") from None
-    student_config = folder_configs.pop("--student")
-    teacher_configs = dict(zip(teachers, folder_configs.values()))
-    tokenizer = tokenization.load_tokenizer(spec.models.student)
-    for flag, teacher_config in zip(folder_configs, teacher_configs.values()):
-        try:
-            tokenization.check_compatible(
-                tokenization.load_tokenizer(flags[flag]), tokenizer, teacher_config, student_config,
-                chat_template=spec.data.chat_template or any(not isinstance(p, str) for _, p in records),
-            )
-        except ValueError as error:
-            raise ValueError(f"{flag}: {error}" if len(teacher_configs) > 1 else str(error)) from None
+    chat = spec.data.chat_template or any(not isinstance(p, str) for _, p in records)
+    student_config, teacher_configs, tokenizer = _read_models(spec.models, chat_template=chat)
     try:
         tokens, mask = tokenization.encode_prompts(
             tokenizer, [prompt for _, prompt in records], max_length=spec.data.max_prompt_length,
@@ -201,6 +140,34 @@ def check(spec: RunSpec) -> Checked:
                     else spec.execution.export_dtype)
     return Checked(student_config, teacher_configs, tokenizer, tokens, mask, teacher_ids, evaluate, identity,
                    export_dtype)
+
+
+def _read_models(models: Models, *, chat_template: bool):
+    """``(student config, {name: teacher config}, student tokenizer)``: each folder's config and
+    weights present, and every teacher's tokenizer (and chat template) the student's."""
+    from opd_jax import models as models_lib
+    from opd_jax import run_folder, tokenization
+
+    teachers = dict(models.teachers)
+    flags = {**{f"--teacher {name}" if len(teachers) > 1 else "--teacher": folder
+                for name, folder in teachers.items()}, "--student": models.student}
+    folder_configs = {}
+    for flag, folder in flags.items():
+        try:
+            folder_configs[flag] = models_lib.load_config(folder)
+            run_folder.weight_files(folder)
+        except (FileNotFoundError, ValueError) as error:
+            raise type(error)(f"{flag}: {error}") from None
+    student_config = folder_configs.pop("--student")
+    teacher_configs = dict(zip(teachers, folder_configs.values()))
+    tokenizer = tokenization.load_tokenizer(models.student)
+    for flag, teacher_config in zip(folder_configs, teacher_configs.values()):
+        try:
+            tokenization.check_compatible(tokenization.load_tokenizer(flags[flag]), tokenizer, teacher_config,
+                                          student_config, chat_template=chat_template)
+        except ValueError as error:
+            raise ValueError(f"{flag}: {error}" if len(teacher_configs) > 1 else str(error)) from None
+    return student_config, teacher_configs, tokenizer
 
 
 def launch(spec: RunSpec, *, progress: bool = True):
@@ -289,9 +256,8 @@ def _train(spec: RunSpec, checked: Checked, student, teachers: dict, *, progress
     return train.train(
         spec.train, student, checked.student_config, teachers if several else next(iter(teachers.values())),
         train.PromptSet(checked.tokens, checked.mask, checked.teacher_ids if several else None), spec.output,
-        stop_ids=stop_ids, pad_id=pad_id, progress=progress, mesh=spec.placement.mesh,
-        teacher_mesh=spec.placement.teacher_mesh, student_rules=spec.placement.student_rules,
-        teacher_rules=spec.placement.teacher_rules, export_dtype=checked.export_dtype, evaluate=checked.evaluate,
+        stop_ids=stop_ids, pad_id=pad_id, progress=progress, placement=spec.placement,
+        export_dtype=checked.export_dtype, evaluate=checked.evaluate,
     )
 
 

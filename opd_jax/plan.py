@@ -78,8 +78,8 @@ from opd_jax import step as step_lib
 from opd_jax import topologies as topologies_lib
 from opd_jax.backends import JaxBackend
 from opd_jax import train as train_lib
-from opd_jax.launch import Execution, Placement
-from opd_jax.models import AttentionConfig, Decoder, DecoderConfig, resolve_dtype
+from opd_jax.models import AttentionConfig, Decoder, DecoderConfig, Execution, resolve_dtype
+from opd_jax.sharding import Placement
 from opd_jax.sampling import Rollout, SamplingConfig
 
 __all__ = ["PROGRAMS", "CompiledPlan", "PlanCompileError", "PlanConfig", "check_config", "check_mesh",
@@ -105,9 +105,9 @@ class PlanConfig:
         epochs`` updates; ``logit_chunk_size = "auto"`` is resolved for the topology).
       topology: a name accepted by :func:`opd_jax.topologies.parse_topology`.
       prompt_length: prompt slots ``P``; the sequence has ``L = P + max_new_tokens`` slots.
-      execution: how the models run (:class:`~opd_jax.launch.Execution`; ``auto`` dtypes resolve
+      execution: how the models run (:class:`~opd_jax.models.Execution`; ``auto`` dtypes resolve
         for the topology's platform: bfloat16 on TPU).
-      placement: the meshes and partition rules (:class:`~opd_jax.launch.Placement`): ``mesh``
+      placement: the meshes and partition rules (:class:`~opd_jax.sharding.Placement`): ``mesh``
         ``None`` is chosen by :func:`default_mesh`; a ``teacher_mesh`` (which needs ``mesh``) puts
         the teacher on the devices after ``mesh``'s, as ``train(teacher_mesh=)``, and its scoring
         is then the program ``teacher``.
@@ -140,7 +140,7 @@ class PlanConfig:
 def check_config(config: PlanConfig) -> None:
     """Everything that needs no devices, so that a bad plan fails before anything is built.
 
-    (The :class:`~opd_jax.config.TrainConfig` and :class:`~opd_jax.launch.Execution` checked
+    (The :class:`~opd_jax.config.TrainConfig` and :class:`~opd_jax.models.Execution` checked
     themselves when they were made.)
 
     Raises:
@@ -372,7 +372,8 @@ def _build_programs(config: PlanConfig, devices, student, teacher) -> tuple[dict
             1, (), (0,))
         programs["score"] = _Program(step.prepare_scored, (params, rows(B, L, "float32"), rollout_batch, None, None),
                                      1, ("opt_state",), (0,))
-    return programs, buffers
+    order = ("rollout", "teacher", "score", "update")  # as a step runs them
+    return {name: programs[name] for name in order if name in programs}, buffers
 
 
 _OOM = re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
@@ -422,7 +423,7 @@ def compile_programs(config: PlanConfig, *, programs: Sequence[str] | None = Non
     config = dataclasses.replace(config, execution=execution, placement=placement)
     check_mesh(config, placement.mesh, len(devices))
     config = dataclasses.replace(config, train=train_lib.resolve_logit_chunks(
-        config.train, config.student.vocab_size, config.prompt_length, placement.mesh, placement.teacher_mesh,
+        config.train, config.student.vocab_size, config.prompt_length, placement,
         device_memory_bytes=topology.memory_bytes(devices), say=progress))
     # Splash's Pallas kernel does not lower with 64-bit indices; every input here has an explicit dtype.
     with jax.enable_x64(False):
@@ -847,5 +848,5 @@ def format_report(result: dict[str, Any]) -> str:
                      f"{decode['bytes_accessed'] / GIB:.3g} GiB read per step and device)")
     if result["estimated_step_seconds"] is not None:
         lines.append(f"estimated step: {result['estimated_step_seconds']:.3g} s (roofline lower bound: "
-                     "rollout + score + minibatches × epochs × update)")
+                     "each program × its runs per step)")
     return "\n".join(lines)

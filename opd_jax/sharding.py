@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_RULES",
     "MeshConfig",
     "PartitionRules",
+    "Placement",
     "batch_sharding",
     "check_batch",
     "check_divisible",
@@ -304,3 +305,19 @@ def _fresh_copy(x, sharding) -> jax.Array:
     if getattr(x, "is_fully_addressable", True):
         return jax.device_put(np.asarray(x), sharding)
     return jax.device_put(x, sharding, may_alias=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Role -> mesh and partition rules: where the models of a run live.
+
+    Attributes:
+      mesh: the student's ``data × fsdp × tensor`` mesh (``None``: one device).
+      teacher_mesh: the teacher's own mesh over the devices after ``mesh``'s (``None``: the student's).
+      student_rules, teacher_rules: partition rules of the two models.
+    """
+
+    mesh: MeshConfig | None = None
+    teacher_mesh: MeshConfig | None = None
+    student_rules: PartitionRules = DEFAULT_RULES
+    teacher_rules: PartitionRules = DEFAULT_RULES

@@ -146,20 +146,20 @@ def _addressable(tree: PyTree) -> PyTree:
     return jax.tree.map(gather, tree)
 
 
-def _place_on_mesh(config, mesh_config, state, teacher_params, reference_params, optimizer, student_rules,
-                   teacher_rules, teacher_mesh_config=None):
+def _place_on_mesh(config, placement: sharding_lib.Placement, state, teacher_params, reference_params, optimizer):
     """Check the mesh against devices, parameters and batch, then place state, teacher and reference on it.
 
     All checks run on shapes only, before any compilation or transfer. The reference model (often
-    the initial student) is split by the student's rules. With ``teacher_mesh_config`` the student
-    takes the first devices and the teacher the rest (:func:`opd_jax.sharding.disjoint_meshes`).
+    the initial student) is split by the student's rules. With a teacher mesh the student takes the
+    first devices and the teacher the rest (:func:`opd_jax.sharding.disjoint_meshes`).
 
     Returns:
       ``(StepShardings, state, teacher_params, reference_params)`` with the state's parameters and
       optimiser state split by the rules and its counters and key replicated.
     """
-    shardings = make_step_shardings(config, mesh_config, state["params"], teacher_params, optimizer, student_rules,
-                                    teacher_rules, teacher_mesh_config, reference_params)
+    shardings = make_step_shardings(config, placement.mesh, state["params"], teacher_params, optimizer,
+                                    placement.student_rules, placement.teacher_rules, placement.teacher_mesh,
+                                    reference_params)
     if reference_params is not None:
         reference_params = sharding_lib.place(reference_params, shardings.reference_params)
     params = sharding_lib.place(state["params"], shardings.params)
@@ -189,14 +189,17 @@ class _Run:
     several_teachers: bool
 
 
-def _setup(config, student, teacher, reference, prompts, sampling, backend, mesh, student_rules, teacher_rules,
-           advantage_fn, loss_fn, teacher_mesh=None) -> tuple[_Run, dict]:
-    """The jitted step and the initial state ``{params, opt_state, step, key, data_position}``, placed on ``mesh``.
+def _setup(config, models: tuple, prompts, sampling, backend, placement: sharding_lib.Placement,
+           advantage_fn=None, loss_fn=None) -> tuple[_Run, dict]:
+    """The jitted step and the initial state ``{params, opt_state, step, key, data_position}``, placed
+    by ``placement``; ``models`` is ``(student, teacher or {name: teacher}, reference or None)``.
 
     With ``pipeline_rollouts`` the state also carries ``sampling_params``, the parameters the
-    step's rollout is sampled from (the previous step's), so a resumed run samples it again. With
-    ``teacher_mesh`` the rollout producer also scores each rollout with the teacher, on its devices.
+    step's rollout is sampled from (the previous step's), so a resumed run samples it again. With a
+    teacher mesh the rollout producer also scores each rollout with the teacher, on its devices.
     """
+    student, teacher, reference = models
+    teacher_mesh = placement.teacher_mesh
     graphdef, params = nnx.split(student)
     if isinstance(teacher, dict):
         teacher_graphdef = {name: nnx.graphdef(model) for name, model in teacher.items()}
@@ -208,12 +211,11 @@ def _setup(config, student, teacher, reference, prompts, sampling, backend, mesh
     state = {"params": params, "opt_state": None, "step": jnp.zeros((), jnp.int32),
              "key": jax.random.key_data(jax.random.key(config.seed)), "data_position": jnp.zeros((), jnp.int32)}
     shardings = None
-    if mesh is None:
+    if placement.mesh is None:
         state["opt_state"] = optimizer.init(params)
     else:
         shardings, state, teacher_params, reference_params = _place_on_mesh(
-            config, mesh, state, teacher_params, reference_params, optimizer, student_rules, teacher_rules,
-            teacher_mesh)
+            config, placement, state, teacher_params, reference_params, optimizer)
         if isinstance(backend, JaxBackend) and backend.rollout_fn is generate:
             backend = JaxBackend.sharded(graphdef, shardings, sampling)
     if config.pipeline_rollouts:
@@ -360,10 +362,7 @@ def train(
     rollout_backend: RolloutBackend | None = None,
     progress: bool = True,
     label: str = "",
-    mesh: sharding_lib.MeshConfig | None = None,
-    teacher_mesh: sharding_lib.MeshConfig | None = None,
-    student_rules: sharding_lib.PartitionRules = sharding_lib.DEFAULT_RULES,
-    teacher_rules: sharding_lib.PartitionRules = sharding_lib.DEFAULT_RULES,
+    placement: sharding_lib.Placement = sharding_lib.Placement(),
     export_dtype: Any = None,
     advantage_fn: AdvantageFn | None = None,
     loss_fn: LossFn | None = None,
@@ -400,17 +399,15 @@ def train(
         names, which ``train`` starts and closes itself; ``rollout_fn`` is then not used.
       progress: show a progress bar.
       label: shown in the progress bar.
-      mesh: shard the run over a ``data × fsdp × tensor`` device mesh (all devices of all
-        processes; see :mod:`opd_jax.sharding`). ``None``: the single-device path. In a
-        multi-process run every process calls ``train`` with the same arguments; process 0 alone
-        writes metrics, config, curves and the export, and orbax writes checkpoints together.
-      teacher_mesh: put the teacher on a mesh of its own: the student's ``mesh`` then takes the
-        first ``mesh.size`` devices and the teacher the remaining ``teacher_mesh.size`` (together
-        all devices of the one process). The rollout producer scores each rollout with the
-        teacher there and sends only ``[B, T]`` log-probs back; with ``pipeline_rollouts``,
-        sampling and scoring of step ``k + 1`` run while step ``k`` updates. Needs ``mesh``; not
-        with ``full_vocab_weight > 0`` (which needs the teacher's hidden states in the update).
-      student_rules, teacher_rules: partition rules of the two models under their meshes.
+      placement: where the models live (:class:`~opd_jax.sharding.Placement`). ``mesh``: shard the
+        run over a ``data × fsdp × tensor`` device mesh (all devices of all processes; see
+        :mod:`opd_jax.sharding`; ``None``: one device). In a multi-process run every process calls
+        ``train`` with the same arguments; process 0 alone writes metrics, config, curves and the
+        export, and orbax writes checkpoints together. ``teacher_mesh``: the teacher's own mesh
+        over the devices after ``mesh``'s (one process; not with ``full_vocab_weight > 0``); the
+        rollout producer scores each rollout there and sends only ``[B, T]`` log-probs back, so
+        with ``pipeline_rollouts`` sampling and scoring of step ``k + 1`` run while step ``k``
+        updates. ``student_rules`` / ``teacher_rules``: the two models' partition rules.
       export_dtype: dtype of the exported student's tensors (default: its parameters' dtype).
       advantage_fn: ``(student_logp_BxT, teacher_logp_BxT, response_mask_BxT) -> [B, T] | [B]``
         replacing the config's estimator (run under jit, held under stop-gradient); see :mod:`opd_jax.step`.
@@ -438,26 +435,19 @@ def train(
       WeightSyncError: the rollout backend could not take the student's weights; training stopped
         at that step and the checkpoints already written are intact.
     """
-    _check_teachers(teacher, student, prompts)
-    config = resolve_logit_chunks(config, student.config.vocab_size, prompts.tokens.shape[1], mesh, teacher_mesh,
+    _check_run(config, student, teacher, reference, prompts, placement)
+    config = resolve_logit_chunks(config, student.config.vocab_size, prompts.tokens.shape[1], placement,
                                   say=_say if jax.process_index() == 0 else None)
     folder = RunFolder(output_dir, config, writer=jax.process_index() == 0)
     folder.check_resumable()
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                               stop_ids=tuple(stop_ids), pad_id=pad_id)
-    if reference is not None and reference.config.vocab_size != student.config.vocab_size:
-        raise ValueError(f"reference vocab_size {reference.config.vocab_size} != student vocab_size "
-                         f"{student.config.vocab_size}")
-    check_teacher_mesh(config, mesh, teacher_mesh)
-    if config.pipeline_rollouts and jax.process_count() > 1:
-        raise ValueError("pipeline_rollouts runs in one process only (a sampling thread's collectives could "
-                         "interleave differently on each process); set it to false for a multi-process run")
     backend = rollout_backend or _start_backend(config, student, student_config, rollout_fn)
     with contextlib.ExitStack() as cleanup:  # closed in reverse: logs, saves, the sampler, the engine
         if rollout_backend is None:
             cleanup.callback(backend.close)
-        run, state = _setup(config, student, teacher, reference, prompts, sampling, backend, mesh, student_rules,
-                            teacher_rules, advantage_fn, loss_fn, teacher_mesh)
+        run, state = _setup(config, (student, teacher, reference), prompts, sampling, backend, placement,
+                            advantage_fn, loss_fn)
         cleanup.callback(run.rollouts.close)
         store = cleanup.enter_context(contextlib.closing(
             CheckpointStore(folder.path / "checkpoints", keep=config.keep_checkpoints)))
@@ -479,8 +469,7 @@ def train(
 
 
 def resolve_logit_chunks(config: TrainConfig, vocab_size: int, prompt_length: int,
-                         mesh: sharding_lib.MeshConfig | None = None,
-                         teacher_mesh: sharding_lib.MeshConfig | None = None, *,
+                         placement: sharding_lib.Placement = sharding_lib.Placement(), *,
                          device_memory_bytes: int | None = None,
                          say: Callable[[str], None] | None = None) -> TrainConfig:
     """``config`` with ``logit_chunk_size = "auto"`` resolved for a run's devices (train and plan).
@@ -492,7 +481,8 @@ def resolve_logit_chunks(config: TrainConfig, vocab_size: int, prompt_length: in
     """
     if config.logit_chunk_size != chunking.AUTO:
         return config
-    shards = min([m.data * m.fsdp for m in (mesh, teacher_mesh) if m is not None] or [1])
+    meshes = (placement.mesh, placement.teacher_mesh)
+    shards = min([m.data * m.fsdp for m in meshes if m is not None] or [1])
     if device_memory_bytes is None:
         device_memory_bytes = topologies_lib.device_memory_bytes(jax.local_devices())
     sequence_length = prompt_length + config.max_new_tokens
@@ -520,6 +510,19 @@ def check_teacher_mesh(config: TrainConfig, mesh, teacher_mesh) -> None:
     if jax.process_count() > 1:
         raise ValueError("teacher_mesh runs in one process only (its scoring thread's transfers and collectives "
                          "could interleave differently on each process); drop it for a multi-process run")
+
+
+def _check_run(config: TrainConfig, student: Decoder, teacher, reference: Decoder | None, prompts: PromptSet,
+               placement: sharding_lib.Placement) -> None:
+    """The models against each other and the prompts, and the placement against the config."""
+    _check_teachers(teacher, student, prompts)
+    if reference is not None and reference.config.vocab_size != student.config.vocab_size:
+        raise ValueError(f"reference vocab_size {reference.config.vocab_size} != student vocab_size "
+                         f"{student.config.vocab_size}")
+    check_teacher_mesh(config, placement.mesh, placement.teacher_mesh)
+    if config.pipeline_rollouts and jax.process_count() > 1:
+        raise ValueError("pipeline_rollouts runs in one process only (a sampling thread's collectives could "
+                         "interleave differently on each process); set it to false for a multi-process run")
 
 
 def _check_teachers(teacher, student: Decoder, prompts: PromptSet) -> None:

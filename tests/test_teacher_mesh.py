@@ -1,4 +1,4 @@
-"""The teacher on its own mesh (``train(teacher_mesh=...)``, ``--teacher-mesh``).
+"""The teacher on its own mesh (``train(placement=Placement(mesh, teacher_mesh))``, ``--teacher-mesh``).
 
 ``helpers/teacher_mesh_train.py`` runs in a child process with 8 CPU devices: the student on
 devices 0-3 (fsdp=4), the teacher on 4-7 (fsdp=2 × tensor=2). The split runs must follow the same

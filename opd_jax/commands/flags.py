@@ -236,17 +236,17 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
 
 
 def execution(args: argparse.Namespace):
-    """The :class:`~opd_jax.launch.Execution` of the model-execution flags (:func:`add_model_options`)."""
-    from opd_jax import launch
+    """The :class:`~opd_jax.models.Execution` of the model-execution flags (:func:`add_model_options`)."""
+    from opd_jax.models import Execution
 
-    return launch.Execution(attention=args.attention, remat=args.remat, param_dtype=args.param_dtype,
-                            compute_dtype=args.compute_dtype, teacher_dtype=args.teacher_dtype,
-                            export_dtype=getattr(args, "export_dtype", "auto"))
+    return Execution(attention=args.attention, remat=args.remat, param_dtype=args.param_dtype,
+                     compute_dtype=args.compute_dtype, teacher_dtype=args.teacher_dtype,
+                     export_dtype=getattr(args, "export_dtype", "auto"))
 
 
 def placement(args: argparse.Namespace, command: str):
-    """The :class:`~opd_jax.launch.Placement` of ``--mesh`` / ``--teacher-mesh`` (default rules)."""
-    from opd_jax import launch, sharding
+    """The :class:`~opd_jax.sharding.Placement` of ``--mesh`` / ``--teacher-mesh`` (default rules)."""
+    from opd_jax import sharding
 
     meshes = []
     for flag, text in (("--mesh", args.mesh), ("--teacher-mesh", args.teacher_mesh)):
@@ -254,4 +254,4 @@ def placement(args: argparse.Namespace, command: str):
             meshes.append(None if text is None else sharding.parse_mesh(text))
         except ValueError as error:
             fail(command, f"{flag}: {error}")
-    return launch.Placement(*meshes)
+    return sharding.Placement(*meshes)

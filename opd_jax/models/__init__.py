@@ -3,6 +3,7 @@
 from opd_jax.models.config import DecoderConfig, RopeConfig
 from opd_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from opd_jax.models.decoder import DTYPES, REMAT_POLICIES, AttentionConfig, Decoder, KVCache, resolve_dtype
+from opd_jax.models.execution import Execution
 from opd_jax.models.hf import from_pretrained, load_config, save_pretrained
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "AttentionConfig",
     "Decoder",
     "DecoderConfig",
+    "Execution",
     "KVCache",
     "RopeConfig",
     "from_pretrained",

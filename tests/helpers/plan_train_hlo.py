@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opd_jax import launch, models, plan, sharding, train
+from opd_jax import models, plan, sharding, train
 from opd_jax.backends import JaxBackend
 from opd_jax.models.presets import resolve_model
 from opd_jax.sampling import SamplingConfig
@@ -44,8 +44,8 @@ def planned(config: train.TrainConfig, folders: dict, mesh, teacher_mesh) -> pla
     programs = ("score", "update") if teacher_mesh is None else ("teacher", "score", "update")
     return plan.compile_programs(plan.PlanConfig(
         student=resolve_model(folders["student"]), teacher=resolve_model(folders["teacher"]), train=config,
-        topology="cpu:8", prompt_length=PROMPT_LENGTH, execution=launch.Execution(**EXECUTION),
-        placement=launch.Placement(mesh, teacher_mesh)),
+        topology="cpu:8", prompt_length=PROMPT_LENGTH, execution=models.Execution(**EXECUTION),
+        placement=sharding.Placement(mesh, teacher_mesh)),
         programs=programs)
 
 
@@ -56,10 +56,11 @@ def trained(config: train.TrainConfig, folders: dict, mesh, teacher_mesh) -> dic
                                         remat="full")
     teacher, _ = models.from_pretrained(folders["teacher"], dtype, compute_dtype=dtype, attention="xla")
     prompts = train.PromptSet(np.ones((8, PROMPT_LENGTH), np.int32), np.ones((8, PROMPT_LENGTH), bool))
-    config = train.resolve_logit_chunks(config, CONFIG.vocab_size, PROMPT_LENGTH, mesh, teacher_mesh)
+    placement = sharding.Placement(mesh, teacher_mesh)
+    config = train.resolve_logit_chunks(config, CONFIG.vocab_size, PROMPT_LENGTH, placement)
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature, stop_ids=(1,))
-    run, _ = train._setup(config, student, teacher, None, prompts, sampling, JaxBackend(nnx.graphdef(student)),
-                          mesh, sharding.DEFAULT_RULES, sharding.DEFAULT_RULES, None, None, teacher_mesh)
+    run, _ = train._setup(config, (student, teacher, None), prompts, sampling, JaxBackend(nnx.graphdef(student)),
+                          placement)
     step = run.step_fn
     if teacher_mesh is None:
         return {"score": step.prepare, "update": step.update}

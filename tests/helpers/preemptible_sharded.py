@@ -38,7 +38,7 @@ def main(root: str, num_processes: int, process_id: int, port: int, mode: str) -
         student, teacher, prompts = tiny_run.models_and_prompts()
         try:
             train.train(config, student, tiny_run.CONFIG, teacher, prompts, root / name, stop_ids=(3,),
-                        progress=False, mesh=mesh)
+                        progress=False, placement=sharding.Placement(mesh))
         except train.Preempted as stopped:
             print(f"process {process_id}: {stopped}", file=sys.stderr, flush=True)
             return preemption.EXIT_RESUMABLE

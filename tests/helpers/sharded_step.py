@@ -147,7 +147,7 @@ def main() -> None:
         config = train.TrainConfig(**{**CONFIG.to_dict(), "steps": 1, **overrides})
         try:
             train.train(config, student, tiny_run.CONFIG, teacher, prompts, f"{sys.argv[1]}/{name}", progress=False,
-                        mesh=mesh_config, advantage_fn=counting_advantages)
+                        placement=sharding.Placement(mesh_config), advantage_fn=counting_advantages)
             train_errors[name] = None
         except ValueError as error:
             train_errors[name] = str(error)

@@ -46,13 +46,13 @@ def main(output_dir: str, num_processes: int, process_id: int, port: int) -> Non
         return surrogate(*args)
 
     result = train.train(config, student, tiny_run.CONFIG, teacher, prompts, output_dir, stop_ids=(3,),
-                         progress=False, mesh=mesh, loss_fn=counting_loss)
+                         progress=False, placement=sharding.Placement(mesh), loss_fn=counting_loss)
     trained = nnx.to_pure_dict(nnx.state(result.student))
     # A second call finds the run finished: it restores the last checkpoint (sharded, across the
     # processes) and exports it without training.
     fresh_student, fresh_teacher, _ = tiny_run.models_and_prompts()
     again = train.train(config, fresh_student, tiny_run.CONFIG, fresh_teacher, prompts, output_dir, stop_ids=(3,),
-                        progress=False, mesh=mesh)
+                        progress=False, placement=sharding.Placement(mesh))
     restored = nnx.to_pure_dict(nnx.state(again.student))
     reference = {}
     if num_processes == 1:  # the same run on one device, without a mesh

@@ -42,9 +42,9 @@ def _run(output: pathlib.Path, case: str, split: bool) -> dict[str, np.ndarray]:
     if case == "routed":
         teacher = _two_teachers()
         prompts = train.PromptSet(prompts.tokens, prompts.mask, np.arange(len(prompts.tokens)) % 2)
-    placement = dict(mesh=STUDENT_MESH, teacher_mesh=TEACHER_MESH) if split else {}
+    placement = sharding.Placement(STUDENT_MESH, TEACHER_MESH) if split else sharding.Placement()
     result = train.train(config, student, tiny_run.CONFIG, teacher, prompts, output / f"{case}-{split}",
-                         stop_ids=(3,), progress=False, **placement)
+                         stop_ids=(3,), progress=False, placement=placement)
     records = [r for r in result.history if "loss" in r]
     keys = ("loss", "teacher_kl", "advantage_mean", "response_length") + (
         ("teacher_kl/near", "teacher_kl/far", "rows/near", "rows/far") if case == "routed" else ())
@@ -63,8 +63,8 @@ def _placement() -> dict:
     state = {"params": params, "step": np.int32(0), "key": jax.random.key_data(jax.random.key(0)),
              "data_position": np.int32(0)}
     shardings, placed, teacher_placed, _ = train._place_on_mesh(
-        config, STUDENT_MESH, state, teacher_params, None, step.make_optimizer(config), sharding.DEFAULT_RULES,
-        sharding.DEFAULT_RULES, TEACHER_MESH)
+        config, sharding.Placement(STUDENT_MESH, TEACHER_MESH), state, teacher_params, None,
+        step.make_optimizer(config))
 
     def device_ids(tree):
         return sorted({d.id for leaf in jax.tree.leaves(tree) for d in leaf.devices()})
@@ -80,16 +80,16 @@ def _errors(output: pathlib.Path) -> dict[str, str]:
     student, teacher, prompts = tiny_run.models_and_prompts()
     config = train.TrainConfig(**SETTINGS)
     cases = {
-        "sizes": (config, dict(mesh=STUDENT_MESH, teacher_mesh=sharding.MeshConfig(1, 2, 1))),
-        "no_mesh": (config, dict(teacher_mesh=TEACHER_MESH)),
+        "sizes": (config, sharding.Placement(STUDENT_MESH, sharding.MeshConfig(1, 2, 1))),
+        "no_mesh": (config, sharding.Placement(teacher_mesh=TEACHER_MESH)),
         "full_vocab": (train.TrainConfig(**SETTINGS, full_vocab_weight=0.1),
-                       dict(mesh=STUDENT_MESH, teacher_mesh=TEACHER_MESH)),
+                       sharding.Placement(STUDENT_MESH, TEACHER_MESH)),
     }
     errors = {}
     for name, (case_config, placement) in cases.items():
         try:
             train.train(case_config, student, tiny_run.CONFIG, teacher, prompts, output / f"refused-{name}",
-                        progress=False, **placement)
+                        progress=False, placement=placement)
         except ValueError as error:
             errors[name] = str(error)
         errors[f"{name}_wrote"] = (output / f"refused-{name}").exists()
