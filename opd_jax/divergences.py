@@ -44,7 +44,7 @@ import jax.numpy as jnp
 Array = jax.Array
 ElementwiseFn = Callable[..., Array]
 
-__all__ = ["Divergence", "custom", "get", "is_builtin", "names", "perspective"]
+__all__ = ["Divergence", "custom", "get", "is_builtin", "names", "perspective", "perspective_gradient", "perspective_terms"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -562,7 +562,10 @@ def perspective(divergence: str | Divergence, log_p: Array, log_q: Array) -> tup
     evaluated at ratios in ``[0, 1]``, from ``−|ℓ|``, multiplied by the larger probability; no
     ratio of probabilities is formed. The derivative ``∂/∂log p [p f(q/p)] = p (f(u) − u f'(u))``
     gets the same treatment: ``−p (u f'(u) − f(u))`` where ``u ≤ 1`` and ``q · t f̃'(t)`` at
-    ``t = 1/u`` where ``u > 1``.
+    ``t = 1/u`` where ``u > 1``. ``js`` and ``generalized_js`` use a closed form of the same
+    construction (see :func:`perspective_terms`): near ``u = 1`` they scale by whichever
+    probability gives the smaller cancellation, and they cost a few transcendental functions per
+    entry instead of three generator evaluations for ``f`` and three for ``f̃``.
 
     Conventions at zero probabilities (``−inf`` log-probabilities): ``p = q = 0`` gives term 0 and
     derivative 0 (``0 · f(·) = 0``); ``p = 0 < q`` gives ``q · f̃(0) = q · lim_{u→∞} f(u)/u``, which
@@ -578,9 +581,12 @@ def perspective(divergence: str | Divergence, log_p: Array, log_q: Array) -> tup
     Returns:
       ``(term, d_term_d_log_p)``, arrays of the shape and dtype of ``log_p``.
     """
-    divergence = get(divergence)
+    term, d_term, _ = perspective_terms(divergence, log_p, log_q)
+    return term, d_term
+
+
+def _perspective_general(divergence: Divergence, log_p: Array, log_q: Array) -> tuple[Array, Array]:
     conjugate = divergence.conjugate()
-    log_p, log_q = _as_float(log_p), _as_float(log_q)
     both_zero = (log_p == -jnp.inf) & (log_q == -jnp.inf)
     log_p = jnp.where(both_zero, 0, log_p)
     log_q = jnp.where(both_zero, 0, log_q)
@@ -593,3 +599,125 @@ def perspective(divergence: str | Divergence, log_p: Array, log_q: Array) -> tup
     d_term = jnp.where(above_one, ufp_above, -reward_below)
     zero = jnp.zeros((), term.dtype)
     return jnp.where(both_zero, zero, term), jnp.where(both_zero, zero, d_term)
+
+
+# ---------------------------------------------------------------------------------------------
+# The perspective of generalized JS in closed form. The full-vocabulary loss evaluates it at every
+# entry of a [B·T, V] array, so its cost is the loss's cost: a few transcendental functions per
+# entry (where the general route evaluates f, u f' and the reward of f and of its conjugate), and
+# each of them used once, so that XLA fuses the entry's arithmetic into one kernel. With
+# φ(x) = x log x − x + 1 (≥ 0, φ(1) = φ'(1) = 0), f_b(x) = b φ(x) − φ(b x + 1 − b): the linear
+# parts cancel exactly, so the term is a difference of two non-negative values whose ratio is at
+# most 1 (Jensen) and tends to b near x = 1.
+# ---------------------------------------------------------------------------------------------
+
+
+def _series_terms(dtype) -> int:
+    """Taylor terms that reach the dtype's precision at |z| ≤ 1 (the near-u = 1 series below)."""
+    return 19 if jnp.finfo(dtype).bits > 32 else 11
+
+
+def zeros_from(x: Array) -> Array:
+    """Zeros of ``x``'s shape and dtype, computed from ``x`` (never NaN or inf).
+
+    For full-size constants inside the body of a loop over chunks (``jnp.where(c, a, 0)``,
+    ``zeros_like``, an ``iota``): when JAX linearises a ``scan``, it hoists every value of its body
+    that depends on constants only out of the loop, where it is materialised at full size (one
+    ``[chunk, V]`` temporary per such constant). A zero taken from the data is not hoisted, and
+    constants written as ``zeros + c`` then stay inside the loop's fused kernels.
+    """
+    first = jax.lax.stop_gradient(x.reshape(-1)[0])
+    zero = jnp.where(first == first, 0, 0).astype(x.dtype)  # 0 for any first entry, NaN included
+    return jax.lax.broadcast(zero, x.shape)
+
+
+def _phi_of_exp(z, x, zeros, terms: int):
+    """``φ(e^z) = z e^z − e^z + 1`` given ``x = e^z`` and finite ``z``: the series
+    ``Σ_{k≥2} (k − 1) z^k / k!`` for ``|z| < 1`` (where the closed form cancels), ``1 + x (z − 1)``
+    elsewhere (for ``z ≤ −1`` there ``|x (z − 1)| ≤ 0.74``: no cancellation beyond a factor 4)."""
+    near = jnp.abs(z) < 1
+    zn = jnp.where(near, z, zeros)
+    series = terms / math.factorial(terms + 1) * zn
+    for k in range(terms, 2, -1):
+        series = (series + (k - 1) / math.factorial(k)) * zn
+    series = (series + 0.5) * zn * zn
+    return jnp.where(near, series, 1 + x * (z - 1))
+
+
+def _generalized_js_parts(log_p, log_q, beta: float):
+    """The shared pieces of generalized JS's perspective: ``(conjugate, z, b, e, log_mixture, r, zeros)``.
+
+    Scaled by the larger probability as :func:`perspective` is (``p f_β(t)``, ``t = q/p ≤ 1``, or
+    ``q f_{1−β}(t)``, ``t = p/q ≤ 1``, the conjugate), except near ``u = 1`` (``|ℓ| < 1``), where
+    either is free of overflow and the one whose mixture weight ``b`` (``β``, or ``1 − β`` for the
+    conjugate) is at most ½ is used: there ``b φ(t) − φ(m̃)`` loses at most a factor 2.5 to
+    cancellation. ``z = log t`` (``−inf`` where ``t = 0``), ``e = t − 1``, ``log_mixture = log m̃``
+    with ``m̃ = b t + 1 − b`` (the mixture ``m = β q + (1 − β) p`` over the scaling probability), and
+    ``r = (1 − β) log(p/m)``, finite everywhere: the derivative ``∂/∂log p [p f_β(q/p)]`` is
+    ``p r``. Entries with ``p = q = 0`` are given ``ℓ = 0`` (their term and ``r`` are then 0).
+    """
+    zeros = zeros_from(log_p)
+    both_zero = (log_p == -jnp.inf) & (log_q == -jnp.inf)
+    ell = jnp.where(both_zero, zeros, log_q - log_p)  # ±inf where one probability is 0
+    if beta > 0.5:  # near u = 1 the conjugate (weight 1 − β < ½), else by the sign of ℓ
+        conjugate = (jnp.abs(ell) < 1) | (ell > 0)
+    else:
+        conjugate = ell >= 1
+    z = jnp.where(conjugate, -ell, ell)  # ≤ 0, or |z| < 1 near u = 1
+    b = beta + (1 - 2 * beta) * conjugate.astype(log_p.dtype)
+    e = jnp.expm1(z)
+    log_mixture = jnp.log1p(b * e)  # ∈ [log(1 − b), log(1 + 1.72 b)]
+    # log(p/m) = −log m̃ when p scales; log t − log m̃ when q does (t = p/q; −1 stands in for
+    # log 0, as then p = 0 and the derivative p r is 0 whatever r is).
+    r = (1 - beta) * (jnp.where(conjugate, jnp.where(z == -jnp.inf, zeros - 1, z), zeros) - log_mixture)
+    return conjugate, z, b, e, log_mixture, r, zeros
+
+
+def _generalized_js_term(log_p, log_q, beta: float, parts):
+    """``p f_β(q/p)`` from :func:`_generalized_js_parts`: ``scale · (b φ(t) − φ(m̃))``."""
+    terms = _series_terms(log_p.dtype)
+    conjugate, z, b, e, log_mixture, _, zeros = parts
+    log_scale = jnp.where(conjugate, log_q, log_p)
+    scale = jnp.exp(jnp.where(log_scale == -jnp.inf, zeros, log_scale))  # both −inf: ℓ = 0, the term is 0
+    finite_z = jnp.where(z == -jnp.inf, zeros - 1, z)  # t = 0: x = 1 + e = 0 gives φ(0) = 1
+    phi_t = _phi_of_exp(finite_z, 1 + e, zeros, terms)
+    return scale * (b * phi_t - _phi_of_exp(log_mixture, 1 + b * e, zeros, terms))
+
+
+def perspective_terms(divergence: str | Divergence, log_p: Array, log_q: Array, *, with_term: bool = True):
+    """:func:`perspective` and the student probability: ``(term, d_term_d_log_p, p)``, ``p = e^{log p}``.
+
+    The full-vocabulary loss needs all three at every entry. For generalized JS (and ``js``) they
+    come from one closed form (four transcendental functions per entry). ``with_term=False``
+    returns ``None`` for the term.
+    """
+    divergence = get(divergence)
+    log_p, log_q = _as_float(log_p), _as_float(log_q)
+    p = jnp.exp(log_p)
+    if _is_generalized_js(divergence):
+        beta = divergence.params[0]
+        parts = _generalized_js_parts(log_p, log_q, beta)
+        term = _generalized_js_term(log_p, log_q, beta, parts) if with_term else None
+        return term, p * parts[5], p
+    term, d_term = _perspective_general(divergence, log_p, log_q)
+    return (term if with_term else None), d_term, p
+
+
+def perspective_gradient(divergence: str | Divergence, log_p: Array, log_q: Array, a: Array, b: Array) -> Array:
+    """``a · ∂/∂log p [p f(q/p)] − b · p`` per entry, from log-probabilities.
+
+    The gradient of ``Σ_v p_v f(q_v/p_v)`` in the logits is of this form (``a``, ``b`` constant
+    along a row); for generalized JS it is ``p (r a − b)`` (three transcendental functions per
+    entry, each used once). ``a`` and ``b`` broadcast against ``log_p``.
+    """
+    divergence = get(divergence)
+    log_p, log_q = _as_float(log_p), _as_float(log_q)
+    if _is_generalized_js(divergence):
+        r = _generalized_js_parts(log_p, log_q, divergence.params[0])[5]
+        return jnp.exp(log_p) * (r * a - b)
+    _, d_term = _perspective_general(divergence, log_p, log_q)
+    return d_term * a - jnp.exp(log_p) * b
+
+
+def _is_generalized_js(divergence: Divergence) -> bool:
+    return is_builtin(divergence) and divergence.name in ("js", "generalized_js")
