@@ -223,6 +223,13 @@ def full_vocab_divergence(
     Masked positions contribute 0 to values and gradients, whatever their logits hold (NaN and
     ``±inf`` included): they are replaced before any arithmetic.
 
+    Cost. The value pass keeps ten numbers per token (value, normalisers, ``Σ_v`` of the derivative
+    weights, …); the gradient is recomputed from the logits and those numbers in one more pass, so
+    reverse mode holds no ``[B, T, V]`` temporary besides the gradient itself. The normaliser
+    ``log Σ_v e^{z_v − max z}`` is ``log1p`` of the sum without the top entry, so ``log π`` of a
+    likely token keeps its relative precision, and the gradient at the student's most likely token
+    is formed without the ``1 / (1 − π)`` cancellation of ``w − π Σ w``.
+
     Args:
       student_logits: ``[B, T, V]`` float (any float dtype).
       teacher_logits: ``[B, T, V]`` float.
@@ -249,10 +256,14 @@ def full_vocab_divergence(
     _check_token_inputs(mask, "mask", "logits", student_logits.shape[:2], student_logits=student_logits,
                         teacher_logits=teacher_logits)
     compute_dtype = jnp.promote_types(student_logits.dtype, jnp.float32)
-    return _masked_rows_map(
-        _per_token_divergence(divergence, compute_dtype), (student_logits, teacher_logits), mask,
-        chunk_size=chunk_size, dtype=compute_dtype,
-    )
+    batch, length, vocab = student_logits.shape
+    in_response_BxT = jnp.asarray(mask).astype(bool)
+    rows = _full_vocab_rows(divergence, compute_dtype, chunk_size)
+    per_token_BxT = rows(
+        student_logits.reshape(batch * length, vocab), teacher_logits.reshape(batch * length, vocab),
+        in_response_BxT.reshape(batch * length),
+    ).reshape(batch, length)
+    return jnp.where(in_response_BxT, per_token_BxT, jnp.zeros((), compute_dtype))
 
 
 def full_vocab_divergence_from_hidden(
@@ -326,16 +337,19 @@ def full_vocab_divergence_from_hidden(
     if not (float(temperature) > 0.0 and math.isfinite(float(temperature))):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     compute_dtype = jnp.promote_types(jnp.result_type(*arrays.values()), jnp.float32)
-    divergence_per_token = _per_token_divergence(divergence, compute_dtype)
+    # One chunk of rows at a time (the outer map below), already masked.
+    rows = _full_vocab_rows(divergence, compute_dtype, None)
     # Constants from here on: no backward pass through the teacher's projection is ever built.
     teacher_projection = jax.lax.stop_gradient(teacher_projection)
 
     def logits(hidden_NxD, projection_DxV):
         logits_NxV = jnp.einsum("nd,dv->nv", hidden_NxD, projection_DxV, preferred_element_type=compute_dtype)
-        return logits_NxV / jnp.asarray(temperature, compute_dtype)
+        # Formed once per chunk: without the barrier XLA may fuse a small product into each of its
+        # consumers, each rounding it its own way, and the passes would not see the same logits.
+        return jax.lax.optimization_barrier(logits_NxV / jnp.asarray(temperature, compute_dtype))
 
     def per_token_from_hidden(student_NxD, teacher_NxE):
-        return divergence_per_token(logits(student_NxD, student_projection), logits(teacher_NxE, teacher_projection))
+        return rows(logits(student_NxD, student_projection), logits(teacher_NxE, teacher_projection))
 
     return _masked_rows_map(
         per_token_from_hidden, (student_hidden, jax.lax.stop_gradient(teacher_hidden)), mask_BxT,
@@ -423,41 +437,178 @@ def full_vocab_reward_to_go(per_token_divergence_BxT: Array, mask_BxT: Array, *,
     return jnp.where(in_response_BxT, -_discounted_future(cost_BxT, in_response_BxT, float(gamma)), zero)
 
 
-def _per_token_divergence(divergence: divergences_lib.Divergence, compute_dtype):
-    """``[N, V], [N, V] -> [N]``: ``Σ_v π(v) f(q(v)/π(v))`` with a closed-form derivative.
+# Columns of the per-row statistics saved by the value pass of the full-vocabulary divergence.
+_VALUE, _TOTAL, _TOTAL_REST, _FINITE, _TOP_P, _LOG_P_TOP, _MAX_P, _LOG_SUM_P, _MAX_Q, _LOG_SUM_Q = range(10)
 
-    The derivative in the student logits ``z`` is written out instead of differentiating ``f``:
-    ``w_v = ∂/∂log π(v) [π(v) f(q(v)/π(v))] = π(v) (f(u_v) − u_v f'(u_v))`` comes from
-    :func:`opd_jax.divergences.perspective` (formed like the term itself, from the larger of the two
-    probabilities), and ``d log π = dz − Σ_w π(w) dz_w``. Automatic differentiation would go through
-    both branches of every stable form of ``f`` (series, ``where``); the closed form costs one weight
-    per entry, is exact (same value up to rounding) and, being a JVP rule, stays differentiable to
-    any order. The teacher is a constant: its tangent is ignored.
+
+def _row_passes(divergence: divergences_lib.Divergence, compute_dtype):
+    """``(statistics, gradient, masked)``: the value pass and the gradient pass of the
+    full-vocabulary divergence over ``[N, V]`` rows of logits, and the masking both apply.
+
+    ``statistics(keep_N, student_NxV, teacher_NxV) -> [N, 10]`` (columns named above): per row the
+    value ``Σ_v π(v) f(q(v)/π(v))``; ``W = Σ_v w_v`` with ``w_v = ∂/∂log π(v) [π(v) f(q(v)/π(v))]``
+    (:func:`opd_jax.divergences.perspective_terms`); ``W`` without the student's most likely token;
+    1 where the row has a finite descent direction, else 0; the index of that token and its
+    log-probability; and per model the maximum logit and the log-sum-exp of the shifted logits.
+
+    ``gradient(keep_N, student_NxV, teacher_NxV, statistics_NxS) -> [N, V]``: ``∂value/∂z_v =
+    w_v − π(v) W`` (from ``d log π = dz − Σ π dz``), in one pass from the logits and the saved
+    statistics, without the terms. At the student's most likely token it is written
+    ``w_v (1 − π(v)) − π(v) (W − w_v)``: where ``π(v)`` is near 1 the two sides of ``w_v − π(v) W``
+    nearly cancel (by ``1 / (1 − π(v))``), the second form does not. 0 in rows without a finite
+    descent direction.
+
+    The gradient pass finds that token by its saved index, not by comparing values again. Rows
+    with ``keep_N`` false are replaced by zeros before any arithmetic (value 0, gradient 0,
+    whatever they held); ``keep_N = None`` keeps every row. ``masked(keep_N, x_NxV)`` is that
+    replacement, cast to the compute dtype.
     """
+    zeros_from = divergences_lib.zeros_from  # full-size constants built from the data: see its docstring
 
-    def log_probs(student_NxV, teacher_NxV):
-        log_p = jax.nn.log_softmax(student_NxV.astype(compute_dtype), axis=-1)
-        log_q = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_NxV).astype(compute_dtype), axis=-1)
-        return log_p, log_q
+    def masked(keep_N, logits_NxV):
+        logits_NxV = logits_NxV.astype(compute_dtype)
+        if keep_N is None:
+            return logits_NxV
+        return jnp.where(keep_N[:, None], logits_NxV, zeros_from(logits_NxV))
+
+    def index_V(zeros_NxV):
+        # Token indices as floats (exact below 2^24): a float min-reduction is one vectorised pass,
+        # where XLA:CPU rewrites an integer one into a tree of reduce-windows.
+        return jax.lax.iota(compute_dtype, zeros_NxV.shape[-1])[None, :] + zeros_NxV
+
+    def normalise(logits_NxV):
+        """``(shifted_NxV, is_top_NxV, top_N, log_p_top_N, max_N, log_sum_N, zeros_NxV)``:
+        ``log π = shifted − log_sum``, ``shifted = z − max z``, ``top`` the first index at the
+        maximum (``V`` if none compares equal, which only logits recomputed with another rounding
+        could cause). ``log_sum = log1p(Σ_{v ≠ top} e^{shifted_v} + expm1(shifted_top))``: the top
+        entry's ``e^0 = 1`` is not added to the sum, so the rounding of ``log_sum`` is relative to
+        the rest, not to 1 + it, and ``log π`` of a likely token (near 0) keeps its relative
+        precision. ``expm1(shifted_top)`` is 0 in value and carries the top entry's derivative (the
+        maximum is a constant, as in ``jax.nn.log_softmax``)."""
+        zeros = zeros_from(logits_NxV)
+        vocab = logits_NxV.shape[-1]
+        max_N = jax.lax.stop_gradient(jnp.max(logits_NxV, axis=-1))
+        shifted_NxV = logits_NxV - max_N[:, None]
+        top_N = jnp.min(jnp.where(shifted_NxV == 0, index_V(zeros), zeros + vocab), axis=-1)
+        is_top_NxV = index_V(zeros) == top_N[:, None]
+        found_N = top_N < vocab
+        shifted_top_N = jnp.take_along_axis(
+            shifted_NxV, jnp.minimum(top_N, vocab - 1).astype(jnp.int32)[:, None], axis=-1
+        )[:, 0]
+        rest_N = jnp.sum(jnp.where(is_top_NxV, zeros, jnp.exp(shifted_NxV)), axis=-1)
+        log_sum_N = jnp.where(found_N, jnp.log1p(rest_N + jnp.expm1(shifted_top_N)), jnp.log(rest_N))
+        log_p_top_N = jnp.where(found_N, shifted_top_N - log_sum_N, -jnp.inf)
+        return shifted_NxV, is_top_NxV, top_N, log_p_top_N, max_N, log_sum_N, zeros
+
+    def statistics(keep_N, student_NxV, teacher_NxV):
+        shifted_p, is_top, top_p, log_p_top, max_p, log_sum_p, zeros = normalise(masked(keep_N, student_NxV))
+        shifted_q, _, _, _, max_q, log_sum_q, _ = normalise(masked(keep_N, jax.lax.stop_gradient(teacher_NxV)))
+        term, weight, _ = divergences_lib.perspective_terms(
+            divergence, shifted_p - log_sum_p[:, None], shifted_q - log_sum_q[:, None]
+        )
+        value_N = jnp.sum(term, axis=-1)
+        total_N = jnp.sum(weight, axis=-1)
+        total_rest_N = jnp.sum(jnp.where(is_top, zeros, weight), axis=-1)
+        # A row whose value or a weight is not finite has no finite descent direction (documented):
+        # its gradient is 0. Σ w is finite exactly when every weight is (and the sum does not overflow).
+        finite_N = jnp.isfinite(value_N) & jnp.isfinite(total_N)
+        total_N = jnp.where(finite_N, total_N, 0)
+        total_rest_N = jnp.where(finite_N, total_rest_N, 0)
+        columns = (value_N, total_N, total_rest_N, finite_N.astype(compute_dtype), top_p, log_p_top, max_p, log_sum_p,
+                   max_q, log_sum_q)
+        return jnp.stack(columns, axis=-1)
+
+    def gradient(keep_N, student_NxV, teacher_NxV, statistics_NxS):
+        column = lambda index: statistics_NxS[:, index, None]  # noqa: E731
+        shifted_p = masked(keep_N, student_NxV) - column(_MAX_P)
+        shifted_q = masked(keep_N, jax.lax.stop_gradient(teacher_NxV)) - column(_MAX_Q)
+        zeros = zeros_from(shifted_p)
+        is_top = index_V(zeros) == column(_TOP_P)
+        one_minus_top = -jnp.expm1(column(_LOG_P_TOP))  # 1 − π(top), accurate where π(top) is near 1
+        # w_v − π(v) W, or w_v (1 − π(v)) − π(v) W_rest at the top token: a w_v − b π(v).
+        grad = divergences_lib.perspective_gradient(
+            divergence, shifted_p - column(_LOG_SUM_P), shifted_q - column(_LOG_SUM_Q),
+            jnp.where(is_top, zeros + one_minus_top, zeros + 1),
+            jnp.where(is_top, zeros + column(_TOTAL_REST), zeros + column(_TOTAL)),
+        )
+        active = column(_FINITE) > 0
+        return jnp.where(active if keep_N is None else active & keep_N[:, None], grad, zeros)
+
+    return statistics, gradient, masked
+
+
+def _full_vocab_rows(divergence: divergences_lib.Divergence, compute_dtype, chunk_size: int | None):
+    """``(student_NxV, teacher_NxV[, keep_N]) -> [N]``: per-row ``Σ_v π(v) f(q(v)/π(v))``,
+    differentiable in the student logits with a closed-form derivative; ``chunk_size`` rows at a
+    time. Rows where ``keep_N`` is false give 0 and get gradient 0 whatever they hold.
+
+    One pass over the logits per direction after the normalisers (:func:`_row_passes`):
+
+    * value: the terms and ten statistics per row (value, ``Σ w``, normalisers, …), which are all
+      the derivative keeps;
+    * derivative: the gradient ``g_v`` recomputed from the logits and those statistics, under
+      ``jax.checkpoint`` per chunk, so reverse mode stores no ``[N, V]`` array and repeats neither
+      the log-sum-exp nor the terms; the tangent is ``Σ_v g_v dz_v``.
+
+    The derivative is written out instead of differentiating ``f``'s stable branches: one weight
+    per entry, exact (same value up to rounding), and, being a JVP rule, differentiable again (to
+    any order, through the plain ``jnp`` of the two passes). The teacher is a constant: its tangent
+    is ignored.
+    """
+    statistics, gradient, masked = _row_passes(divergence, compute_dtype)
+
+    def statistics_of(student_NxV, teacher_NxV, *keep):
+        return statistics(keep[0] if keep else None, student_NxV, teacher_NxV)
+
+    def tangent(student_NxV, teacher_NxV, statistics_NxS, d_student_NxV, *keep):
+        keep_N = keep[0] if keep else None
+        grad = gradient(keep_N, student_NxV, teacher_NxV, statistics_NxS)
+        d_student_NxV = d_student_NxV.astype(compute_dtype)
+        if keep_N is not None:  # the zeros come from the primal: the tangent is linear
+            d_student_NxV = jnp.where(keep_N[:, None], d_student_NxV, divergences_lib.zeros_from(grad))
+        return jnp.sum(grad * d_student_NxV, axis=-1)
 
     @jax.custom_jvp
-    def per_token(student_NxV: Array, teacher_NxV: Array) -> Array:
-        term, _ = divergences_lib.perspective(divergence, *log_probs(student_NxV, teacher_NxV))
-        return jnp.sum(term, axis=-1)
+    def rows(student_NxV: Array, teacher_NxV: Array, *keep: Array) -> Array:
+        return map_row_chunks(statistics_of, student_NxV, teacher_NxV, *keep, chunk_size=chunk_size)[:, _VALUE]
 
-    @per_token.defjvp
-    def per_token_jvp(primals, tangents):
-        student_NxV, teacher_NxV = primals
-        d_student_NxV = tangents[0].astype(compute_dtype)
-        log_p, log_q = log_probs(student_NxV, teacher_NxV)
-        term, weight = divergences_lib.perspective(divergence, log_p, log_q)
-        value = jnp.sum(term, axis=-1)
-        # A row whose value or a weight is not finite gets weight 0 (documented above): a
-        # non-finite weight would make the transposed product (cotangent · weight) NaN.
-        finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(weight), axis=-1)
-        finite = finite & jnp.isfinite(jnp.sum(jnp.where(finite[:, None], weight, 0), axis=-1))
-        weight = jnp.where(finite[:, None], weight, jnp.zeros((), weight.dtype))
-        d_log_p = d_student_NxV - jnp.sum(jnp.exp(log_p) * d_student_NxV, axis=-1, keepdims=True)
-        return value, jnp.sum(weight * d_log_p, axis=-1)
+    @rows.defjvp
+    def rows_jvp(primals, tangents):
+        student_NxV, teacher_NxV, *keep = primals
+        statistics_NxS = map_row_chunks(statistics_of, student_NxV, teacher_NxV, *keep, chunk_size=chunk_size)
+        d_value_N = _map_tangent_chunks(
+            tangent, (student_NxV, teacher_NxV, statistics_NxS), tangents[0], tuple(keep), chunk_size=chunk_size
+        )
+        return statistics_NxS[:, _VALUE], d_value_N
 
-    return per_token
+    return rows
+
+
+def _map_tangent_chunks(fn, primals, tangent_NxV, extra, *, chunk_size):
+    """``fn(*primals, tangent, *extra)`` (row-wise, linear in ``tangent``) ``chunk_size`` rows at a
+    time, each chunk under ``jax.checkpoint``.
+
+    Unlike :func:`opd_jax.chunking.map_row_chunks`, the tangent's chunks are the scanned ``xs`` (a
+    free reshape), not ``dynamic_slice`` reads: reverse mode then transposes the loop into one that
+    emits the cotangent's chunks as its stacked outputs, instead of adding each chunk into an
+    ``[N, V]`` accumulator. The primals (constants of the linear map) are read by ``dynamic_slice``
+    inside the checkpoint, so they are residuals only once, as the full arrays.
+    """
+    num_rows = tangent_NxV.shape[0]
+    if chunk_size is None or chunk_size >= num_rows:  # checkpointed too: no [N, V] residual either
+        return jax.checkpoint(fn)(*primals, tangent_NxV, *extra)
+    num_full = num_rows // chunk_size
+    head = num_full * chunk_size
+
+    @jax.checkpoint
+    def one_chunk(index, tangent_CxV, *full):
+        start = index * chunk_size
+        sliced = [jax.lax.dynamic_slice_in_dim(a, start, chunk_size) for a in full]
+        return fn(*sliced[: len(primals)], tangent_CxV, *sliced[len(primals):])
+
+    tangent_KxCxV = tangent_NxV[:head].reshape(num_full, chunk_size, *tangent_NxV.shape[1:])
+    out = jax.lax.map(lambda xs: one_chunk(xs[0], xs[1], *primals, *extra), (jnp.arange(num_full), tangent_KxCxV))
+    pieces = [out.reshape(head, *out.shape[2:])]
+    if head < num_rows:
+        pieces.append(jax.checkpoint(fn)(*(a[head:] for a in primals), tangent_NxV[head:], *(a[head:] for a in extra)))
+    return jnp.concatenate(pieces)
