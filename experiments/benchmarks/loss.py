@@ -42,13 +42,17 @@ the reset) and XLA's own ``memory_analysis().temp_size_in_bytes`` is shown too.
 
 Timing: ``--repeats`` timed calls after one warm-up call, median reported; opd_jax calls end with
 ``jax.block_until_ready``. ``torch.set_num_threads`` = cores available; XLA:CPU uses all cores. The
-sides run one after another, never concurrently. ``other CPU`` is the share of the machine's CPUs
-other processes used during the timed calls (``_cpuload.py``); the load average is printed at start
-and end.
+sides run one after another, never concurrently. With ``--rounds R`` every side of a case runs ``R``
+times in turn (side 1, side 2, …, side 1, side 2, …, each time in a fresh process), so that a change
+of load on a shared machine hits every side alike; the median is then over all ``R · repeats``
+timed calls and the peak memory the largest of the rounds. ``other CPU`` is the share of the
+machine's CPUs other processes used during the timed calls (``_cpuload.py``); the load average is
+printed at start and end.
 
 Usage:
     .venv/bin/python experiments/benchmarks/loss.py                       # the default (issue) sizes
     .venv/bin/python experiments/benchmarks/loss.py --quick --beta 0.1 --json /tmp/loss.json
+    .venv/bin/python experiments/benchmarks/loss.py --cases 4x1024x32000 --rounds 3   # issue 23's shape
 """
 
 from __future__ import annotations
@@ -64,8 +68,8 @@ from _common import (
     write_json,
 )
 
-DEFAULT_CASES = "2x256x8192,1x1024x32768,2x1024x32768,4x1024x32768"
-QUICK = dict(cases="2x16x64,1x32x128", repeats=1, chunk_size=8, hidden=16)
+DEFAULT_CASES = "2x256x8192,1x1024x32768,2x1024x32768,4x1024x32768,4x1024x32000"
+QUICK = dict(cases="2x16x64,1x32x128", repeats=1, chunk_size=8, hidden=16, rounds=1)
 SIDES = (  # (label, worker, kind, chunked)
     ("opd_jax chunked", "jax", "full", True),
     ("opd_jax unchunked", "jax", "full", False),
@@ -97,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=int, default=256, help="opd_jax tokens per chunk (chunked rows)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden width D of the 'sampled from hidden' row")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per side and case (median taken)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the sides of a case this many times in turn (fresh processes), pooling the timed calls")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-unchunked", action="store_true", help="leave out the unchunked opd_jax row")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the results to this JSON file")
@@ -110,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--beta must lie in (0, 1) (TRL's 0 and 1 are forward / reverse KL, not generalized JS)")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     return args
 
 
@@ -121,6 +129,20 @@ def _relative_gradient_error(ours: dict, reference: dict) -> float:
     return max(probe, abs(ours["norm"] - reference["norm"]) / max(reference["norm"], 1e-30))
 
 
+def _pool_rounds(results: list[dict]) -> dict:
+    """One side's result over its rounds: timed calls and foreign loads pooled, the first round's
+    warm-up, the largest peak memory (values and gradients are those of the last round)."""
+    pooled = dict(results[-1])
+    pooled["times_s"] = [t for r in results for t in r["times_s"]]
+    pooled["other_load"] = [x for r in results for x in r["other_load"]]
+    pooled["warmup_s"] = results[0]["warmup_s"]
+    pooled["rounds"] = len(results)
+    for key in ("peak_rss_delta_bytes", "peak_rss_bytes"):
+        values = [r[key] for r in results if r.get(key) is not None]
+        pooled[key] = max(values) if values else None
+    return pooled
+
+
 def measure(args: argparse.Namespace, machine: dict, folder: pathlib.Path) -> list[dict]:
     rows = []
     for batch, length, vocab in args.cases:
@@ -128,21 +150,25 @@ def measure(args: argparse.Namespace, machine: dict, folder: pathlib.Path) -> li
             "batch": batch, "length": length, "vocab": vocab, "beta": args.beta, "hidden": args.hidden,
             "repeats": args.repeats, "seed": args.seed, "threads": machine["cores"],
         }
-        for label, worker, kind, chunked in SIDES:
-            if label == "opd_jax unchunked" and args.skip_unchunked:
-                continue
-            job = dict(base_job, kind=kind, chunk_size=args.chunk_size if chunked else None)
-            python = TORCH_PYTHON if worker == "trl" else sys.executable
-            script = "_loss_trl.py" if worker == "trl" else "_loss_jax.py"
-            name = f"{batch}x{length}x{vocab}-{label.replace(' ', '_').replace('[', '').replace(']', '').replace(',', '')}"
-            print(f"  {batch}x{length}x{vocab} {label} ...", file=sys.stderr, flush=True)
-            result = run_job(python, script, job, folder, name)
+        sides = [side for side in SIDES if not (side[0] == "opd_jax unchunked" and args.skip_unchunked)]
+        results = {label: [] for label, *_ in sides}
+        for round_index in range(args.rounds):
+            for label, worker, kind, chunked in sides:
+                job = dict(base_job, kind=kind, chunk_size=args.chunk_size if chunked else None)
+                python = TORCH_PYTHON if worker == "trl" else sys.executable
+                script = "_loss_trl.py" if worker == "trl" else "_loss_jax.py"
+                name = (f"{batch}x{length}x{vocab}-{label.replace(' ', '_').replace('[', '').replace(']', '').replace(',', '')}"
+                        f"-{round_index}")
+                print(f"  {batch}x{length}x{vocab} {label} (round {round_index + 1}/{args.rounds}) ...", file=sys.stderr,
+                      flush=True)
+                results[label].append(run_job(python, script, job, folder, name) | {"load_average_after": load_average()})
+        for label, *_ in sides:
+            result = _pool_rounds(results[label])
             loads = [x for x in result["other_load"] if x is not None]
             rows.append(result | {
                 "case": f"{batch}x{length}x{vocab}", "batch": batch, "length": length, "vocab": vocab, "label": label,
                 "median_s": statistics.median(result["times_s"]),
                 "mean_other_load": statistics.mean(loads) if loads else None,
-                "load_average_after": load_average(),
             })
     # Ratios and agreement against TRL, per case.
     for row in rows:
@@ -168,12 +194,12 @@ def summarise(args: argparse.Namespace, machine: dict, rows: list[dict]) -> dict
     keep = ("case", "batch", "length", "vocab", "label", "side", "kind", "chunk_size", "median_s", "times_s", "warmup_s",
             "loss", "loss_relative_error", "gradient_relative_error", "speedup_vs_trl", "peak_rss_delta_bytes",
             "peak_rss_bytes", "memory_vs_trl", "temp_bytes", "argument_bytes", "output_bytes", "mean_other_load",
-            "load_average_after", "gradient")
+            "load_average_after", "rounds", "gradient")
     return {
         "benchmark": "loss",
         "machine": machine,
         "config": {"beta": args.beta, "chunk_size": args.chunk_size, "hidden": args.hidden, "repeats": args.repeats,
-                   "seed": args.seed, "dtype": "float32"},
+                   "rounds": args.rounds, "seed": args.seed, "dtype": "float32"},
         "results": [{k: row.get(k) for k in keep} for row in rows],
     }
 
@@ -186,8 +212,10 @@ def print_report(summary: dict) -> None:
     for line in machine_lines(summary["machine"]):
         print(line)
     config = summary["config"]
+    rounds = config.get("rounds", 1)
     print(f"generalized JS beta {config['beta']}, float32, opd_jax chunk {config['chunk_size']} tokens, "
-          f"hidden D {config['hidden']} for 'from hidden', median of {config['repeats']} (after 1 warm-up call)")
+          f"hidden D {config['hidden']} for 'from hidden', median of {config['repeats']} (after 1 warm-up call)"
+          + (f" × {rounds} rounds, the sides taking turns" if rounds > 1 else ""))
     print()
     headers = ["B×T×V", "side", "median s", "speed-up vs TRL", "peak RSS Δ MiB", "memory vs TRL", "XLA temp MiB",
                "loss", "rel. err vs TRL (loss / grad)", "other CPU", "load avg (1 min)"]
