@@ -21,6 +21,8 @@ RESULTS = ROOT / "experiments" / "results"
 sys.path.insert(0, str(ROOT / "experiments"))
 sys.path.append(str(ROOT / "experiments" / "benchmarks"))  # last: its module names (sampling, loss) are generic
 
+import importlib.util  # noqa: E402
+
 import overlap  # noqa: E402  experiments/benchmarks/overlap.py
 import pod_scale  # noqa: E402
 import sampler_vs_vllm  # noqa: E402
@@ -35,10 +37,20 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]\d+)?")
 #: Result folders written by opd_jax.demo.write_results (opd-jax demo, opd_grid.py, exopd.py).
 DEMO_GRIDS = ("demo", "demo_vllm", "exopd", "grid_forms", "grid_seq_loo", "tool_use_long")
 SAMPLER_RUNS = ("results", "idle_rerun", "recheck_8x512_n128", "recheck2_8x512_n128")
+#: experiments/benchmarks/loss.py runs: all default cases, and issue 23's shape after / before its change.
+LOSS_RUNS = ("results", "issue23", "issue23_before")
 #: The representative pod-scale step: the first row of the sizing table.
 REPRESENTATIVE_STEP = "qwen3-1.7b|8192|v5p-64"
 DEMO_HEADER = "| run | accuracy before → after | teacher KL before → after | length before → after |"
 BEFORE_AFTER = ("accuracy", "teacher_kl", "response_length")
+
+
+def _loss_benchmark():
+    """experiments/benchmarks/loss.py, loaded by path: a module named ``loss`` could be anything."""
+    spec = importlib.util.spec_from_file_location("loss_benchmark", ROOT / "experiments" / "benchmarks" / "loss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load(folder: str, name: str = "results.json"):
@@ -170,6 +182,12 @@ def test_stale_bias_results_md_is_rendered_from_results_json():
 def test_sampler_vs_vllm_md_is_rendered_from_json(name):
     text = sampler_vs_vllm.report(load("sampler_vs_vllm", f"{name}.json"))
     assert (RESULTS / "sampler_vs_vllm" / f"{name}.md").read_text() == text
+
+
+@pytest.mark.parametrize("name", LOSS_RUNS)
+def test_loss_md_is_rendered_from_json(name):
+    text = _loss_benchmark().report(load("loss", f"{name}.json"))
+    assert (RESULTS / "loss" / f"{name}.md").read_text() == text
 
 
 def test_overlap_results_md_table_is_rendered_from_results_json():
@@ -327,6 +345,21 @@ def test_sampler_vs_vllm_tables(name, after):
     rendered = find_table(sampler_vs_vllm.report(load("sampler_vs_vllm", f"{name}.json")), header, prefix=True)
     rows = find_table(read("docs/performance.md"), header, after=after, prefix=True)
     assert not same_rows_problems(f"docs/performance.md ({name})", rows, rendered)
+
+
+LOSS_HEADER = "| B×T×V | side | median s | speed-up vs TRL | peak RSS Δ MiB | memory vs TRL | XLA temp MiB |"
+
+
+@pytest.mark.parametrize("name, after", [
+    ("results", "`.venv/bin/python experiments/benchmarks/loss.py --rounds 2`"),
+    ("issue23", "**Issue 23's shape, after.**"),
+    ("issue23_before", "**Issue 23's shape, before.**"),
+], ids=list(LOSS_RUNS))
+def test_loss_tables(name, after):
+    """docs/performance.md copies the loss benchmark's tables verbatim."""
+    rendered = find_table(_loss_benchmark().report(load("loss", f"{name}.json")), LOSS_HEADER, prefix=True)
+    rows = find_table(read("docs/performance.md"), LOSS_HEADER, after=after, prefix=True)
+    assert not same_rows_problems(f"docs/performance.md (loss, {name})", rows, rendered)
 
 
 def test_sampler_vs_vllm_recheck_table():

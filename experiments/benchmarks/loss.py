@@ -64,7 +64,7 @@ import sys
 import tempfile
 
 from _common import (
-    TORCH_PYTHON, ensure_trl, load_average, machine_info, machine_lines, markdown_table, mib, run_job, warn_if_busy,
+    BUSY_WARNING, TORCH_PYTHON, ensure_trl, load_average, machine_info, machine_lines, markdown_table, mib, run_job,
     write_json,
 )
 
@@ -208,15 +208,15 @@ def _fmt(value, spec: str, missing: str = "—") -> str:
     return missing if value is None else format(value, spec)
 
 
-def print_report(summary: dict) -> None:
-    for line in machine_lines(summary["machine"]):
-        print(line)
+def report(summary: dict) -> str:
+    """The printed report (machine, settings, table, warnings) of a summary, e.g. a saved ``--json``."""
+    lines = list(machine_lines(summary["machine"]))
     config = summary["config"]
     rounds = config.get("rounds", 1)
-    print(f"generalized JS beta {config['beta']}, float32, opd_jax chunk {config['chunk_size']} tokens, "
-          f"hidden D {config['hidden']} for 'from hidden', median of {config['repeats']} (after 1 warm-up call)"
-          + (f" × {rounds} rounds, the sides taking turns" if rounds > 1 else ""))
-    print()
+    lines.append(f"generalized JS beta {config['beta']}, float32, opd_jax chunk {config['chunk_size']} tokens, "
+                 f"hidden D {config['hidden']} for 'from hidden', median of {config['repeats']} (after 1 warm-up call)"
+                 + (f" × {rounds} rounds, the sides taking turns" if rounds > 1 else ""))
+    lines.append("")
     headers = ["B×T×V", "side", "median s", "speed-up vs TRL", "peak RSS Δ MiB", "memory vs TRL", "XLA temp MiB",
                "loss", "rel. err vs TRL (loss / grad)", "other CPU", "load avg (1 min)"]
     table = []
@@ -234,11 +234,19 @@ def print_report(summary: dict) -> None:
             "n/a" if row["mean_other_load"] is None else f"{100 * row['mean_other_load']:.0f}%",
             f"{row['load_average_after'][0]:.2f}" if row["load_average_after"] else "n/a",
         ])
-    print(markdown_table(headers, table))
-    print()
-    warn_if_busy([row["mean_other_load"] for row in summary["results"]],
-                 "times are inflated (unevenly between the sides); rerun on an idle machine.")
-    print("'OPD+ sampled' rows use [B,T] inputs (no [B,T,V] tensor); their loss is a different quantity (surrogate).")
+    lines.append(markdown_table(headers, table))
+    lines.append("")
+    busiest = max((row["mean_other_load"] or 0.0) for row in summary["results"])
+    if busiest > BUSY_WARNING:
+        lines.append(f"WARNING: other processes used up to {100 * busiest:.0f}% of the CPUs during timed calls; "
+                     "times are inflated (unevenly between the sides); rerun on an idle machine.")
+    lines.append("'OPD+ sampled' rows use [B,T] inputs (no [B,T,V] tensor); their loss is a different quantity "
+                 "(surrogate).")
+    return "\n".join(lines) + "\n"
+
+
+def print_report(summary: dict) -> None:
+    print(report(summary), end="")
 
 
 def main(argv: list[str] | None = None) -> dict:
