@@ -18,10 +18,10 @@ EXIT_RESUMABLE = 75
 _NOT_IN_TRAIN = ("eval_every",)  # a flag of its own, with --eval-dataset
 
 
-def fail(command: str, message: str):
-    """Exit like argparse does for a bad argument: status 2 and the reason on stderr."""
+def fail(command: str, message: str, status: int = 2):
+    """Exit like argparse does for a bad argument: ``status`` (2: bad input) and the reason on stderr."""
     print(f"opd-jax {command}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(status)
 
 
 def positive_int(minimum: int):

@@ -17,7 +17,8 @@ def add_parser(subparsers) -> None:
         "plan",
         help="compile a step's rollout, scoring and update for a TPU topology and report memory, FLOPs and fit",
         description=(
-            "Compile the three programs of one distillation step (rollout, score, update) for --topology "
+            "Compile the programs of one distillation step (rollout, score, update; teacher with "
+            "--teacher-mesh) for --topology "
             "ahead of time, without running them (TPU topologies compile on any host through libtpu: "
             'pip install "opd-jax[tpu]"), and report per-device memory, FLOPs, whether the step fits and a '
             "roofline step time. Only config.json of a checkpoint folder is read."
@@ -76,11 +77,6 @@ def run(args: argparse.Namespace) -> int:
     return _plan(args, train_config(args, "plan", overrides))
 
 
-def _error(message: str, status: int) -> int:
-    print(f"opd-jax plan: error: {message}", file=sys.stderr)
-    return status
-
-
 def _plan(args: argparse.Namespace, config) -> int:
     """Exit 0 with a report (also when it does not fit), 2 for bad input, 1 when a program does not
     compile. ``config`` is the :class:`~opd_jax.config.TrainConfig` to plan."""
@@ -93,7 +89,7 @@ def _plan(args: argparse.Namespace, config) -> int:
     from opd_jax.models.presets import resolve_model
 
     if args.json is not None and args.json.is_dir():
-        return _error(f"--json {args.json} is a directory; give a file path", 2)
+        fail("plan", f"--json {args.json} is a directory; give a file path")
     if args.topology.strip().lower() != "local" and "JAX_PLATFORMS" not in os.environ:
         # Compiling for a named topology needs no accelerator here; do not start one.
         jax.config.update("jax_platforms", "cpu")
@@ -107,9 +103,9 @@ def _plan(args: argparse.Namespace, config) -> int:
         result = plan.plan(plan_config, programs=args.programs,
                            progress=functools.partial(print, file=sys.stderr, flush=True))
     except ValueError as error:
-        return _error(str(error), 2)
+        fail("plan", str(error))
     except plan.PlanCompileError as error:
-        return _error(str(error), 1)
+        fail("plan", str(error), status=1)
     print(plan.format_report(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
