@@ -20,6 +20,8 @@ import os
 import pathlib
 from typing import Any
 
+from opd_jax.errors import InputError
+
 __all__ = ["IDENTITY_FILE", "LOCK_FILE", "RunFolder", "RunFolderError", "RunLock", "check_identity", "check_output_folder",
            "compute_identity", "folder_digests", "identity_changes", "weight_files", "write_identity"]
 
@@ -34,7 +36,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "me
 _RUN_MARKERS = ("config.json", "checkpoints", "metrics.jsonl")
 
 
-class RunFolderError(ValueError):
+class RunFolderError(InputError):
     """The run folder cannot be used: other inputs, in use by another process, or not writable."""
 
 
