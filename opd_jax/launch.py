@@ -62,6 +62,8 @@ class Data:
       chat_template: encode prompts with the tokenizer's chat template (when it has one).
       eval_dataset, eval_answer_key, eval_samples: held-out math problems scored with math-verify
         (``None``: no evaluation; ``TrainConfig.eval_every`` then must be 0).
+      allow_unknown_tokens: train on prompts with text the tokenizer encodes to its unknown token
+        (with a warning naming them) instead of refusing them (:mod:`opd_jax.unknown_tokens`).
     """
 
     prompts: pathlib.Path
@@ -70,6 +72,7 @@ class Data:
     eval_dataset: pathlib.Path | None = None
     eval_answer_key: str = "answer"
     eval_samples: int = 1
+    allow_unknown_tokens: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +108,7 @@ def check(spec: RunSpec) -> Checked:
     Raises:
       ValueError, FileNotFoundError: naming the option, its value and what is allowed.
     """
-    from opd_jax import data, run_folder, tokenization
+    from opd_jax import data, run_folder, tokenization, unknown_tokens
     from opd_jax.models.hf import checkpoint_dtype
 
     config = spec.train
@@ -115,8 +118,11 @@ def check(spec: RunSpec) -> Checked:
     _check_meshes(config, spec.placement)
     run_folder.check_output_folder(spec.output)
     teachers = dict(spec.models.teachers)
-    records = data.read_prompt_records(spec.data.prompts)
-    teacher_ids = np.asarray(data.prompt_teachers(spec.data.prompts, tuple(teachers)), np.int32)
+    line_bound = data.prompt_line_bound(spec.data.max_prompt_length)
+    records = data.read_prompt_records(spec.data.prompts, max_line_bytes=line_bound,
+                                       limit_hint=f" with --max-prompt-length {spec.data.max_prompt_length}")
+    teacher_ids = np.asarray(data.prompt_teachers(spec.data.prompts, tuple(teachers), max_line_bytes=line_bound),
+                             np.int32)
     chat = spec.data.chat_template or any(not isinstance(p, str) for _, p in records)
     student_config, teacher_configs, tokenizer = _read_models(spec.models, chat_template=chat)
     try:
@@ -129,6 +135,9 @@ def check(spec: RunSpec) -> Checked:
         if "longer than max_length" in str(error):
             raise ValueError(f"{error}; raise --max-prompt-length or shorten them") from None
         raise
+    unknown_tokens.check_prompts(tokenizer, [prompt for _, prompt in records],
+                                 [f"{spec.data.prompts}:{line}" for line, _ in records],
+                                 allow=spec.data.allow_unknown_tokens)
     evaluate = _held_out_evaluator(spec.data, config, tokenizer, student_config)
     _check_positions(spec, teacher_configs, student_config, int(mask.sum(axis=1).max()))
     identity = run_folder.compute_identity(
