@@ -10,8 +10,8 @@ The command line only maps flags or TOML onto a :class:`RunSpec` and exceptions 
 ``opd-jax plan`` plans the same :class:`~opd_jax.config.TrainConfig`, :class:`Execution` and
 :class:`Placement`.
 
-Errors in the input are ``ValueError`` (or ``FileNotFoundError``) naming the option, raised before
-anything is written.
+Errors in the input are :class:`~opd_jax.errors.InputError` (a ``ValueError``; a missing file is
+also a ``FileNotFoundError``) naming the option, file or line, raised before anything is written.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np
 
 from opd_jax import sharding as sharding_lib
 from opd_jax.config import TrainConfig
+from opd_jax.errors import InputError, InputFileNotFoundError
 from opd_jax.models import Execution
 from opd_jax.sharding import Placement
 
@@ -106,8 +107,20 @@ def check(spec: RunSpec) -> Checked:
     """Every check that needs no compile, in the order a user fixes them; writes nothing.
 
     Raises:
-      ValueError, FileNotFoundError: naming the option, its value and what is allowed.
+      InputError: naming the option, file or line, its value and what is allowed (an
+        :class:`~opd_jax.errors.InputFileNotFoundError` for a missing file or folder).
     """
+    try:
+        return _check(spec)
+    except InputError:
+        raise
+    except FileNotFoundError as error:  # the one input exception type, whichever check raised it
+        raise InputFileNotFoundError(str(error)) from None
+    except ValueError as error:
+        raise InputError(str(error)) from None
+
+
+def _check(spec: RunSpec) -> Checked:
     from opd_jax import data, run_folder, tokenization, unknown_tokens
     from opd_jax.models.hf import checkpoint_dtype
 
@@ -116,7 +129,7 @@ def check(spec: RunSpec) -> Checked:
     if config.eval_every and spec.data.eval_dataset is None:
         raise ValueError("--eval-every needs --eval-dataset (without one opd-jax train has no evaluator)")
     _check_meshes(config, spec.placement)
-    run_folder.check_output_folder(spec.output)
+    run_folder.check_output_folder(spec.output, _model_flags(spec.models))
     teachers = dict(spec.models.teachers)
     line_bound = data.prompt_line_bound(spec.data.max_prompt_length)
     records = data.read_prompt_records(spec.data.prompts, max_line_bytes=line_bound,
@@ -140,6 +153,7 @@ def check(spec: RunSpec) -> Checked:
                                  allow=spec.data.allow_unknown_tokens)
     evaluate = _held_out_evaluator(spec.data, config, tokenizer, student_config)
     _check_positions(spec, teacher_configs, student_config, int(mask.sum(axis=1).max()))
+    _check_layout(spec, student_config, teacher_configs)
     identity = run_folder.compute_identity(
         next(iter(teachers.values())) if len(teachers) == 1 else teachers, spec.models.student, spec.data.prompts,
         {"max_prompt_length": spec.data.max_prompt_length, "chat_template": spec.data.chat_template},
@@ -155,28 +169,58 @@ def _read_models(models: Models, *, chat_template: bool):
     """``(student config, {name: teacher config}, student tokenizer)``: each folder's config and
     weights present, and every teacher's tokenizer (and chat template) the student's."""
     from opd_jax import models as models_lib
-    from opd_jax import run_folder, tokenization
+    from opd_jax import tokenization
 
     teachers = dict(models.teachers)
-    flags = {**{f"--teacher {name}" if len(teachers) > 1 else "--teacher": folder
-                for name, folder in teachers.items()}, "--student": models.student}
-    folder_configs = {}
+    flags = _model_flags(models)
+    folder_configs, tokenizers = {}, {}
     for flag, folder in flags.items():
-        try:
+        try:  # everything train will read from the folder, headers only: no weights are loaded here
             folder_configs[flag] = models_lib.load_config(folder)
-            run_folder.weight_files(folder)
-        except (FileNotFoundError, ValueError) as error:
+            models_lib.check_weights(folder)
+            tokenizers[flag] = tokenization.load_tokenizer(folder)
+        except InputError as error:
             raise type(error)(f"{flag}: {error}") from None
-    student_config = folder_configs.pop("--student")
+    student_config, tokenizer = folder_configs.pop("--student"), tokenizers.pop("--student")
     teacher_configs = dict(zip(teachers, folder_configs.values()))
-    tokenizer = tokenization.load_tokenizer(models.student)
     for flag, teacher_config in zip(folder_configs, teacher_configs.values()):
         try:
-            tokenization.check_compatible(tokenization.load_tokenizer(flags[flag]), tokenizer, teacher_config,
+            tokenization.check_compatible(tokenizers[flag], tokenizer, teacher_config,
                                           student_config, chat_template=chat_template)
         except ValueError as error:
             raise ValueError(f"{flag}: {error}" if len(teacher_configs) > 1 else str(error)) from None
     return student_config, teacher_configs, tokenizer
+
+
+def _model_flags(models: Models) -> dict[str, pathlib.Path]:
+    """``{flag: folder}``: ``--teacher`` (``--teacher NAME`` with several) and ``--student``."""
+    teachers = dict(models.teachers)
+    return {**{f"--teacher {name}" if len(teachers) > 1 else "--teacher": folder for name, folder in teachers.items()},
+            "--student": models.student}
+
+
+def _check_layout(spec: RunSpec, student_config, teacher_configs: dict) -> None:
+    """The meshes against the devices, the batch and every parameter's shape, as :func:`train`
+    places them (:func:`opd_jax.step.make_step_shardings` on abstract models: no weights, no compile)."""
+    if spec.placement.mesh is None:
+        return
+    from flax import nnx
+
+    from opd_jax import step
+    from opd_jax.models import Decoder
+
+    def abstract_params(config):
+        return nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))[1]
+
+    teacher_params = {name: abstract_params(config) for name, config in teacher_configs.items()}
+    placement = spec.placement
+    try:
+        step.make_step_shardings(
+            spec.train, placement.mesh, abstract_params(student_config),
+            teacher_params if len(teacher_params) > 1 else next(iter(teacher_params.values())),
+            step.make_optimizer(spec.train), placement.student_rules, placement.teacher_rules, placement.teacher_mesh)
+    except ValueError as error:
+        raise ValueError(f"--mesh: {error}") from None
 
 
 def launch(spec: RunSpec, *, progress: bool = True):

@@ -8,6 +8,12 @@ touching the folder. :class:`RunLock` holds an exclusive ``flock`` on ``.opd_jax
 folder for the whole run, so a second process on the same folder fails at once.
 
 Folder paths are recorded but not compared: moving a checkpoint folder does not change a run.
+
+Which folders are ours (:func:`folder_state`): a folder that holds ``run_identity.json``, or a run
+from before identities were recorded (``checkpoints/`` of our layout beside a ``config.json`` that
+parses as a training configuration). A missing or empty folder becomes a new run. Any other
+non-empty folder (a model folder, a project) is refused, so ``--output`` never overwrites files
+that are not ours.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 from opd_jax.errors import InputError
 
 __all__ = ["IDENTITY_FILE", "LOCK_FILE", "RunFolder", "RunFolderError", "RunLock", "check_identity", "check_output_folder",
-           "compute_identity", "folder_digests", "identity_changes", "weight_files", "write_identity"]
+           "compute_identity", "folder_digests", "folder_state", "identity_changes", "weight_files", "write_identity"]
 
 IDENTITY_FILE = "run_identity.json"
 LOCK_FILE = ".opd_jax.lock"
@@ -31,9 +37,6 @@ _FORMAT = 1
 _WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
                     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-# Files that mark a folder as holding a run (one started before identities were recorded, if the
-# identity file is missing).
-_RUN_MARKERS = ("config.json", "checkpoints", "metrics.jsonl")
 
 
 class RunFolderError(InputError):
@@ -151,13 +154,14 @@ def check_identity(output: str | pathlib.Path, identity: dict[str, Any]) -> str:
       started before identities were recorded: it cannot be checked).
 
     Raises:
-      RunFolderError: the folder's run was started from other inputs (every change named), or its
-        record cannot be read.
+      RunFolderError: the folder's run was started from other inputs (every change named), its
+        record cannot be read, or the folder is not a run (:func:`folder_state`).
     """
     output = pathlib.Path(output)
     record_path = output / IDENTITY_FILE
-    if not record_path.is_file():
-        return "unrecorded" if any((output / name).exists() for name in _RUN_MARKERS) else "new"
+    state = folder_state(output)
+    if state != "recorded":
+        return state
     try:
         recorded = json.loads(record_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -173,6 +177,58 @@ def check_identity(output: str | pathlib.Path, identity: dict[str, Any]) -> str:
     return "same"
 
 
+def folder_state(output: str | pathlib.Path) -> str:
+    """Whether ``output`` is ours to write (reads only; see the module docstring for the rule).
+
+    Returns:
+      ``"new"`` (missing, empty, or holding only the lock a refused run left), ``"recorded"`` (holds
+      ``run_identity.json``) or ``"unrecorded"`` (a run from before identities were recorded).
+
+    Raises:
+      RunFolderError: a non-empty folder that is not a run; the message names a file in it.
+    """
+    output = pathlib.Path(output)
+    if not output.is_dir():
+        return "new"
+    if (output / IDENTITY_FILE).is_file():
+        return "recorded"
+    names = sorted(entry.name for entry in output.iterdir())
+    if not [name for name in names if name != LOCK_FILE]:
+        return "new"
+    if _is_checkpoint_folder(output / "checkpoints") and _is_training_config(output / "config.json"):
+        return "unrecorded"
+    example = next((name for name in names if name in ("config.json", "metrics.jsonl")), None)
+    example = example or next(name for name in names if name != LOCK_FILE)
+    raise RunFolderError(
+        f"--output {output} is not an opd-jax run folder (it holds {example}"
+        f"{f' and {len(names) - 1} other entries' if len(names) > 1 else ''}, but no {IDENTITY_FILE}, nor "
+        "checkpoints/ beside a training config.json) and would be overwritten; choose an empty or new folder"
+    )
+
+
+def _is_checkpoint_folder(folder: pathlib.Path) -> bool:
+    """``checkpoints/`` as :class:`opd_jax.checkpoint.CheckpointStore` lays it out: numbered steps,
+    saves a kill interrupted, the quarantine (empty too: a run killed before its first save)."""
+    from opd_jax.checkpoint import QUARANTINE
+
+    return folder.is_dir() and all(
+        entry.is_dir() and (entry.name.isdigit() or ".orbax-checkpoint-tmp" in entry.name or entry.name == QUARANTINE)
+        for entry in folder.iterdir())
+
+
+def _is_training_config(path: pathlib.Path) -> bool:
+    """``config.json`` as :class:`RunFolder` writes it: a JSON object of training-config sections
+    (fields may have changed between versions, so only the sections are compared)."""
+    from opd_jax.config import SECTIONS
+
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return (isinstance(values, dict) and bool(values)
+            and all(key in SECTIONS and isinstance(section, dict) for key, section in values.items()))
+
+
 def write_identity(output: str | pathlib.Path, identity: dict[str, Any]) -> None:
     """Record ``identity`` in ``output`` (atomically: a partial record is never left)."""
     path = pathlib.Path(output) / IDENTITY_FILE
@@ -181,16 +237,23 @@ def write_identity(output: str | pathlib.Path, identity: dict[str, Any]) -> None
     os.replace(partial, path)
 
 
-def check_output_folder(output: str | pathlib.Path) -> None:
+def check_output_folder(output: str | pathlib.Path, model_folders: dict[str, str | pathlib.Path] | None = None) -> None:
     """Refuse an ``--output`` that cannot hold a run folder, before anything is written.
 
+    Args:
+      model_folders: ``{flag: folder}`` of the run's models (``{"--student": ...}``), which the run
+        folder may not be, contain or lie inside.
+
     Raises:
-      RunFolderError: it is a file, lies under a file, or it (or the folder it would be created
+      RunFolderError: it is a file, lies under a file, overlaps a model folder, is a non-empty
+        folder that is not a run (:func:`folder_state`), or it (or the folder it would be created
         in) is not writable.
     """
     output = pathlib.Path(output)
     if output.exists() and not output.is_dir():
         raise RunFolderError(f"--output {output} is a file; give a folder (it is created if missing)")
+    _check_apart(output, model_folders or {})
+    folder_state(output)
     existing = output
     while not existing.exists():
         existing = existing.parent
@@ -199,6 +262,19 @@ def check_output_folder(output: str | pathlib.Path) -> None:
     if not _writable(existing):
         what = "is" if existing == output else f"would be created in {existing}, which is"
         raise RunFolderError(f"--output {output} {what} not writable; give a folder you can write to")
+
+
+def _check_apart(output: pathlib.Path, model_folders: dict[str, str | pathlib.Path]) -> None:
+    """The run folder writes ``config.json`` and ``student/``: inside a model folder (or around one)
+    it would overwrite or mix with the model's files."""
+    resolved = output.resolve()
+    for flag, folder in model_folders.items():
+        model = pathlib.Path(folder).resolve()
+        relation = ("is" if resolved == model else "lies inside" if model in resolved.parents
+                    else "contains" if resolved in model.parents else None)
+        if relation:
+            raise RunFolderError(f"--output {output} {relation} the {flag} folder {folder}; choose a run folder "
+                                 "apart from the model folders")
 
 
 def _writable(folder: pathlib.Path) -> bool:
@@ -314,7 +390,8 @@ class RunFolder:
         return self.path / "metrics.jsonl"
 
     def check_resumable(self) -> None:
-        """Refuse a folder whose checkpoints were made under options this run would change (reads only).
+        """Refuse a folder that is not a run (:func:`folder_state`), or whose checkpoints were made
+        under options this run would change (reads only).
 
         Only fields a resume depends on count (not :data:`opd_jax.config.RESUME_FREE`; ``steps`` does
         under a cosine schedule), and only when there is a checkpoint to resume from: a run that failed
@@ -323,6 +400,7 @@ class RunFolder:
         """
         from opd_jax.config import RESUME_FREE, TrainConfig, flatten_sections
 
+        folder_state(self.path)  # a folder that is not a run (a model, a project) is never written into
         config_path = self.path / "config.json"
         checkpoints = self.path / "checkpoints"
         has_checkpoints = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())

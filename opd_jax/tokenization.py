@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from opd_jax.errors import InputError, InputFileNotFoundError
 from opd_jax.models.config import DecoderConfig
 
 __all__ = ["DEFAULT_PROBE", "PROBE_CONVERSATION", "check_compatible", "compatibility_differences",
@@ -59,15 +60,24 @@ def load_tokenizer(path: str | pathlib.Path):
     """A transformers tokenizer from a local folder (never the hub).
 
     Raises:
-      FileNotFoundError: the folder has none of ``tokenizer.json``, ``tokenizer_config.json``,
-        ``vocab.json``, ``tokenizer.model``.
+      InputFileNotFoundError: the folder has no tokenizer: none of ``tokenizer.json``,
+        ``vocab.json``, ``tokenizer.model`` (``tokenizer_config.json`` alone names a class but holds
+        no vocabulary).
+      InputError: transformers cannot load the files there (its reason, with the folder).
     """
     transformers = import_transformers()
 
     folder = pathlib.Path(path)
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(f"no tokenizer in {folder}: expected one of {', '.join(_TOKENIZER_FILES)}")
-    return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    present = [name for name in _TOKENIZER_FILES if (folder / name).is_file()]
+    if not set(present) - {"tokenizer_config.json"}:
+        found = f" (it has only {present[0]})" if present else ""
+        raise InputFileNotFoundError(f"no tokenizer in {folder}{found}: expected tokenizer.json, vocab.json or "
+                                     "tokenizer.model beside config.json")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, ImportError) as error:
+        reason = " ".join(str(error).split())
+        raise InputError(f"cannot load the tokenizer in {folder} ({', '.join(present)}): {reason}") from None
 
 
 def encode_prompts(

@@ -23,6 +23,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.flax import save_file
 
+from opd_jax.errors import InputError, InputFileNotFoundError
 from opd_jax.models.config import DecoderConfig
 from opd_jax.models.decoder import Decoder
 
@@ -107,34 +108,76 @@ def hf_tensor_map(config: DecoderConfig) -> dict[str, TensorMapping]:
 
 
 def load_config(path: str | pathlib.Path) -> DecoderConfig:
-    """The :class:`DecoderConfig` of a checkpoint folder; errors name the file and field."""
-    config_path = pathlib.Path(path) / CONFIG_FILE
+    """The :class:`DecoderConfig` of a checkpoint folder; errors name the file and field.
+
+    Raises:
+      InputFileNotFoundError: the folder or its ``config.json`` does not exist.
+      InputError: ``config.json`` is not a supported decoder configuration.
+    """
+    folder = pathlib.Path(path)
+    config_path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise InputFileNotFoundError(f"{folder} {'is not a folder' if folder.exists() else 'does not exist'}")
     if not config_path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {pathlib.Path(path)} (expected {config_path})")
+        raise InputFileNotFoundError(f"no {CONFIG_FILE} in {folder} (expected {config_path})")
     try:
         hf = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{config_path}: not valid JSON ({error})") from None
     try:
         return DecoderConfig.from_hf(hf)
     except ValueError as error:
-        raise ValueError(f"{config_path}: {error}") from None
+        raise InputError(f"{config_path}: {error}") from None
 
 
-def _weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
-    """HF tensor name -> safetensors file holding it."""
+def check_weights(folder: str | pathlib.Path) -> dict[str, pathlib.Path]:
+    """HF tensor name -> the safetensors file holding it, every file's header read and its size
+    checked against the header (a truncated copy is named before any tensor is read).
+
+    Raises:
+      InputFileNotFoundError: no weights, or a shard the index lists is missing.
+      InputError: an index or a safetensors file that is damaged or truncated (named).
+    """
+    folder = pathlib.Path(folder)
     index, single = folder / INDEX_FILE, folder / SINGLE_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            raise InputError(f"{index}: not a safetensors index (expected a JSON object with 'weight_map')") from None
         files = {name: folder / filename for name, filename in weight_map.items()}
         for file in sorted(set(files.values())):
             if not file.is_file():
-                raise FileNotFoundError(f"{index} lists {file.name}, which is missing from {folder}")
+                raise InputFileNotFoundError(f"{index} lists {file.name}, which is missing from {folder}")
+            _safetensors_header(file)
         return files
     if single.is_file():
-        with safe_open(single, framework="flax") as handle:
-            return {name: single for name in handle.keys()}
-    raise FileNotFoundError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}")
+        return {name: single for name in _safetensors_header(single)}
+    raise InputFileNotFoundError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _safetensors_header(file: pathlib.Path) -> dict:
+    """The tensor entries of a safetensors file's header, after checking that the file holds every
+    byte they describe. The format: an 8-byte little-endian header length, the JSON header, then the
+    tensors' bytes at the header's ``data_offsets``."""
+    size = file.stat().st_size
+    damaged = f"{file} is damaged or truncated ({size} bytes"
+    advice = "); copy or export the folder again"
+    with file.open("rb") as handle:
+        prefix = handle.read(8)
+        header_bytes = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+        if header_bytes is None or 8 + header_bytes > size:
+            raise InputError(f"{damaged}: too short for its header{advice}")
+        try:
+            header = json.loads(handle.read(header_bytes))
+            tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+            data_bytes = max((int(entry["data_offsets"][1]) for entry in tensors.values()), default=0)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError,
+                IndexError):
+            raise InputError(f"{damaged}: its header is not a safetensors header{advice}") from None
+    if size != 8 + header_bytes + data_bytes:
+        raise InputError(f"{damaged}, but its header describes {8 + header_bytes + data_bytes}{advice}")
+    return tensors
 
 
 def _read_tensors(files: dict[str, pathlib.Path], names: list[str]) -> Iterator[tuple[str, Array]]:
@@ -170,7 +213,7 @@ def from_pretrained(
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
     config = load_config(folder)
-    files = _weight_files(folder)
+    files = check_weights(folder)
     expected = hf_tensor_map(config)
     missing = [name for name in expected if name not in files]
     if missing:
@@ -271,7 +314,7 @@ def checkpoint_dtype(path: str | pathlib.Path) -> str:
 
     Reads only the safetensors headers.
     """
-    files = sorted(set(_weight_files(pathlib.Path(path)).values()))
+    files = sorted(set(check_weights(pathlib.Path(path)).values()))
     counts: dict[str, int] = {}
     for file in files:
         with file.open("rb") as handle:
