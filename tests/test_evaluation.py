@@ -357,7 +357,7 @@ def _train_args(model, prompts, output, *extra):
             "--max-new-tokens", "4", "--max-prompt-length", "160", *extra]
 
 
-def test_train_eval_dataset_logs_held_out_metrics_before_and_after(tiny, tmp_path):
+def test_train_eval_dataset_logs_held_out_metrics_before_and_after(tiny, tmp_path, capsys):
     model, dataset = tiny
     output = tmp_path / "run"
     assert main(_train_args(model, dataset, output, "--eval-dataset", str(dataset), "--eval-samples", "2")) == 0
@@ -367,6 +367,13 @@ def test_train_eval_dataset_logs_held_out_metrics_before_and_after(tiny, tmp_pat
     for record in evals.values():
         assert 0 <= record["eval_avg@2"] <= record["eval_pass@2"] <= 1
         assert record["eval_pass@1"] == pytest.approx(record["eval_avg@2"])
+    # The final evaluation is the last record; the closing line still reports step 2's training figures.
+    assert "eval_avg@2" in records[-1]
+    trained = [r for r in records if "teacher_kl" in r]
+    assert [r["step"] for r in trained] == [1, 2]
+    final_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"step 2: teacher KL {trained[-1]['teacher_kl']:.4f}" in final_line and "nan" not in final_line
+    assert f"evaluation at step 2: avg@2 {evals[2]['eval_avg@2']:.4f}" in final_line
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -146,7 +146,32 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if jax.process_index() != 0:  # process 0 exports and reports
         return 0
-    final = result.history[-1]
-    print(f"done: {spec.train.steps} steps, teacher KL {final.get('teacher_kl', float('nan')):.4f}; "
+    print(f"done: {spec.train.steps} steps, {_final_figures(result.history)}; "
           f"student exported to {result.output_dir / 'student'}")
     return 0
+
+
+def _final_figures(history: list[dict]) -> str:
+    """The closing line's figures: the last training step's, then the last evaluation's, if any.
+
+    Read by kind, not from the last record: an evaluation at the end of a run writes the final record
+    of ``metrics.jsonl``, and that record holds no training figures (the line once read "teacher KL
+    nan" from it).
+    """
+    trained = [record for record in history if "teacher_kl" in record]
+    evaluated = [record for record in history if any(key.startswith("eval_") for key in record)]
+    parts = []
+    if trained:
+        last = trained[-1]
+        parts.append(f"step {last['step']}: teacher KL {last['teacher_kl']:.4f}, "
+                     f"response length {last['response_length']:.1f}")
+    if evaluated:
+        last = evaluated[-1]
+        figures = ", ".join(f"{key.removeprefix('eval_')} {_figure(value)}" for key, value in last.items()
+                            if key.startswith("eval_"))
+        parts.append(f"evaluation at step {last['step']}: {figures}")
+    return "; ".join(parts) or "no metrics recorded"
+
+
+def _figure(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
