@@ -5,6 +5,7 @@ import json
 import pytest
 
 from opd_jax import run_folder
+from opd_jax.config import TrainConfig
 
 
 def _inputs(tmp_path, weights=b"weights", prompts=b'{"prompt": "a"}\n'):
@@ -23,8 +24,8 @@ def test_identity_states_and_every_change_named(tmp_path):
     identity = _inputs(tmp_path)
     output = tmp_path / "run"
     assert run_folder.check_identity(output, identity) == "new"
-    output.mkdir()
-    (output / "config.json").write_text("{}")
+    (output / "checkpoints" / "5").mkdir(parents=True)
+    (output / "config.json").write_text(json.dumps(TrainConfig().to_json()))
     assert run_folder.check_identity(output, identity) == "unrecorded"  # a run older than the records
     run_folder.write_identity(output, identity)
     assert run_folder.check_identity(output, identity) == "same"
