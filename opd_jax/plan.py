@@ -73,6 +73,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from opd_jax import plan_collectives
+from opd_jax import sampling as sampling_lib
 from opd_jax import sharding as sharding_lib
 from opd_jax import step as step_lib
 from opd_jax import topologies as topologies_lib
@@ -554,16 +556,97 @@ def _sub_jaxprs(eqn):
 
 
 @dataclasses.dataclass(frozen=True)
+class _Loop:
+    """A ``while`` loop of a program's top level (not inside another loop), with its trip count.
+
+    Attributes:
+      trips: how many times the body runs (every row decoding to the end: the worst case).
+      first: the value of the loop's counter on entry (the first decode step of a sampler segment),
+        ``None`` where not known.
+      body: the work of one trip.
+      derived: whether ``trips`` was read from the jaxpr (``False``: the counter's fallback).
+    """
+
+    trips: int
+    first: int | None
+    body: _Work
+    derived: bool
+
+
+def _int_value(var, known: dict) -> int | None:
+    """The value of an integer scalar: a literal, or one :class:`_Counter` has followed."""
+    if isinstance(var, jax_core.Literal):
+        value = np.asarray(var.val)
+        return int(value) if value.shape == () and np.issubdtype(value.dtype, np.integer) else None
+    return _member_get(known, var)
+
+
+def _member_get(mapping: dict, var):
+    try:
+        return mapping.get(var)
+    except TypeError:  # an unhashable literal
+        return None
+
+
+def _while_trips(eqn, known: dict) -> tuple[int, int, int, int] | None:
+    """``(trips, first, bound, carry index)`` of a ``while`` whose condition includes ``counter <
+    bound`` (alone or under ``and``, as the sampler's ``step < last & ~all(done)``), whose body adds
+    1 to the counter, and whose counter's start and bound are known; else ``None``.
+
+    The trip count is ``bound − first``: the most the loop can run (its other conditions, such as
+    every row having stopped, only end it sooner).
+    """
+    cond, body = eqn.params["cond_jaxpr"].jaxpr, eqn.params["body_jaxpr"].jaxpr
+    cond_consts, body_consts = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+    inner_known = {v: k for v, x in zip(cond.invars[:cond_consts], eqn.invars[:cond_consts])
+                   if (k := _int_value(x, known)) is not None}
+    carry = list(cond.invars[cond_consts:])
+    defined = {out: e for e in cond.eqns for out in e.outvars}
+    comparisons = []
+
+    def visit(var):
+        e = _member_get(defined, var)
+        if e is None:
+            return
+        if e.primitive.name == "and":
+            for operand in e.invars:
+                visit(operand)
+        elif e.primitive.name in ("lt", "gt"):
+            counter, bound = e.invars if e.primitive.name == "lt" else e.invars[::-1]
+            if counter in carry and (value := _int_value(bound, inner_known)) is not None:
+                comparisons.append((carry.index(counter), value))
+
+    visit(cond.outvars[0])
+    body_defined = {out: e for e in body.eqns for out in e.outvars}
+    for index, bound in comparisons:
+        step = _member_get(body_defined, body.outvars[index])
+        counter_in = body.invars[body_consts + index]
+        increments = (step is not None and step.primitive.name == "add" and counter_in in step.invars
+                      and any(_int_value(v, {}) == 1 for v in step.invars))
+        first = _int_value(eqn.invars[cond_consts + body_consts + index], known)
+        if increments and first is not None:
+            return max(bound - first, 0), first, bound, index
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
 class _Counter:
     """Counts the work of a jaxpr, with its loops multiplied out or (``multiply=False``) each loop body
     counted once, as XLA's cost analysis does.
+
+    A ``scan`` runs ``length`` times. A ``while`` runs as often as its counter can count: the
+    condition's ``counter < bound`` with the counter's start and the bound followed through the
+    program as integer constants (:func:`_while_trips`); so each of the sampler's decode segments
+    counts its own steps, and the next segment starts where the last one ended. A ``while`` whose
+    trip count cannot be read so counts ``decode_trips`` (the response length: no decode loop runs
+    longer) and is marked as such.
 
     HBM bytes per device follow a simple traffic model: every matmul reads its operands and writes
     its result once; an operand computed from the parameters alone (a weight, cast or sliced) is
     read whole by every device of a ``tensor`` shard (FSDP gathers it), any other (activations,
     the KV cache) is split over all devices; inside ``shard_map`` shapes are already one device's.
-    Pallas kernels read and write their operands once. Elementwise traffic (mostly fused) and
-    collectives are left out.
+    Pallas kernels read and write their operands once. Elementwise traffic (mostly fused) is left
+    out; collectives are counted on the compiled program (:mod:`opd_jax.plan_collectives`).
     """
 
     multiply: bool
@@ -571,9 +654,18 @@ class _Counter:
     tensor: int
     devices: int
 
-    def walk(self, jaxpr, weights: Sequence[bool] = (), local: bool = False) -> tuple[_Work, list[bool]]:
-        """``(work, which outputs are weights)``; ``weights[i]``: whether input ``i`` is a weight."""
+    def walk(self, jaxpr, weights: Sequence[bool] = (), local: bool = False,
+             loops: list[_Loop] | None = None) -> tuple[_Work, list[bool]]:
+        """``(work, which outputs are weights)``; ``weights[i]``: whether input ``i`` is a weight.
+
+        ``loops``, if given, receives the top-level ``while`` loops in program order.
+        """
+        work, flags, _ = self._walk(jaxpr, weights, local, {}, loops)
+        return work, flags
+
+    def _walk(self, jaxpr, weights, local, known_in: dict, loops) -> tuple[_Work, list[bool], dict]:
         is_weight = {v for v, w in zip(jaxpr.invars, weights) if w}
+        known = dict(known_in)
         work = _Work()
 
         def share(var) -> float:
@@ -583,90 +675,126 @@ class _Counter:
             return size / self.tensor if _member(var, is_weight) else size / self.devices
 
         for eqn in jaxpr.eqns:
-            name = eqn.primitive.name
             flags = [_member(v, is_weight) for v in eqn.invars]
-            out_flags = [False] * len(eqn.outvars)
-            if name == "dot_general":
-                (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-                lhs = eqn.invars[0].aval.shape
-                out = eqn.outvars[0].aval.shape
-                work.flops += 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
-                work.bytes += sum(share(v) for v in (*eqn.invars, *eqn.outvars))
-            elif name == "pallas_call":
-                estimate = eqn.params.get("cost_estimate")
-                kernel_flops = float(estimate.flops) if estimate is not None and estimate.flops else 0.0
-                work += _Work(0.0, sum(share(v) for v in (*eqn.invars, *eqn.outvars)),
-                              kernel_flops or _attention_kernel_flops(eqn))
-            elif name == "scan":
-                # Inputs map one to one to the body's (consts, carry, xs): stacked layer weights are xs.
-                body, _ = self.walk(eqn.params["jaxpr"].jaxpr, flags, local)
-                work += body * (eqn.params["length"] if self.multiply else 1)
-            elif name == "while":
-                skip, consts = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
-                inner = [f and i < consts for i, f in enumerate(flags[skip:])]
-                body, _ = self.walk(eqn.params["body_jaxpr"].jaxpr, inner, local)
-                work += body * (self.decode_trips if self.multiply else 1)
-            elif name == "cond":
-                branches = [self.walk(b.jaxpr, flags[1:], local)[0] for b in eqn.params["branches"]]
-                work += max(branches, key=lambda w: w.flops)
-            elif subs := list(_sub_jaxprs(eqn)):
-                inner_local = local or name == "shard_map"
-                scale = 1
-                if name == "shard_map":  # the body is one device's: FLOPs of all devices, bytes of one
-                    mesh, axes = eqn.params["mesh"], eqn.params.get("manual_axes", ())
-                    scale = math.prod(mesh.shape[a] for a in axes) if axes else mesh.size
-                for index, sub in enumerate(subs):
-                    mapped = flags if len(sub.invars) == len(eqn.invars) else []
-                    sub_work, sub_out = self.walk(sub, mapped, inner_local)
-                    work += _Work(sub_work.flops * scale, sub_work.bytes, sub_work.kernel_flops * scale)
-                    if index == 0 and len(sub_out) == len(eqn.outvars):
-                        out_flags = sub_out
-            else:  # elementwise / structural: a weight stays a weight through casts, slices, transposes
-                floats = [f for v, f in zip(eqn.invars, flags) if _is_float_array(v)]
-                out_flags = [bool(floats) and all(floats)] * len(eqn.outvars)
+            eqn_work, out_flags = self._equation(eqn, flags, local, known, loops, share)
+            work += eqn_work
             is_weight.update(v for v, f in zip(eqn.outvars, out_flags) if f)
         # A body can return a literal (a constant), which is never a weight and is not hashable.
-        return work, [not isinstance(v, jax_core.Literal) and v in is_weight for v in jaxpr.outvars]
+        return (work, [not isinstance(v, jax_core.Literal) and v in is_weight for v in jaxpr.outvars],
+                {i: k for i, v in enumerate(jaxpr.outvars) if (k := _int_value(v, known)) is not None})
 
-
-def _decode_loop(jaxpr, weights: Sequence[bool]):
-    """The first ``while`` equation (the sampler's decode loop) and which of its inputs are weights."""
-    is_weight = {v for v, w in zip(jaxpr.invars, weights) if w}
-    for eqn in jaxpr.eqns:
-        flags = [_member(v, is_weight) for v in eqn.invars]
-        if eqn.primitive.name == "while":
-            return eqn, flags
-        for sub in _sub_jaxprs(eqn):
-            if len(sub.invars) == len(eqn.invars) and (found := _decode_loop(sub, flags)) is not None:
-                return found
+    def _equation(self, eqn, flags, local, known, loops, share) -> tuple[_Work, list[bool]]:
+        """The work of one equation and which of its outputs are weights (``known`` is updated)."""
+        name = eqn.primitive.name
+        out_flags = [False] * len(eqn.outvars)
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs, out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+            flops = 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
+            return _Work(flops, sum(share(v) for v in (*eqn.invars, *eqn.outvars))), out_flags
+        if name == "pallas_call":
+            estimate = eqn.params.get("cost_estimate")
+            kernel_flops = float(estimate.flops) if estimate is not None and estimate.flops else 0.0
+            return _Work(0.0, sum(share(v) for v in (*eqn.invars, *eqn.outvars)),
+                         kernel_flops or _attention_kernel_flops(eqn)), out_flags
+        if name == "scan":
+            # Inputs map one to one to the body's (consts, carry, xs): stacked layer weights are xs.
+            body, _ = self.walk(eqn.params["jaxpr"].jaxpr, flags, local)
+            return body * (eqn.params["length"] if self.multiply else 1), out_flags
+        if name == "while":
+            return self._while(eqn, flags, local, known, loops), out_flags
+        if name == "cond":
+            branches = [self.walk(b.jaxpr, flags[1:], local)[0] for b in eqn.params["branches"]]
+            return max(branches, key=lambda w: w.flops), out_flags
+        if subs := list(_sub_jaxprs(eqn)):
+            return self._call(eqn, subs, flags, local, known, loops)
+        if name in ("convert_element_type", "copy", "broadcast_in_dim") and eqn.invars:
+            if (value := _int_value(eqn.invars[0], known)) is not None and eqn.outvars[0].aval.shape == ():
+                known[eqn.outvars[0]] = value
+        # Elementwise / structural: a weight stays a weight through casts, slices, transposes; not
+        # through a gather by data (an embedding lookup of the tokens is an activation).
         floats = [f for v, f in zip(eqn.invars, flags) if _is_float_array(v)]
-        if floats and all(floats) and not list(_sub_jaxprs(eqn)):
-            is_weight.update(eqn.outvars)
-    return None
+        by_data = any(getattr(getattr(v, "aval", None), "shape", ()) and not _is_float_array(v) for v in eqn.invars)
+        return _Work(), [bool(floats) and all(floats) and not by_data] * len(eqn.outvars)
+
+    def _while(self, eqn, flags, local, known, loops) -> _Work:
+        skip, consts = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+        inner = [f and i < consts for i, f in enumerate(flags[skip:])]
+        body, _ = self.walk(eqn.params["body_jaxpr"].jaxpr, inner, local)
+        found = _while_trips(eqn, known)
+        if found is None:
+            loop = _Loop(self.decode_trips, None, body, derived=False)
+        else:
+            trips, first, bound, index = found
+            known[eqn.outvars[index]] = max(first, bound)  # where the next loop's counter starts
+            loop = _Loop(trips, first, body, derived=True)
+        if loops is not None:
+            loops.append(loop)
+        return body * (loop.trips if self.multiply else 1)
+
+    def _call(self, eqn, subs, flags, local, known, loops) -> tuple[_Work, list[bool]]:
+        """A call (jit, custom derivative rules, shard_map, ...): the work of its jaxprs, with the
+        weights and integer constants of its inputs followed in and those of its outputs out."""
+        scale = 1
+        if eqn.primitive.name == "shard_map":  # the body is one device's: FLOPs of all devices, bytes of one
+            mesh, axes = eqn.params["mesh"], eqn.params.get("manual_axes", ())
+            scale = math.prod(mesh.shape[a] for a in axes) if axes else mesh.size
+            local, loops = True, None
+        work, out_flags = _Work(), [False] * len(eqn.outvars)
+        for index, sub in enumerate(subs):
+            mapped = len(sub.invars) == len(eqn.invars)
+            sub_known = ({v: k for v, x in zip(sub.invars, eqn.invars) if (k := _int_value(x, known)) is not None}
+                         if mapped else {})
+            sub_work, sub_out, out_known = self._walk(sub, flags if mapped else [], local, sub_known,
+                                                      loops if index == 0 else None)
+            work += _Work(sub_work.flops * scale, sub_work.bytes, sub_work.kernel_flops * scale)
+            if index == 0 and len(sub_out) == len(eqn.outvars):
+                out_flags = sub_out
+                known.update({eqn.outvars[i]: k for i, k in out_known.items()})
+        return work, out_flags
 
 
-def _phases(traced, weights: Sequence[bool], decode_trips: int, tensor: int, devices: int
-            ) -> list[tuple[str, int, float, float]]:
-    """``[(phase, repeats, flops, bytes)]`` per device, loops multiplied out (see :class:`_Counter`).
+@dataclasses.dataclass(frozen=True)
+class _Phase:
+    """Per-device work of one phase of a program, run ``repeats`` times (a decode segment: once per step).
 
-    FLOPs are split evenly over the devices. One phase for a program without a decode loop;
-    ``prefill`` and ``decode step`` (× trips) for the sampler.
+    ``first_step`` is the loop counter's first value (the first response slot a decode segment
+    writes), ``trips_derived`` whether ``repeats`` was read from the jaxpr.
     """
-    jaxpr = traced.jaxpr.jaxpr
-    counter = _Counter(multiply=True, decode_trips=decode_trips, tensor=tensor, devices=devices)
+
+    name: str
+    repeats: int
+    flops: float
+    bytes: float
+    first_step: int | None = None
+    trips_derived: bool = True
+
+
+def _phases(traced, weights: Sequence[bool], fallback_trips: int, tensor: int, devices: int,
+            *, outside: str = "prefill", loop: str = "decode steps") -> tuple[list[_Phase], list[_Loop]]:
+    """The phases of a program, per device, loops multiplied out (see :class:`_Counter`), and its
+    top-level loops.
+
+    One phase ``all`` for a program without a ``while`` loop. Otherwise ``outside`` (the sampler's
+    prefill: everything not inside a top-level loop) and one phase per loop, named by the counter
+    values it runs through (``decode steps 0-127``), repeated once per trip.
+    """
+    counter = _Counter(multiply=True, decode_trips=fallback_trips, tensor=tensor, devices=devices)
+    loops: list[_Loop] = []
+    full, _ = counter.walk(traced.jaxpr.jaxpr, weights, loops=loops)
 
     def per_device(work: _Work) -> tuple[float, float]:
         return (work.flops + work.kernel_flops) / devices, work.bytes
 
-    full, _ = counter.walk(jaxpr, weights)
-    found = _decode_loop(jaxpr, weights)
-    if found is None:
-        return [("all", 1, *per_device(full))]
-    loop, flags = found
-    skip, consts = loop.params["cond_nconsts"], loop.params["body_nconsts"]
-    step, _ = counter.walk(loop.params["body_jaxpr"].jaxpr, [f and i < consts for i, f in enumerate(flags[skip:])])
-    return [("prefill", 1, *per_device(full - step * decode_trips)),
-            ("decode step", decode_trips, *per_device(step))]
+    if not loops:
+        return [_Phase("all", 1, *per_device(full))], loops
+    phases = []
+    for index, found in enumerate(loops):
+        full = full - found.body * found.trips
+        name = (f"{loop} {found.first}-{found.first + found.trips - 1}" if found.first is not None
+                else f"loop {index} (trip count not found: {found.trips} assumed)")
+        phases.append(_Phase(name, found.trips, *per_device(found.body), found.first, found.derived))
+    return [_Phase(outside, 1, *per_device(full)), *phases], loops
 
 
 # --------------------------------------------------------------------------------------------------
@@ -692,57 +820,22 @@ def plan(config: PlanConfig, *, programs: Sequence[str] | None = None,
 def report(compiled: CompiledPlan) -> dict[str, Any]:
     """The report of :func:`plan` from already compiled programs."""
     config, topology = compiled.config, compiled.topology
-    chip = topology.chip
     memory = topology.memory_bytes(list(compiled.mesh.devices.flat))
-    programs: dict[str, dict[str, Any]] = {}
-    over = []
-    step_seconds = 0.0
-    for name in compiled.traced:
-        entry: dict[str, Any] = {"executions": compiled.executions[name],
-                                 "compile_seconds": round(compiled.compile_seconds[name], 3),
-                                 "resident_bytes": compiled.resident_bytes[name]}
-        if name in compiled.oom:
-            required, available = _parse_oom(compiled.oom[name])
-            entry.update(argument_bytes=None, output_bytes=None, alias_bytes=None, temp_bytes=None,
-                         peak_bytes=required, total_bytes=required + compiled.resident_bytes[name],
-                         flops=None, bytes_accessed=None, xla_flops=None, xla_bytes_accessed=None,
-                         roofline_seconds=None, compiler_error=compiled.oom[name])
-            over.append({"program": name, "bytes_over": entry["total_bytes"] - memory})
-            step_seconds = None
-            programs[name] = entry
-            continue
-        executable = compiled.compiled[name]
-        stats = executable.memory_analysis()
-        argument, output, alias, temp = (int(getattr(stats, f"{k}_size_in_bytes")) for k in
-                                         ("argument", "output", "alias", "temp"))
-        compiler_peak = int(getattr(stats, "peak_memory_in_bytes", 0) or 0)
-        peak = max(compiler_peak, argument + output + temp - alias)
-        cost = executable.cost_analysis() or {}
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        xla_flops, xla_bytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-        mesh = compiled.meshes[name]
-        phases = _phases(compiled.traced[name], compiled.weights[name], config.new_tokens, mesh.shape["tensor"],
-                         mesh.size)
-        seconds = sum(repeats * max(f / chip.peak_flops, b / chip.hbm_bandwidth) for _, repeats, f, b in phases)
-        total = peak + compiled.resident_bytes[name]
-        entry.update(
-            argument_bytes=argument, output_bytes=output, alias_bytes=alias, temp_bytes=temp, peak_bytes=peak,
-            compiler_peak_bytes=compiler_peak,
-            total_bytes=total,
-            flops=sum(r * f for _, r, f, _ in phases), bytes_accessed=sum(r * b for _, r, _, b in phases),
-            xla_flops=xla_flops, xla_bytes_accessed=xla_bytes, roofline_seconds=seconds,
-        )
-        if len(phases) > 1:
-            entry["phases"] = {p: {"repeats": r, "flops": f, "bytes_accessed": b,
-                                   "roofline_seconds": max(f / chip.peak_flops, b / chip.hbm_bandwidth)}
-                               for p, r, f, b in phases}
-        if total > memory:
-            over.append({"program": name, "bytes_over": total - memory})
-        if step_seconds is not None:
-            step_seconds += compiled.executions[name] * seconds
-        programs[name] = entry
-    if set(compiled.traced) != set(compiled.step_programs):
-        step_seconds = None  # a step time needs every program
+    programs = {name: _program_entry(compiled, name) for name in compiled.traced}
+    over = [{"program": name, "bytes_over": p["total_bytes"] - memory} for name, p in programs.items()
+            if p["total_bytes"] > memory]
+    step_seconds = None
+    if set(compiled.traced) == set(compiled.step_programs) and all(
+            p["roofline_seconds"] is not None for p in programs.values()):  # a step time needs every program
+        step_seconds = sum(compiled.executions[name] * p["roofline_seconds"] for name, p in programs.items())
+    return {**_report_header(compiled, memory), "programs": programs, "fits": not over, "over": over,
+            "estimated_step_seconds": step_seconds}
+
+
+def _report_header(compiled: CompiledPlan, memory: int) -> dict[str, Any]:
+    """The planned run: topology, chip, meshes, models, batch and configuration."""
+    config, topology = compiled.config, compiled.topology
+    chip = topology.chip
     mesh, teacher_mesh, train, execution = config.placement.mesh, config.placement.teacher_mesh, config.train, \
         config.execution
     return {
@@ -750,7 +843,7 @@ def report(compiled: CompiledPlan) -> dict[str, Any]:
         "devices": topology.num_devices,
         "device_memory_bytes": memory,
         "chip": {"name": chip.name, "peak_flops": chip.peak_flops, "hbm_bytes": chip.hbm_bytes,
-                 "hbm_bandwidth": chip.hbm_bandwidth, "source": chip.source},
+                 "hbm_bandwidth": chip.hbm_bandwidth, "ici_bandwidth": chip.ici_bandwidth, "source": chip.source},
         "mesh": {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor},
         "teacher_mesh": None if teacher_mesh is None else {"data": teacher_mesh.data, "fsdp": teacher_mesh.fsdp,
                                                            "tensor": teacher_mesh.tensor},
@@ -769,11 +862,78 @@ def report(compiled: CompiledPlan) -> dict[str, Any]:
         # As the run folder's config.json records it ("auto" resolved), and how the models run.
         "train_config": train.to_json(),
         "execution": {**dataclasses.asdict(execution), "attention_resolved": compiled.attention},
-        "programs": programs,
-        "fits": not over,
-        "over": over,
-        "estimated_step_seconds": step_seconds,
     }
+
+
+def _program_entry(compiled: CompiledPlan, name: str) -> dict[str, Any]:
+    """One program's memory (``memory_analysis``), work (:func:`_phases`), collectives
+    (:mod:`opd_jax.plan_collectives`) and roofline seconds."""
+    resident = compiled.resident_bytes[name]
+    entry: dict[str, Any] = {"executions": compiled.executions[name],
+                             "compile_seconds": round(compiled.compile_seconds[name], 3), "resident_bytes": resident}
+    if name in compiled.oom:
+        required, _ = _parse_oom(compiled.oom[name])
+        entry.update(argument_bytes=None, output_bytes=None, alias_bytes=None, temp_bytes=None,
+                     peak_bytes=required, total_bytes=required + resident, flops=None, bytes_accessed=None,
+                     xla_flops=None, xla_bytes_accessed=None, collective_bytes=None, collective_seconds=None,
+                     roofline_seconds=None, roofline_seconds_without_collectives=None,
+                     compiler_error=compiled.oom[name])
+        return entry
+    executable = compiled.compiled[name]
+    stats = executable.memory_analysis()
+    argument, output, alias, temp = (int(getattr(stats, f"{k}_size_in_bytes")) for k in
+                                     ("argument", "output", "alias", "temp"))
+    compiler_peak = int(getattr(stats, "peak_memory_in_bytes", 0) or 0)
+    peak = max(compiler_peak, argument + output + temp - alias)
+    cost = executable.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    entry.update(argument_bytes=argument, output_bytes=output, alias_bytes=alias, temp_bytes=temp, peak_bytes=peak,
+                 compiler_peak_bytes=compiler_peak, total_bytes=peak + resident)
+    entry.update(_work_entry(compiled, name, executable.as_text()))
+    entry.update(xla_flops=float(cost.get("flops", 0.0)), xla_bytes_accessed=float(cost.get("bytes accessed", 0.0)))
+    return entry
+
+
+def _roofline(chip: topologies_lib.Chip, flops: float, hbm_bytes: float, collective_bytes: float) -> dict[str, float]:
+    without = max(flops / chip.peak_flops, hbm_bytes / chip.hbm_bandwidth)
+    collective_seconds = collective_bytes / chip.ici_bandwidth
+    return {"collective_seconds": collective_seconds, "roofline_seconds": max(without, collective_seconds),
+            "roofline_seconds_without_collectives": without}
+
+
+def _work_entry(compiled: CompiledPlan, name: str, hlo: str) -> dict[str, Any]:
+    """FLOPs, HBM bytes and collective bytes of a program, in total and per phase, with rooflines.
+
+    Each phase's figures are per repeat (a decode segment's: per step); the program's are the sum
+    over phases of repeats × figures.
+    """
+    config, chip, mesh = compiled.config, compiled.topology.chip, compiled.meshes[name]
+    phases, loops = _phases(compiled.traced[name], compiled.weights[name], config.new_tokens, mesh.shape["tensor"],
+                            mesh.size)
+    collectives = plan_collectives.count_collectives(hlo, mesh.size, [loop.trips for loop in loops])
+    segments = sampling_lib.cache_segments(config.prompt_length, config.new_tokens) if name == "rollout" else ()
+    per_phase = [collectives.outside, *(collectives.loops + [{}] * len(loops))[:len(loops)]]
+    entries, total = {}, {"flops": 0.0, "bytes_accessed": 0.0, "collective_bytes": 0.0, "roofline_seconds": 0.0,
+                          "roofline_seconds_without_collectives": 0.0}
+    for index, (phase, kinds) in enumerate(zip(phases, per_phase)):
+        moved = sum(kinds.values())
+        entry = {"repeats": phase.repeats, "flops": phase.flops, "bytes_accessed": phase.bytes,
+                 "collective_bytes": moved, "collectives": dict(kinds), **_roofline(chip, phase.flops, phase.bytes, moved)}
+        if index:
+            entry.update(first_step=phase.first_step, trips_derived=phase.trips_derived,
+                         weight_gather_bytes=(collectives.loop_weight_gathers + [0.0] * index)[index - 1])
+            end = None if phase.first_step is None else config.prompt_length + phase.first_step + phase.repeats
+            entry["cache_slots"] = end if end in segments else None
+        entries[phase.name] = entry
+        for key in total:
+            total[key] += phase.repeats * entry[key]
+    result = {**total, "collective_seconds": total["collective_bytes"] / chip.ici_bandwidth,
+              "collectives": collectives.total([p.repeats for p in phases[1:]]),
+              "collectives_matched": collectives.matched}
+    if len(phases) > 1:
+        result["phases"] = entries
+        result["decode_weight_gathers"] = any(e.get("weight_gather_bytes", 0.0) > 0 for e in entries.values())
+    return result
 
 
 def _configuration_lines(result: dict[str, Any]) -> list[str]:
@@ -788,6 +948,45 @@ def _configuration_lines(result: dict[str, Any]) -> list[str]:
     if teacher_mesh:
         lines.append(f"teacher on its own mesh data={teacher_mesh['data']} fsdp={teacher_mesh['fsdp']} "
                      f"tensor={teacher_mesh['tensor']} (program 'teacher')")
+    return lines
+
+
+def _bound(phase: dict[str, Any], chip: dict[str, Any]) -> str:
+    """What limits a phase's roofline: compute, memory or interconnect."""
+    times = {"compute": phase["flops"] / chip["peak_flops"], "memory": phase["bytes_accessed"] / chip["hbm_bandwidth"]}
+    if phase.get("collective_seconds") is not None:
+        times["interconnect"] = phase["collective_seconds"]
+    return max(times, key=times.get)
+
+
+def _rollout_lines(result: dict[str, Any]) -> list[str]:
+    """The rollout's phases, and each program's collectives (reports from before collectives were
+    counted render as they did)."""
+    chip, programs = result["chip"], result["programs"]
+    lines = []
+    phases = programs.get("rollout", {}).get("phases")
+    if phases and "decode step" in phases:  # one decode loop × max_new_tokens: reports before issue 25
+        prefill, decode = phases["prefill"], phases["decode step"]
+        lines.append(f"rollout: prefill {prefill['roofline_seconds']:.3g} s + {decode['repeats']} decode steps × "
+                     f"{1e3 * decode['roofline_seconds']:.3g} ms ({_bound(decode, chip)}-bound: "
+                     f"{decode['bytes_accessed'] / GIB:.3g} GiB read per step and device)")
+    elif phases:
+        prefill = phases["prefill"]
+        segments = [(n, p) for n, p in phases.items() if n != "prefill"]
+        lines.append(f"rollout: prefill {prefill['roofline_seconds']:.3g} s + {len(segments)} decode segment(s), "
+                     f"{sum(p['repeats'] for _, p in segments)} steps in all:")
+        for name, p in segments:
+            cache = "" if p.get("cache_slots") is None else f", cache {p['cache_slots']} slots"
+            gathers = f", weight gathers {p['weight_gather_bytes'] / GIB:.3g} GiB" if p.get("weight_gather_bytes") else ""
+            lines.append(f"  {name}{cache}: {p['repeats']} × {1e3 * p['roofline_seconds']:.3g} ms "
+                         f"({_bound(p, chip)}-bound: {p['bytes_accessed'] / GIB:.3g} GiB read, "
+                         f"{p['collective_bytes'] / GIB:.3g} GiB over ICI per step and device{gathers})")
+        lines.append(f"  weight gathers inside the decode loop: {'yes' if programs['rollout'].get('decode_weight_gathers') else 'no'}")
+    counted = {n: p for n, p in programs.items() if p.get("collective_bytes") is not None}
+    if counted:
+        lines.append("collectives per device (ICI " + f"{chip['ici_bandwidth'] / 1e9:.0f} GB/s): " + "; ".join(
+            f"{n} {p['collective_bytes'] / GIB:.3g} GiB, {p['collective_seconds']:.3g} s (roofline "
+            f"{p['roofline_seconds_without_collectives']:.3g} s without)" for n, p in counted.items()))
     return lines
 
 
@@ -838,14 +1037,7 @@ def format_report(result: dict[str, Any]) -> str:
         if batch["logit_chunk_size"] is None and any(o["program"] != "rollout" for o in result["over"]):
             lines.append("  (score and update project all tokens onto the vocabulary at once: try --logit-chunk-size "
                          "1024; more devices, --minibatches or --remat full also lower the update's peak)")
-    phases = result["programs"].get("rollout", {}).get("phases")
-    if phases:
-        prefill, decode = phases["prefill"], phases["decode step"]
-        bound = "memory" if decode["bytes_accessed"] / result["chip"]["hbm_bandwidth"] > (
-            decode["flops"] / result["chip"]["peak_flops"]) else "compute"
-        lines.append(f"rollout: prefill {prefill['roofline_seconds']:.3g} s + {decode['repeats']} decode steps × "
-                     f"{1e3 * decode['roofline_seconds']:.3g} ms ({bound}-bound: "
-                     f"{decode['bytes_accessed'] / GIB:.3g} GiB read per step and device)")
+    lines += _rollout_lines(result)
     if result["estimated_step_seconds"] is not None:
         lines.append(f"estimated step: {result['estimated_step_seconds']:.3g} s (roofline lower bound: "
                      "each program × its runs per step)")

@@ -47,6 +47,9 @@ class Chip:
         (libtpu 0.0.50's ``CompileTimeHbmOom`` message: "exceeds available HBM (…G)"); ``None`` where
         not measured. The plan's ``device_memory_bytes`` is the smaller of this and ``hbm_bytes``.
       source: where the figures come from.
+      ici_bandwidth: bidirectional chip-to-chip interconnect bandwidth of one chip (ICI on TPU,
+        NVLink on GPU), bytes/s: what the plan divides a device's collective traffic (bytes sent
+        plus received) by. A lower bound on collective time: it assumes every link of the chip busy.
     """
 
     name: str
@@ -55,6 +58,7 @@ class Chip:
     hbm_bandwidth: float
     compiler_hbm_bytes: int | None
     source: str
+    ici_bandwidth: float
 
     @property
     def memory_bytes(self) -> int:
@@ -66,20 +70,26 @@ class Chip:
 
 CHIPS: dict[str, Chip] = {
     # "Peak compute per chip 275 teraflops (bf16 or int8); HBM2 capacity and bandwidth 32 GiB, 1200 GBps".
-    "v4": Chip("v4", 275e12, 32 * GIB, 1200e9, int(30.75 * GIB), "https://cloud.google.com/tpu/docs/v4"),
-    # "Peak compute per chip (bf16) 197 TFLOPs; HBM2 capacity and bandwidth 16 GB, 819 GBps".
-    "v5e": Chip("v5e", 197e12, 16 * GIB, 819e9, int(15.75 * GIB), "https://cloud.google.com/tpu/docs/v5e"),
-    # "Peak compute per chip (BF16) 459 TFLOPs; HBM capacity per chip 95 GiB; HBM bandwidth 2765 GBps".
-    "v5p": Chip("v5p", 459e12, 95 * GIB, 2765e9, int(95.73 * GIB), "https://cloud.google.com/tpu/docs/v5p"),
-    # "Peak compute per chip (bf16) 918 TFLOPs; HBM capacity per chip 32 GB; HBM bandwidth 1638 GBps".
-    "v6e": Chip("v6e", 918e12, 32 * GIB, 1638e9, int(31.24 * GIB), "https://cloud.google.com/tpu/docs/v6e"),
+    # ICI: the v4 page gives no per-chip figure; 6 links per chip at 45 GB/s each way (the JAX
+    # scaling book, "How to Think About TPUs", https://jax-ml.github.io/scaling-book/tpus/): 540 GB/s.
+    "v4": Chip("v4", 275e12, 32 * GIB, 1200e9, int(30.75 * GIB), "https://cloud.google.com/tpu/docs/v4", 540e9),
+    # "Peak compute per chip (bf16) 197 TFLOPs; HBM2 capacity and bandwidth 16 GB, 819 GBps";
+    # "Bidirectional inter-chip interconnect (ICI) bandwidth (per chip) 400 GBps".
+    "v5e": Chip("v5e", 197e12, 16 * GIB, 819e9, int(15.75 * GIB), "https://cloud.google.com/tpu/docs/v5e", 400e9),
+    # "Peak compute per chip (BF16) 459 TFLOPs; HBM capacity per chip 95 GiB; HBM bandwidth 2765 GBps";
+    # "Bidirectional inter-chip interconnect (ICI) bandwidth per chip (GBps) 1200".
+    "v5p": Chip("v5p", 459e12, 95 * GIB, 2765e9, int(95.73 * GIB), "https://cloud.google.com/tpu/docs/v5p", 1200e9),
+    # "Peak compute per chip (bf16) 918 TFLOPs; HBM capacity per chip 32 GB; HBM bandwidth 1638 GBps";
+    # "Bidirectional inter-chip interconnect (ICI) bandwidth (per chip) 800 GBps".
+    "v6e": Chip("v6e", 918e12, 32 * GIB, 1638e9, int(31.24 * GIB), "https://cloud.google.com/tpu/docs/v6e", 800e9),
     # NVIDIA datasheets (SXM, dense bf16 without sparsity): H100 80 GB HBM3 at 3.35 TB/s; H200 141 GB
-    # HBM3e at 4.8 TB/s. https://www.nvidia.com/en-us/data-center/h100/ , /h200/
-    "h100": Chip("h100", 989e12, 80 * 10**9, 3.35e12, None, "https://www.nvidia.com/en-us/data-center/h100/"),
-    "h200": Chip("h200", 989e12, 141 * 10**9, 4.8e12, None, "https://www.nvidia.com/en-us/data-center/h200/"),
+    # HBM3e at 4.8 TB/s; both "NVLink: 900GB/s" (bidirectional). https://www.nvidia.com/en-us/data-center/h100/ , /h200/
+    "h100": Chip("h100", 989e12, 80 * 10**9, 3.35e12, None, "https://www.nvidia.com/en-us/data-center/h100/", 900e9),
+    "h200": Chip("h200", 989e12, 141 * 10**9, 4.8e12, None, "https://www.nvidia.com/en-us/data-center/h200/", 900e9),
     # Virtual CPU devices share the host: memory is filled in per topology (host RAM / devices);
-    # the speed figures are nominal, for a roofline of the right order only.
-    "cpu": Chip("cpu", 1e11, 0, 2e10, None, "nominal: one host core group, ~100 GFLOP/s, ~20 GB/s"),
+    # the speed figures are nominal, for a roofline of the right order only (a collective between
+    # them is a copy in host memory).
+    "cpu": Chip("cpu", 1e11, 0, 2e10, None, "nominal: one host core group, ~100 GFLOP/s, ~20 GB/s", 2e10),
 }
 
 # Slice sizes Cloud TPU offers for the 2D (one TensorCore per chip) generations, in chips.
