@@ -106,6 +106,8 @@ __all__ = [
     "ESTIMATORS",
     "Estimator",
     "LEVELS",
+    "broadcast_advantages",
+    "discounted_future",
     "leave_one_out_baseline",
     "masked_log_ratio",
     "reward_to_go",
@@ -121,6 +123,33 @@ def check_same_shape(**arrays: Array) -> None:
     if len(first) != 2 or any(s != first for s in shapes.values()):
         described = ", ".join(f"{name} {list(s)}" for name, s in shapes.items())
         raise ValueError(f"expected matching [B, T] shapes, got {described}")
+
+
+def broadcast_advantages(advantages: Array, mask: Array) -> Array:
+    """Token or sequence advantages as one ``[B, T]`` array, for losses that weigh each token.
+
+    Args:
+      advantages: ``[B, T]`` token advantages, or ``[B]`` sequence advantages (one per row,
+        repeated over its ``T`` positions).
+      mask: ``[B, T]``; only its shape is read.
+
+    Returns:
+      ``[B, T]`` in the dtype of ``advantages`` (no stop-gradient and no masking: callers apply both).
+
+    Raises:
+      ValueError: ``[B]`` advantages whose ``B`` differs from the mask's, or ``[B, T]`` ones of
+        another shape.
+    """
+    advantages = jnp.asarray(advantages)
+    if advantages.ndim == 1:
+        if advantages.shape[0] != jnp.shape(mask)[0]:
+            raise ValueError(
+                f"sequence advantages {list(advantages.shape)} do not match mask {list(jnp.shape(mask))}"
+            )
+        advantages = advantages[:, None]
+    else:
+        check_same_shape(advantages=advantages, mask=mask)
+    return jnp.broadcast_to(advantages, jnp.shape(mask))
 
 
 def _dtype_of(x):
@@ -213,12 +242,29 @@ def masked_log_ratio(
     return log_u
 
 
-def _discounted_future(cost_BxT: Array, in_response_BxT: Array, gamma: float) -> Array:
+def discounted_future(cost_BxT: Array, in_response_BxT: Array, gamma: float) -> Array:
     """``Σ_{k>n} γ^{j(k)−j(n)} cost_k`` over response tokens ``k``, with ``j`` the response index.
 
+    The discounted sum of the costs *after* each token (its own excluded): the reward-to-go part of
+    :func:`token_advantages` and :func:`opd_jax.objectives.full_vocab_reward_to_go`. Masked
+    positions are skipped, not discounted (``k − n`` counts response tokens only). A building
+    block: the inputs are not checked, and no stop-gradient is applied.
+
     Solved as the linear recurrence ``C_n = a_n C_{n+1} + cost_n`` (``a_n = γ`` at response tokens,
-    ``1`` at masked ones, which are skipped rather than discounted) by a parallel associative scan;
-    the future of token ``n`` is ``γ C_{n+1}``.
+    ``1`` at masked ones) by a parallel associative scan; the future of token ``n`` is ``γ C_{n+1}``.
+
+    Args:
+      cost_BxT: ``[B, T]`` float; 0 at masked positions (a masked cost would be added undiscounted).
+      in_response_BxT: ``[B, T]`` bool, ``True`` at response tokens.
+      gamma: a Python float in ``[0, 1]`` (``0`` returns zeros without a scan).
+
+    Returns:
+      ``[B, T]`` in the dtype of ``cost_BxT``; at masked positions the future of the next response
+      token, which callers mask out.
+
+    >>> import jax.numpy as jnp
+    >>> discounted_future(jnp.array([[1.0, 2.0, 4.0]]), jnp.array([[True, True, True]]), 0.5).tolist()
+    [[2.0, 2.0, 0.0]]
     """
     if gamma == 0.0:
         return jnp.zeros_like(cost_BxT)
@@ -263,7 +309,7 @@ def reward_to_go(reward_BxT: Array, mask_BxT: Array, *, gamma: float) -> Array:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma!r}")
     in_response = jnp.asarray(mask_BxT).astype(bool)
     reward = jax.lax.stop_gradient(jnp.where(in_response, reward_BxT, jnp.zeros((), reward_BxT.dtype)))
-    return jnp.where(in_response, reward + _discounted_future(reward, in_response, float(gamma)), 0)
+    return jnp.where(in_response, reward + discounted_future(reward, in_response, float(gamma)), 0)
 
 
 def token_advantages(
@@ -317,7 +363,7 @@ def token_advantages(
     zero = jnp.zeros((), log_u.dtype)
     cost = jnp.where(in_response, divergence.f(log_u), zero)
     own = jnp.where(in_response, ESTIMATORS[estimator].own_reward(divergence, log_u), zero)
-    advantages = own - _discounted_future(cost, in_response, float(gamma))
+    advantages = own - discounted_future(cost, in_response, float(gamma))
     if baseline is not None:
         advantages = advantages - jax.lax.stop_gradient(jnp.asarray(baseline, log_u.dtype))
     return jnp.where(in_response, advantages, zero)

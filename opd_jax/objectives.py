@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from opd_jax import divergences as divergences_lib
-from opd_jax.advantages import _discounted_future, check_float, check_mask, check_same_shape
+from opd_jax.advantages import broadcast_advantages, check_float, check_mask, check_same_shape, discounted_future
 from opd_jax.chunking import map_row_chunks
 
 Array = jax.Array
@@ -27,19 +27,6 @@ __all__ = [
     "importance_surrogate",
     "pg_surrogate",
 ]
-
-
-def _broadcast_advantages(advantages: Array, mask: Array) -> Array:
-    advantages = jnp.asarray(advantages)
-    if advantages.ndim == 1:
-        if advantages.shape[0] != jnp.shape(mask)[0]:
-            raise ValueError(
-                f"sequence advantages {list(advantages.shape)} do not match mask {list(jnp.shape(mask))}"
-            )
-        advantages = advantages[:, None]
-    else:
-        check_same_shape(advantages=advantages, mask=mask)
-    return jnp.broadcast_to(advantages, jnp.shape(mask))
 
 
 def pg_surrogate(student_logp: Array, advantages: Array, mask: Array) -> Array:
@@ -67,7 +54,7 @@ def pg_surrogate(student_logp: Array, advantages: Array, mask: Array) -> Array:
     check_mask(mask)
     student_logp = jnp.asarray(student_logp)
     in_response = jnp.asarray(mask).astype(bool)
-    advantages = jax.lax.stop_gradient(_broadcast_advantages(advantages, mask)).astype(student_logp.dtype)
+    advantages = jax.lax.stop_gradient(broadcast_advantages(advantages, mask)).astype(student_logp.dtype)
     zero = jnp.zeros((), student_logp.dtype)
     # Both factors are masked before the product so no -inf * 0 reaches values or gradients.
     terms = jnp.where(in_response, advantages, zero) * jnp.where(in_response, student_logp, zero)
@@ -157,7 +144,7 @@ def importance_surrogate(
     low, high = _check_clip_epsilons(clip_epsilon, clip_epsilon_high)
     bound = _check_clip_ratio_c(clip_ratio_c)
     ratio, in_response = _importance_ratio(student_logp, behavior_logp, mask)
-    advantages = jax.lax.stop_gradient(_broadcast_advantages(advantages, mask)).astype(ratio.dtype)
+    advantages = jax.lax.stop_gradient(broadcast_advantages(advantages, mask)).astype(ratio.dtype)
     advantages = jnp.where(in_response, advantages, 0)
     objective = jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - low, 1 + high) * advantages)
     if bound is not None:
@@ -184,7 +171,7 @@ def clipped_token_mask(
     low, high = _check_clip_epsilons(clip_epsilon, clip_epsilon_high)
     bound = _check_clip_ratio_c(clip_ratio_c)
     ratio, in_response = _importance_ratio(student_logp, behavior_logp, mask)
-    advantages = _broadcast_advantages(advantages, mask)
+    advantages = broadcast_advantages(advantages, mask)
     clipped = ((advantages > 0) & (ratio > 1 + high)) | ((advantages < 0) & (ratio < 1 - low))
     if bound is not None:
         clipped = clipped | ((advantages < 0) & (ratio > bound))
@@ -434,7 +421,7 @@ def full_vocab_reward_to_go(per_token_divergence_BxT: Array, mask_BxT: Array, *,
     in_response_BxT = jnp.asarray(mask_BxT).astype(bool)
     zero = jnp.zeros((), divergence_BxT.dtype)
     cost_BxT = jnp.where(in_response_BxT, divergence_BxT, zero)
-    return jnp.where(in_response_BxT, -_discounted_future(cost_BxT, in_response_BxT, float(gamma)), zero)
+    return jnp.where(in_response_BxT, -discounted_future(cost_BxT, in_response_BxT, float(gamma)), zero)
 
 
 # Columns of the per-row statistics saved by the value pass of the full-vocabulary divergence.

@@ -40,10 +40,9 @@ import optax
 from flax import nnx
 
 from opd_jax import chunking, topologies
-from opd_jax.advantages import leave_one_out_baseline, sequence_advantages, token_advantages
+from opd_jax.advantages import broadcast_advantages, leave_one_out_baseline, sequence_advantages, token_advantages
 from opd_jax.config import TrainConfig
 from opd_jax.objectives import (
-    _broadcast_advantages,
     clipped_token_mask,
     full_vocab_divergence_from_hidden,
     full_vocab_reward_to_go,
@@ -397,9 +396,9 @@ def scored_batch(spec: StepSpec, params, teacher, rollout: Rollout, reference_pa
                                                teacher_projection, mask_BxT,
                                                _chunk_size(spec, rollout.tokens, student_projection.shape[-1]))
         to_go = full_vocab_reward_to_go(config.full_vocab_weight * divergence_BxT, mask_BxT, gamma=config.gamma)
-        advantages = _broadcast_advantages(advantages, mask_BxT) + to_go
+        advantages = broadcast_advantages(advantages, mask_BxT) + to_go
         metrics["full_vocab_divergence"] = _masked_mean(divergence_BxT, mask_BxT)
-    token_advantage = _broadcast_advantages(advantages, mask_BxT)
+    token_advantage = broadcast_advantages(advantages, mask_BxT)
     response_tokens = jnp.sum(mask_BxT)
     metrics |= {
         "teacher_kl": _masked_mean(behaviour_logp - teacher_logp, mask_BxT),
