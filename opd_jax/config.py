@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import math
+import pathlib
+import tomllib
 from typing import Any
 
 from opd_jax import chunking
 from opd_jax import divergences as divergences_lib
 from opd_jax.advantages import ESTIMATORS, LEVELS
+from opd_jax.errors import InputError, InputFileNotFoundError
 
-__all__ = ["BASELINES", "LOSS_AGGREGATIONS", "RESUME_FREE", "ROLLOUT_BACKENDS", "SCHEDULES", "SECTIONS", "TrainConfig",
-           "resolve_divergence"]
+__all__ = ["BASELINES", "CONFIG_FORMATS", "LOSS_AGGREGATIONS", "RESUME_FREE", "ROLLOUT_BACKENDS", "SCHEDULES",
+           "SECTIONS", "TrainConfig", "config_value", "flatten_sections", "read_config_file", "resolve_divergence"]
 
 SECTIONS = ("objective", "rollout", "optimizer", "loop")
 BASELINES = ("none", "leave_one_out")
@@ -63,30 +67,36 @@ def resolve_divergence(value: str | divergences_lib.Divergence, *, field: str = 
     """
     if isinstance(value, divergences_lib.Divergence):
         if params:
-            raise ValueError(f"{field}: beta / alpha cannot be set beside a Divergence value ({value!r})")
+            raise InputError(f"{field}: beta / alpha cannot be set beside a Divergence value ({value!r})")
         return value
     if not isinstance(value, str):
-        raise ValueError(f"{field} must be a divergence name, a Divergence or 'module:attribute'; got {value!r}")
+        raise InputError(f"{field} must be a divergence name, a Divergence or 'module:attribute'; got {value!r}")
     if ":" not in value:
         try:
             return divergences_lib.get(value, **params)
         except ValueError as error:
-            raise ValueError(f"{field}: {error} (or 'module:attribute' of a custom generator)") from None
+            raise InputError(f"{field}: {error} (or 'module:attribute' of a custom generator)") from None
     module_name, _, attribute = value.partition(":")
     try:
         target = importlib.import_module(module_name)
         for part in attribute.split("."):
             target = getattr(target, part)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"{field}: cannot import the custom divergence {value!r} ({type(error).__name__}: {error}); "
+    except (ImportError, AttributeError, ValueError, TypeError) as error:  # TypeError: a relative '.name'
+        raise InputError(f"{field}: cannot import the custom divergence {value!r} ({type(error).__name__}: {error}); "
                          "it must be importable as module:attribute wherever the run is started or resumed") from None
     if params:
-        raise ValueError(f"{field}: beta / alpha apply to built-in divergences only, not to {value!r}")
+        raise InputError(f"{field}: beta / alpha apply to built-in divergences only, not to {value!r}")
     if isinstance(target, divergences_lib.Divergence):
         return target
     if callable(target):
-        return divergences_lib.custom(target, name=attribute)
-    raise ValueError(f"{field}: {value!r} is a {type(target).__name__}, not a Divergence or a generator function")
+        try:
+            return divergences_lib.custom(target, name=attribute)
+        except InputError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a user's function may raise anything when probed
+            raise InputError(f"{field}: {value!r} is not a generator log u -> f(u) ({type(error).__name__}: "
+                             f"{error})") from None
+    raise InputError(f"{field}: {value!r} is a {type(target).__name__}, not a Divergence or a generator function")
 
 
 def _divergence_record(divergence: divergences_lib.Divergence, field: str) -> str:
@@ -97,7 +107,7 @@ def _divergence_record(divergence: divergences_lib.Divergence, field: str) -> st
     module, qualname = getattr(function, "__module__", None), getattr(function, "__qualname__", "")
     reference = f"{module}:{qualname}"
     if module is None or "<" in qualname:
-        raise ValueError(
+        raise InputError(
             f"{field}: the custom divergence {divergence!r} has the generator {qualname or function!r}, which "
             "cannot be imported by name, so config.json could not record it and a resume could not rebuild it; "
             "define the generator at module level (or pass 'module:attribute')"
@@ -107,7 +117,7 @@ def _divergence_record(divergence: divergences_lib.Divergence, field: str) -> st
     except ValueError:
         rebuilt = None
     if rebuilt is None or rebuilt.f_fn is not function:
-        raise ValueError(f"{field}: {reference!r} does not import back to the generator of {divergence!r}; define "
+        raise InputError(f"{field}: {reference!r} does not import back to the generator of {divergence!r}; define "
                          "the generator at module level (or pass 'module:attribute')")
     return reference
 
@@ -211,7 +221,7 @@ class TrainConfig:
         _choice("loss_aggregation", self.loss_aggregation, LOSS_AGGREGATIONS)
         _choice("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
         if not isinstance(self.pipeline_rollouts, bool):
-            raise ValueError(f"pipeline_rollouts must be true or false; got {self.pipeline_rollouts!r}")
+            raise InputError(f"pipeline_rollouts must be true or false; got {self.pipeline_rollouts!r}")
         _range("gamma", self.gamma, 0.0, 1.0)
         if self.log_ratio_clip is not None:
             _range("log_ratio_clip", self.log_ratio_clip, 0.0, None, open_low=True)
@@ -220,7 +230,7 @@ class TrainConfig:
         for name in ("weight_decay", "full_vocab_weight"):
             _range(name, getattr(self, name), 0.0, None)
         if self.learning_rate * self.weight_decay >= 1:
-            raise ValueError(
+            raise InputError(
                 f"learning_rate × weight_decay must be below 1 (each update multiplies the parameters by "
                 f"1 − learning_rate × weight_decay); got {self.learning_rate} × {self.weight_decay}"
             )
@@ -238,12 +248,12 @@ class TrainConfig:
         elif self.logit_chunk_size is not None:
             _range("logit_chunk_size", self.logit_chunk_size, 1, None)
         if self.baseline == "leave_one_out" and self.group_size < 2:
-            raise ValueError("baseline 'leave_one_out' needs group_size >= 2")
+            raise InputError("baseline 'leave_one_out' needs group_size >= 2")
         if self.full_vocab_weight > 0 and self.level != "token":
-            raise ValueError("full_vocab_weight > 0 needs level 'token' (the full-vocabulary term is per token); "
+            raise InputError("full_vocab_weight > 0 needs level 'token' (the full-vocabulary term is per token); "
                              f"got level {self.level!r}")
         if (self.prompts_per_step * self.group_size) % self.minibatches:
-            raise ValueError(
+            raise InputError(
                 f"minibatches ({self.minibatches}) must divide prompts_per_step × group_size "
                 f"({self.prompts_per_step * self.group_size})"
             )
@@ -254,7 +264,7 @@ class TrainConfig:
         params = {k: v for k, v in (("beta", self.beta), ("alpha", self.alpha)) if v is not None}
         for name, value in params.items():
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number; got {value!r}")
+                raise InputError(f"{name} must be a finite number; got {value!r}")
         return resolve_divergence(self.divergence, **params)
 
     def full_vocab_divergence_fn(self) -> divergences_lib.Divergence:
@@ -297,45 +307,68 @@ class TrainConfig:
                 for section in SECTIONS}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """From a flat or sectioned mapping; unknown keys raise a ``ValueError`` listing the valid ones."""
-        return cls(**flatten_sections(values))
+    def from_dict(cls, values: dict[str, Any], *, source: str = "") -> TrainConfig:
+        """From a flat or sectioned mapping, each value checked against its field's type (:func:`config_value`).
+
+        Args:
+          values: ``{field: value}`` or ``{section: {field: value}}``, as JSON or TOML give them.
+          source: prefix of error messages (e.g. ``"--config run.toml: "``).
+
+        Raises:
+          InputError: an unknown key (the message lists the valid ones), a value of the wrong type or
+            out of range (the message names the field and what is allowed).
+        """
+        if not isinstance(values, dict):
+            raise InputError(f"{source}expected a table of training options, got {type(values).__name__}")
+        try:
+            flat = flatten_sections(values)
+            return cls(**{name: config_value(name, value) for name, value in flat.items()})
+        except InputError as error:
+            raise InputError(f"{source}{error}") from None
 
 
 # The config fields that hold a parametrised built-in's parameters, in Divergence.params order.
 _PARAMETER_FIELDS = {"generalized_js": ("beta",), "alpha": ("alpha",)}
 
 
-def flatten_sections(values: dict[str, Any]) -> dict[str, Any]:
+def flatten_sections(values: dict[str, Any], *, other_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """``{section: {field: value}}`` (as in ``config.json``) or flat ``{field: value}`` -> flat.
 
+    Args:
+      other_keys: top-level keys that are not training options but are valid in the file (e.g. the
+        ``opd-jax train`` options outside :class:`TrainConfig`, such as ``max_prompt_length``); they
+        are left out of the result.
+
     Raises:
-      ValueError: an unknown key or section (the message lists the valid ones), or a field given twice.
+      InputError: an unknown key or section (the message lists the valid ones), or a field given twice.
     """
     fields = {f.name: f.metadata["section"] for f in dataclasses.fields(TrainConfig)}
     flat: dict[str, Any] = {}
     for key, value in values.items():
+        if key in other_keys and key not in fields:
+            continue
         if key in SECTIONS and isinstance(value, dict):
             for name, item in value.items():
-                if fields.get(name) != key:
+                if not isinstance(name, str) or fields.get(name) != key:
                     where = f"it belongs to [{fields[name]}]" if name in fields else f"valid: {sorted(k for k, s in fields.items() if s == key)}"
-                    raise ValueError(f"unknown training option {name!r} in section [{key}]; {where}")
+                    raise InputError(f"unknown training option {name!r} in section [{key}]; {where}")
                 if name in flat:
-                    raise ValueError(f"training option {name!r} is given twice")
+                    raise InputError(f"training option {name!r} is given twice")
                 flat[name] = item
         elif key in fields:
             if key in flat:
-                raise ValueError(f"training option {key!r} is given twice")
+                raise InputError(f"training option {key!r} is given twice")
             flat[key] = value
         else:
-            raise ValueError(f"unknown training option(s) [{key!r}]; valid: {sorted(fields)} "
-                             f"(or grouped in sections {', '.join(SECTIONS)})")
+            others = f", and {sorted(other_keys)}" if other_keys else ""
+            raise InputError(f"unknown training option(s) [{key!r}]; valid: {sorted(fields)} "
+                             f"(or grouped in sections {', '.join(SECTIONS)}){others}")
     return flat
 
 
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        raise InputError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def _range(name, value, low, high, *, open_low=False, open_high=False) -> None:
@@ -347,4 +380,86 @@ def _range(name, value, low, high, *, open_low=False, open_high=False) -> None:
         ok = ok and (value < high if open_high else value <= high)
     if not ok:
         bounds = f"{'(' if open_low else '['}{low}, {'∞)' if high is None else str(high) + (')' if open_high else ']')}"
-        raise ValueError(f"{name} must lie in {bounds}{'' if finite else ' and be finite'}; got {value!r}")
+        raise InputError(f"{name} must lie in {bounds}{'' if finite else ' and be finite'}; got {value!r}")
+
+
+#: The formats of a configuration file: TOML (``.toml``) and JSON (any other name).
+CONFIG_FORMATS = ("TOML (.toml)", "JSON (.json)")
+
+
+def read_config_file(path: str | pathlib.Path) -> dict[str, Any]:
+    """The table of a TOML (``.toml``) or JSON (any other name) configuration file, as parsed.
+
+    Raises:
+      InputFileNotFoundError: no such file (or a folder).
+      InputError: a YAML name (``.yaml`` / ``.yml``: the message names the formats read), a file that
+        is not UTF-8 or does not parse (the parser's message), or not a table at its top.
+    """
+    path = pathlib.Path(path)
+    formats = " or ".join(CONFIG_FORMATS)
+    if path.is_dir():
+        raise InputFileNotFoundError(f"{path} is a folder; give a {formats} file")
+    if not path.is_file():
+        raise InputFileNotFoundError(f"{path} does not exist")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        raise InputError(f"{path}: YAML is not read; configuration files are {formats}, with the same keys "
+                         "(e.g. `steps = 100` in TOML, {\"steps\": 100} in JSON)")
+    toml = path.suffix.lower() == ".toml"
+    try:
+        text = path.read_bytes().decode("utf-8")
+        values = tomllib.loads(text) if toml else json.loads(text)
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 (byte at offset {error.start}); {formats} files are UTF-8") from None
+    except RecursionError:
+        raise InputError(f"{path}: nested too deeply to read as {'TOML' if toml else 'JSON'}") from None
+    except ValueError as error:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        kind = "TOML" if toml else "JSON (a file not named .toml is read as JSON)"
+        raise InputError(f"{path}: cannot parse as {kind}: {error}; configuration files are {formats}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: expected a table of options at the top, got {type(values).__name__}")
+    return values
+
+
+def config_value(name: str, value: Any) -> Any:
+    """``value`` of the field ``name`` checked against the field's declared type.
+
+    ``"none"`` (any case) is ``None`` for an optional field, as on the command line; a field's
+    keywords (``logit_chunk_size = "auto"``) are taken as given; an integer is a number for a float
+    field (and becomes a float). The divergence fields also take a :class:`~opd_jax.divergences.Divergence`.
+
+    Raises:
+      InputError: naming the field, the type it needs and the value given with its type.
+    """
+    field = _FIELDS[name]
+    declared = str(field.type)
+    optional = "None" in declared
+    keywords = field.metadata.get("keywords", ())
+    if isinstance(value, str) and value.lower() in keywords:
+        return value.lower()
+    if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
+        return None
+    if isinstance(value, divergences_lib.Divergence) and "Divergence" in declared:
+        return value
+    if "bool" in declared:
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif "int" in declared:
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif "float" in declared:
+        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, wanted = isinstance(value, str), "a string"
+    if not ok:
+        kind = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}.get(type(value),
+                                                                                           type(value).__name__)
+        alternative = "".join(f' or "{word}"' for word in (*keywords, *(("none",) if optional else ())))
+        raise InputError(f"{name} must be {wanted}{alternative}; got {value!r} ({kind})")
+    if wanted == "a number":
+        try:
+            return float(value)
+        except OverflowError:
+            raise InputError(f"{name} must be a finite number; got an integer of {len(str(abs(value)))} "
+                             "digits") from None
+    return value
+
+
+_FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from opd_jax import __version__
-from opd_jax.commands import demo, eval as evaluate, plan, train, verify
+from opd_jax.commands import demo, eval as evaluate, flags, plan, train, verify
 
 # In the order `opd-jax --help` lists them.
 COMMANDS = {"verify": verify, "train": train, "demo": demo, "eval": evaluate, "plan": plan}
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags.apply_config_file(parser, argv)  # --config's flag keys become those flags' defaults
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -4,7 +4,7 @@ options, the training configuration they make, and the argparse-like failure."""
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import re
 import sys
 
@@ -89,8 +89,6 @@ def _boolean(value: str) -> bool:
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, from its metadata (section, help), defaulting to None so that
     only given flags override."""
-    import dataclasses
-
     from opd_jax.train import TrainConfig
 
     from opd_jax.config import SECTIONS
@@ -143,63 +141,113 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="teacher parameters; auto: bfloat16 on TPU/GPU, float32 on CPU [auto]")
 
 
-def _config_value(field, value, source: str, command: str):
-    """A config-file value checked against the field's declared type (``"none"`` for an optional
-    field is None, as on the command line); the error names the field, the type and the value."""
-    declared = str(field.type)
-    optional = "None" in declared
-    if isinstance(value, str) and value.lower() in field.metadata.get("keywords", ()):
-        return value.lower()
-    if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
-        return None
-    if "bool" in declared:
-        ok, wanted = isinstance(value, bool), "true or false"
-    elif "int" in declared:
-        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
-    elif "float" in declared:
-        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-    else:
-        ok, wanted = isinstance(value, str), "a string"
-    if not ok:
-        kind = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}.get(type(value),
-                                                                                           type(value).__name__)
-        alternative = "".join(f' or "{word}"' for word in (*field.metadata.get("keywords", ()),
-                                                            *(("none",) if optional else ())))
-        fail(command, f"{source}: {field.name} must be {wanted}{alternative}; got {value!r} ({kind})")
-    return float(value) if wanted == "a number" else value
+# The attribute under which apply_config_file leaves, for train_config, the keys of --config that
+# are flags of opd-jax train or plan outside TrainConfig (max_prompt_length, student, mesh, ...).
+_CONFIG_FLAG_KEYS = "config_flag_keys"
+# The commands whose --config may hold their flags, and which share one file.
+_CONFIG_COMMANDS = ("train", "plan")
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Make the keys of ``--config`` that name flags outside :class:`~opd_jax.config.TrainConfig`
+    (``max_prompt_length``, ``student``, ``mesh``, ...: each flag's name with underscores) the
+    defaults of those flags, so that a flag given on the command line still wins.
+
+    Each value is checked as the flag checks its text (type, choices); a flag that takes a value
+    several times (``--teacher``) takes a list. A required flag given in the file is no longer
+    required on the command line. Keys that are flags of the other command reading the same file
+    (``opd-jax plan`` / ``train``) are left to it. Training options are left to :func:`train_config`.
+    Exits with status 2 and one line naming the file and the key on a bad value.
+    """
+    import pathlib
+
+    from opd_jax.config import SECTIONS, TrainConfig, read_config_file
+    from opd_jax.errors import InputError
+
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices
+    position = next((k for k, token in enumerate(argv) if token in commands), None)
+    if position is None or argv[position] not in _CONFIG_COMMANDS:
+        return
+    command = argv[position]
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--config", type=pathlib.Path)
+    path = finder.parse_known_args(argv[position + 1:])[0].config
+    if path is None:
+        return
+    try:
+        values = read_config_file(path)
+    except InputError as error:
+        fail(command, f"--config {error}")
+    fields = {field.name for field in dataclasses.fields(TrainConfig)} | set(SECTIONS)
+    flags = {name: {action.dest: action for action in commands[name]._actions
+                    if action.dest not in fields and action.option_strings and action.dest not in ("help", "config")}
+             for name in _CONFIG_COMMANDS}
+    mine = flags[command]
+    given = [token.split("=", 1)[0] for token in argv[position + 1:] if token.startswith("--")]
+    defaults = {}
+    for key, value in values.items():
+        action = mine.get(key)
+        if action is None:
+            continue
+        if isinstance(action, argparse._AppendAction) and any(
+                option.startswith(token) and len(token) > 2 for token in given for option in action.option_strings):
+            continue  # the command line's list replaces the file's (append would add to it)
+        try:
+            defaults[key] = _flag_value(action, value)
+        except InputError as error:
+            fail(command, f"--config {path}: {key} = {value!r}: {error}")
+        action.required = False
+    commands[command].set_defaults(**defaults, **{
+        _CONFIG_FLAG_KEYS: tuple(sorted({key for keys in flags.values() for key in keys}))})
+
+
+def _flag_value(action: argparse.Action, value):
+    """A config-file value of a flag, checked and converted as the flag does its text."""
+    from opd_jax.errors import InputError
+
+    if action.nargs == 0:  # store_true / store_false
+        if not isinstance(value, bool):
+            raise InputError(f"expected true or false (the flag {action.option_strings[0]} takes no value)")
+        return value if action.const is True else not value
+    items = value if isinstance(action, argparse._AppendAction) and isinstance(value, list) else [value]
+    converted = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise InputError(f"expected a value as {action.option_strings[0]} takes it (text or a number), got "
+                             f"{type(item).__name__}")
+        try:
+            result = action.type(str(item)) if action.type is not None else str(item)
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as error:
+            raise InputError(f"not a value of {action.option_strings[0]} ({error})") from None
+        if action.choices is not None and result not in action.choices:
+            raise InputError(f"{action.option_strings[0]} takes one of {', '.join(map(str, action.choices))}")
+        converted.append(result)
+    return converted if isinstance(action, argparse._AppendAction) else converted[0]
 
 
 def train_config(args: argparse.Namespace, command: str = "train", overrides: dict | None = None):
     """The :class:`~opd_jax.config.TrainConfig` of ``--config`` and the flags (flags win), then
     ``overrides``; what ``opd-jax train`` trains and ``opd-jax plan`` plans."""
-    import dataclasses
-    import tomllib
-
-    from opd_jax.config import TrainConfig, flatten_sections
+    from opd_jax.config import TrainConfig, config_value, flatten_sections, read_config_file
+    from opd_jax.errors import InputError
 
     values: dict = {}
     eval_dataset = getattr(args, "eval_dataset", None)
     if args.config is not None:
-        if not args.config.is_file():
-            fail(command, f"--config {args.config} does not exist")
+        source = f"--config {args.config}"
         try:
-            text = args.config.read_text(encoding="utf-8")
-            values = tomllib.loads(text) if args.config.suffix == ".toml" else json.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
-            fail(command, f"--config {args.config}: cannot parse ({error})")
-        if not isinstance(values, dict):
-            fail(command, f"--config {args.config}: expected a table of options, got {type(values).__name__}")
+            values = read_config_file(args.config)
+        except InputError as error:
+            fail(command, f"--config {error}")
         try:
-            values = flatten_sections(values)
-        except ValueError as error:
-            fail(command, f"--config {args.config}: {error}")
-        fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
-        for name in _NOT_IN_TRAIN:
-            if values.get(name) and eval_dataset is None:
-                fail(command, f"--config {args.config}: {name} needs --eval-dataset (without one opd-jax train "
-                              "has no evaluator); remove it or give a held-out dataset")
-        values = {name: _config_value(fields[name], value, f"--config {args.config}", command)
-                  if name in fields else value for name, value in values.items()}
+            values = flatten_sections(values, other_keys=getattr(args, _CONFIG_FLAG_KEYS, ()))
+            for name in _NOT_IN_TRAIN:
+                if values.get(name) and eval_dataset is None:
+                    raise InputError(f"{name} needs --eval-dataset (without one opd-jax train has no evaluator); "
+                                     "remove it or give a held-out dataset")
+            values = {name: config_value(name, value) for name, value in values.items()}
+        except InputError as error:
+            fail(command, f"{source}: {error}")
     for field in dataclasses.fields(TrainConfig):
         given = getattr(args, field.name, None)
         if given is not None:

@@ -29,7 +29,8 @@ def add_parser(subparsers) -> None:
         description=(
             "On-policy distillation of --student from --teacher (Hugging Face folders with config.json, "
             "safetensors and the tokenizer) on the prompts of a JSONL file. Options come from --config "
-            "(JSON or TOML with the option names below, using underscores) and are overridden by flags. "
+            "(TOML or JSON with the option names below, using underscores: every flag, training options also "
+            "by section) and are overridden by flags. "
             "Re-running with the same --output resumes from its newest good checkpoint."
         ),
     )
@@ -47,6 +48,10 @@ def add_parser(subparsers) -> None:
                               help="prompt slots P; longer prompts are an error (default 256)")
     train_parser.add_argument("--no-chat-template", action="store_true",
                               help="encode prompts as plain text even if the tokenizer has a chat template")
+    train_parser.add_argument("--allow-unknown-tokens", action="store_true",
+                              help="train on prompts with text the tokenizer encodes to its unknown token, with a "
+                                   "warning naming them (default: an error naming each prompt's file, line and "
+                                   "characters)")
     train_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     train_parser.add_argument("--export-dtype", choices=("auto", *models.DTYPES), default="auto",
                               help="dtype of the exported student's weights; auto: the --student checkpoint's [auto]")
@@ -113,7 +118,8 @@ def _run_spec(args: argparse.Namespace):
             models=launch.Models(student=args.student, teachers=_teacher_folders(args.teacher)),
             data=launch.Data(prompts=args.prompts, max_prompt_length=args.max_prompt_length,
                              chat_template=not args.no_chat_template, eval_dataset=args.eval_dataset,
-                             eval_answer_key=args.eval_answer_key, eval_samples=args.eval_samples),
+                             eval_answer_key=args.eval_answer_key, eval_samples=args.eval_samples,
+                             allow_unknown_tokens=args.allow_unknown_tokens),
             execution=execution(args), placement=placement(args, "train"),
         )
     except ValueError as error:
