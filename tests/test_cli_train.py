@@ -83,7 +83,8 @@ def test_missing_folders_mismatched_tokenizers_and_bad_options_fail_before_any_w
     root, teacher, student, prompts = folders
     output = tmp_path / "run"
     cases = [
-        (_args(root / "nope", student, prompts, output), "no config.json in"),
+        (_args(root / "nope", student, prompts, output), f"--teacher: {root / 'nope'} does not exist"),
+        (_args(root, student, prompts, output), f"--teacher: no config.json in {root}"),
         (_args(teacher, student, prompts, output, "--gamma", "2"), "gamma must lie in [0.0, 1.0]"),
         (_args(teacher, student, prompts, output, "--divergence", "kl"), "valid names"),
         (_args(teacher, student, prompts, output, "--minibatches", "3"), "minibatches (3) must divide"),
