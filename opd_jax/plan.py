@@ -608,7 +608,7 @@ def _while_trips(eqn, known: dict) -> tuple[int, int, int, int] | None:
         e = _member_get(defined, var)
         if e is None:
             return
-        if e.primitive.name == "and":
+        if e.primitive.name in ("and", "convert_element_type"):
             for operand in e.invars:
                 visit(operand)
         elif e.primitive.name in ("lt", "gt"):

@@ -94,16 +94,46 @@ def test_splash_kernel_is_in_the_compiled_update_and_score(tpu_plan):
     assert "tpu_custom_call" not in compiled.compiled["rollout"].as_text()
 
 
-def test_rollout_is_prefill_plus_one_roofline_per_decode_step(tpu_plan):
+def test_rollout_is_prefill_plus_one_roofline_per_decode_step_of_each_segment(tpu_plan):
+    """192 new tokens after a 64-token prompt decode in two segments (cache 192, then 256 slots):
+    steps 0-127 and 128-191, each step a roofline of its own."""
     _, result = tpu_plan
-    phases = result["programs"]["rollout"]["phases"]
-    assert phases["decode step"]["repeats"] == 192
-    decode, prefill = phases["decode step"], phases["prefill"]
-    assert result["programs"]["rollout"]["roofline_seconds"] == pytest.approx(
-        prefill["roofline_seconds"] + 192 * decode["roofline_seconds"])
+    rollout = result["programs"]["rollout"]
+    phases = rollout["phases"]
+    assert list(phases) == ["prefill", "decode steps 0-127", "decode steps 128-191"]
+    assert [(p["repeats"], p["first_step"], p["cache_slots"], p["trips_derived"]) for p in list(phases.values())[1:]
+            ] == [(128, 0, 192, True), (64, 128, 256, True)]
+    assert rollout["roofline_seconds"] == pytest.approx(
+        sum(p["repeats"] * p["roofline_seconds"] for p in phases.values()))
     # A decode step is one token per row: memory-bound on the chip (bytes / bandwidth > FLOPs / peak).
     chip = topologies.CHIPS["v5p"]
-    assert decode["bytes_accessed"] / chip.hbm_bandwidth > decode["flops"] / chip.peak_flops
+    for name in ("decode steps 0-127", "decode steps 128-191"):
+        decode = phases[name]
+        assert decode["bytes_accessed"] / chip.hbm_bandwidth > decode["flops"] / chip.peak_flops
+    # The second segment's cache is larger: more attention per step.
+    assert phases["decode steps 128-191"]["flops"] > phases["decode steps 0-127"]["flops"]
+
+
+def test_collectives_enter_the_roofline(tpu_plan):
+    """Every program's collectives are counted on its compiled HLO, per program and per phase, and
+    the roofline is the largest of compute, HBM and interconnect time."""
+    _, result = tpu_plan
+    ici = topologies.CHIPS["v5p"].ici_bandwidth
+    assert result["chip"]["ici_bandwidth"] == ici == 1200e9
+    for name, program in result["programs"].items():
+        assert program["collective_bytes"] > 0, name  # FSDP over 4 chips: gathers, reductions
+        assert program["collective_seconds"] == pytest.approx(program["collective_bytes"] / ici)
+        assert program["collective_bytes"] == pytest.approx(sum(program["collectives"].values()))
+        assert program["roofline_seconds"] >= program["roofline_seconds_without_collectives"] > 0
+        assert program["collectives_matched"], name
+    rollout = result["programs"]["rollout"]
+    assert isinstance(rollout["decode_weight_gathers"], bool)
+    for phase in rollout["phases"].values():
+        assert phase["collective_seconds"] == pytest.approx(phase["collective_bytes"] / ici)
+        assert phase["roofline_seconds"] == pytest.approx(max(
+            phase["roofline_seconds_without_collectives"], phase["collective_seconds"]))
+    assert rollout["collective_bytes"] == pytest.approx(
+        sum(p["repeats"] * p["collective_bytes"] for p in rollout["phases"].values()))
 
 
 def test_update_flops_follow_the_model_not_one_scanned_layer(tpu_plan):
@@ -223,29 +253,186 @@ def test_plan_and_train_build_the_same_step(tmp_path):
 # Counting work on the jaxpr
 
 
-def test_walk_multiplies_scans_and_the_decode_loop():
+def test_walk_multiplies_scans_and_each_loop_by_its_trip_count():
     w = jax.ShapeDtypeStruct((5, 64, 64), jnp.float32)
     x = jax.ShapeDtypeStruct((8, 64), jnp.float32)
 
     def scanned(x, w):
         return jax.lax.scan(lambda c, w: (c @ w, None), x, w)[0]
 
-    def looped(x, w):
-        return jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, scanned(c[1], w)), (0, x))[1]
+    def segments(x, w):  # two loops as the sampler runs them: the second starts where the first ended
+        step, x = jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, scanned(c[1], w)), (0, x))
+        return jax.lax.while_loop(lambda c: (c[0] < 7) & (c[1][0, 0] < 1e9),
+                                  lambda c: (c[0] + 1, scanned(c[1], w)), (step, x))[1]
+
+    def unreadable(x, w):  # a trip count that depends on the data
+        return jax.lax.while_loop(lambda c: jnp.sum(c) < 1.0, lambda c: scanned(c, w), x)
 
     one_matmul = 2 * 8 * 64 * 64
 
-    def count(fn, multiply):
+    def count(fn, multiply, loops=None):
         jaxpr = jax.jit(fn).trace(x, w).jaxpr.jaxpr
-        counter = plan._Counter(multiply=multiply, decode_trips=3, tensor=1, devices=1)
-        return counter.walk(jaxpr, [False, True])[0]
+        counter = plan._Counter(multiply=multiply, decode_trips=11, tensor=1, devices=1)
+        return counter.walk(jaxpr, [False, True], loops=loops)[0]
 
     assert count(scanned, multiply=False).flops == one_matmul
     assert count(scanned, multiply=True).flops == 5 * one_matmul
-    assert count(looped, multiply=True).flops == 15 * one_matmul
+    loops = []
+    assert count(segments, multiply=True, loops=loops).flops == (3 + 4) * 5 * one_matmul
+    assert [(loop.trips, loop.first, loop.derived) for loop in loops] == [(3, 0, True), (4, 3, True)]
+    loops = []
+    assert count(unreadable, multiply=True, loops=loops).flops == 11 * 5 * one_matmul  # the fallback
+    assert [(loop.trips, loop.first, loop.derived) for loop in loops] == [(11, None, False)]
     # Traffic: the weights [5, 64, 64] are read once per pass, the activations [8, 64] in and out.
     assert count(scanned, multiply=True).bytes == 5 * 4 * (64 * 64 + 2 * 8 * 64)
-    assert plan._decode_loop(jax.jit(looped).trace(x, w).jaxpr.jaxpr, [False, True]) is not None
+
+
+@pytest.fixture(scope="module")
+def segmented_rollout():
+    """The rollout of 8 rows, 64 prompt + 448 new tokens, on v5p-8: four decode segments."""
+    config = plan.PlanConfig(student=TINY, teacher=TINY, topology="v5p-8", prompt_length=64,
+                             train=TrainConfig(prompts_per_step=4, group_size=2, minibatches=2, max_new_tokens=448))
+    return plan.report(plan.compile_programs(config, programs=["rollout"]))["programs"]["rollout"]
+
+
+def _rollout_formula(prompt: int, new: int, rows: int, devices: int, segments) -> tuple[dict, list[tuple[float, float]]]:
+    """Matmul FLOPs and HBM bytes per device of TINY's rollout, from the model dimensions.
+
+    The traffic model of the plan: each matmul reads its operands and writes its result once;
+    weights (bf16) are read whole by every device (tensor = 1), activations and the KV cache are
+    split over the devices; attention scores and logits are float32. Decode step ``t`` attends to
+    the whole cache of the segment it runs in (``segments``: cache sizes, each segment decoding the
+    steps whose slot fits). Returns the prefill's ``(flops, bytes)`` and one pair per decode step.
+    """
+    D, N, K, H, F, V, layers = 256, 4, 2, 64, 512, 1024, 2
+    bf16, f32 = 2, 4
+
+    def matmul(m, k, n, out=bf16):  # activations [m, k] @ weight [k, n]
+        return 2 * m * k * n, (m * k * bf16 + m * n * out) / devices + k * n * bf16
+
+    def attention(queries, keys):  # per layer: scores q·Kᵀ (f32), then p (bf16)·V (f32)
+        flops = 2 * 2 * rows * queries * N * H * keys
+        traffic = (rows * queries * N * H * bf16 + rows * keys * K * H * bf16 + rows * N * queries * keys * f32
+                   + rows * N * queries * keys * bf16 + rows * keys * K * H * bf16 + rows * queries * N * H * f32)
+        return flops, traffic / devices
+
+    def total(parts):
+        return (sum(f for f, _ in parts) / devices, sum(b for _, b in parts))
+
+    tokens = rows * prompt
+    prefill = [matmul(tokens, k, n) for k, n in ((D, N * H), (D, K * H), (D, K * H), (N * H, D), (D, F), (D, F),
+                                                  (F, D))] * layers
+    prefill += [attention(prompt, prompt)] * layers + [matmul(rows, D, V, out=f32)]  # logits of the last token
+    steps, start = [], prompt
+    for size in segments:
+        step = [matmul(rows, k, n) for k, n in ((D, (N + 2 * K) * H), (N * H, D), (D, 2 * F), (F, D))] * layers
+        step += [attention(1, size)] * layers + [matmul(rows, D, V, out=f32)]
+        steps += [total(step)] * (size - start)
+        start = size
+    assert len(steps) == new
+    return total(prefill), steps
+
+
+def test_rollout_count_matches_a_formula_of_the_model_to_one_percent(segmented_rollout):
+    """The plan's FLOPs and bytes of a rollout with four decode segments against an independent
+    count from the model's dimensions, step by step, each step at the cache size of its segment.
+
+    The steps' cache sizes come from the sampler's own segment structure (cache_segments), the
+    plan's from the jaxpr it compiled: if the sampler's loops change and the plan does not follow
+    (a count per loop that ignores its trips, or one cache size for all steps), the totals move by
+    more than 1% (both checked below on the same figures)."""
+    from opd_jax import sampling
+
+    segments = sampling.cache_segments(64, 448)
+    assert segments == (192, 320, 448, 512)  # the case this test was built for: four segments
+    (prefill_flops, prefill_bytes), steps = _rollout_formula(64, 448, rows=8, devices=4, segments=segments)
+    flops = prefill_flops + sum(f for f, _ in steps)
+    traffic = prefill_bytes + sum(b for _, b in steps)
+    assert segmented_rollout["flops"] == pytest.approx(flops, rel=0.01)
+    assert segmented_rollout["bytes_accessed"] == pytest.approx(traffic, rel=0.01)
+    phases = segmented_rollout["phases"]
+    assert phases["prefill"]["flops"] == pytest.approx(prefill_flops, rel=0.01)
+    assert phases["prefill"]["bytes_accessed"] == pytest.approx(prefill_bytes, rel=0.01)
+    start = 64
+    for size in segments:
+        name = f"decode steps {start - 64}-{size - 64 - 1}"
+        phase = phases[name]
+        assert (phase["repeats"], phase["cache_slots"]) == (size - start, size)
+        assert (phase["flops"], phase["bytes_accessed"]) == pytest.approx(steps[start - 64], rel=0.01)
+        start = size
+    # What a count that does not follow the loops would give: off by more than 1%.
+    every_loop_all_steps = prefill_flops + 448 * sum(p["flops"] for n, p in phases.items() if n != "prefill")
+    one_cache_size = prefill_flops + 448 * steps[-1][0]
+    for wrong in (every_loop_all_steps, one_cache_size):
+        assert abs(wrong / flops - 1) > 0.01
+
+
+def test_collectives_of_hlo_with_a_static_and_a_decode_loop():
+    """A hand-written HLO module: a loop of 3 trips (counter < constant from 0) and a loop whose count
+    the jaxpr gives (5); an all-gather of a loop-invariant carry element is a weight gather."""
+    from opd_jax import plan_collectives
+
+    carry = "(s32[], f32[8,16], f32[2,16])"
+    body = f"""%body{{n}} (p: {carry}) -> {carry} {{
+  %p = {carry} parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,16]{{1,0}} get-tuple-element(%p), index=1
+  %w = f32[2,16]{{1,0}} get-tuple-element(%p), index=2
+  %g = f32[8,16]{{1,0:T(8,128)}} all-gather(%w), channel_id=1, replica_groups=[1,4]<=[4], dimensions={{0}}
+  %y = f32[8,16]{{1,0}} add(%x, %g)
+  %r = f32[8,16]{{1,0}} all-reduce(%y), channel_id=2, replica_groups={{{{0,1}},{{2,3}}}}, to_apply=%sum
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = {carry} tuple(%next, %r, %w)
+}}
+"""
+    hlo = f"""HloModule m
+
+%sum (a: f32[], b: f32[]) -> f32[] {{
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %c = f32[] add(%a, %b)
+}}
+
+{body.replace("{n}", "1")}
+{body.replace("{n}", "2")}
+%cond1 (p: {carry}) -> pred[] {{
+  %p = {carry} parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %three = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %three), direction=LT
+}}
+
+%cond2 (p: {carry}) -> pred[] {{
+  %p = {carry} parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,16]{{1,0}} get-tuple-element(%p), index=1
+  %bound = s32[] constant(8)
+  %lt = pred[] compare(%i, %bound), direction=LT
+  %ok = pred[] custom-call(%x), custom_call_target="any"
+  ROOT %and = pred[] and(%lt, %ok)
+}}
+
+ENTRY %main (a: f32[8,16], w: f32[2,16]) -> {carry} {{
+  %a = f32[8,16]{{1,0}} parameter(0)
+  %w = f32[2,16]{{1,0}} parameter(1)
+  %zero = s32[] constant(0)
+  %init = {carry} tuple(%zero, %a, %w)
+  %first = {carry} while(%init), condition=%cond1, body=%body1
+  %p = f32[32,16]{{1,0}} all-gather-start(%a), channel_id=3, replica_groups={{}}, dimensions={{0}}
+  %q = f32[32,16]{{1,0}} all-gather-done(%p)
+  ROOT %second = {carry} while(%first), condition=%cond2, body=%body2
+}}
+"""
+    gather, reduce = 2 * 3 / 4 * 8 * 16 * 4, 4 * 1 / 2 * 8 * 16 * 4  # ring bytes sent + received per device
+    count = plan_collectives.count_collectives(hlo, devices=4, loop_trips=[5])
+    assert count.matched
+    assert count.outside == pytest.approx({"all-gather": 3 * gather + 2 * 3 / 4 * 32 * 16 * 4, "all-reduce": 3 * reduce})
+    assert count.loops == [pytest.approx({"all-gather": gather, "all-reduce": reduce})]
+    assert count.loop_weight_gathers == [pytest.approx(gather)]
+    assert count.total([5])["all-reduce"] == pytest.approx(8 * reduce)
+    # Without the jaxpr's trip count the decode loop cannot be matched, and the count says so.
+    assert not plan_collectives.count_collectives(hlo, devices=4).matched
 
 
 # --------------------------------------------------------------------------------------------------
