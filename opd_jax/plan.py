@@ -31,30 +31,44 @@ requirement from the compiler's message and its other figures are ``None``.
 
 **FLOPs and bytes accessed.** ``xla_flops`` / ``xla_bytes_accessed`` are ``cost_analysis()``'s, per
 device, for reference only: XLA counts the body of every loop once (checked: a 10-trip ``while``
-reports one trip's FLOPs), and the layers are a ``lax.scan``, the decode loop a
+reports one trip's FLOPs), and the layers are a ``lax.scan``, the decode loop a few
 ``lax.while_loop``, the logit chunks a ``lax.map``, and the TPU compiler turns large sharded
 matmuls into loops of its own (Qwen3-8B scoring on v5p-64: 18 ``while`` loops in the compiled
 program against 2 layer scans in the jaxpr, and 1/8 of its matmul FLOPs reported). So both figures
-come from the program's jaxpr instead (:class:`_Counter`), with scan bodies × their length and the
-decode loop × ``max_new_tokens`` (every row decoding to the end: the worst case):
+come from the program's jaxpr instead (:class:`_Counter`), every loop multiplied by its own trip
+count: a scan by its length, a ``while`` by what its ``counter < bound`` condition allows from
+where its counter starts (followed through the program, so each of the sampler's decode segments,
+:func:`opd_jax.sampling.cache_segments`, counts its own steps, every row decoding to the end: the
+worst case):
 
 - ``flops``: every ``dot_general``'s ``2 · M · N · K``, split evenly over the devices. Pallas
   kernels (splash attention) are opaque to XLA and to the jaxpr; their FLOPs come from the attention
   shapes (QKᵀ and PV over half the score matrix under the causal mask, the backward kernels 3.5×
   that; see :func:`_attention_kernel_flops`). Checked on a 2-layer model with XLA attention: the
-  jaxpr's count with each loop body once is within 4% of XLA's FLOPs × devices.
+  jaxpr's count with each loop body once is within 4% of XLA's FLOPs × devices; and the rollout's
+  count against a formula of the model's dimensions (tests/test_plan.py).
 - ``bytes_accessed``: HBM traffic per device under a simple model: every matmul and kernel reads
   its operands and writes its result once; a weight (anything computed from the parameters alone:
-  casts, layer slices) is read whole by every device of a ``tensor`` shard, because FSDP gathers
-  it; activations and the KV cache are split over all devices. Elementwise traffic (mostly fused
-  into the matmuls) and collectives are left out.
+  casts, layer slices; not a lookup by token ids) is read whole by every device of a ``tensor``
+  shard, as if FSDP gathered it; activations and the KV cache are split over all devices.
+  Elementwise traffic (mostly fused into the matmuls) is left out.
+- ``collective_bytes``: what each device sends plus receives in the compiled program's
+  all-gathers, reduce-scatters, all-reduces, all-to-alls and collective-permutes under ring
+  algorithms, loops multiplied out (:mod:`opd_jax.plan_collectives`); ``collectives`` by kind,
+  ``collectives_matched`` whether every loop of the compiled program got a trip count.
 
-**Step time.** A roofline per program and phase: ``max(flops / peak_flops, bytes_accessed /
-hbm_bandwidth)`` with the chip's peak bf16 FLOP/s and HBM bandwidth. The rollout is two phases, the
-prefill and ``max_new_tokens`` decode steps, each decode step a roofline of its own (memory-bound:
-it reads every weight and the KV cache for one token per row). ``estimated_step_seconds = rollout
-+ score + minibatches × epochs × update``. It ignores communication (FSDP all-gathers, gradient
-reduce-scatters), elementwise work and kernel efficiency, so it is a lower bound.
+**Phases and step time.** A program with top-level ``while`` loops (the rollout) is split into
+phases: ``prefill`` (everything outside them: the prompt's forward pass, the decode weights'
+preparation) and one phase per decode segment, ``decode steps a-b`` (its ``repeats`` = steps, its
+``cache_slots``, and figures per step). Each phase is a roofline of its own: ``max(flops /
+peak_flops, bytes_accessed / hbm_bandwidth, collective_bytes / ici_bandwidth)`` with the chip's
+peak bf16 FLOP/s, HBM bandwidth and bidirectional interconnect bandwidth (``collective_seconds``;
+``roofline_seconds_without_collectives`` leaves the last term out). A program's
+``roofline_seconds`` is the sum over its phases of repeats × roofline; ``decode_weight_gathers``
+says whether the compiled decode loop gathers loop-invariant data (weights) at every step, and each
+segment's ``weight_gather_bytes`` how much. ``estimated_step_seconds = rollout + score +
+minibatches × epochs × update``. It assumes compute, memory and communication overlap perfectly and
+ignores elementwise work and kernel efficiency, so it is a lower bound.
 """
 
 from __future__ import annotations
