@@ -924,7 +924,9 @@ def _work_entry(compiled: CompiledPlan, name: str, hlo: str) -> dict[str, Any]:
     config, chip, mesh = compiled.config, compiled.topology.chip, compiled.meshes[name]
     phases, loops = _phases(compiled.traced[name], compiled.weights[name], config.new_tokens, mesh.shape["tensor"],
                             mesh.size)
-    collectives = plan_collectives.count_collectives(hlo, mesh.size, [loop.trips for loop in loops])
+    collectives = plan_collectives.count_collectives(
+        hlo, mesh.size, [loop.trips for loop in loops],
+        [None if loop.first is None else loop.first + loop.trips for loop in loops])
     segments = sampling_lib.cache_segments(config.prompt_length, config.new_tokens) if name == "rollout" else ()
     per_phase = [collectives.outside, *(collectives.loops + [{}] * len(loops))[:len(loops)]]
     entries, total = {}, {"flops": 0.0, "bytes_accessed": 0.0, "collective_bytes": 0.0, "roofline_seconds": 0.0,

@@ -157,9 +157,9 @@ class CollectiveCount:
 class _Walker:
     """Follows the call graph from the entry, multiplying the collectives inside loops."""
 
-    def __init__(self, computations, devices: int, loop_trips: Sequence[int]):
+    def __init__(self, computations, devices: int, loop_trips: Sequence[int], loop_bounds: Sequence[int | None]):
         self.computations, self.devices = computations, devices
-        self.loop_trips = list(loop_trips)
+        self.loop_trips, self.loop_bounds = list(loop_trips), list(loop_bounds)
         self.outside: dict[str, float] = {}
         self.loops: list[dict[str, float]] = []
         self.weight_gathers: list[float] = []
@@ -186,11 +186,26 @@ class _Walker:
                 self.computation(called, scale, target, top and instruction.opcode == "call", is_invariant,
                                  loop_index)
 
+    def _is_next(self, condition: list[_Instruction]) -> bool:
+        """Whether a loop is the next one the jaxpr gave: its condition compares with that loop's bound."""
+        bound = self.loop_bounds[len(self.loops)] if len(self.loops) < len(self.loop_bounds) else None
+        if bound is None:
+            return True
+        local = {i.name: i for i in condition}
+        for instruction in condition:
+            if instruction.opcode == "compare":
+                for operand in instruction.operands:
+                    constant = local.get(operand)
+                    if constant is not None and constant.opcode == "constant" and constant.arguments.strip() == str(bound):
+                        return True
+        return False
+
     def loop(self, instruction, by_name, scale, target, top, loop_index) -> None:
         called = dict(re.findall(r"\b(condition|body)=%?([\w.\-]+)", instruction.attributes))
         trips = _static_trips(self.computations.get(called.get("condition"), []), instruction, by_name)
-        if trips is None and top and loop_index is None and len(self.loops) < len(self.loop_trips):
-            index = len(self.loops)
+        index = len(self.loops)
+        if (trips is None and top and loop_index is None and index < len(self.loop_trips)
+                and self._is_next(self.computations.get(called.get("condition"), []))):
             self.loops.append({})
             self.weight_gathers.append(0.0)
             for part in ("condition", "body"):
@@ -203,7 +218,8 @@ class _Walker:
             self.computation(called[part], scale * count, target, False, loop_index=loop_index)
 
 
-def count_collectives(hlo: str, devices: int, loop_trips: Sequence[int] = ()) -> CollectiveCount:
+def count_collectives(hlo: str, devices: int, loop_trips: Sequence[int] = (),
+                      loop_bounds: Sequence[int | None] = ()) -> CollectiveCount:
     """The collectives of an optimised HLO module (``compiled.as_text()``).
 
     Args:
@@ -211,12 +227,15 @@ def count_collectives(hlo: str, devices: int, loop_trips: Sequence[int] = ()) ->
       devices: devices of the program (a collective without replica groups spans them all).
       loop_trips: trip counts of the top-level loops whose count is not static (the sampler's
         decode segments), in program order, from the jaxpr.
+      loop_bounds: the bound each of those loops compares its counter with (``None``: unknown); a
+        loop of the compiled program is taken for the next of them only if its condition compares
+        with that constant, so that a loop of the compiler's own is not mistaken for one.
 
     Returns:
       A :class:`CollectiveCount`.
     """
     computations, entry = _parse(hlo)
-    walker = _Walker(computations, devices, loop_trips)
+    walker = _Walker(computations, devices, loop_trips, loop_bounds)
     if entry is not None:
         walker.computation(entry, 1.0, walker.outside, top=True)
     matched = walker.unmatched == 0 and len(walker.loops) == len(loop_trips)

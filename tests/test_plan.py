@@ -425,14 +425,16 @@ ENTRY %main (a: f32[8,16], w: f32[2,16]) -> {carry} {{
 }}
 """
     gather, reduce = 2 * 3 / 4 * 8 * 16 * 4, 4 * 1 / 2 * 8 * 16 * 4  # ring bytes sent + received per device
-    count = plan_collectives.count_collectives(hlo, devices=4, loop_trips=[5])
+    count = plan_collectives.count_collectives(hlo, devices=4, loop_trips=[5], loop_bounds=[8])
     assert count.matched
     assert count.outside == pytest.approx({"all-gather": 3 * gather + 2 * 3 / 4 * 32 * 16 * 4, "all-reduce": 3 * reduce})
     assert count.loops == [pytest.approx({"all-gather": gather, "all-reduce": reduce})]
     assert count.loop_weight_gathers == [pytest.approx(gather)]
     assert count.total([5])["all-reduce"] == pytest.approx(8 * reduce)
-    # Without the jaxpr's trip count the decode loop cannot be matched, and the count says so.
+    # Without the jaxpr's trip count, or with another bound, the decode loop is not matched, and the
+    # count says so.
     assert not plan_collectives.count_collectives(hlo, devices=4).matched
+    assert not plan_collectives.count_collectives(hlo, devices=4, loop_trips=[5], loop_bounds=[9]).matched
 
 
 # --------------------------------------------------------------------------------------------------
