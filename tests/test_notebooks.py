@@ -4,7 +4,9 @@ Notebooks are committed with outputs stripped (see notebooks/README.md), so the 
 are always produced by the current code; ``test_committed_without_outputs`` keeps it that way.
 """
 
+import json
 import pathlib
+import shutil
 import sys
 
 import nbclient
@@ -42,7 +44,10 @@ def test_committed_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path):
+def test_notebook_runs(path, monkeypatch):
+    # The kernel inherits the environment: notebooks read the committed records, never a runs/ folder
+    # that the user's own `opd-jax demo` left in the working tree (the README's two commands, in either order).
+    monkeypatch.setenv("OPD_JAX_RECORDED_ONLY", "1")
     notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         notebook,
@@ -53,3 +58,30 @@ def test_notebook_runs(path):
     client.execute()  # raises CellExecutionError on the first failing cell (a failed assert included)
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+
+
+def test_toy_notebook_reads_a_fresh_demo_only_outside_the_tests_and_checks_the_committed_records(tmp_path,
+                                                                                                   monkeypatch):
+    """Notebook 03's record cells on a copy of the repository with a decoy ``runs/demo/`` whose numbers
+    break every claim: under the tests' ``OPD_JAX_RECORDED_ONLY=1`` they read the committed records; for
+    a user they show the fresh run but still check the committed records."""
+    repo = NOTEBOOK_DIR.parent
+    notebook = nbformat.read(NOTEBOOK_DIR / "03_toy_distillation.ipynb", as_version=4)
+    load, check = (next(c.source for c in notebook.cells if c.cell_type == "code" and marker in c.source)
+                   for marker in ("RESULTS =", "claims hold"))
+    root = tmp_path / "repo"
+    (root / "experiments" / "results" / "demo").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("")
+    shutil.copy(repo / "experiments" / "results" / "demo" / "results.json", root / "experiments" / "results" / "demo")
+    decoy = json.loads((repo / "experiments" / "results" / "demo" / "results.json").read_text())
+    for record in decoy["summary"]:
+        record["accuracy"] = 0.0
+    (root / "runs" / "demo").mkdir(parents=True)
+    (root / "runs" / "demo" / "results.json").write_text(json.dumps(decoy))
+    monkeypatch.chdir(root)
+    for recorded_only, shown in (("1", root / "experiments" / "results" / "demo"), ("0", root / "runs" / "demo")):
+        monkeypatch.setenv("OPD_JAX_RECORDED_ONLY", recorded_only)
+        namespace: dict = {}
+        exec(load, namespace)  # noqa: S102 - the notebook's own cell
+        assert namespace["RESULTS"] == shown
+        exec(check, namespace)  # noqa: S102 - passes on the committed records beside the decoy
