@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-import shutil
 import warnings
 from typing import Any
 
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from opd_jax import storage
 from opd_jax.preemption import any_process
 
 PyTree = Any
@@ -135,7 +135,11 @@ class CheckpointStore:
             raise ValueError(f"keep must be >= 1, got {keep}")
         # orbax rejects relative paths inside its background commit thread, i.e. only after
         # training has run up to the first save; resolving here makes `--output runs/x` work.
-        self.directory = pathlib.Path(directory).resolve()
+        # A gs:// folder is written straight to the bucket by tensorstore (every process its shards);
+        # there a step is committed when its commit_success.txt is written, and orbax lists only those.
+        self.directory = storage.as_path(directory)
+        if not storage.is_remote(self.directory):
+            self.directory = self.directory.resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.quarantined: list[pathlib.Path] = []
         training = ocp.v1.training
@@ -212,7 +216,7 @@ class CheckpointStore:
             target = self.directory / QUARANTINE / f"{step}-{reason}-{suffix}"
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(source, target)
+            storage.move_tree(source, target)
             (target / "QUARANTINE.txt").write_text(f"checkpoint step {step}: {detail}\n")
         _barrier(f"opd_jax_quarantine_{step}_moved")
         self._checkpointer.reload()

@@ -27,6 +27,7 @@ from typing import Any
 
 from opd_jax import chunking
 from opd_jax import divergences as divergences_lib
+from opd_jax import storage
 from opd_jax.advantages import ESTIMATORS, LEVELS
 from opd_jax.errors import InputError, InputFileNotFoundError
 
@@ -395,7 +396,7 @@ def read_config_file(path: str | pathlib.Path) -> dict[str, Any]:
       InputError: a YAML name (``.yaml`` / ``.yml``: the message names the formats read), a file that
         is not UTF-8 or does not parse (the parser's message), or not a table at its top.
     """
-    path = pathlib.Path(path)
+    path = storage.as_path(path, what="file")
     formats = " or ".join(CONFIG_FORMATS)
     if path.is_dir():
         raise InputFileNotFoundError(f"{path} is a folder; give a {formats} file")

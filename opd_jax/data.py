@@ -11,6 +11,7 @@ import json
 import pathlib
 from collections.abc import Iterator
 
+from opd_jax import storage
 from opd_jax.errors import InputError, InputFileNotFoundError
 
 __all__ = ["BYTES_PER_TOKEN", "LINE_SLACK_BYTES", "prompt_line_bound", "prompt_of", "prompt_teachers",
@@ -119,7 +120,7 @@ def read_json_lines(path: str | pathlib.Path, *, kind: str, max_line_bytes: int 
       InputError: ``FILE:LINE: ...`` for a line that is too long, not UTF-8, not JSON, or not a JSON
         object.
     """
-    path = pathlib.Path(path)
+    path = storage.as_path(path)  # a local file or a gs:// object, streamed
     if path.is_dir():
         raise InputFileNotFoundError(f"{kind} {path} is a folder; give a .jsonl file")
     if not path.is_file():

@@ -17,16 +17,20 @@ also a ``FileNotFoundError``) naming the option, file or line, raised before any
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from opd_jax import sharding as sharding_lib
+from opd_jax import storage
 from opd_jax.config import TrainConfig
 from opd_jax.errors import InputError, InputFileNotFoundError
 from opd_jax.models import Execution
@@ -51,6 +55,10 @@ class Models:
     def __post_init__(self):
         if not self.teachers:
             raise ValueError("--teacher: give at least one teacher folder")
+        # Local folders or gs:// URLs, one path type (opd_jax.storage); other schemes are refused here.
+        object.__setattr__(self, "student", storage.as_path(self.student, what="--student"))
+        object.__setattr__(self, "teachers", {name: storage.as_path(folder, what="--teacher")
+                                              for name, folder in self.teachers.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +83,11 @@ class Data:
     eval_samples: int = 1
     allow_unknown_tokens: bool = False
 
+    def __post_init__(self):
+        object.__setattr__(self, "prompts", storage.as_path(self.prompts, what="--prompts"))
+        if self.eval_dataset is not None:
+            object.__setattr__(self, "eval_dataset", storage.as_path(self.eval_dataset, what="--eval-dataset"))
+
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
@@ -86,6 +99,12 @@ class RunSpec:
     output: pathlib.Path
     execution: Execution = Execution()
     placement: Placement = Placement()
+    # How long the lock of a run folder in a bucket outlives its holder's last renewal (renewed
+    # every quarter lease): a run killed on another host blocks its folder at most this long.
+    lock_lease_seconds: float = storage.DEFAULT_LEASE_SECONDS
+
+    def __post_init__(self):
+        object.__setattr__(self, "output", storage.as_path(self.output, what="--output"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +275,12 @@ def launch(spec: RunSpec, *, progress: bool = True):
     finally:
         if run_lock is not None:
             run_lock.release()
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and storage.is_remote(result.output_dir):
+        with tempfile.TemporaryDirectory(prefix="opd_jax_tokenizer_") as local:
+            # transformers writes tokenizers to local folders only: written here, then copied up.
+            checked.tokenizer.save_pretrained(local)
+            storage.copy_tree(storage.as_path(local), result.output_dir / "student")
+    elif jax.process_index() == 0:
         checked.tokenizer.save_pretrained(result.output_dir / "student")
     return result
 
@@ -266,7 +290,8 @@ def _lock(spec: RunSpec, identity: dict):
     other processes write only checkpoints, which orbax coordinates), after the identity check."""
     from opd_jax import run_folder
 
-    run_lock = run_folder.RunLock(spec.output)
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    run_lock = run_folder.acquire_lock(spec.output, run=digest, lease_seconds=spec.lock_lease_seconds)
     try:
         folder_state = run_folder.check_identity(spec.output, identity)
     except run_folder.RunFolderError:
@@ -383,5 +408,5 @@ def _check_positions(spec: RunSpec, teacher_configs: dict, student_config, longe
         fixes.append(f"--max-new-tokens at most {limit - longest} with --max-prompt-length {longest}")
     advice = "; set " + " or ".join(fixes) if fixes else f"; the longest prompt alone has {longest} tokens"
     raise ValueError(f"--max-prompt-length {prompt_slots} + --max-new-tokens {new_tokens} = {total} positions, more "
-                     f"than the {who}'s max_position_embeddings {limit} ({pathlib.Path(folder) / 'config.json'})"
+                     f"than the {who}'s max_position_embeddings {limit} ({storage.as_path(folder) / 'config.json'})"
                      f"{advice}")

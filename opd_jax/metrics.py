@@ -1,18 +1,36 @@
-"""Training metrics: JSON lines (the record), TensorBoard (to watch), PNG learning curves (to read)."""
+"""Training metrics: JSON lines (the record), TensorBoard (to watch), PNG learning curves (to read).
+
+In a local folder ``metrics.jsonl`` is appended one line per record. A Cloud Storage object cannot
+be appended, so in a bucket :class:`MetricsLog` keeps the run's records in memory and replaces the
+whole ``metrics.jsonl`` object at each :meth:`MetricsLog.flush`: before every checkpoint save (the
+loop calls it), at most every ``flush_seconds`` otherwise, and on close. Why one object rewritten
+rather than one object per flush merged later: an object upload replaces it atomically, so the
+bucket always holds one complete, valid log that anyone can read during the run, a kill can leave
+no half-merged pieces, and a resume (which drops records past its checkpoint) needs no merge. The
+cost is the log's size per flush (about 300 bytes a step: 3 MB for 10,000 steps), which the flush
+interval bounds. A kill loses only records after the last flush, and every flush precedes a
+checkpoint save, so it loses only steps the resume recomputes. TensorBoard events are written to a
+local temporary folder (tensorboardX's own GCS writer crashes) and uploaded whole at each flush.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import pathlib
+import shutil
+import tempfile
+import time
 from collections.abc import Iterable, Sequence
+
+from opd_jax import storage
 
 __all__ = ["MetricsLog", "plot_curves", "read_jsonl"]
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict]:
     """All records of a metrics file (a missing file is empty; a cut-off last line is skipped)."""
-    path = pathlib.Path(path)
+    path = storage.as_path(path)
     if not path.is_file():
         return []
     lines = [line for line in path.read_text().splitlines() if line.strip()]
@@ -38,35 +56,70 @@ class MetricsLog:
     checkpoint, and purges TensorBoard from step 0.
     """
 
-    def __init__(self, directory: str | pathlib.Path, *, resume_step: int | None = None, tensorboard: bool = True):
-        self.directory = pathlib.Path(directory)
+    def __init__(self, directory: str | pathlib.Path, *, resume_step: int | None = None, tensorboard: bool = True,
+                 flush_seconds: float = 60.0):
+        self.directory = storage.as_path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "metrics.jsonl"
+        self.remote = storage.is_remote(self.directory)
+        self._flush_seconds = flush_seconds
+        self._flushed_at = time.monotonic()
+        kept = []
         if self.path.is_file():
             kept = [] if resume_step is None else [r for r in read_jsonl(self.path) if r.get("step", -1) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            storage.write_bytes(self.path, _lines(kept))
+        self._records = kept if self.remote else None  # the whole log, for a bucket
         self._tensorboard = None
+        self._tensorboard_local = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
+            events = self.directory / "tensorboard"
+            if self.remote:
+                self._tensorboard_local = tempfile.mkdtemp(prefix="opd_jax_tensorboard_")
+                events = self._tensorboard_local
             # purge_step writes a session-start event: TensorBoard drops the older events of
             # every step from there on, so a resumed run shows each step once.
-            self._tensorboard = SummaryWriter(str(self.directory / "tensorboard"),
-                                              purge_step=0 if resume_step is None else resume_step + 1)
+            self._tensorboard = SummaryWriter(str(events), purge_step=0 if resume_step is None else resume_step + 1)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        if self._records is not None:
+            self._records.append(record)
+        else:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
         if self._tensorboard is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tensorboard.add_scalar(key, value, step)
+        if self.remote and time.monotonic() - self._flushed_at > self._flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make every record written so far durable in the folder (in a bucket: replace
+        ``metrics.jsonl`` and upload the TensorBoard events; locally lines are appended already)."""
+        self._flushed_at = time.monotonic()
+        if not self.remote:
+            return
+        storage.write_bytes(self.path, _lines(self._records))
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+            storage.tensorboard_upload(self._tensorboard_local, self.directory / "tensorboard")
 
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
-            self._tensorboard = None
+        self.flush()
+        self._tensorboard = None
+        if self._tensorboard_local is not None:
+            shutil.rmtree(self._tensorboard_local, ignore_errors=True)
+            self._tensorboard_local = None
+        self.remote = False  # closed: a second close or flush writes nothing
+
+
+def _lines(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
 def _plain(value):
@@ -118,6 +171,10 @@ def plot_curves(
     if title:
         figure.suptitle(title)
     figure.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
-    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    path = storage.as_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if storage.is_remote(path):
+        storage.savefig(figure, path, dpi=110)
+    else:
+        figure.savefig(path, dpi=110)
     plt.close(figure)

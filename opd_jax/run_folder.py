@@ -5,7 +5,9 @@ tokenizer or prompt file would silently mix two runs. :func:`compute_identity` d
 (file bytes, SHA-256) and the prompt options; :func:`check_identity` compares them with the record
 (``run_identity.json``) written when the run started and refuses, naming every change, without
 touching the folder. :class:`RunLock` holds an exclusive ``flock`` on ``.opd_jax.lock`` in the
-folder for the whole run, so a second process on the same folder fails at once.
+folder for the whole run, so a second process on the same folder fails at once. A run folder in a
+bucket (``gs://``) has the same layout; its lock is an object created only if absent
+(:class:`opd_jax.storage.ObjectLock`, with a lease), see :func:`acquire_lock`.
 
 Folder paths are recorded but not compared: moving a checkpoint folder does not change a run.
 
@@ -26,9 +28,11 @@ import os
 import pathlib
 from typing import Any
 
+from opd_jax import storage
 from opd_jax.errors import InputError
 
-__all__ = ["IDENTITY_FILE", "LOCK_FILE", "RunFolder", "RunFolderError", "RunLock", "check_identity", "check_output_folder",
+__all__ = ["IDENTITY_FILE", "LOCK_FILE", "RunFolder", "RunFolderError", "RunLock", "acquire_lock", "check_identity",
+           "check_output_folder",
            "compute_identity", "folder_digests", "folder_state", "identity_changes", "weight_files", "write_identity"]
 
 IDENTITY_FILE = "run_identity.json"
@@ -59,7 +63,7 @@ def weight_files(folder: str | pathlib.Path) -> list[str]:
       FileNotFoundError: no safetensors, or a shard the index lists is missing (named).
       ValueError: an index that is not a safetensors index.
     """
-    folder = pathlib.Path(folder)
+    folder = storage.as_path(folder)
     names = [name for name in _WEIGHT_FILES if (folder / name).is_file()]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -83,7 +87,7 @@ def weight_files(folder: str | pathlib.Path) -> list[str]:
 def folder_digests(folder: str | pathlib.Path, kind: str) -> dict[str, str]:
     """``{file name: sha256}`` of a checkpoint folder's ``"weights"`` (see :func:`weight_files`) or
     ``"tokenizer"`` files (every tokenizer file present)."""
-    folder = pathlib.Path(folder)
+    folder = storage.as_path(folder)
     if kind == "tokenizer":
         names = [name for name in _TOKENIZER_FILES if (folder / name).is_file()]
     elif kind == "weights":
@@ -111,11 +115,17 @@ def compute_identity(teacher: str | pathlib.Path | dict[str, str | pathlib.Path]
     models["student"] = student
     return {
         "format": _FORMAT,
-        **{side: {"path": str(pathlib.Path(folder).resolve()), "weights": folder_digests(folder, "weights"),
+        **{side: {"path": _recorded(folder), "weights": folder_digests(folder, "weights"),
                   "tokenizer": folder_digests(folder, "tokenizer")} for side, folder in models.items()},
-        "prompts": {"path": str(pathlib.Path(prompts).resolve()), "sha256": _sha256(pathlib.Path(prompts))},
+        "prompts": {"path": _recorded(prompts), "sha256": _sha256(storage.as_path(prompts))},
         "prompt_options": dict(prompt_options),
     }
+
+
+def _recorded(path) -> str:
+    """A path as recorded: absolute when local, the URL when in a bucket."""
+    path = storage.as_path(path)
+    return str(path if storage.is_remote(path) else path.resolve())
 
 
 def identity_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -157,7 +167,7 @@ def check_identity(output: str | pathlib.Path, identity: dict[str, Any]) -> str:
       RunFolderError: the folder's run was started from other inputs (every change named), its
         record cannot be read, or the folder is not a run (:func:`folder_state`).
     """
-    output = pathlib.Path(output)
+    output = storage.as_path(output)
     record_path = output / IDENTITY_FILE
     state = folder_state(output)
     if state != "recorded":
@@ -187,7 +197,7 @@ def folder_state(output: str | pathlib.Path) -> str:
     Raises:
       RunFolderError: a non-empty folder that is not a run; the message names a file in it.
     """
-    output = pathlib.Path(output)
+    output = storage.as_path(output)
     if not output.is_dir():
         return "new"
     if (output / IDENTITY_FILE).is_file():
@@ -231,10 +241,8 @@ def _is_training_config(path: pathlib.Path) -> bool:
 
 def write_identity(output: str | pathlib.Path, identity: dict[str, Any]) -> None:
     """Record ``identity`` in ``output`` (atomically: a partial record is never left)."""
-    path = pathlib.Path(output) / IDENTITY_FILE
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
-    os.replace(partial, path)
+    storage.write_bytes(storage.as_path(output) / IDENTITY_FILE,
+                        (json.dumps(identity, indent=2, sort_keys=True) + "\n").encode())
 
 
 def check_output_folder(output: str | pathlib.Path, model_folders: dict[str, str | pathlib.Path] | None = None) -> None:
@@ -249,11 +257,15 @@ def check_output_folder(output: str | pathlib.Path, model_folders: dict[str, str
         folder that is not a run (:func:`folder_state`), or it (or the folder it would be created
         in) is not writable.
     """
-    output = pathlib.Path(output)
+    output = storage.as_path(output, what="--output")
+    if storage.is_remote(output):
+        storage.check_bucket(output, what="--output")
     if output.exists() and not output.is_dir():
         raise RunFolderError(f"--output {output} is a file; give a folder (it is created if missing)")
     _check_apart(output, model_folders or {})
     folder_state(output)
+    if storage.is_remote(output):  # objects need no parent folder; the bucket is there
+        return
     existing = output
     while not existing.exists():
         existing = existing.parent
@@ -267,9 +279,9 @@ def check_output_folder(output: str | pathlib.Path, model_folders: dict[str, str
 def _check_apart(output: pathlib.Path, model_folders: dict[str, str | pathlib.Path]) -> None:
     """The run folder writes ``config.json`` and ``student/``: inside a model folder (or around one)
     it would overwrite or mix with the model's files."""
-    resolved = output.resolve()
+    resolved = storage.as_path(_recorded(output))
     for flag, folder in model_folders.items():
-        model = pathlib.Path(folder).resolve()
+        model = storage.as_path(_recorded(folder))
         relation = ("is" if resolved == model else "lies inside" if model in resolved.parents
                     else "contains" if resolved in model.parents else None)
         if relation:
@@ -350,6 +362,23 @@ class RunLock:
         self.release()
 
 
+def acquire_lock(folder, *, run: str = "", lease_seconds: float = storage.DEFAULT_LEASE_SECONDS):
+    """The run folder's lock: :class:`RunLock` (``flock``) for a local folder,
+    :class:`opd_jax.storage.ObjectLock` (an object created only if absent, renewed within
+    ``lease_seconds``) for a folder in a bucket. Both are released with ``release()``.
+
+    Args:
+      run: the run's identity digest, recorded in a bucket's lock object for whoever reads it.
+
+    Raises:
+      RunFolderError: another run holds it (named, in a bucket with the end of its lease).
+    """
+    folder = storage.as_path(folder)
+    if storage.is_remote(folder):
+        return storage.ObjectLock(folder, run=run, lease_seconds=lease_seconds, name=LOCK_FILE)
+    return RunLock(folder)
+
+
 def _lock_holder(descriptor: int) -> int | None:
     """The process id holding a ``flock`` on the file open as ``descriptor`` (Linux), else ``None``."""
     try:
@@ -380,7 +409,7 @@ class RunFolder:
     """
 
     def __init__(self, path: str | pathlib.Path, config, *, writer: bool = True):
-        self.path = pathlib.Path(path)
+        self.path = storage.as_path(path)
         self.config = config
         self.writer = writer
         self._log = None
@@ -434,6 +463,12 @@ class RunFolder:
     def log(self, step: int, record: dict[str, float]) -> None:
         if self._log is not None:
             self._log.write(step, record)
+
+    def flush(self) -> None:
+        """Make the records logged so far durable (called before each checkpoint save: in a bucket
+        the metrics are uploaded at flushes only, see :mod:`opd_jax.metrics`)."""
+        if self._log is not None:
+            self._log.flush()
 
     def close(self) -> None:
         if self._log is not None:

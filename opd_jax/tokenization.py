@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from opd_jax import storage
 from opd_jax.errors import InputError, InputFileNotFoundError
 from opd_jax.models.config import DecoderConfig
 
@@ -32,6 +33,9 @@ PROBE_CONVERSATION = (
 )
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+# Every file transformers may read to build a tokenizer (config.json names the class for some).
+_TOKENIZER_COPY = _TOKENIZER_FILES + ("merges.txt", "special_tokens_map.json", "added_tokens.json",
+                                      "chat_template.jinja", "chat_template.json", "config.json")
 _SHOWN = 5  # examples shown per kind of difference
 
 
@@ -67,14 +71,17 @@ def load_tokenizer(path: str | pathlib.Path):
     """
     transformers = import_transformers()
 
-    folder = pathlib.Path(path)
+    folder = storage.as_path(path)
     present = [name for name in _TOKENIZER_FILES if (folder / name).is_file()]
     if not set(present) - {"tokenizer_config.json"}:
         found = f" (it has only {present[0]})" if present else ""
         raise InputFileNotFoundError(f"no tokenizer in {folder}{found}: expected tokenizer.json, vocab.json or "
                                      "tokenizer.model beside config.json")
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # transformers loads tokenizers from local folders only: a folder in a bucket has its
+        # tokenizer files (small) copied to a temporary local folder first; the weights never are.
+        with storage.local_copy(folder, _TOKENIZER_COPY) as local:
+            return transformers.AutoTokenizer.from_pretrained(str(local), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError, ImportError) as error:
         reason = " ".join(str(error).split())
         raise InputError(f"cannot load the tokenizer in {folder} ({', '.join(present)}): {reason}") from None

@@ -570,9 +570,11 @@ def _run_steps(run: _Run, state: dict, store: CheckpointStore, folder: RunFolder
                 run_eval(step + 1)
             saved = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
             if saved:
+                folder.flush()  # the records up to a checkpoint are in the folder before it (a bucket is not appended)
                 store.save(step + 1, _flatten(state))
             if step + 1 < config.steps and stop_signals.agreed(step + 1):
                 if not saved:
+                    folder.flush()
                     store.save(step + 1, _flatten(state))
                 store.wait()
                 raise Preempted(step + 1, config.steps, stop_signals.signal_name, str(store.path(step + 1)))

@@ -90,6 +90,10 @@ def _add_scaling_options(parser: argparse.ArgumentParser) -> None:
                             "what jax detects on TPU pods / SLURM)")
     scale.add_argument("--num-processes", type=positive_int(1), help="multi-process run: number of processes")
     scale.add_argument("--process-id", type=positive_int(0), help="multi-process run: this process's index")
+    scale.add_argument("--lock-lease", dest="lock_lease", type=float, default=300.0, metavar="SECONDS",
+                       help="a run folder in a bucket (gs://): how long its lock outlives the holder's last renewal "
+                            "(renewed every quarter lease); a run killed on another host blocks the folder at most "
+                            "this long, one killed on this host not at all [300]")
 
 
 def _teacher_folders(given: list[tuple[str | None, pathlib.Path]]) -> dict[str, pathlib.Path]:
@@ -120,7 +124,7 @@ def _run_spec(args: argparse.Namespace):
                              chat_template=not args.no_chat_template, eval_dataset=args.eval_dataset,
                              eval_answer_key=args.eval_answer_key, eval_samples=args.eval_samples,
                              allow_unknown_tokens=args.allow_unknown_tokens),
-            execution=execution(args), placement=placement(args, "train"),
+            execution=execution(args), placement=placement(args, "train"), lock_lease_seconds=args.lock_lease,
         )
     except ValueError as error:
         fail("train", str(error))

@@ -6,11 +6,16 @@ stores one tensor per layer (``model.layers.3.mlp.up_proj.weight``); the decoder
 leading layer axis (``layers/mlp/up[3]``), so loading writes each into its layer's slot of a
 preallocated host array and export slices it back out.
 ``save_pretrained`` writes a folder that transformers' ``AutoModelForCausalLM.from_pretrained`` loads.
+
+Folders may be local or in a bucket (``gs://``, :mod:`opd_jax.storage`). From a bucket nothing is
+copied first: each tensor is read with a ranged read of its bytes (the offsets are in the
+safetensors header), so a host reads only the tensors it loads.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 from collections.abc import Callable, Iterator
@@ -21,8 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
+from safetensors.flax import save as save_bytes
 from safetensors.flax import save_file
 
+from opd_jax import storage
 from opd_jax.errors import InputError, InputFileNotFoundError
 from opd_jax.models.config import DecoderConfig
 from opd_jax.models.decoder import Decoder
@@ -114,7 +121,7 @@ def load_config(path: str | pathlib.Path) -> DecoderConfig:
       InputFileNotFoundError: the folder or its ``config.json`` does not exist.
       InputError: ``config.json`` is not a supported decoder configuration.
     """
-    folder = pathlib.Path(path)
+    folder = storage.as_path(path)
     config_path = folder / CONFIG_FILE
     if not folder.is_dir():
         raise InputFileNotFoundError(f"{folder} {'is not a folder' if folder.exists() else 'does not exist'}")
@@ -138,7 +145,7 @@ def check_weights(folder: str | pathlib.Path) -> dict[str, pathlib.Path]:
       InputFileNotFoundError: no weights, or a shard the index lists is missing.
       InputError: an index or a safetensors file that is damaged or truncated (named).
     """
-    folder = pathlib.Path(folder)
+    folder = storage.as_path(folder)
     index, single = folder / INDEX_FILE, folder / SINGLE_FILE
     if index.is_file():
         try:
@@ -160,7 +167,7 @@ def _safetensors_header(file: pathlib.Path) -> dict:
     """The tensor entries of a safetensors file's header, after checking that the file holds every
     byte they describe. The format: an 8-byte little-endian header length, the JSON header, then the
     tensors' bytes at the header's ``data_offsets``."""
-    size = file.stat().st_size
+    size = storage.size(file)
     damaged = f"{file} is damaged or truncated ({size} bytes"
     advice = "); copy or export the folder again"
     with file.open("rb") as handle:
@@ -180,15 +187,38 @@ def _safetensors_header(file: pathlib.Path) -> dict:
     return tensors
 
 
+_NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "I64": np.int64,
+                 "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
 def _read_tensors(files: dict[str, pathlib.Path], names: list[str]) -> Iterator[tuple[str, Array]]:
     by_file: dict[pathlib.Path, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)
     for file, file_names in by_file.items():
+        if storage.is_remote(file):
+            yield from _read_remote_tensors(file, file_names)
+            continue
         # framework="flax": the numpy backend cannot represent bfloat16 tensors.
         with safe_open(file, framework="flax") as handle:
             for name in file_names:
                 yield name, handle.get_tensor(name)
+
+
+def _read_remote_tensors(file, names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of a safetensors object in a bucket, each by a ranged read of its own bytes
+    (safetensors' readers need a local file; the format is a header and the bytes at its offsets)."""
+    with file.open("rb") as handle:
+        header_bytes = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_bytes))
+        for name in names:
+            entry = header[name]
+            start, end = (int(offset) for offset in entry["data_offsets"])
+            handle.seek(8 + header_bytes + start)
+            dtype = _NUMPY_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise InputError(f"{file}: tensor {name} has dtype {entry['dtype']}, which opd-jax cannot read")
+            yield name, np.frombuffer(handle.read(end - start), dtype).reshape(entry["shape"])
 
 
 def from_pretrained(
@@ -209,7 +239,7 @@ def from_pretrained(
       FileNotFoundError: missing folder, ``config.json`` or weight files (named).
       ValueError: unsupported architecture; a missing tensor or a tensor of the wrong shape (named).
     """
-    folder = pathlib.Path(path)
+    folder = storage.as_path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
     config = load_config(folder)
@@ -272,7 +302,7 @@ def save_pretrained(
       max_shard_bytes: if set, split the weights into ``model-0000i-of-0000n.safetensors`` files of
         at most this many bytes each plus ``model.safetensors.index.json``.
     """
-    folder = pathlib.Path(path)
+    folder = storage.as_path(path)
     folder.mkdir(parents=True, exist_ok=True)
     state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     tensors: dict[str, Array] = {}
@@ -314,7 +344,7 @@ def checkpoint_dtype(path: str | pathlib.Path) -> str:
 
     Reads only the safetensors headers.
     """
-    files = sorted(set(check_weights(pathlib.Path(path)).values()))
+    files = sorted(set(check_weights(path).values()))
     counts: dict[str, int] = {}
     for file in files:
         with file.open("rb") as handle:
@@ -328,10 +358,13 @@ def checkpoint_dtype(path: str | pathlib.Path) -> str:
 
 
 def _save_tensors(tensors: dict[str, Array], file: pathlib.Path) -> None:
+    if storage.is_remote(file):  # safetensors writes local files only: the bytes, uploaded whole
+        file.write_bytes(save_bytes(tensors, metadata={"format": "pt"}))
+        return
     save_file(tensors, file, metadata={"format": "pt"})
     # safetensors writes through a private temporary file (mode 0600); a checkpoint is meant to be
     # shared and served, so give it the usual permissions of a written file.
-    file.chmod(0o644)
+    os.chmod(file, 0o644)
 
 
 def _split_into_shards(tensors: dict[str, Array], max_shard_bytes: int | None) -> list[dict[str, Array]]:
