@@ -34,19 +34,19 @@ def main(argv=None) -> None:
     import dataclasses
     import pathlib
 
-    from opd_jax import demo
+    from opd_jax import demo, tasks
 
+    task = tasks.get_task("arithmetic")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=demo.DEMO_CONFIG.steps, help="training steps per run [200]")
+    parser.add_argument("--steps", type=int, default=task.demo.config.steps, help="training steps per run [200]")
     parser.add_argument("--scale", type=float, default=1.25, help="reward scale lambda of ExOPD [1.25]")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds [0]")
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("runs/exopd"), help="output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    task = demo.demo_task("arithmetic")
     setup = task.setup()
-    base = dataclasses.replace(task.config, steps=args.steps, max_new_tokens=setup.max_new_tokens,
-                               eval_every=min(task.config.eval_every, args.steps))
+    base = dataclasses.replace(task.demo.config, steps=args.steps, max_new_tokens=setup.max_new_tokens,
+                               eval_every=min(task.demo.config.eval_every, args.steps))
     specs = []
     for seed in args.seeds:
         config = dataclasses.replace(base, seed=seed)
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
                          {"advantage_fn": exopd_advantage_fn(args.scale), "reference": setup.student}),
         ]
     records = demo.run_grid(setup, specs, args.output, progress=not args.quiet)
-    print(demo.write_results(setup, specs, records, args.output, task.columns))
+    print(demo.write_results(setup, specs, records, args.output, task.demo.columns))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Objective forms: token level with γ = 0 (the per-token form used in practice), token level with
 γ = 1 (the unbiased reward-to-go), and sequence level. Every run starts from the shipped weak
-student and uses the demo's settings (``opd_jax.demo.DEMO_CONFIG``) unless overridden here.
+student and uses the demo's settings (``tasks.get_task("arithmetic").demo.config``) unless overridden here.
 
 Writes ``results.md`` (mean ± std over seeds), ``results.json`` (every run) and ``curves.png`` to
 ``--output``; re-running resumes unfinished runs and reuses finished ones, so the grid can be
@@ -41,22 +41,23 @@ FORMS = {"token-g0": ("token", 0.0), "token-g1": ("token", 1.0), "sequence": ("s
 
 
 def main(argv=None) -> int:
+    task = tasks.get_task("arithmetic")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--divergences", nargs="+", choices=list(DIVERGENCES), default=list(DIVERGENCES))
     parser.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), default=list(ESTIMATORS))
     parser.add_argument("--forms", nargs="+", choices=list(FORMS), default=list(FORMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--baseline", choices=BASELINES, default=demo.DEMO_CONFIG.baseline,
+    parser.add_argument("--baseline", choices=BASELINES, default=task.demo.config.baseline,
                         help="advantage baseline (leave_one_out: mean of the other rollouts of the prompt)")
-    parser.add_argument("--steps", type=int, default=demo.DEMO_CONFIG.steps)
+    parser.add_argument("--steps", type=int, default=task.demo.config.steps)
     parser.add_argument("--eval-problems", type=int, default=512, help="held-out problems per evaluation")
     parser.add_argument("--output", type=pathlib.Path, default=pathlib.Path("runs/grid"))
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 
-    setup = tasks.get_task("arithmetic").setup(eval_problems=args.eval_problems)
-    base = dataclasses.replace(demo.DEMO_CONFIG, steps=args.steps, eval_every=min(demo.DEMO_CONFIG.eval_every, args.steps),
-                               baseline=args.baseline)
+    setup = task.setup(eval_problems=args.eval_problems)
+    base = dataclasses.replace(task.demo.config, steps=args.steps,
+                               eval_every=min(task.demo.config.eval_every, args.steps), baseline=args.baseline)
     specs = demo.grid(
         base,
         {

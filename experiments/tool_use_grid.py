@@ -47,10 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), default=list(ESTIMATORS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     # Defaults: the settings of `opd-jax demo --task tool_use`.
-    parser.add_argument("--steps", type=int, default=demo.TOOL_USE_CONFIG.steps)
-    parser.add_argument("--prompts-per-step", type=int, default=demo.TOOL_USE_CONFIG.prompts_per_step)
-    parser.add_argument("--group-size", type=int, default=demo.TOOL_USE_CONFIG.group_size)
-    parser.add_argument("--learning-rate", type=float, default=demo.TOOL_USE_CONFIG.learning_rate)
+    demo_config = tasks.get_task("tool_use").demo.config
+    parser.add_argument("--steps", type=int, default=demo_config.steps)
+    parser.add_argument("--prompts-per-step", type=int, default=demo_config.prompts_per_step)
+    parser.add_argument("--group-size", type=int, default=demo_config.group_size)
+    parser.add_argument("--learning-rate", type=float, default=demo_config.learning_rate)
     parser.add_argument("--train-problems", type=int, default=4096)
     parser.add_argument("--eval-problems", type=int, default=256)
     parser.add_argument("--eval-seed", type=int, default=0)
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     print(json.dumps(reference, indent=1), flush=True)
 
     base = dataclasses.replace(
-        demo.TOOL_USE_CONFIG, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+        tasks.get_task("tool_use").demo.config, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
         max_new_tokens=budget, learning_rate=args.learning_rate, steps=args.steps, eval_every=0,
         checkpoint_every=args.steps,
     )

@@ -2,11 +2,13 @@
 
 A demo is a grid of :class:`~opd_jax.train.TrainConfig` variations (divergence × estimator × …
 × seed) run through :func:`opd_jax.train.train` on one :class:`~opd_jax.tasks.TaskSetup` (a
-registered task's :meth:`~opd_jax.tasks.Task.setup`). Each run evaluates the
-student before and after training on held-out problems: greedy accuracy and response length, and
-the teacher-KL ``KL(π‖q)`` per response token estimated on temperature-1 student samples. The
-summary is one row per variation with mean ± std over seeds, written as Markdown and JSON beside
-the per-run folders and a plot of the learning curves.
+registered task's :meth:`~opd_jax.tasks.Task.setup`). The demo's settings on a task (its base
+config, summary columns and default output folder) are the task's own ``task.demo``
+(:class:`~opd_jax.tasks.DemoSettings`), so :mod:`opd_jax.tasks` is the one registry of tasks.
+Each run evaluates the student before and after training on held-out problems: greedy accuracy
+and response length, and the teacher-KL ``KL(π‖q)`` per response token estimated on
+temperature-1 student samples. The summary is one row per variation with mean ± std over seeds,
+written as Markdown and JSON beside the per-run folders and a plot of the learning curves.
 
 Re-running into the same output folder resumes unfinished runs and reuses finished ones.
 """
@@ -17,54 +19,18 @@ import dataclasses
 import json
 import pathlib
 import time
-import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from opd_jax import tasks
 from opd_jax.metrics import plot_curves
-from opd_jax.tasks.base import Evaluator, Task, TaskSetup
+from opd_jax.tasks.base import SUMMARY_COLUMNS, TaskSetup
 from opd_jax.train import TrainConfig, train
 
-__all__ = [
-    "DEMO_CONFIG", "DEMO_SETTINGS", "TASKS", "TOOL_USE_CONFIG", "DemoTask", "RunSpec", "arithmetic_setup", "demo_task",
-    "format_table", "grid", "run_grid", "summarize", "write_results",
-]
-
-#: The demo's training settings on the toy arithmetic task: per-token OPD (γ = 0) as in the paper.
-DEMO_CONFIG = TrainConfig(
-    level="token",
-    gamma=0.0,
-    log_ratio_clip=20.0,
-    prompts_per_step=64,
-    group_size=4,
-    max_new_tokens=24,
-    learning_rate=3e-4,
-    steps=200,
-    eval_every=50,
-    checkpoint_every=50,
-    keep_checkpoints=1,
-)
-
-#: The demo's settings on the toy tool-use task (the settings of ``experiments/tool_use_grid.py``):
-#: multi-turn rollouts cost more per step, and the weak student moves within 40 steps at a higher
-#: learning rate.
-TOOL_USE_CONFIG = dataclasses.replace(
-    DEMO_CONFIG, prompts_per_step=32, learning_rate=1e-3, steps=40, eval_every=20, checkpoint_every=20
-)
-
-#: Row metrics of the summary table: (record key, column title).
-SUMMARY_COLUMNS = (
-    ("accuracy", "accuracy"),
-    ("teacher_kl", "teacher KL"),
-    ("response_length", "length"),
-)
-#: The tool-use table adds the share of valid tool calls.
-TOOL_USE_COLUMNS = SUMMARY_COLUMNS[:1] + (("call_validity", "call validity"),) + SUMMARY_COLUMNS[1:]
+__all__ = ["RunSpec", "format_table", "grid", "run_grid", "summarize", "write_results"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,81 +47,6 @@ class RunSpec:
     @property
     def folder(self) -> str:
         return f"{self.variation}-seed{self.seed}".replace("/", "-").replace("=", "")
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoTask:
-    """A registered task with the demo's settings on it: what ``opd-jax demo`` / ``opd-jax eval --task`` use.
-
-    Attributes:
-      task: the :class:`~opd_jax.tasks.Task`.
-      config: the demo's training settings on this task (divergence, estimator and seed are the
-        grid's; ``max_new_tokens`` is the setup's).
-      columns: the metrics of its summary table.
-      output: the default output folder of ``opd-jax demo --task``.
-    """
-
-    task: Task
-    config: TrainConfig = DEMO_CONFIG
-    columns: tuple[tuple[str, str], ...] = SUMMARY_COLUMNS
-    output: pathlib.Path = pathlib.Path("runs/demo")
-
-    def setup(self, **kwargs) -> TaskSetup:
-        """:meth:`Task.setup <opd_jax.tasks.Task.setup>` (``train_problems``, ``eval_problems``, ``seed``)."""
-        return self.task.setup(**kwargs)
-
-    def teacher_path(self) -> pathlib.Path:
-        return self.task.model_path("teacher")
-
-    def evaluator(self, tokenizer, teacher, *, eval_problems: int = 512, seed: int = 0) -> Evaluator:
-        """:meth:`Task.evaluator <opd_jax.tasks.Task.evaluator>`."""
-        return self.task.evaluator(tokenizer, teacher, eval_problems=eval_problems, seed=seed)
-
-
-#: The demo's settings by task name; a task not named here gets the DemoTask defaults and the
-#: output folder ``runs/demo-<name>``.
-DEMO_SETTINGS = types.MappingProxyType({
-    "arithmetic": types.MappingProxyType({"output": pathlib.Path("runs/demo")}),
-    # The same task on models vLLM serves (head size 32), sampled by the vLLM backend.
-    "arithmetic_vllm": types.MappingProxyType({"config": dataclasses.replace(DEMO_CONFIG, rollout_backend="vllm"),
-                                               "output": pathlib.Path("runs/demo-arithmetic_vllm")}),
-    "tool_use": types.MappingProxyType({"config": TOOL_USE_CONFIG, "columns": TOOL_USE_COLUMNS,
-                                        "output": pathlib.Path("runs/demo-tool_use")}),
-})
-
-
-def demo_task(name: str) -> DemoTask:
-    """The task registered as ``name`` (:func:`opd_jax.tasks.get_task`) with the demo's settings on it.
-
-    Raises:
-      ValueError: an unknown task (the message lists the registered ones).
-    """
-    settings = {"output": pathlib.Path(f"runs/demo-{name}"), **DEMO_SETTINGS.get(name, {})}
-    return DemoTask(tasks.get_task(name), **settings)
-
-
-class _DemoTasks(Mapping):
-    """Every registered task as a :class:`DemoTask`, by name (read-only; follows the registry)."""
-
-    def __getitem__(self, name: str) -> DemoTask:
-        if name not in tasks.TASKS:
-            raise KeyError(name)
-        return demo_task(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(tasks.task_names())
-
-    def __len__(self) -> int:
-        return len(tasks.TASKS)
-
-
-#: The tasks of ``opd-jax demo`` / ``opd-jax eval``: every registered task as a :class:`DemoTask`.
-TASKS: Mapping[str, DemoTask] = _DemoTasks()
-
-
-def arithmetic_setup(**kwargs) -> TaskSetup:
-    """The arithmetic task's setup, ``tasks.get_task("arithmetic").setup(**kwargs)`` (the name notebooks use)."""
-    return tasks.get_task("arithmetic").setup(**kwargs)
 
 
 def grid(base: TrainConfig, axes: dict[str | tuple[str, ...], Sequence[Any]], seeds: Sequence[int]) -> list[RunSpec]:

@@ -1,5 +1,6 @@
 """The embedded default (`opd-jax demo`), `opd-jax eval`, and the grid helpers behind them."""
 
+import argparse
 import dataclasses
 import json
 import pathlib
@@ -14,7 +15,7 @@ from opd_jax.tasks import tool_use
 
 def test_grid_crosses_axes_and_seeds_with_joint_axes():
     specs = demo.grid(
-        demo.DEMO_CONFIG,
+        tasks.DEMO_CONFIG,
         {"divergence": ["reverse_kl", "forward_kl"], ("level", "gamma"): [("token", 1.0), ("sequence", 0.0)]},
         seeds=[3, 4],
     )
@@ -24,14 +25,14 @@ def test_grid_crosses_axes_and_seeds_with_joint_axes():
         ("reverse_kl", "token", 1.0, 3), ("reverse_kl", "token", 1.0, 4)]
     assert len({s.folder for s in specs}) == 8 and all("/" not in s.folder for s in specs)
     # Every other field comes from the base config.
-    assert all(s.config.learning_rate == demo.DEMO_CONFIG.learning_rate for s in specs)
+    assert all(s.config.learning_rate == tasks.DEMO_CONFIG.learning_rate for s in specs)
 
 
 def test_grid_rejects_unknown_axes_and_invalid_combinations():
     with pytest.raises(ValueError, match="unknown grid axis.*'lr'"):
-        demo.grid(demo.DEMO_CONFIG, {"lr": [1e-3]}, [0])
+        demo.grid(tasks.DEMO_CONFIG, {"lr": [1e-3]}, [0])
     with pytest.raises(ValueError, match="takes no parameters"):
-        demo.grid(demo.DEMO_CONFIG, {("divergence", "beta"): [("js", 0.3)]}, [0])
+        demo.grid(tasks.DEMO_CONFIG, {("divergence", "beta"): [("js", 0.3)]}, [0])
 
 
 def test_summary_is_the_mean_and_sample_std_over_seeds():
@@ -51,25 +52,28 @@ def test_summary_is_the_mean_and_sample_std_over_seeds():
     assert "| b | 1 | – → 0.900 |" in table
 
 
-def test_demo_tasks_are_the_registered_tasks_with_the_demo_settings(monkeypatch):
-    assert list(demo.TASKS) == list(tasks.task_names()) == ["arithmetic", "arithmetic_vllm", "tool_use"]
-    arithmetic, tool = demo.TASKS["arithmetic"], demo.TASKS["tool_use"]
-    assert arithmetic.task is tasks.get_task("arithmetic") and tool.task is tasks.get_task("tool_use")
-    assert (arithmetic.config, arithmetic.output) == (demo.DEMO_CONFIG, pathlib.Path("runs/demo"))
-    assert (tool.config, tool.output) == (demo.TOOL_USE_CONFIG, pathlib.Path("runs/demo-tool_use"))
-    assert ("call_validity", "call validity") in tool.columns and ("call_validity", "call validity") not in arithmetic.columns
-    assert tool.teacher_path() == tool_use.toy_model_path("teacher")
-    with pytest.raises(KeyError):
-        demo.TASKS["chess"]
-    with pytest.raises(ValueError, match="unknown task 'chess'; registered: arithmetic, arithmetic_vllm, tool_use"):
-        demo.demo_task("chess")
-    # the head-size-32 variant of the arithmetic task samples with vLLM
-    assert demo.TASKS["arithmetic_vllm"].config == dataclasses.replace(demo.DEMO_CONFIG, rollout_backend="vllm")
-    # A task registered later is a demo task too, with the default settings.
-    monkeypatch.setitem(tasks._registry, "arithmetic_copy", tasks.get_task("arithmetic"))
-    assert "arithmetic_copy" in demo.TASKS and len(demo.TASKS) == 4
-    assert demo.TASKS["arithmetic_copy"].output == pathlib.Path("runs/demo-arithmetic_copy")
-    assert demo.TASKS["arithmetic_copy"].config == demo.DEMO_CONFIG
+def test_the_demo_and_eval_commands_offer_the_registered_tasks_with_their_own_settings(monkeypatch):
+    from opd_jax.commands import build_parser
+
+    def task_choices(parser, command):
+        (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        (task,) = [a for a in subparsers.choices[command]._actions if a.dest == "task"]
+        return task.choices
+
+    def help_of(parser, command, dest):
+        (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return next(a.help for a in subparsers.choices[command]._actions if a.dest == dest)
+
+    names = ["arithmetic", "arithmetic_vllm", "tool_use"]
+    assert task_choices(build_parser(), "demo") == task_choices(build_parser(), "eval") == names
+    assert "arithmetic runs/demo, arithmetic_vllm runs/demo-arithmetic_vllm, tool_use runs/demo-tool_use" in help_of(
+        build_parser(), "demo", "output")
+    assert "arithmetic 200, arithmetic_vllm 200, tool_use 40" in help_of(build_parser(), "demo", "steps")
+    # A task registered later is offered too, with its own demo settings (here the default output folder).
+    chess = dataclasses.replace(tasks.get_task("arithmetic"), name="chess", demo=tasks.DemoSettings())
+    monkeypatch.setitem(tasks._registry, "chess", chess)
+    assert task_choices(build_parser(), "demo") == sorted([*names, "chess"])
+    assert "chess runs/demo-chess" in help_of(build_parser(), "demo", "output")
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +160,7 @@ def test_tool_use_demo_trains_with_its_own_settings_and_eval_reproduces_it(tmp_p
     (record,) = json.loads((output / "results.json").read_text())["runs"]
     config = record["config"]
     assert (config["prompts_per_step"], config["learning_rate"], config["steps"]) == (
-        demo.TOOL_USE_CONFIG.prompts_per_step, demo.TOOL_USE_CONFIG.learning_rate, 1)
+        tool_use.DEMO.config.prompts_per_step, tool_use.DEMO.config.learning_rate, 1)
     assert config["max_new_tokens"] == tool_use.toy_task().max_response_length + 4
     for key in ("accuracy", "call_validity", "call_exactness", "teacher_kl", "response_length"):
         assert np.isfinite(record[key]) and np.isfinite(record[f"{key}_before"]), key

@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ("opd_jax.divergences", "opd_jax.advantages", "opd_jax.objectives", "opd_jax.config", "opd_jax.topk",
-           "opd_jax.tasks")
+           "opd_jax.tasks", "opd_jax.tasks.tool_use.tools")
 
 
 @pytest.mark.parametrize("name", MODULES)

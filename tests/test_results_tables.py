@@ -29,7 +29,7 @@ import sampler_vs_vllm  # noqa: E402
 import stale_bias  # noqa: E402
 import tool_use_grid  # noqa: E402
 
-from opd_jax import demo  # noqa: E402
+from opd_jax import demo, tasks  # noqa: E402
 from opd_jax.tasks.tool_use import ToolUseTask  # noqa: E402
 
 GIB = 2**30
@@ -159,7 +159,7 @@ def variation(cells: list[str]) -> str:
 def test_demo_grid_results_md_is_rendered_from_results_json(folder):
     results = load(folder)
     assert results["summary"] == demo.summarize(results["runs"]), "summary is not the runs' mean ± std"
-    table = demo.format_table(results["summary"], demo.demo_task(results["task"]).columns)
+    table = demo.format_table(results["summary"], tasks.get_task(results["task"]).demo.columns)
     assert (RESULTS / folder / "results.md").read_text() == f"# {results['task']}: OPD vs OPD+\n\n{table}\n"
 
 

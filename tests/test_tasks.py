@@ -2,6 +2,7 @@
 worked solutions, exact checker, tokenizer, shipped models."""
 
 import ast
+import dataclasses
 import doctest
 import json
 import pathlib
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 import opd_jax
 from opd_jax import models, sampling, tasks, tokenization
-from opd_jax.tasks import arithmetic
+from opd_jax.tasks import arithmetic, characters, tool_use
 from opd_jax.tasks.arithmetic import ArithmeticTask, extract_answer, is_correct
 
 TASKS = [
@@ -261,7 +262,8 @@ def test_registry_names_tasks_and_refuses_unknown_taken_and_incomplete_ones():
         tasks.get_task("chess")
     with pytest.raises(ValueError, match="'arithmetic' is already registered"):
         tasks.register_task("arithmetic", tasks.get_task("tool_use"))
-    with pytest.raises(ValueError, match=r"not a Task: it lacks \['check', 'evaluator', 'model_path', 'problems'"):
+    with pytest.raises(ValueError,
+                       match=r"not a Task: it lacks \['check', 'demo', 'evaluator', 'model_path', 'problems'"):
         tasks.register_task("half", type("Half", (), {"name": "half", "tokenizer": None, "setup": None})())
     with pytest.raises(ValueError, match="non-empty string"):
         tasks.register_task("", tasks.get_task("arithmetic"))
@@ -289,6 +291,59 @@ def test_arithmetic_task_gives_the_setup_the_grid_needs():
     assert set(metrics) == {"accuracy", "response_length", "teacher_kl"} and metrics["accuracy"] >= 0.9
     assert metrics["teacher_kl"] == pytest.approx(0.0, abs=1e-6)  # the teacher against itself
     assert set(task.evaluator(setup.tokenizer, None, eval_problems=8)(setup.student)) == {"accuracy", "response_length"}
+
+
+SHIPPED_TOKENIZERS = [
+    (arithmetic.build_tokenizer, arithmetic.ASSETS_DIR / "student"),
+    (arithmetic.build_tokenizer, arithmetic.ASSETS_DIR / "teacher"),
+    (arithmetic.build_tokenizer, arithmetic.VLLM_ASSETS_DIR / "student"),
+    (arithmetic.build_tokenizer, arithmetic.VLLM_ASSETS_DIR / "teacher"),
+    (tool_use.build_tokenizer, tool_use.ASSETS_DIR / "student"),
+    (tool_use.build_tokenizer, tool_use.ASSETS_DIR / "teacher"),
+]
+
+
+@pytest.mark.parametrize("build, folder", SHIPPED_TOKENIZERS,
+                         ids=[str(folder.relative_to(arithmetic.ASSETS_DIR)) for _, folder in SHIPPED_TOKENIZERS])
+def test_the_tasks_one_character_tokenizer_builds_the_shipped_tokenizer_files(build, folder, tmp_path):
+    # The shipped checkpoints depend on these ids: the shared construction must write the same files.
+    build().save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert json.loads((tmp_path / name).read_text()) == json.loads((folder / name).read_text()), name
+    shipped = tokenization.load_tokenizer(folder)
+    alphabet = arithmetic.ALPHABET if build is arithmetic.build_tokenizer else tool_use.ALPHABET
+    vocabulary = characters.CharacterVocabulary(alphabet)
+    assert shipped.get_vocab() == {token: i for i, token in enumerate(vocabulary.tokens)}
+    assert shipped(alphabet + "~", add_special_tokens=True)["input_ids"] == vocabulary.encode(alphabet + "~")
+    vocabulary.check_tokenizer(shipped, "this")
+
+
+def test_character_vocabulary_ids_and_bad_alphabets():
+    vocabulary = characters.CharacterVocabulary("ab")
+    assert (vocabulary.pad_id, vocabulary.eos_id, vocabulary.unk_id, len(vocabulary)) == (0, 1, 2, 5)
+    assert vocabulary.encode("ba?") == [4, 3, 2] and vocabulary.decode([3, 1, 0, 2]) == "a<eos><pad><unk>"
+    with pytest.raises(ValueError, match=r"distinct; repeated: \['a'\]"):
+        characters.CharacterVocabulary("aba")
+    with pytest.raises(ValueError, match="non-empty string"):
+        characters.CharacterVocabulary("")
+    with pytest.raises(ValueError, match="does not match the arithmetic task"):
+        characters.CharacterVocabulary(arithmetic.ALPHABET).check_tokenizer(tool_use.build_tokenizer(), "arithmetic")
+
+
+def test_the_demo_settings_live_on_the_registered_tasks():
+    arithmetic_task, vllm_task, tool_task = (tasks.get_task(n) for n in ("arithmetic", "arithmetic_vllm", "tool_use"))
+    assert isinstance(arithmetic_task.demo, tasks.DemoSettings)
+    assert arithmetic_task.demo.config == tasks.DEMO_CONFIG and arithmetic_task.demo.output_folder("arithmetic") == (
+        pathlib.Path("runs/demo"))
+    assert vllm_task.demo.config == dataclasses.replace(tasks.DEMO_CONFIG, rollout_backend="vllm")
+    assert vllm_task.demo.output_folder("arithmetic_vllm") == pathlib.Path("runs/demo-arithmetic_vllm")
+    assert tool_task.demo is tool_use.DEMO and tool_task.demo.output_folder("tool_use") == pathlib.Path(
+        "runs/demo-tool_use")
+    assert (tool_task.demo.config.steps, tool_task.demo.config.prompts_per_step) == (40, 32)
+    assert ("call_validity", "call validity") in tool_task.demo.columns
+    assert ("call_validity", "call validity") not in arithmetic_task.demo.columns
+    # A task without its own output folder gets one named after it.
+    assert tasks.DemoSettings().output_folder("chess") == pathlib.Path("runs/demo-chess")
 
 
 def _tiny(seed):
@@ -371,8 +426,8 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_package_has_no_import_cycle_and_tasks_do_not_import_the_demo():
     graph = _import_graph(pathlib.Path(opd_jax.__file__).parent)
-    assert {"opd_jax.demo", "opd_jax.rollouts", "opd_jax.tasks", "opd_jax.tasks.tool_use"} <= set(graph)
-    assert "opd_jax.tasks" in graph["opd_jax.demo"] and "opd_jax.rollouts" in graph["opd_jax.tasks.tool_use"]
+    assert {"opd_jax.demo", "opd_jax.rollouts", "opd_jax.tasks", "opd_jax.tasks.tool_use.environment"} <= set(graph)
+    assert "opd_jax.tasks.base" in graph["opd_jax.demo"] and "opd_jax.rollouts" in graph["opd_jax.tasks.tool_use.environment"]
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
     below_the_loop = {name for name in graph if name.startswith("opd_jax.tasks")} | {"opd_jax.rollouts"}
     for name in below_the_loop:

@@ -10,8 +10,8 @@ from opd_jax.commands.flags import fail, positive_int
 
 
 def add_parser(subparsers) -> None:
+    from opd_jax import tasks
     from opd_jax.advantages import ESTIMATORS
-    from opd_jax.demo import TASKS
     from opd_jax.divergences import names as divergence_names
 
     # The parametrised generators (generalized_js, alpha) need a value: they are in the grid script.
@@ -28,16 +28,17 @@ def add_parser(subparsers) -> None:
             "checkpoints, exported student) under --output; re-running resumes unfinished runs."
         ),
     )
-    demo.add_argument("--task", choices=sorted(TASKS), default="arithmetic", help="toy task (default arithmetic)")
+    settings = {name: tasks.get_task(name).demo for name in sorted(tasks.task_names())}
+    demo.add_argument("--task", choices=sorted(settings), default="arithmetic", help="toy task (default arithmetic)")
     demo.add_argument("--output", type=pathlib.Path,
                       help="output folder (default: the task's, " + ", ".join(
-                          f"{name} {task.output}" for name, task in sorted(TASKS.items())) + ")")
+                          f"{name} {task_demo.output_folder(name)}" for name, task_demo in settings.items()) + ")")
     demo.add_argument("--divergence", action="append", choices=plain_divergences, metavar="NAME",
                       help="divergence, repeatable (default: reverse_kl forward_kl js)")
     demo.add_argument("--estimator", action="append", choices=tuple(ESTIMATORS),
                       help="estimator, repeatable (default: both)")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
-    default_steps = ", ".join(f"{name} {task.config.steps}" for name, task in sorted(TASKS.items()))
+    default_steps = ", ".join(f"{name} {task_demo.config.steps}" for name, task_demo in settings.items())
     demo.add_argument("--steps", type=positive_int(1),
                       help=f"training steps per run (default: the task's, {default_steps})")
     demo.add_argument("--eval-problems", type=positive_int(1), default=512,
@@ -48,11 +49,12 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from opd_jax import demo
+    from opd_jax import demo, tasks
     from opd_jax.advantages import ESTIMATORS
 
-    task = demo.TASKS[args.task]
-    output = args.output or task.output
+    task = tasks.get_task(args.task)
+    settings = task.demo  # the demo's settings live on the task
+    output = args.output or settings.output_folder(args.task)
     if output.exists() and not output.is_dir():
         fail("demo", f"--output {output} is a file; give a folder")
     previous = output / "results.json"
@@ -61,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
         fail("demo", f"--output {output} holds results of task {previous_task!r}, not --task {args.task}; "
                      "give another folder")
     setup = task.setup(eval_problems=args.eval_problems)
-    steps = args.steps or task.config.steps
-    base = dataclasses.replace(task.config, steps=steps, max_new_tokens=setup.max_new_tokens,
-                               eval_every=min(task.config.eval_every, steps))
+    steps = args.steps or settings.config.steps
+    base = dataclasses.replace(settings.config, steps=steps, max_new_tokens=setup.max_new_tokens,
+                               eval_every=min(settings.config.eval_every, steps))
     axes = {"divergence": args.divergence or ["reverse_kl", "forward_kl", "js"],
             "estimator": args.estimator or list(ESTIMATORS)}
     specs = demo.grid(base, axes, args.seeds)
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         records = demo.run_grid(setup, specs, output, progress=not args.quiet)
     except ValueError as error:  # e.g. a run folder that holds a run with other settings
         fail("demo", str(error))
-    table = demo.write_results(setup, specs, records, output, task.columns)
+    table = demo.write_results(setup, specs, records, output, settings.columns)
     seconds = sum(r["seconds"] for r in records)
     print(f"\n{setup.name}: {len(specs)} runs of {steps} steps in {seconds:.0f} s\n\n{table}\n")
     print(f"wrote {output / 'results.md'}, {output / 'results.json'}, {output / 'curves.png'}")

@@ -36,7 +36,7 @@ _MATH_ONLY = ("answer_key", "question_key", "samples", "pass_k", "max_new_tokens
 
 
 def add_parser(subparsers) -> None:
-    from opd_jax.demo import TASKS
+    from opd_jax.tasks import task_names
 
     evaluate = subparsers.add_parser(
         "eval",
@@ -54,7 +54,7 @@ def add_parser(subparsers) -> None:
     )
     evaluate.add_argument("--model", type=pathlib.Path, required=True, help="checkpoint folder (HF format)")
     source = evaluate.add_mutually_exclusive_group()
-    source.add_argument("--task", choices=sorted(TASKS),
+    source.add_argument("--task", choices=sorted(task_names()),
                         help="toy task (default arithmetic when no --dataset is given)")
     source.add_argument("--dataset", type=pathlib.Path, action="append", metavar="FILE.jsonl",
                         help="math dataset, repeatable: one JSON object a line with the question ('prompt' or "
@@ -124,13 +124,13 @@ def run(args: argparse.Namespace) -> int:
     if misplaced:
         fail("eval", f"{', '.join(misplaced)} appl{'ies' if len(misplaced) == 1 else 'y'} to --dataset evaluation "
                      f"only, not to the toy task {task_name}")
-    from opd_jax import demo, models, tokenization
+    from opd_jax import models, tasks, tokenization
 
     try:
         model, _ = models.from_pretrained(args.model)
         tokenizer = tokenization.load_tokenizer(args.model)
-        task = demo.TASKS[task_name]
-        teacher_path = args.teacher or task.teacher_path()
+        task = tasks.get_task(task_name)
+        teacher_path = args.teacher or task.model_path("teacher")
         teacher = None if args.no_teacher_kl else models.from_pretrained(teacher_path)[0]
         if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
             raise ValueError(f"teacher vocab_size {teacher.config.vocab_size} != model vocab_size "

@@ -5,12 +5,15 @@ a registry of :class:`~opd_jax.tasks.base.Task` objects by name.
 ['arithmetic', 'arithmetic_vllm', 'tool_use']
 >>> get_task("tool_use").model_path("teacher").name
 'teacher'
+>>> get_task("tool_use").demo.config.steps  # the demo's settings live on the task
+40
 
 The arithmetic task's helpers (``toy_task``, ``evaluate``, …) are re-exported here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 from opd_jax.tasks import tool_use
@@ -27,11 +30,13 @@ from opd_jax.tasks.arithmetic import (
     toy_model_path,
     toy_task,
 )
-from opd_jax.tasks.base import Task, TaskSetup, teacher_kl
+from opd_jax.tasks.base import DEMO_CONFIG, DemoSettings, Task, TaskSetup, teacher_kl
 
 __all__ = [
     "TASKS",
     "ArithmeticTask",
+    "DEMO_CONFIG",
+    "DemoSettings",
     "EvalResult",
     "Problem",
     "Task",
@@ -87,5 +92,7 @@ def task_names() -> tuple[str, ...]:
 
 
 register_task("arithmetic", ToyArithmetic())
-register_task("arithmetic_vllm", ToyArithmetic("arithmetic_vllm", VLLM_ASSETS_DIR))
+# The same task on models vLLM serves (head size 32), sampled by the vLLM backend in the demo.
+register_task("arithmetic_vllm", ToyArithmetic(
+    "arithmetic_vllm", VLLM_ASSETS_DIR, DemoSettings(config=dataclasses.replace(DEMO_CONFIG, rollout_backend="vllm"))))
 register_task("tool_use", tool_use.ToyToolUse())

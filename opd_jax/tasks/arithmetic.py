@@ -25,14 +25,24 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
-import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from opd_jax.tasks.base import Evaluator, TaskSetup, teacher_kl
+from opd_jax.tasks import characters
+from opd_jax.tasks.base import (
+    DemoSettings,
+    Evaluator,
+    TaskSetup,
+    distinct_choices,
+    held_out_split,
+    read_task_metadata,
+    shipped_model_folder,
+    teacher_kl,
+)
+from opd_jax.tasks.characters import SPECIAL_TOKENS
 
 __all__ = [
     "ALPHABET",
@@ -53,16 +63,17 @@ __all__ = [
 ]
 
 ANSWER_MARKER = ">"
-#: Every character a prompt or a worked solution may contain, plus space and newline.
+#: Every character a prompt or a worked solution may contain, plus space and newline. Their ids follow
+#: :data:`SPECIAL_TOKENS` from id 3 in this order: the shipped models' ids, so the order is fixed.
 ALPHABET = "0123456789+-=,> \n"
-#: Special tokens, at ids 0, 1, 2; the characters of :data:`ALPHABET` follow from id 3.
-SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
 OPERATIONS = ("+", "-")
 #: The shipped toy checkpoints: ``teacher/`` and ``student/`` (config, safetensors, tokenizer).
 ASSETS_DIR = pathlib.Path(__file__).resolve().parent / "assets"
 #: The same task's models with attention heads of size 32 (vLLM's CPU attention rejects 12 and 24).
 VLLM_ASSETS_DIR = ASSETS_DIR / "vllm"
 
+#: The experiment that trains the shipped models (named in the errors about missing assets).
+_MAKE_MODELS = "experiments/make_toy_models.py"
 _ANSWER = re.compile(r"0|[1-9][0-9]*")
 _SPLITS = (None, "train", "test")
 
@@ -106,11 +117,7 @@ class ArithmeticTask:
     def __post_init__(self):
         if isinstance(self.digits, bool) or not isinstance(self.digits, (int, np.integer)) or self.digits < 1:
             raise ValueError(f"digits must be an integer >= 1, got {self.digits!r}")
-        if isinstance(self.operations, str):
-            raise ValueError(f"operations must be a tuple of operation symbols, not the string {self.operations!r}")
-        operations = tuple(self.operations)
-        if not operations or any(op not in OPERATIONS for op in operations) or len(set(operations)) != len(operations):
-            raise ValueError(f"operations must be distinct symbols from {OPERATIONS}, got {self.operations!r}")
+        operations = distinct_choices(self.operations, OPERATIONS, name="operations", noun="operation symbols")
         object.__setattr__(self, "operations", operations)
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
@@ -217,8 +224,7 @@ class ArithmeticTask:
 
     def split_of(self, a: int, op: str, b: int) -> str:
         """``"test"`` or ``"train"``: the fixed held-out partition (a hash of the prompt)."""
-        bucket = zlib.crc32(f"{a}{op}{b}=".encode()) % 1_000_000
-        return "test" if bucket < self.test_fraction * 1_000_000 else "train"
+        return held_out_split(f"{a}{op}{b}=", self.test_fraction)
 
 
 def extract_answer(text: str) -> int | None:
@@ -253,31 +259,13 @@ def is_correct(problem: Problem, response_text: str) -> bool:
 def build_tokenizer():
     """The character-level tokenizer of the task, as a ``transformers`` fast tokenizer.
 
-    Ids: ``<pad>`` 0, ``<eos>`` 1, ``<unk>`` 2, then one token per character of :data:`ALPHABET`
-    (any other character encodes as ``<unk>``). No BOS, no chat template: ``encode`` with
-    ``add_special_tokens=True`` gives exactly one id per character, and decoding concatenates the
-    tokens. Save it with ``save_pretrained(folder)``; :func:`opd_jax.tokenization.load_tokenizer`
-    loads it back.
+    :func:`opd_jax.tasks.characters.build_tokenizer` of :data:`ALPHABET`: ``<pad>`` 0, ``<eos>`` 1,
+    ``<unk>`` 2, then one token per character of :data:`ALPHABET` (any other character encodes as
+    ``<unk>``). No BOS, no chat template: ``encode`` with ``add_special_tokens=True`` gives exactly one
+    id per character, and decoding concatenates the tokens. Save it with ``save_pretrained(folder)``;
+    :func:`opd_jax.tokenization.load_tokenizer` loads it back.
     """
-    import tokenizers
-
-    from opd_jax.tokenization import import_transformers
-
-    transformers = import_transformers()  # without the "PyTorch was not found" banner
-
-    vocab = {token: index for index, token in enumerate((*SPECIAL_TOKENS, *ALPHABET))}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    # One pre-token per character ([\s\S] also matches newlines), each looked up in the vocabulary.
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = tokenizers.decoders.Fuse()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        clean_up_tokenization_spaces=False,
-        model_max_length=1024,
-    )
+    return characters.build_tokenizer(ALPHABET)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,9 +323,7 @@ def evaluate(
       ValueError: no problems, a non-positive ``batch_size``, a tokenizer without an EOS token, or
         a budget beyond the model's context (from ``generate``).
     """
-    import jax
-
-    from opd_jax import sampling, tokenization
+    from opd_jax import sampling
 
     problems = list(problems)
     if not problems:
@@ -351,20 +337,46 @@ def evaluate(
     config = sampling.SamplingConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=(int(eos),), pad_id=int(pad)
     )
-    prompts = [problem.prompt for problem in problems]
-    prompt_length = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"])
-    batch_size = min(batch_size, len(problems))
-    key = jax.random.key(0) if key is None else key
+    responses, finished, lengths = _sample_responses(
+        model, tokenizer, [problem.prompt for problem in problems], config, batch_size=min(batch_size, len(problems)),
+        key=jax.random.key(0) if key is None else key,
+    )
+    correct = np.asarray([is_correct(p, r) for p, r in zip(problems, responses)], bool) & finished
+    return EvalResult(
+        accuracy=float(correct.mean()),
+        mean_response_length=float(lengths.mean()),
+        correct=correct,
+        finished=finished,
+        response_lengths=lengths,
+        responses=tuple(responses),
+    )
 
+
+def _sample_responses(model, tokenizer, prompts: Sequence[str], config, *, batch_size: int,
+                      key: jax.Array) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Decode a response to every prompt with ``config`` (a ``SamplingConfig`` stopping at EOS only).
+
+    Prompts are left-padded to the longest one and sampled in batches of ``batch_size`` rows, the
+    last one filled up with copies of its last prompt (every batch has one shape and compiles once);
+    ``key`` is split once per batch.
+
+    Returns:
+      The decoded responses (the final EOS removed), ``[n]`` bool whether each ended with EOS, and
+      ``[n]`` int64 response tokens including EOS.
+    """
+    from opd_jax import sampling, tokenization
+
+    (eos,) = config.stop_ids
+    prompt_length = max(len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"])
     responses: list[str] = []
     finished: list[bool] = []
     lengths: list[int] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
+        chunk = list(prompts[start : start + batch_size])
         real = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch_size - real)
         tokens, mask = tokenization.encode_prompts(
-            tokenizer, chunk, max_length=prompt_length, use_chat_template=False, pad_id=int(pad)
+            tokenizer, chunk, max_length=prompt_length, use_chat_template=False, pad_id=config.pad_id
         )
         key, batch_key = jax.random.split(key)
         rollout = sampling.generate(model, tokens, mask, batch_key, config)
@@ -377,17 +389,7 @@ def evaluate(
             responses.append(tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=False))
             finished.append(stopped)
             lengths.append(len(ids))
-    finished_array = np.asarray(finished, bool)
-    correct = np.asarray([is_correct(p, r) for p, r in zip(problems, responses)], bool) & finished_array
-    lengths_array = np.asarray(lengths, np.int64)
-    return EvalResult(
-        accuracy=float(correct.mean()),
-        mean_response_length=float(lengths_array.mean()),
-        correct=correct,
-        finished=finished_array,
-        response_lengths=lengths_array,
-        responses=tuple(responses),
-    )
+    return responses, np.asarray(finished, bool), np.asarray(lengths, np.int64)
 
 
 def toy_model_path(role: str, assets: pathlib.Path = ASSETS_DIR) -> pathlib.Path:
@@ -401,24 +403,12 @@ def toy_model_path(role: str, assets: pathlib.Path = ASSETS_DIR) -> pathlib.Path
       FileNotFoundError: the assets are missing (regenerate them with
         ``experiments/make_toy_models.py``).
     """
-    if role not in ("teacher", "student"):
-        raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
-    folder = assets / role
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no toy {role} in {folder}; regenerate it with `python experiments/make_toy_models.py`"
-        )
-    return folder
+    return shipped_model_folder(assets, role, what="toy", script=_MAKE_MODELS)
 
 
 def toy_task(assets: pathlib.Path = ASSETS_DIR) -> ArithmeticTask:
     """The :class:`ArithmeticTask` the shipped toy models were trained on (from ``metadata.json``)."""
-    import json
-
-    metadata = assets / "metadata.json"
-    if not metadata.is_file():
-        raise FileNotFoundError(f"{metadata} is missing; regenerate it with `python experiments/make_toy_models.py`")
-    return ArithmeticTask.from_dict(json.loads(metadata.read_text())["task"])
+    return ArithmeticTask.from_dict(read_task_metadata(assets, script=_MAKE_MODELS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,11 +417,13 @@ class ToyArithmetic:
 
     Problems come from :func:`toy_task` (the task the shipped models were trained on), the checker
     is :func:`is_correct`, the budget is the longest solution + 2 tokens. ``assets``: the models'
-    folder (:data:`ASSETS_DIR`, or :data:`VLLM_ASSETS_DIR`: the ``arithmetic_vllm`` task).
+    folder (:data:`ASSETS_DIR`, or :data:`VLLM_ASSETS_DIR`: the ``arithmetic_vllm`` task). ``demo``:
+    the demo's settings (:data:`~opd_jax.tasks.base.DEMO_CONFIG`, output folder ``runs/demo``).
     """
 
     name: str = "arithmetic"
     assets: pathlib.Path = ASSETS_DIR
+    demo: DemoSettings = DemoSettings(output=pathlib.Path("runs/demo"))
 
     def problems(self, split: str, n: int, seed: int) -> list[Problem]:
         return toy_task(self.assets).sample_problems(seed, n, split=split)
