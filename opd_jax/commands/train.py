@@ -10,6 +10,7 @@ import sys
 
 from opd_jax.commands.flags import (EXIT_RESUMABLE, accept_negative_numbers, add_model_options, add_train_options,
                                     execution, fail, initialize_distributed, placement, positive_int, train_config)
+from opd_jax.errors import InputError
 
 
 def _parse_teacher(value: str) -> tuple[str | None, pathlib.Path]:
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     (2: bad input, nothing written; 75: preempted, resumable; 1: the run failed)."""
     import jax
 
-    from opd_jax import launch, run_folder, train
+    from opd_jax import launch, train
     from opd_jax.backends.vllm import VllmWorkerError
 
     spec = _run_spec(args)
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     try:
         result = launch.launch(spec, progress=not args.quiet)
-    except (ValueError, FileNotFoundError, run_folder.RunFolderError) as error:
+    except InputError as error:  # launch.check's and the run folder's: raised before anything is written
         fail("train", str(error))
     except train.Preempted as stopped:  # the step reached is committed: re-running resumes it
         if jax.process_index() == 0:
