@@ -41,6 +41,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from opd_jax.errors import InputError
+
 Array = jax.Array
 ElementwiseFn = Callable[..., Array]
 
@@ -440,21 +442,41 @@ def get(name: str | Divergence, **params) -> Divergence:
 
 
 def custom(f: Callable[[Array], Array], name: str = "custom") -> Divergence:
-    """A user-defined generator from ``f`` alone.
+    """A user-defined generator from ``f`` alone, **written in ℓ = log u** (not in u).
 
     ``u f'(u)`` and the OPD+ reward are derived by automatic differentiation, so every estimator in
-    the library works with it unchanged.
+    the library works with it unchanged. Like the built-ins, ``f`` takes the log-ratio ℓ, because
+    that is what the library holds (it never forms ``u = q/π``, which overflows in float32 at
+    ℓ ≈ 88 and loses ``u − 1`` to cancellation near ``u = 1``). A function of ``u`` is not accepted:
+    composing it with ``exp`` would be exactly that loss. Write it in ℓ with ``u = exp(ℓ)``,
+    ``u − 1 = expm1(ℓ)`` and ``log u = ℓ``:
+
+    >>> import jax.numpy as jnp
+    >>> pearson = custom(lambda log_u: jnp.expm1(log_u) ** 2, name="my_pearson")   # f(u) = (u − 1)²
+    >>> round(float(pearson.f(jnp.log(3.0))), 6)
+    4.0
 
     Args:
       f: elementwise ``log_u -> f(exp(log_u))``, convex in ``u`` with ``f(1) = 0``.
       name: a label for reports.
 
     Raises:
-      ValueError: ``f(1) ≠ 0`` (checked in float32 at ``log_u = 0``).
+      InputError: ``f(1) ≠ 0`` (checked in float32 at ``log_u = 0``); when ``f`` looks written in ``u``
+        (it vanishes at 1 instead of 0), the message says so and shows the form in ℓ.
     """
     at_one = float(f(jnp.zeros((), jnp.float32)))
     if not abs(at_one) <= 1e-6:
-        raise ValueError(f"a generator needs f(1) = 0, but {name!r} gives f(1) = {at_one!r}")
+        try:
+            written_in_u = abs(float(f(jnp.ones((), jnp.float32)))) <= 1e-6
+        except Exception:  # noqa: BLE001 - a probe of the user's function; the error below stands anyway
+            written_in_u = False
+        hint = (f"; {name!r} vanishes at 1, so it looks written in u" if written_in_u else "")
+        raise InputError(
+            f"custom generators take ℓ = log u, not u: f(ℓ) must give f(u) at u = exp(ℓ), so f(ℓ = 0) is "
+            f"f(u = 1) and must be 0, but {name!r} gives {at_one!r}{hint}. Write it in ℓ: u = jnp.exp(log_u), "
+            "u - 1 = jnp.expm1(log_u), log u = log_u; e.g. f(u) = (u - 1)**2 is "
+            "custom(lambda log_u: jnp.expm1(log_u) ** 2)"
+        )
     return Divergence(name, (), f)
 
 

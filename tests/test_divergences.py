@@ -576,3 +576,18 @@ def test_perspective_matches_the_50_digit_table_in_float32(spec):
                 assert got == expected, (what, lp, lq, got, expected)
             else:
                 assert got == pytest.approx(expected, rel=1e-5, abs=1e-37), (what, lp, lq, got, expected)
+
+
+def test_custom_written_in_u_is_told_the_form_in_log_u():
+    """A generator written in u, f(u) = (u - 1)², is refused with the argument custom takes and the form
+    in ℓ = log u; the form the message shows is the built-in pearson_chi2."""
+    from opd_jax.errors import InputError
+
+    with pytest.raises(InputError, match=r"custom generators take ℓ = log u, not u: .* but 'mine' gives 1\.0; "
+                                         r"'mine' vanishes at 1, so it looks written in u\. .*jnp\.expm1\(log_u\)"):
+        divergences.custom(lambda u: (u - 1) ** 2, name="mine")
+    with pytest.raises(InputError, match=r"gives 0\.5\. Write it in ℓ"):  # not zero at 1 either: no guess
+        divergences.custom(lambda l: l + 0.5)
+    shown = divergences.custom(lambda log_u: jnp.expm1(log_u) ** 2)
+    log_u = jnp.linspace(-3.0, 3.0, 13)
+    np.testing.assert_allclose(shown.f(log_u), divergences.get("pearson_chi2").f(log_u), rtol=1e-6)
