@@ -85,3 +85,28 @@ def test_toy_notebook_reads_a_fresh_demo_only_outside_the_tests_and_checks_the_c
         exec(load, namespace)  # noqa: S102 - the notebook's own cell
         assert namespace["RESULTS"] == shown
         exec(check, namespace)  # noqa: S102 - passes on the committed records beside the decoy
+
+
+def test_the_readmes_strip_command_works_with_what_the_bootstrap_installs(tmp_path):
+    """notebooks/README.md's command to strip outputs needs only the venv's nbformat (no jupyter), and
+    leaves a notebook that test_committed_without_outputs accepts; every command it names is in the
+    venv or is the pip install it asks for."""
+    import re
+    import subprocess
+
+    text = (NOTEBOOK_DIR / "README.md").read_text()
+    (command,) = re.findall(r"`(\.venv/bin/python notebooks/strip_outputs\.py [^`]*)`", text)
+    assert "jupyter nbconvert" not in text
+    notebook = nbformat.read(NOTEBOOK_DIR / "01_stop_gradient_bias.ipynb", as_version=4)
+    code = next(c for c in notebook.cells if c.cell_type == "code")
+    code.outputs, code.execution_count = [nbformat.v4.new_output("stream", text="stale\n")], 3
+    copy = tmp_path / "NAME.ipynb"
+    nbformat.write(notebook, copy)
+    argv = command.replace(".venv/bin/python", sys.executable).replace("notebooks/NAME.ipynb", str(copy)).split()
+    argv[1] = str(NOTEBOOK_DIR / "strip_outputs.py")
+    assert subprocess.run(argv, capture_output=True, text=True, timeout=120).returncode == 0
+    stripped = nbformat.read(copy, as_version=4)
+    assert all(not c.outputs and c.execution_count is None for c in stripped.cells if c.cell_type == "code")
+    assert [c.source for c in stripped.cells] == [c.source for c in notebook.cells]
+    for tool in re.findall(r"`\.venv/bin/(\w+)", text):
+        assert tool in {"python", "pip", "jupyter"}, tool  # jupyter only after the pip install it asks for
