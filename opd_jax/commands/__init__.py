@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 
@@ -34,5 +37,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command != "plan":  # plan compiles for TPU topologies on any host: it needs libtpu
+        leave_out_tpu_plugin()
     return COMMANDS[args.command].run(args)
+
+
+# Google's PCI vendor id: a TPU chip shows up under it in sysfs (jax's own TPU detection reads the same).
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+
+
+def host_has_tpu() -> bool:
+    """Whether a TPU chip is attached to this host (a PCI device of Google's vendor id)."""
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as handle:
+                if handle.read().strip() == _GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def leave_out_tpu_plugin() -> str | None:
+    """On a host without a TPU, start jax without its TPU plugin; returns the platforms chosen.
+
+    The tpu extra installs libtpu for ``opd-jax plan``. jax then tries the TPU backend on every start,
+    and on a CPU or GPU host libtpu prints start-up warnings, an ``E0000 ... unexpected worker
+    hostname`` line and a source trace that a user can do nothing about. Without a TPU (and when
+    the user has not chosen ``JAX_PLATFORMS``) the platforms are set to the others: the GPU's when
+    a GPU plugin is installed and a GPU is visible, and the CPU. Errors are untouched. Does nothing
+    when ``JAX_PLATFORMS`` is set or the host has a TPU.
+    """
+    if os.environ.get("JAX_PLATFORMS") or host_has_tpu():
+        return None
+    platforms = []
+    if _plugin_installed("cuda") and glob.glob("/dev/nvidia[0-9]*"):
+        platforms.append("cuda")
+    if _plugin_installed("rocm") and os.path.exists("/dev/kfd"):
+        platforms.append("rocm")
+    platforms.append("cpu")
+    value = ",".join(platforms)
+    os.environ["JAX_PLATFORMS"] = value  # child processes (a multi-process launch, vLLM) inherit it
+    if "jax" in sys.modules:  # jax read the variable at import: tell its config too (no backend has started)
+        sys.modules["jax"].config.update("jax_platforms", value)
+    return value
+
+
+def _plugin_installed(kind: str) -> bool:
+    """A jax GPU plugin (``jax_plugins.xla_cuda12`` …, or the ``jax-cuda*-plugin`` distributions)."""
+    try:
+        import jax_plugins
+    except ImportError:
+        return False
+    return any(kind in name for path in jax_plugins.__path__ for name in os.listdir(path)
+               if importlib.util.find_spec(f"jax_plugins.{name.split('.')[0]}") is not None)
 
