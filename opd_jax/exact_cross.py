@@ -1,0 +1,224 @@
+"""Exact enumeration with two tokenizers over one character alphabet: what cross-tokenizer OPD follows.
+
+The student writes tokens of its own vocabulary (pieces of text over a character alphabet, plus
+EOS); the teacher scores the student's text on its own tokenization. With both vocabularies
+tiny, every student response is listed (:func:`opd_jax.exact.enumerate_responses`), its text
+re-tokenized with the teacher's canonical tokenizer (greedy longest match, as WordPiece does), and
+the teacher's tabular policy scores those tokens. The objectives:
+
+* ``"sequence"``: ``J_seq = Σ_y π(y) f(q(z(y)) / π(y))``, where ``z(y)`` is the teacher's canonical
+  tokenization of ``y``'s text (and EOS when ``y`` stopped). Sequence-level OPD+ on the aligned
+  log-probs (:func:`opd_jax.alignment.aligned_teacher_logp`) is unbiased for it: the score-function
+  identity holds for any fixed ``q(z(y))``, and the aligned log-ratios sum to ``log q(z(y)) − log π(y)``.
+* ``"chunk"``: ``J_chunk = Σ_y π(y) Σ_c f(u_c)``, the token-sum objective over the aligned chunks.
+  Token-level estimators credit each chunk's ratio to its last student token; they are biased for it
+  whenever a chunk holds several student tokens (the ``u f'(u)`` term of the others is lost) or the
+  teacher re-tokenizes a prefix when the text goes on (a later token changes an earlier chunk).
+* ``"text"``: the f-divergence between the two distributions over texts, ``Σ_t π(t) f(q(t) / π(t))``
+  with ``π(t)`` summed over every student tokenization of ``t`` and ``q(t)`` over every teacher
+  tokenization. This is what one might want, and **no estimator here follows it**: ``J_seq`` compares
+  one student tokenization with the teacher's canonical one. The two agree when both tokenizers
+  are unambiguous (each text has one tokenization on each side) and :func:`measure` says by how much
+  they differ otherwise.
+
+Everything is float64 when ``jax_enable_x64`` is on; the teacher is a constant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax import divergences as divergences_lib
+from opd_jax.advantages import sequence_advantages, token_advantages
+from opd_jax.alignment import aligned_teacher_logp, chunk_ids
+from opd_jax.exact import SequenceSpace, enumerate_responses, expected_gradient, response_log_probs, sampled_log_probs
+from opd_jax.objectives import pg_surrogate
+
+__all__ = ["CrossProblem", "PieceTokenizer", "cross_estimator_gradient", "cross_objective", "make_problem"]
+
+Array = jax.Array
+OBJECTIVES = ("sequence", "chunk", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceTokenizer:
+    """A vocabulary of text pieces over a character alphabet; id ``len(pieces)`` is EOS.
+
+    Canonical tokenization is greedy longest match from the left; every single character of the
+    texts it is given must be a piece.
+    """
+
+    pieces: tuple[str, ...]
+
+    @property
+    def eos_id(self) -> int:
+        return len(self.pieces)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces) + 1
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        """The canonical ids of ``text`` (no EOS)."""
+        ids, start = [], 0
+        while start < len(text):
+            match = max((i for i, piece in enumerate(self.pieces) if text.startswith(piece, start)),
+                        key=lambda i: len(self.pieces[i]), default=None)
+            if match is None:
+                raise ValueError(f"{text[start]!r} at {start} of {text!r} is not a piece of {self.pieces}")
+            ids.append(match)
+            start += len(self.pieces[match])
+        return tuple(ids)
+
+    def segmentations(self, text: str) -> list[tuple[int, ...]]:
+        """Every sequence of ids whose pieces spell ``text`` (the canonical one among them)."""
+        if not text:
+            return [()]
+        return [(i, *rest) for i, piece in enumerate(self.pieces) if text.startswith(piece)
+                for rest in self.segmentations(text[len(piece):])]
+
+    def text(self, ids) -> tuple[str, bool]:
+        """``(text, stopped)`` of ids, read up to and without the first EOS."""
+        ids = list(ids)
+        stopped = self.eos_id in ids
+        return "".join(self.pieces[i] for i in ids[: ids.index(self.eos_id) if stopped else len(ids)]), stopped
+
+    def ends(self, ids) -> list[int]:
+        """Character end offset of each id; EOS gets a character of its own past the text."""
+        ends, position = [], 0
+        for i in ids:
+            position += 1 if i == self.eos_id else len(self.pieces[i])
+            ends.append(position)
+        return ends
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CrossProblem:
+    """Every student response with its text, the teacher's tokens of it, and the alignment.
+
+    Attributes:
+      space: the student's enumerated responses ``[N, T]``.
+      teacher_tokens, teacher_mask: ``[N, M]`` the teacher's canonical tokens (and EOS if stopped).
+      teacher_logp: ``[N, M]`` their log-probs under the teacher (0 where masked).
+      student_chunk, teacher_chunk: ``[N, T]`` / ``[N, M]`` int32 chunk indices (0 where masked).
+      text_group: ``[N]`` int32, one index per distinct ``(text, stopped)``.
+      teacher_text_logp: ``[G]`` ``log q(t)``, summed over every teacher tokenization of each text.
+    """
+
+    space: SequenceSpace
+    teacher_tokens: np.ndarray
+    teacher_mask: np.ndarray
+    teacher_logp: np.ndarray
+    student_chunk: np.ndarray
+    teacher_chunk: np.ndarray
+    text_group: np.ndarray
+    teacher_text_logp: np.ndarray
+
+
+def _teacher_scorer(seed: int, vocab_size: int, scale: float) -> Callable[[tuple[int, ...]], float]:
+    """``log q(z)`` of a tabular teacher: each prefix gets its own Gaussian logits (drawn on first use
+    from a generator seeded by the prefix, so the score of a sequence never depends on call order)."""
+
+    @functools.cache
+    def log_softmax_row(prefix: tuple[int, ...]) -> np.ndarray:
+        logits = scale * np.random.default_rng([seed, len(prefix), *prefix]).standard_normal(vocab_size)
+        return logits - np.logaddexp.reduce(logits)
+
+    return lambda z: [float(log_softmax_row(tuple(z[:j]))[token]) for j, token in enumerate(z)]
+
+
+def make_problem(student: PieceTokenizer, teacher: PieceTokenizer | None, horizon: int, *, seed: int = 0,
+                 teacher_scale: float = 1.5) -> CrossProblem:
+    """Enumerate the student's responses and score their texts with a random tabular teacher.
+
+    ``teacher=None`` is the one-tokenizer case: the teacher scores the student's own tokens (not a
+    re-tokenization), so every chunk is one token and ``"chunk"`` is ``J_tok``.
+    """
+    space = enumerate_responses(student.vocab_size, horizon, student.eos_id)
+    score = _teacher_scorer(seed, (teacher or student).vocab_size, teacher_scale)
+    rows, groups = [], {}
+    for tokens, mask in zip(space.tokens, space.mask):
+        ids = tokens[mask].tolist()
+        text, stopped = student.text(ids)
+        eos = ((teacher or student).eos_id,) if stopped else ()
+        z = tuple(ids) if teacher is None else teacher.encode(text) + eos
+        student_chunk, teacher_chunk = chunk_ids(student.ends(ids), (teacher or student).ends(z))
+        if (text, stopped) not in groups:
+            every = [float(np.sum(score(seg + eos))) for seg in (teacher or student).segmentations(text)]
+            groups[(text, stopped)] = (len(groups), float(np.logaddexp.reduce(every)))
+        rows.append((z, score(z), student_chunk, teacher_chunk, groups[(text, stopped)][0]))
+    width = max(len(z) for z, *_ in rows)
+    column = lambda index, length, dtype: _padded([row[index] for row in rows], length, dtype)  # noqa: E731
+    return CrossProblem(
+        space, column(0, width, np.int32), _padded([[True] * len(z) for z, *_ in rows], width, bool),
+        column(1, width, np.float64), column(2, horizon, np.int32), column(3, width, np.int32),
+        np.asarray([row[4] for row in rows], np.int32),
+        np.asarray([logp for _, logp in sorted(groups.values())], np.float64))
+
+
+def _padded(rows, length: int, dtype) -> np.ndarray:
+    """Ragged rows as ``[len(rows), length]``, zeros after each row's end."""
+    out = np.zeros((len(rows), length), dtype)
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = row
+    return out
+
+
+def _aligned(student_logp: Array, problem: CrossProblem) -> Array:
+    return aligned_teacher_logp(student_logp, jnp.asarray(problem.teacher_logp, student_logp.dtype),
+                                jnp.asarray(problem.student_chunk), jnp.asarray(problem.teacher_chunk),
+                                jnp.asarray(problem.space.mask), jnp.asarray(problem.teacher_mask))
+
+
+def cross_objective(student_logits: Array, problem: CrossProblem, *, divergence, objective: str) -> Array:
+    """The exact ``"sequence"``, ``"chunk"`` or ``"text"`` objective (module docstring),
+    differentiable in ``student_logits [N, T, V]``."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
+    divergence = divergences_lib.get(divergence)
+    mask = jnp.asarray(problem.space.mask)
+    student_logp = jnp.where(mask, sampled_log_probs(student_logits, problem.space.tokens), 0)
+    log_pi = response_log_probs(student_logp, mask)
+    if objective == "text":
+        groups = jnp.asarray(problem.text_group)
+        log_pi_text = jax.ops.segment_sum(jnp.exp(log_pi), groups, num_segments=len(problem.teacher_text_logp))
+        log_pi_text = jnp.log(log_pi_text)
+        return jnp.sum(jnp.exp(log_pi_text) * divergence.f(jnp.asarray(problem.teacher_text_logp) - log_pi_text))
+    teacher_response = jnp.sum(jnp.where(problem.teacher_mask, problem.teacher_logp, 0), axis=-1)
+    if objective == "sequence":
+        return jnp.sum(jnp.exp(log_pi) * divergence.f(teacher_response - log_pi))
+    chunks = problem.space.horizon
+
+    def chunk_terms(student_row, teacher_row, student_chunk, teacher_chunk, student_mask, teacher_mask):
+        teacher_sum = jax.ops.segment_sum(jnp.where(teacher_mask, teacher_row, 0), teacher_chunk, chunks)
+        student_sum = jax.ops.segment_sum(jnp.where(student_mask, student_row, 0), student_chunk, chunks)
+        present = jax.ops.segment_sum(student_mask.astype(jnp.int32), student_chunk, chunks) > 0
+        return jnp.sum(jnp.where(present, divergence.f(teacher_sum - student_sum), 0))
+
+    per_response = jax.vmap(chunk_terms)(student_logp, jnp.asarray(problem.teacher_logp), problem.student_chunk,
+                                         problem.teacher_chunk, mask, jnp.asarray(problem.teacher_mask))
+    return jnp.sum(jnp.exp(log_pi) * per_response)
+
+
+def cross_estimator_gradient(student_logits_fn: Callable, params, problem: CrossProblem, *, divergence,
+                             level: str, estimator: str, gamma: float = 0.0):
+    """``Σ_y π(y) ∇L(y)`` of the library's ``level`` estimator on the aligned teacher log-probs."""
+    divergence = divergences_lib.get(divergence)
+
+    def loss_fn(_student_logits, student_logp, mask):
+        teacher_logp = _aligned(student_logp, problem)
+        if level == "token":
+            advantages = token_advantages(student_logp, teacher_logp, mask, divergence=divergence,
+                                          estimator=estimator, gamma=gamma)
+        else:
+            advantages = sequence_advantages(student_logp, teacher_logp, mask, divergence=divergence,
+                                             estimator=estimator)
+        return pg_surrogate(student_logp, advantages, mask)
+
+    return expected_gradient(student_logits_fn, params, problem.space, loss_fn)
