@@ -302,28 +302,13 @@ def full_vocab_divergence_from_hidden(
         other than 0 and 1.
     """
     divergence = divergences_lib.get(divergence)
-    arrays = dict(
-        student_hidden_BxTxD=jnp.asarray(student_hidden_BxTxD),
-        student_projection_DxV=jnp.asarray(student_projection_DxV),
-        teacher_hidden_BxTxE=jnp.asarray(teacher_hidden_BxTxE),
-        teacher_projection_ExV=jnp.asarray(teacher_projection_ExV),
+    student_hidden, student_projection, teacher_hidden, teacher_projection = _checked_hidden_inputs(
+        student_hidden_BxTxD, student_projection_DxV, teacher_hidden_BxTxE, teacher_projection_ExV, mask_BxT,
+        temperature,
     )
-    shapes = ", ".join(f"{name} {list(a.shape)}" for name, a in arrays.items())
-    student_hidden, student_projection, teacher_hidden, teacher_projection = arrays.values()
-    if student_hidden.ndim != 3 or teacher_hidden.ndim != 3 or student_projection.ndim != 2 or teacher_projection.ndim != 2:
-        raise ValueError(f"expected [B, T, D], [D, V], [B, T, E], [E, V] arrays, got {shapes}")
-    if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
-        raise ValueError(f"student and teacher hidden states differ in [B, T]: {shapes}")
-    if student_hidden.shape[2] != student_projection.shape[0]:
-        raise ValueError(f"student_hidden_BxTxD's D does not match student_projection_DxV's D: {shapes}")
-    if teacher_hidden.shape[2] != teacher_projection.shape[0]:
-        raise ValueError(f"teacher_hidden_BxTxE's E does not match teacher_projection_ExV's E: {shapes}")
-    if student_projection.shape[1] != teacher_projection.shape[1]:
-        raise ValueError(f"student_projection_DxV and teacher_projection_ExV differ in V: {shapes}")
-    _check_token_inputs(mask_BxT, "mask_BxT", "hidden states", student_hidden.shape[:2], **arrays)
-    if not (float(temperature) > 0.0 and math.isfinite(float(temperature))):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    compute_dtype = jnp.promote_types(jnp.result_type(*arrays.values()), jnp.float32)
+    compute_dtype = jnp.promote_types(
+        jnp.result_type(student_hidden, student_projection, teacher_hidden, teacher_projection), jnp.float32
+    )
     # One chunk of rows at a time (the outer map below), already masked.
     rows = _full_vocab_rows(divergence, compute_dtype, None)
     # Constants from here on: no backward pass through the teacher's projection is ever built.
@@ -342,6 +327,37 @@ def full_vocab_divergence_from_hidden(
         per_token_from_hidden, (student_hidden, jax.lax.stop_gradient(teacher_hidden)), mask_BxT,
         chunk_size=chunk_size, dtype=compute_dtype,
     )
+
+
+def _checked_hidden_inputs(
+    student_hidden_BxTxD, student_projection_DxV, teacher_hidden_BxTxE, teacher_projection_ExV, mask_BxT, temperature
+) -> tuple[Array, Array, Array, Array]:
+    """The four arrays of :func:`full_vocab_divergence_from_hidden` as JAX arrays, once its checks pass.
+
+    Raises the ``ValueError`` documented there; a shape error names all four arguments and shapes.
+    """
+    arrays = dict(
+        student_hidden_BxTxD=jnp.asarray(student_hidden_BxTxD),
+        student_projection_DxV=jnp.asarray(student_projection_DxV),
+        teacher_hidden_BxTxE=jnp.asarray(teacher_hidden_BxTxE),
+        teacher_projection_ExV=jnp.asarray(teacher_projection_ExV),
+    )
+    shapes = ", ".join(f"{name} {list(a.shape)}" for name, a in arrays.items())
+    student_hidden, student_projection, teacher_hidden, teacher_projection = arrays.values()
+    if (student_hidden.ndim, student_projection.ndim, teacher_hidden.ndim, teacher_projection.ndim) != (3, 2, 3, 2):
+        raise ValueError(f"expected [B, T, D], [D, V], [B, T, E], [E, V] arrays, got {shapes}")
+    if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
+        raise ValueError(f"student and teacher hidden states differ in [B, T]: {shapes}")
+    if student_hidden.shape[2] != student_projection.shape[0]:
+        raise ValueError(f"student_hidden_BxTxD's D does not match student_projection_DxV's D: {shapes}")
+    if teacher_hidden.shape[2] != teacher_projection.shape[0]:
+        raise ValueError(f"teacher_hidden_BxTxE's E does not match teacher_projection_ExV's E: {shapes}")
+    if student_projection.shape[1] != teacher_projection.shape[1]:
+        raise ValueError(f"student_projection_DxV and teacher_projection_ExV differ in V: {shapes}")
+    _check_token_inputs(mask_BxT, "mask_BxT", "hidden states", student_hidden.shape[:2], **arrays)
+    if not (float(temperature) > 0.0 and math.isfinite(float(temperature))):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return student_hidden, student_projection, teacher_hidden, teacher_projection
 
 
 def _check_token_inputs(
@@ -428,15 +444,62 @@ def full_vocab_reward_to_go(per_token_divergence_BxT: Array, mask_BxT: Array, *,
 _VALUE, _TOTAL, _TOTAL_REST, _FINITE, _TOP_P, _LOG_P_TOP, _MAX_P, _LOG_SUM_P, _MAX_Q, _LOG_SUM_Q = range(10)
 
 
+def _masked_logits(keep_N, logits_NxV, compute_dtype):
+    """``[N, V]`` logits in ``compute_dtype``, rows with ``keep_N`` false replaced by zeros before any
+    arithmetic (``keep_N = None`` keeps every row), so padding never reaches values or gradients."""
+    logits_NxV = logits_NxV.astype(compute_dtype)
+    if keep_N is None:
+        return logits_NxV
+    return jnp.where(keep_N[:, None], logits_NxV, divergences_lib.zeros_from(logits_NxV))
+
+
+def _token_index_V(zeros_NxV, compute_dtype):
+    """``[N, V]`` token indices as ``compute_dtype`` floats (exact below 2^24), built on ``zeros_NxV``.
+
+    A float min-reduction over them is one vectorised pass, where XLA:CPU rewrites an integer one
+    into a tree of reduce-windows.
+    """
+    return jax.lax.iota(compute_dtype, zeros_NxV.shape[-1])[None, :] + zeros_NxV
+
+
+def _normalise(logits_NxV, compute_dtype):
+    """``(shifted_NxV, is_top_NxV, top_N, log_p_top_N, max_N, log_sum_N, zeros_NxV)`` of ``[N, V]`` logits.
+
+    ``log π = shifted − log_sum``, ``shifted = z − max z``, ``top`` the first index at the maximum
+    (``V`` if none compares equal, which only logits recomputed with another rounding could cause).
+    ``log_sum = log1p(Σ_{v ≠ top} e^{shifted_v} + expm1(shifted_top))``: the top entry's ``e^0 = 1``
+    is not added to the sum, so the rounding of ``log_sum`` is relative to the rest, not to 1 + it,
+    and ``log π`` of a likely token (near 0) keeps its relative precision. ``expm1(shifted_top)`` is
+    0 in value and carries the top entry's derivative (the maximum is a constant, as in
+    ``jax.nn.log_softmax``). ``zeros_NxV`` are full-size zeros built from the data (see
+    :func:`opd_jax.divergences.zeros_from`).
+    """
+    zeros = divergences_lib.zeros_from(logits_NxV)
+    vocab = logits_NxV.shape[-1]
+    max_N = jax.lax.stop_gradient(jnp.max(logits_NxV, axis=-1))
+    shifted_NxV = logits_NxV - max_N[:, None]
+    top_N = jnp.min(jnp.where(shifted_NxV == 0, _token_index_V(zeros, compute_dtype), zeros + vocab), axis=-1)
+    is_top_NxV = _token_index_V(zeros, compute_dtype) == top_N[:, None]
+    found_N = top_N < vocab
+    shifted_top_N = jnp.take_along_axis(
+        shifted_NxV, jnp.minimum(top_N, vocab - 1).astype(jnp.int32)[:, None], axis=-1
+    )[:, 0]
+    rest_N = jnp.sum(jnp.where(is_top_NxV, zeros, jnp.exp(shifted_NxV)), axis=-1)
+    log_sum_N = jnp.where(found_N, jnp.log1p(rest_N + jnp.expm1(shifted_top_N)), jnp.log(rest_N))
+    log_p_top_N = jnp.where(found_N, shifted_top_N - log_sum_N, -jnp.inf)
+    return shifted_NxV, is_top_NxV, top_N, log_p_top_N, max_N, log_sum_N, zeros
+
+
 def _row_passes(divergence: divergences_lib.Divergence, compute_dtype):
-    """``(statistics, gradient, masked)``: the value pass and the gradient pass of the
-    full-vocabulary divergence over ``[N, V]`` rows of logits, and the masking both apply.
+    """``(statistics, gradient)``: the value pass and the gradient pass of the full-vocabulary
+    divergence over ``[N, V]`` rows of logits.
 
     ``statistics(keep_N, student_NxV, teacher_NxV) -> [N, 10]`` (columns named above): per row the
     value ``Σ_v π(v) f(q(v)/π(v))``; ``W = Σ_v w_v`` with ``w_v = ∂/∂log π(v) [π(v) f(q(v)/π(v))]``
     (:func:`opd_jax.divergences.perspective_terms`); ``W`` without the student's most likely token;
     1 where the row has a finite descent direction, else 0; the index of that token and its
-    log-probability; and per model the maximum logit and the log-sum-exp of the shifted logits.
+    log-probability; and per model the maximum logit and the log-sum-exp of the shifted logits
+    (:func:`_normalise`).
 
     ``gradient(keep_N, student_NxV, teacher_NxV, statistics_NxS) -> [N, V]``: ``∂value/∂z_v =
     w_v − π(v) W`` (from ``d log π = dz − Σ π dz``), in one pass from the logits and the saved
@@ -447,49 +510,19 @@ def _row_passes(divergence: divergences_lib.Divergence, compute_dtype):
 
     The gradient pass finds that token by its saved index, not by comparing values again. Rows
     with ``keep_N`` false are replaced by zeros before any arithmetic (value 0, gradient 0,
-    whatever they held); ``keep_N = None`` keeps every row. ``masked(keep_N, x_NxV)`` is that
-    replacement, cast to the compute dtype.
+    whatever they held; :func:`_masked_logits`); ``keep_N = None`` keeps every row.
     """
     zeros_from = divergences_lib.zeros_from  # full-size constants built from the data: see its docstring
 
     def masked(keep_N, logits_NxV):
-        logits_NxV = logits_NxV.astype(compute_dtype)
-        if keep_N is None:
-            return logits_NxV
-        return jnp.where(keep_N[:, None], logits_NxV, zeros_from(logits_NxV))
+        return _masked_logits(keep_N, logits_NxV, compute_dtype)
 
-    def index_V(zeros_NxV):
-        # Token indices as floats (exact below 2^24): a float min-reduction is one vectorised pass,
-        # where XLA:CPU rewrites an integer one into a tree of reduce-windows.
-        return jax.lax.iota(compute_dtype, zeros_NxV.shape[-1])[None, :] + zeros_NxV
-
-    def normalise(logits_NxV):
-        """``(shifted_NxV, is_top_NxV, top_N, log_p_top_N, max_N, log_sum_N, zeros_NxV)``:
-        ``log π = shifted − log_sum``, ``shifted = z − max z``, ``top`` the first index at the
-        maximum (``V`` if none compares equal, which only logits recomputed with another rounding
-        could cause). ``log_sum = log1p(Σ_{v ≠ top} e^{shifted_v} + expm1(shifted_top))``: the top
-        entry's ``e^0 = 1`` is not added to the sum, so the rounding of ``log_sum`` is relative to
-        the rest, not to 1 + it, and ``log π`` of a likely token (near 0) keeps its relative
-        precision. ``expm1(shifted_top)`` is 0 in value and carries the top entry's derivative (the
-        maximum is a constant, as in ``jax.nn.log_softmax``)."""
-        zeros = zeros_from(logits_NxV)
-        vocab = logits_NxV.shape[-1]
-        max_N = jax.lax.stop_gradient(jnp.max(logits_NxV, axis=-1))
-        shifted_NxV = logits_NxV - max_N[:, None]
-        top_N = jnp.min(jnp.where(shifted_NxV == 0, index_V(zeros), zeros + vocab), axis=-1)
-        is_top_NxV = index_V(zeros) == top_N[:, None]
-        found_N = top_N < vocab
-        shifted_top_N = jnp.take_along_axis(
-            shifted_NxV, jnp.minimum(top_N, vocab - 1).astype(jnp.int32)[:, None], axis=-1
-        )[:, 0]
-        rest_N = jnp.sum(jnp.where(is_top_NxV, zeros, jnp.exp(shifted_NxV)), axis=-1)
-        log_sum_N = jnp.where(found_N, jnp.log1p(rest_N + jnp.expm1(shifted_top_N)), jnp.log(rest_N))
-        log_p_top_N = jnp.where(found_N, shifted_top_N - log_sum_N, -jnp.inf)
-        return shifted_NxV, is_top_NxV, top_N, log_p_top_N, max_N, log_sum_N, zeros
+    def normalised(keep_N, logits_NxV):
+        return _normalise(masked(keep_N, logits_NxV), compute_dtype)
 
     def statistics(keep_N, student_NxV, teacher_NxV):
-        shifted_p, is_top, top_p, log_p_top, max_p, log_sum_p, zeros = normalise(masked(keep_N, student_NxV))
-        shifted_q, _, _, _, max_q, log_sum_q, _ = normalise(masked(keep_N, jax.lax.stop_gradient(teacher_NxV)))
+        shifted_p, is_top, top_p, log_p_top, max_p, log_sum_p, zeros = normalised(keep_N, student_NxV)
+        shifted_q, _, _, _, max_q, log_sum_q, _ = normalised(keep_N, jax.lax.stop_gradient(teacher_NxV))
         term, weight, _ = divergences_lib.perspective_terms(
             divergence, shifted_p - log_sum_p[:, None], shifted_q - log_sum_q[:, None]
         )
@@ -510,7 +543,7 @@ def _row_passes(divergence: divergences_lib.Divergence, compute_dtype):
         shifted_p = masked(keep_N, student_NxV) - column(_MAX_P)
         shifted_q = masked(keep_N, jax.lax.stop_gradient(teacher_NxV)) - column(_MAX_Q)
         zeros = zeros_from(shifted_p)
-        is_top = index_V(zeros) == column(_TOP_P)
+        is_top = _token_index_V(zeros, compute_dtype) == column(_TOP_P)
         one_minus_top = -jnp.expm1(column(_LOG_P_TOP))  # 1 − π(top), accurate where π(top) is near 1
         # w_v − π(v) W, or w_v (1 − π(v)) − π(v) W_rest at the top token: a w_v − b π(v).
         grad = divergences_lib.perspective_gradient(
@@ -521,7 +554,7 @@ def _row_passes(divergence: divergences_lib.Divergence, compute_dtype):
         active = column(_FINITE) > 0
         return jnp.where(active if keep_N is None else active & keep_N[:, None], grad, zeros)
 
-    return statistics, gradient, masked
+    return statistics, gradient
 
 
 def _full_vocab_rows(divergence: divergences_lib.Divergence, compute_dtype, chunk_size: int | None):
@@ -542,7 +575,7 @@ def _full_vocab_rows(divergence: divergences_lib.Divergence, compute_dtype, chun
     any order, through the plain ``jnp`` of the two passes). The teacher is a constant: its tangent
     is ignored.
     """
-    statistics, gradient, masked = _row_passes(divergence, compute_dtype)
+    statistics, gradient = _row_passes(divergence, compute_dtype)
 
     def statistics_of(student_NxV, teacher_NxV, *keep):
         return statistics(keep[0] if keep else None, student_NxV, teacher_NxV)

@@ -416,27 +416,10 @@ def topk_divergence(
     _check_topk(topk, batch, length, vocab, mask_BxT)
     compute_dtype = jnp.promote_types(student_logits_BxTxV.dtype, jnp.float32)
     k = topk.k
-
-    def per_position(student_RxV, ids_RxK, q_RxK, q_tail_R, q_tail_mask_R, keep_R):
-        # Masked rows become a uniform student whose own buckets stand in for the teacher's: a
-        # finite divergence of 0 that NaN / inf padding can never reach.
-        keep_Rx1 = keep_R[:, None]
-        student_RxV = jnp.where(keep_Rx1, student_RxV.astype(compute_dtype), 0)
-        ids_RxK = jnp.where(keep_Rx1, ids_RxK, jnp.arange(k, dtype=ids_RxK.dtype))
-        log_p_RxK, p_tail_R, p_tail_mask_R = bucket_log_probs(student_RxV, ids_RxK)
-        own = jax.lax.stop_gradient
-        q_RxK = jnp.where(keep_Rx1, q_RxK.astype(compute_dtype), own(log_p_RxK))
-        q_tail_R = jnp.where(keep_R, q_tail_R.astype(compute_dtype), own(p_tail_R))
-        q_tail_mask_R = jnp.where(keep_R, q_tail_mask_R, p_tail_mask_R)
-        minus_inf = jnp.asarray(-jnp.inf, compute_dtype)
-        log_p_RxM = jnp.concatenate([log_p_RxK, jnp.where(p_tail_mask_R, p_tail_R, minus_inf)[:, None]], axis=-1)
-        log_q_RxM = jnp.concatenate([q_RxK, jnp.where(q_tail_mask_R, q_tail_R, minus_inf)[:, None]], axis=-1)
-        return _bucketed_divergence(divergence, log_p_RxM, jax.lax.stop_gradient(log_q_RxM))
-
     rows = batch * length
     keep_BxT = jnp.asarray(mask_BxT).astype(bool)
     per_token = map_row_chunks(
-        per_position,
+        functools.partial(_topk_rows_divergence, divergence, compute_dtype),
         student_logits_BxTxV.reshape(rows, vocab),
         jnp.asarray(topk.token_ids_BxTxK).reshape(rows, k),
         jax.lax.stop_gradient(jnp.asarray(topk.logp_BxTxK)).reshape(rows, k),
@@ -446,6 +429,29 @@ def topk_divergence(
         chunk_size=chunk_size,
     ).reshape(batch, length)
     return jnp.where(keep_BxT, per_token, jnp.zeros((), compute_dtype))
+
+
+def _topk_rows_divergence(divergence, compute_dtype, student_RxV, ids_RxK, q_RxK, q_tail_R, q_tail_mask_R, keep_R):
+    """``[R]`` bucketed divergence of ``R`` rows (one chunk of :func:`topk_divergence`), 0 where not ``keep_R``.
+
+    ``student_RxV`` ``[R, V]`` logits; ``ids_RxK``, ``q_RxK`` ``[R, K]`` the teacher's ids and
+    log-probs; ``q_tail_R``, ``q_tail_mask_R`` ``[R]`` its tail; ``keep_R`` ``[R]`` bool. Computed in
+    ``compute_dtype``, differentiable in ``student_RxV``.
+    """
+    # Masked rows become a uniform student whose own buckets stand in for the teacher's: a
+    # finite divergence of 0 that NaN / inf padding can never reach.
+    keep_Rx1 = keep_R[:, None]
+    student_RxV = jnp.where(keep_Rx1, student_RxV.astype(compute_dtype), 0)
+    ids_RxK = jnp.where(keep_Rx1, ids_RxK, jnp.arange(ids_RxK.shape[-1], dtype=ids_RxK.dtype))
+    log_p_RxK, p_tail_R, p_tail_mask_R = bucket_log_probs(student_RxV, ids_RxK)
+    own = jax.lax.stop_gradient
+    q_RxK = jnp.where(keep_Rx1, q_RxK.astype(compute_dtype), own(log_p_RxK))
+    q_tail_R = jnp.where(keep_R, q_tail_R.astype(compute_dtype), own(p_tail_R))
+    q_tail_mask_R = jnp.where(keep_R, q_tail_mask_R, p_tail_mask_R)
+    minus_inf = jnp.asarray(-jnp.inf, compute_dtype)
+    log_p_RxM = jnp.concatenate([log_p_RxK, jnp.where(p_tail_mask_R, p_tail_R, minus_inf)[:, None]], axis=-1)
+    log_q_RxM = jnp.concatenate([q_RxK, jnp.where(q_tail_mask_R, q_tail_R, minus_inf)[:, None]], axis=-1)
+    return _bucketed_divergence(divergence, log_p_RxM, jax.lax.stop_gradient(log_q_RxM))
 
 
 def sampled_in_topk(tokens_BxT: Array, topk: TeacherTopK) -> Array:
