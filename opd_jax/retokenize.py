@@ -1,0 +1,126 @@
+"""A student response as a teacher with another tokenizer reads it: its tokens and the chunk alignment.
+
+The host side of ``tokenizer_alignment = "text"``. For each response the student's ids are decoded
+to text (without its stop token), the text is encoded with the teacher's tokenizer (and the teacher's
+EOS appended when the student stopped), and both token sequences get their character end offsets,
+from which :func:`opd_jax.alignment.chunk_ids` cuts the common chunks.
+
+* Student ends come from incremental decoding: the decoded text of a window of the last few ids,
+  checked against the whole text (a window that does not decode to the text there, as with
+  SentencePiece's leading-space rule, falls back to decoding the whole prefix). A token that ends
+  inside a character (byte-level BPE splitting a UTF-8 character) ends where that character ends,
+  so it joins the chunk of the token that completes the character.
+* Teacher ends come from the fast tokenizer's offset mapping (byte-level tokens of one character
+  share its span).
+* The teacher must read back the text it was given: a tokenizer whose ``decode(encode(text))``
+  differs (normalisation, unknown characters) would score another text, so it is refused naming the
+  teacher and the string.
+
+The prompt is not re-tokenized here: each teacher encodes the raw prompt with its own chat template
+once, before training; the response is encoded on its own, after the teacher's generation prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from opd_jax.alignment import chunk_ids
+
+__all__ = ["ResponseAlignment", "align_response", "student_token_ends", "teacher_encoding"]
+
+_REPLACEMENT = "\ufffd"  # what decoding shows for an incomplete UTF-8 character
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def student_token_ends(tokenizer, ids: Sequence[int], text: str, *, window: int = 8) -> list[int]:
+    """The character offset in ``text`` (``tokenizer.decode(ids)``) where each id's text ends.
+
+    A token that ends inside a character (its decoded prefix ends in an incomplete UTF-8 sequence)
+    ends where that character ends, as a fast tokenizer's offsets say, so it joins the chunk of the
+    token that completes the character. Windowed decoding keeps this ``O(len(ids) · window)``; every
+    window is checked against ``text``.
+    """
+    ends: list[int] = []
+    for n in range(len(ids)):
+        start = max(0, n - window)
+        end = _decoded_end(tokenizer.decode(ids[start:n + 1], skip_special_tokens=False), text,
+                           ends[start - 1] if start else 0)
+        if end is None:  # the window does not decode to the text there: decode the whole prefix
+            end = _decoded_end(tokenizer.decode(ids[: n + 1], skip_special_tokens=False), text, 0)
+        ends.append(max(end if end is not None else 0, ends[-1] if ends else 0))
+    return ends
+
+
+def _decoded_end(piece: str, text: str, base: int) -> int | None:
+    """Where ``piece``, decoded from ids that start at ``text[base]``, ends in ``text`` (inside a
+    character: that character's end), or ``None`` if it is not the text there."""
+    if text.startswith(piece, base):
+        return base + len(piece)
+    complete = piece.rstrip(_REPLACEMENT)
+    if complete != piece and text.startswith(complete, base):
+        return min(base + len(complete) + 1, len(text))
+    return None
+
+
+def teacher_encoding(tokenizer, text: str, *, teacher: str) -> tuple[list[int], list[int]]:
+    """``(ids, character end offsets)`` of ``text`` in the teacher's tokenizer, no special tokens added.
+
+    Raises:
+      ValueError: the tokenizer does not read ``text`` back (names the teacher and the string).
+    """
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoding["input_ids"])
+    decoded = tokenizer.decode(ids, skip_special_tokens=False)
+    if decoded != text:
+        at = _common_prefix_length(decoded, text)
+        raise ValueError(f"teacher {teacher!r}: its tokenizer does not read back the student's text {text!r} "
+                         f"(decode(encode(text)) gives {decoded!r}, differing at character {at}); "
+                         "tokenizer_alignment 'text' needs a tokenizer that round-trips the student's text")
+    return ids, [int(end) for _, end in encoding["offset_mapping"]]
+
+
+class ResponseAlignment(NamedTuple):
+    """One response as the teacher reads it (see :func:`align_response`)."""
+
+    teacher_ids: list[int]
+    student_chunk: np.ndarray
+    teacher_chunk: np.ndarray
+
+
+def align_response(student_tokenizer, teacher_tokenizer, response_ids: Sequence[int], *, stopped: bool,
+                   teacher: str) -> ResponseAlignment:
+    """The teacher's tokens of one student response and the chunk of every token on both sides.
+
+    Args:
+      response_ids: the student's response ids, its stop token last when ``stopped``.
+      stopped: the response ended with a stop token; the teacher's EOS then ends its tokens, and
+        the two end tokens form the last chunk (a character of their own past the text).
+      teacher: the teacher's name, for errors.
+
+    Returns:
+      ``teacher_ids`` (list), ``student_chunk`` ``[len(response_ids)]`` and ``teacher_chunk``
+      ``[len(teacher_ids)]`` int32.
+    """
+    text_ids = list(response_ids[:-1] if stopped else response_ids)
+    text = student_tokenizer.decode(text_ids, skip_special_tokens=False)
+    teacher_ids, teacher_ends = teacher_encoding(teacher_tokenizer, text, teacher=teacher)
+    student_ends = student_token_ends(student_tokenizer, text_ids, text)
+    if stopped:
+        if teacher_tokenizer.eos_token_id is None:
+            raise ValueError(f"teacher {teacher!r}: its tokenizer has no eos_token_id to end a stopped response with")
+        teacher_ids.append(int(teacher_tokenizer.eos_token_id))
+        student_ends.append(len(text) + 1)
+        teacher_ends.append(len(text) + 1)
+    student_chunk, teacher_chunk = chunk_ids(student_ends, teacher_ends)
+    return ResponseAlignment(teacher_ids, student_chunk, teacher_chunk)
