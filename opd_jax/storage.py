@@ -63,7 +63,10 @@ def as_path(value: str | os.PathLike, *, what: str = "path") -> epath.Path:
     """
     text = os.fspath(value)
     text = _MANGLED_GS.sub("gs://", text)
-    match = _URL.match(text) or _MANGLED_URL.match(text)
+    mangled = _MANGLED_URL.match(text)
+    if mangled and not _URL.match(text):
+        text = f"{mangled.group(1)}://{text[mangled.end():]}"
+    match = _URL.match(text)
     if match is None:
         if text.startswith("gs:"):
             raise InputError(f"{what} {text}: not a Cloud Storage URL; write gs://BUCKET/PATH")

@@ -1,0 +1,224 @@
+"""Runs, models and prompts in a Cloud Storage bucket (issue 27), against a real server.
+
+fake-gcs-server (tests/helpers/gcs_server.py) serves the JSON API on a free localhost port; the
+only variable a process is given is ``STORAGE_EMULATOR_HOST``. The bucket ``opd`` is preloaded with
+a tiny teacher, student and prompt file. No mocks: uploads, conditional creations
+(``ifGenerationMatch=0``), orbax's tensorstore writes and a SIGKILL of a real training process.
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from opd_jax import storage
+from opd_jax.commands import main
+from opd_jax.errors import InputError
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
+import gcs_server  # noqa: E402
+from hf_fixtures import make_qwen3_folder  # noqa: E402
+
+PROMPTS = ["1+1=", "2+3=", "4+4=", "7+1="]
+TRAIN = ["--quiet", "--steps", "3", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6",
+         "--max-prompt-length", "24", "--learning-rate", "1e-3", "--checkpoint-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    """``(server url, local copies folder)``: the server with bucket ``opd`` holding
+    ``models/teacher``, ``models/student`` and ``prompts.jsonl`` (the same files also local), and
+    an empty bucket ``other``."""
+    root = tmp_path_factory.mktemp("gcs")
+    local = root / "local"
+    make_qwen3_folder(local / "models" / "teacher", seed=1, layers=1)
+    make_qwen3_folder(local / "models" / "student", seed=2, layers=1)
+    (local / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    data = root / "data"
+    shutil.copytree(local, data / "opd")
+    (data / "other").mkdir()
+    with gcs_server.fake_gcs_server(data) as url:
+        os.environ.update(gcs_server.environment(url))
+        try:
+            yield url, local
+        finally:
+            gcs_server.unset_all()
+
+
+def _child_env(url: str, cache: pathlib.Path) -> dict:
+    env = {key: value for key, value in os.environ.items() if key not in gcs_server.DERIVED}
+    # The runs of one test compile the same programs: a persistent cache keeps the reruns short.
+    return {**env, **gcs_server.environment(url), "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def _train_argv(teacher, student, prompts, output, *extra):
+    return [sys.executable, "-m", "opd_jax", "train", "--teacher", str(teacher), "--student", str(student),
+            "--prompts", str(prompts), "--output", str(output), *TRAIN, *extra]
+
+
+def test_paths_schemes_and_missing_buckets(bucket, tmp_path, monkeypatch, capsys):
+    _, local = bucket
+    # pathlib (argparse's type=pathlib.Path) turns gs://b/x into gs:/b/x: read back as the URL.
+    assert str(storage.as_path(pathlib.Path("gs://opd/run"))) == "gs://opd/run"
+    assert storage.is_remote(storage.as_path("gs://opd/run")) and not storage.is_remote(tmp_path)
+    for url, message in [("s3://b/run", "the scheme s3:// is not supported; opd-jax takes local paths and gs://"),
+                         (pathlib.Path("s3://b/run"), "the scheme s3:// is not supported"),
+                         ("http://host/run", "the scheme http:// is not supported"),
+                         ("gs:///run", "no bucket")]:
+        with pytest.raises(InputError, match=message):
+            storage.as_path(url, what="--output")
+
+    monkeypatch.chdir(tmp_path)  # a relative gs:/ or s3:/ folder would appear here
+    models = local / "models"
+    for output, message in [("s3://opd/run", "--output s3://opd/run: the scheme s3:// is not supported"),
+                            ("gs://no-such-bucket/run", "--output gs://no-such-bucket/run: bucket no-such-bucket "
+                                                        "does not exist")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(_train_argv(models / "teacher", models / "student", local / "prompts.jsonl", output)[3:])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []  # no gs: or s3: folder, nothing else
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(_train_argv("gs://opd/models/teacher", models / "student", "gs://opd/missing.jsonl", "gs://other/run")[3:])
+    err = capsys.readouterr().err
+    assert "gs://opd/missing.jsonl does not exist" in err, err
+    assert list(storage.as_path("gs://other").iterdir()) == []  # refused before anything was written
+
+
+def test_models_prompts_and_config_from_a_bucket(bucket, tmp_path):
+    from flax import nnx
+
+    from opd_jax import data, models, tokenization
+    from opd_jax.config import read_config_file
+
+    _, local = bucket
+    remote_model, config = models.from_pretrained("gs://opd/models/student")
+    local_model, local_config = models.from_pretrained(local / "models" / "student")
+    assert config == local_config
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(remote_model)), nnx.to_flat_state(nnx.state(local_model))):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+    tokenizer = tokenization.load_tokenizer("gs://opd/models/student")
+    assert tokenizer("2+3=")["input_ids"] == tokenization.load_tokenizer(local / "models" / "student")("2+3=")["input_ids"]
+    assert data.read_prompt_file("gs://opd/prompts.jsonl") == data.read_prompt_file(local / "prompts.jsonl")
+
+    # save_pretrained into the bucket and back: the same bytes as a local export.
+    models.save_pretrained(local_model, config, "gs://other/export")
+    models.save_pretrained(local_model, config, tmp_path / "export")
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        assert storage.as_path(f"gs://other/export/{name}").read_bytes() == (tmp_path / "export" / name).read_bytes()
+    storage.as_path("gs://other/opd.toml").write_text("steps = 7\n")
+    assert read_config_file("gs://other/opd.toml") == {"steps": 7}
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def _write_lock(url: str, **record) -> None:
+    storage.as_path(url).write_text(json.dumps(record))
+
+
+def test_the_lock_object(bucket):
+    from opd_jax.run_folder import RunFolderError, acquire_lock
+
+    folder = "gs://other/locked"
+    lock_url = f"{folder}/.opd_jax.lock"
+    first = acquire_lock(folder, run="a" * 64, lease_seconds=0.8)
+    held = json.loads(storage.as_path(lock_url).read_text())
+    assert (held["host"], held["pid"], held["run"]) == (socket.gethostname(), os.getpid(), "a" * 64)
+    time.sleep(0.5)  # renewed every quarter lease
+    assert json.loads(storage.as_path(lock_url).read_text())["renewed_unix"] > held["renewed_unix"]
+    # A second contender (here: this live process again) is refused, naming the holder and its lease.
+    with pytest.raises(RunFolderError, match=rf"in use by another opd-jax run: process {os.getpid()} on host "
+                                             rf"{socket.gethostname()} \(run aaaaaaaaaaaa.*lease until"):
+        acquire_lock(folder)
+    first.release()
+    assert not storage.as_path(lock_url).exists()
+
+    # A killed holder on this host: taken over at once, whatever its lease.
+    _write_lock(lock_url, host=socket.gethostname(), pid=_dead_pid(), run="b", started="then",
+                expires_unix=time.time() + 3600, expires="in an hour")
+    second = acquire_lock(folder, lease_seconds=60)
+    assert second.took_over["reason"].endswith("on this host no longer runs")
+    second.release()
+    # Another host's lock: refused while its lease runs, taken over once it has run out.
+    _write_lock(lock_url, host="elsewhere", pid=1, run="c", started="then", expires_unix=time.time() + 3600,
+                expires="in an hour")
+    with pytest.raises(RunFolderError, match="process 1 on host elsewhere .* lease until in an hour"):
+        acquire_lock(folder)
+    _write_lock(lock_url, host="elsewhere", pid=1, run="c", started="then", expires_unix=time.time() - 1,
+                expires="a second ago")
+    third = acquire_lock(folder)
+    assert third.took_over["reason"].startswith("its lease ran out")
+    third.release()
+
+
+def _wait_for(path, process, seconds=300):
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+def test_bucket_run_killed_resumed_and_locked(bucket, tmp_path):
+    """A run in the bucket holds the lock (a second run is refused, naming it), is SIGKILLed after
+    its first committed checkpoint (the second may be uploading), and the re-run on this host takes
+    the dead holder's lock over at once and finishes: its export is bitwise the export of the same
+    run on local paths without a kill, and metrics.jsonl holds each step once."""
+    url, local = bucket
+    env = _child_env(url, tmp_path / "jax_cache")
+    models = local / "models"
+    reference = subprocess.run(_train_argv(models / "teacher", models / "student", local / "prompts.jsonl",
+                                           tmp_path / "local_run"), env=env, capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+
+    output = "gs://opd/run"
+    argv = _train_argv("gs://opd/models/teacher", "gs://opd/models/student", "gs://opd/prompts.jsonl", output)
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(storage.as_path(f"{output}/.opd_jax.lock"), first)
+        second = subprocess.run(argv, env=env, capture_output=True, text=True)
+        assert second.returncode == 2, second.stderr
+        assert (f"gs://opd/run is in use by another opd-jax run: process {first.pid} on host {socket.gethostname()}"
+                in second.stderr), second.stderr
+        _wait_for(storage.as_path(f"{output}/checkpoints/1/commit_success.txt"), first)
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.kill()
+        first.communicate()
+    assert json.loads(storage.as_path(f"{output}/.opd_jax.lock").read_text())["pid"] == first.pid  # left behind
+
+    resumed = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"took over the run lock gs://opd/run/.opd_jax.lock from process {first.pid}" in resumed.stderr
+    assert "resuming from step" in resumed.stderr + resumed.stdout
+    remote = storage.as_path(output)
+    assert (remote / "student" / "model.safetensors").read_bytes() == (
+        tmp_path / "local_run" / "student" / "model.safetensors").read_bytes()
+    records = [json.loads(line) for line in (remote / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "teacher_kl" in r] == [1, 2, 3]
+    names = {p.name for p in remote.iterdir()}
+    assert {"config.json", "run_identity.json", "metrics.jsonl", "curves.png", "tensorboard", "checkpoints",
+            "student"} <= names and ".opd_jax.lock" not in names, names
+    assert any(p.name.startswith("events.out.tfevents") for p in (remote / "tensorboard").iterdir())
+    identity = json.loads((remote / "run_identity.json").read_text())
+    assert identity["student"]["path"] == "gs://opd/models/student"
+    assert identity["student"]["weights"]["model.safetensors"] == hashlib.sha256(
+        (models / "student" / "model.safetensors").read_bytes()).hexdigest()
+    assert not pathlib.Path("gs:").exists()
