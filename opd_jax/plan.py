@@ -934,7 +934,8 @@ def _work_entry(compiled: CompiledPlan, name: str, hlo: str) -> dict[str, Any]:
     for index, (phase, kinds) in enumerate(zip(phases, per_phase)):
         moved = sum(kinds.values())
         entry = {"repeats": phase.repeats, "flops": phase.flops, "bytes_accessed": phase.bytes,
-                 "collective_bytes": moved, "collectives": dict(kinds), **_roofline(chip, phase.flops, phase.bytes, moved)}
+                 "collective_bytes": moved, "collectives": dict(kinds),
+                 **_roofline(chip, phase.flops, phase.bytes, moved)}
         if index:
             entry.update(first_step=phase.first_step, trips_derived=phase.trips_derived,
                          weight_gather_bytes=(collectives.loop_weight_gathers + [0.0] * index)[index - 1])
@@ -993,11 +994,13 @@ def _rollout_lines(result: dict[str, Any]) -> list[str]:
                      f"{sum(p['repeats'] for _, p in segments)} steps in all:")
         for name, p in segments:
             cache = "" if p.get("cache_slots") is None else f", cache {p['cache_slots']} slots"
-            gathers = f", weight gathers {p['weight_gather_bytes'] / GIB:.3g} GiB" if p.get("weight_gather_bytes") else ""
+            gathers = (f", weight gathers {p['weight_gather_bytes'] / GIB:.3g} GiB" if p.get("weight_gather_bytes")
+                       else "")
             lines.append(f"  {name}{cache}: {p['repeats']} × {1e3 * p['roofline_seconds']:.3g} ms "
                          f"({_bound(p, chip)}-bound: {p['bytes_accessed'] / GIB:.3g} GiB read, "
                          f"{p['collective_bytes'] / GIB:.3g} GiB over ICI per step and device{gathers})")
-        lines.append(f"  weight gathers inside the decode loop: {'yes' if programs['rollout'].get('decode_weight_gathers') else 'no'}")
+        gathered = "yes" if programs["rollout"].get("decode_weight_gathers") else "no"
+        lines.append(f"  weight gathers inside the decode loop: {gathered}")
     counted = {n: p for n, p in programs.items() if p.get("collective_bytes") is not None}
     if counted:
         lines.append("collectives per device (ICI " + f"{chip['ici_bandwidth'] / 1e9:.0f} GB/s): " + "; ".join(

@@ -196,7 +196,8 @@ class _Walker:
             if instruction.opcode == "compare":
                 for operand in instruction.operands:
                     constant = local.get(operand)
-                    if constant is not None and constant.opcode == "constant" and constant.arguments.strip() == str(bound):
+                    if (constant is not None and constant.opcode == "constant"
+                            and constant.arguments.strip() == str(bound)):
                         return True
         return False
 
