@@ -222,3 +222,25 @@ def test_bucket_run_killed_resumed_and_locked(bucket, tmp_path):
     assert identity["student"]["weights"]["model.safetensors"] == hashlib.sha256(
         (models / "student" / "model.safetensors").read_bytes()).hexdigest()
     assert not pathlib.Path("gs:").exists()
+
+
+def test_a_half_uploaded_checkpoint_is_ignored_and_removed(bucket):
+    """What a SIGKILL during an upload leaves (a step's objects without commit_success.txt) is never
+    restored, and removed when the store opens; the step is saved again."""
+    import jax
+    import jax.numpy as jnp
+
+    from opd_jax.checkpoint import CheckpointStore
+
+    folder = "gs://other/half/checkpoints"
+    store = CheckpointStore(folder)
+    store.save(1, {"w": jnp.arange(3.0, dtype=jnp.float32)})
+    store.close()
+    storage.as_path(f"{folder}/2/state/_METADATA").write_text("{cut off")
+    store = CheckpointStore(folder)
+    assert store.steps() == [1] and [p.name for p in storage.as_path(folder).iterdir()] == ["1"]
+    step, state = store.restore_latest({"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    assert step == 1 and state["w"].tolist() == [0.0, 1.0, 2.0]
+    store.save(2, {"w": jnp.ones(3, jnp.float32)})
+    store.close()
+    assert CheckpointStore(folder).steps() == [1, 2]
