@@ -148,6 +148,10 @@ def _check(spec: RunSpec) -> Checked:
     if config.eval_every and spec.data.eval_dataset is None:
         raise ValueError("--eval-every needs --eval-dataset (without one opd-jax train has no evaluator)")
     _check_meshes(config, spec.placement)
+    inputs = {**_model_flags(spec.models), "--prompts": spec.data.prompts, "--eval-dataset": spec.data.eval_dataset}
+    for flag, path in inputs.items():  # credentials and buckets, named before any read
+        if path is not None:
+            storage.check_bucket(path, what=flag)
     run_folder.check_output_folder(spec.output, _model_flags(spec.models))
     teachers = dict(spec.models.teachers)
     line_bound = data.prompt_line_bound(spec.data.max_prompt_length)

@@ -95,6 +95,10 @@ def test_paths_schemes_and_missing_buckets(bucket, tmp_path, monkeypatch, capsys
         main(_train_argv("gs://opd/models/teacher", models / "student", "gs://opd/missing.jsonl", "gs://other/run")[3:])
     err = capsys.readouterr().err
     assert "gs://opd/missing.jsonl does not exist" in err, err
+    with pytest.raises(SystemExit):
+        main(_train_argv("gs://no-such-bucket/teacher", models / "student", local / "prompts.jsonl", "gs://other/run")[3:])
+    err = capsys.readouterr().err
+    assert "--teacher gs://no-such-bucket/teacher: bucket no-such-bucket does not exist" in err, err
     assert list(storage.as_path("gs://other").iterdir()) == []  # refused before anything was written
 
 
