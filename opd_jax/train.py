@@ -10,6 +10,31 @@ Every random choice is derived from ``(seed, step)`` and the prompt order from `
 the state saved at a checkpoint is everything the loop carries (parameters, optimiser state, step,
 PRNG key, data position), so a run that is killed and resumed ends with bitwise the same parameters
 as one that never stopped.
+
+Resuming and stopping. :func:`train` resumes from the newest good checkpoint in
+``output_dir/checkpoints`` when there is one: the saved ``config.json`` must then match ``config``
+except in :data:`RESUME_FREE` fields (so a finished run can be extended with more ``steps``), damaged
+checkpoints on the way are quarantined (:mod:`opd_jax.checkpoint`), and ``metrics.jsonl`` /
+TensorBoard continue from the restored step. SIGTERM and SIGINT finish the current step, commit it
+and raise :class:`Preempted` (:mod:`opd_jax.preemption`); a second one exits at once.
+
+Placement (:class:`~opd_jax.sharding.Placement`). ``mesh`` shards the run over a ``data × fsdp ×
+tensor`` device mesh (all devices of all processes; :mod:`opd_jax.sharding`; ``None``: one device).
+In a multi-process run every process calls :func:`train` with the same arguments; process 0 alone
+writes metrics, config, curves and the export, orbax writes checkpoints together, and every process
+gets the student's weights as whole host arrays and reads the records that process 0 wrote.
+``teacher_mesh`` is the teacher's own mesh over the devices after ``mesh``'s (one process; not with
+``full_vocab_weight > 0``): the rollout producer scores each rollout there and sends only ``[B, T]``
+log-probs back, so with ``pipeline_rollouts`` sampling and scoring of step ``k + 1`` run while step
+``k`` updates. ``student_rules`` / ``teacher_rules`` are the two models' partition rules.
+
+Rollouts. ``rollout_fn(student, prompt_tokens, prompt_mask, key, sampling_config) -> Rollout``; the
+default samples one response per prompt. Multi-turn rollouts (:mod:`opd_jax.rollouts`) keep tokens
+inserted by the environment in ``token_mask`` as context for both models but out of
+``response_mask``, so they get no advantage and no gradient. A ``rollout_backend``
+(:mod:`opd_jax.backends`) passed to :func:`train` is sent the student's weights before every rollout
+and left open, and ``rollout_fn`` is then not used; without one, :func:`train` starts the backend
+``config.rollout_backend`` names and closes it.
 """
 
 from __future__ import annotations
@@ -368,93 +393,52 @@ def train(
     loss_fn: LossFn | None = None,
     reference: Decoder | None = None,
 ) -> TrainResult:
-    """Distil ``teacher`` into ``student`` on the student's own rollouts.
+    """Distil ``teacher`` into ``student`` on the student's own rollouts; resumes ``output_dir``'s run.
 
-    Resumes from the newest good checkpoint in ``output_dir/checkpoints`` when there is one (the
-    saved ``config.json`` must then match ``config`` except in :data:`RESUME_FREE` fields, so a
-    finished run can be extended with more ``steps``); damaged checkpoints on the way are
-    quarantined (see :mod:`opd_jax.checkpoint`), and ``metrics.jsonl`` / TensorBoard continue from
-    the restored step. SIGTERM and SIGINT finish the current step, commit it and raise
-    :class:`Preempted` (see :mod:`opd_jax.preemption`); a second one exits at once.
+    Resuming, stopping, placement, several processes and rollouts: see the module notes.
 
     Args:
       config: the run's :class:`TrainConfig`.
       student: the student decoder (its parameters are the starting point).
       student_config: its :class:`DecoderConfig` (for the export).
-      teacher: the frozen teacher, or a ``{name: teacher}`` dict of several (``prompts.teacher_ids``
-        index it in order; metrics then also come per teacher, see :func:`opd_jax.step.make_train_step`);
-        every teacher must share the student's vocabulary.
+      teacher: the frozen teacher, or a ``{name: teacher}`` dict of several, indexed in order by
+        ``prompts.teacher_ids`` (metrics then also per teacher); all share the student's vocabulary.
       prompts: the prompt set.
       output_dir: receives ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``,
         ``curves.png`` and the exported student in ``student/``.
       stop_ids, pad_id: sampling stop tokens and padding id.
-      evaluate: optional ``model -> {metric: value}``, run before training, every ``eval_every``
-        steps and at the end; its values are logged with an ``eval_`` prefix.
-      rollout_fn: ``(student, prompt_tokens, prompt_mask, key, sampling_config) -> Rollout``; the
-        default samples one response per prompt. Multi-turn rollouts (:mod:`opd_jax.rollouts`) keep
-        tokens inserted by the environment in ``token_mask`` as context for both models but out of
-        ``response_mask``, so they get no advantage and no gradient.
-      rollout_backend: sample with this backend (:mod:`opd_jax.backends`; it is sent the student's
-        weights before every rollout and left open) instead of the one ``config.rollout_backend``
-        names, which ``train`` starts and closes itself; ``rollout_fn`` is then not used.
-      progress: show a progress bar.
-      label: shown in the progress bar.
-      placement: where the models live (:class:`~opd_jax.sharding.Placement`). ``mesh``: shard the
-        run over a ``data × fsdp × tensor`` device mesh (all devices of all processes; see
-        :mod:`opd_jax.sharding`; ``None``: one device). In a multi-process run every process calls
-        ``train`` with the same arguments; process 0 alone writes metrics, config, curves and the
-        export, and orbax writes checkpoints together. ``teacher_mesh``: the teacher's own mesh
-        over the devices after ``mesh``'s (one process; not with ``full_vocab_weight > 0``); the
-        rollout producer scores each rollout there and sends only ``[B, T]`` log-probs back, so
-        with ``pipeline_rollouts`` sampling and scoring of step ``k + 1`` run while step ``k``
-        updates. ``student_rules`` / ``teacher_rules``: the two models' partition rules.
+      evaluate: ``model -> {metric: value}``, run first, every ``eval_every`` steps and last (logged as ``eval_*``).
+      rollout_fn, rollout_backend: how rollouts are sampled (module notes).
+      progress, label: show a progress bar, with this label.
+      placement: where the models live (module notes).
       export_dtype: dtype of the exported student's tensors (default: its parameters' dtype).
       advantage_fn: ``(student_logp_BxT, teacher_logp_BxT, response_mask_BxT) -> [B, T] | [B]``
         replacing the config's estimator (run under jit, held under stop-gradient); see :mod:`opd_jax.step`.
       loss_fn: ``(student_logp_BxT, behaviour_logp_BxT, advantages, response_mask_BxT) -> [B]``
         replacing the PPO-clipped surrogate.
-      reference: a frozen reference model (same vocabulary; e.g. the initial student) whose
-        log-probs ``advantage_fn`` receives as ``reference_logp_BxT=`` (KL-regularised or
-        extrapolated rewards, e.g. G-OPD / ExOPD; see docs/objectives.md).
+      reference: a frozen reference model (same vocabulary; e.g. the initial student) whose log-probs
+        ``advantage_fn`` receives as ``reference_logp_BxT=`` (G-OPD / ExOPD; see docs/objectives.md).
 
     Returns:
-      :class:`TrainResult` with the trained student and the metric records (in a multi-process
-      run the student's weights are whole host arrays on every process, and every process reads
-      the records that process 0 wrote).
+      :class:`TrainResult` with the trained student and the metric records.
 
     Raises:
-      ValueError: teacher and student vocabularies differ, ``output_dir`` holds a run with a
-        different configuration (in a :data:`RESUME_FREE`-excluded field; nothing there is
-        modified) or one already past ``config.steps``, ``mesh`` does not fit the devices, a
-        parameter or the batch, or ``advantage_fn`` / ``loss_fn`` return the wrong shape or dtype
-        (all raised before the first update).
-      Preempted: SIGTERM / SIGINT (or a preemption notice on any process) arrived; the state of
-        the step reached is committed, and calling ``train`` again resumes it.
-      NonFiniteError: a loss, gradient norm, parameter or optimiser state became non-finite; the
-        state of that step is neither checkpointed nor exported.
-      WeightSyncError: the rollout backend could not take the student's weights; training stopped
-        at that step and the checkpoints already written are intact.
+      ValueError: before the first update: vocabularies differ, ``output_dir`` holds a run of another
+        configuration (nothing there is modified) or one past ``config.steps``, ``mesh`` does not fit
+        the devices, a parameter or the batch, or ``advantage_fn`` / ``loss_fn`` return a wrong shape or dtype.
+      Preempted: SIGTERM / SIGINT or a preemption notice; the step reached is committed (call again to resume).
+      NonFiniteError: a loss, gradient norm, parameter or optimiser state is non-finite (not saved).
+      WeightSyncError: the rollout backend could not take the weights (earlier checkpoints intact).
     """
-    _check_run(config, student, teacher, reference, prompts, placement)
-    config = resolve_logit_chunks(config, student.config.vocab_size, prompts.tokens.shape[1], placement,
-                                  say=_say if jax.process_index() == 0 else None)
-    folder = RunFolder(output_dir, config, writer=jax.process_index() == 0)
-    folder.check_resumable()
+    config, folder = _checked_folder(config, (student, teacher, reference), prompts, placement, output_dir)
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                               stop_ids=tuple(stop_ids), pad_id=pad_id)
     backend = rollout_backend or _start_backend(config, student, student_config, rollout_fn)
     with contextlib.ExitStack() as cleanup:  # closed in reverse: logs, saves, the sampler, the engine
         if rollout_backend is None:
             cleanup.callback(backend.close)
-        run, state = _setup(config, (student, teacher, reference), prompts, sampling, backend, placement,
-                            advantage_fn, loss_fn)
-        cleanup.callback(run.rollouts.close)
-        store = cleanup.enter_context(contextlib.closing(
-            CheckpointStore(folder.path / "checkpoints", keep=config.keep_checkpoints)))
-        resume_step, state = _restore(store, state, config, folder.path)
-        _sync_processes("opd_jax_config_checked")  # every process read the old config before it is replaced
-        folder.start(resume_step)
-        cleanup.callback(folder.close)
+        run, state, store = _open_run(cleanup, folder, config, (student, teacher, reference), prompts, sampling,
+                                      backend, placement, advantage_fn, loss_fn)
         # From here on a signal only sets a flag; every exit waits for the started saves and closes the logs.
         with StopSignals() as stop_signals:
             state = _run_steps(run, state, store, folder, stop_signals, evaluate,
@@ -466,6 +450,38 @@ def train(
     history = folder.history()
     folder.plot(history, label)
     return TrainResult(final_student, history, folder.path)
+
+
+def _checked_folder(config: TrainConfig, models: tuple, prompts: PromptSet, placement: sharding_lib.Placement,
+                    output_dir) -> tuple[TrainConfig, RunFolder]:
+    """``(config with its logit chunks resolved, the run folder)`` once the models ``(student,
+    teacher or {name: teacher}, reference or None)`` are checked against each other, the prompts and
+    the placement, and ``output_dir`` as a run to resume; nothing is written here."""
+    student, teacher, reference = models
+    _check_run(config, student, teacher, reference, prompts, placement)
+    config = resolve_logit_chunks(config, student.config.vocab_size, prompts.tokens.shape[1], placement,
+                                  say=_say if jax.process_index() == 0 else None)
+    folder = RunFolder(output_dir, config, writer=jax.process_index() == 0)
+    folder.check_resumable()
+    return config, folder
+
+
+def _open_run(cleanup: contextlib.ExitStack, folder: RunFolder, *setup_args) -> tuple[_Run, dict, CheckpointStore]:
+    """``(run, state, checkpoint store)``: :func:`_setup` of ``setup_args``, the newest good
+    checkpoint restored into the state and the folder started at its step.
+
+    Each piece opened here pushes its closing onto ``cleanup`` (the sampler, then the store, then
+    the logs), so the caller closes them in reverse.
+    """
+    run, state = _setup(*setup_args)
+    cleanup.callback(run.rollouts.close)
+    store = cleanup.enter_context(contextlib.closing(
+        CheckpointStore(folder.path / "checkpoints", keep=run.config.keep_checkpoints)))
+    resume_step, state = _restore(store, state, run.config, folder.path)
+    _sync_processes("opd_jax_config_checked")  # every process read the old config before it is replaced
+    folder.start(resume_step)
+    cleanup.callback(folder.close)
+    return run, state, store
 
 
 def resolve_logit_chunks(config: TrainConfig, vocab_size: int, prompt_length: int,
