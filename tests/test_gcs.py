@@ -172,51 +172,77 @@ def test_the_lock_object(bucket):
     third.release()
 
 
-def _wait_for(path, process, seconds=300):
+def _wait_for(done, process, what, seconds=300):
     deadline = time.monotonic() + seconds
-    while not path.exists():
+    while not done():
         assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.2)
+        assert time.monotonic() < deadline, f"{what} did not happen"
+        time.sleep(0.05)
 
 
-def test_bucket_run_killed_resumed_and_locked(bucket, tmp_path):
-    """A run in the bucket holds the lock (a second run is refused, naming it), is SIGKILLed after
-    its first committed checkpoint (the second may be uploading), and the re-run on this host takes
-    the dead holder's lock over at once and finishes: its export is bitwise the export of the same
-    run on local paths without a kill, and metrics.jsonl holds each step once."""
+def _bucket_steps(output) -> list[int]:
+    path = storage.as_path(f"{output}/metrics.jsonl")
+    try:
+        return [json.loads(line)["step"] for line in path.read_text().splitlines() if "teacher_kl" in line]
+    except FileNotFoundError:
+        return []
+
+
+def test_bucket_run_preempted_killed_resumed_and_locked(bucket, tmp_path):
+    """A run in the bucket holds the lock: a second run is refused, naming it. The run gets SIGTERM
+    after its first step (it exits resumable, 75); its re-run is SIGKILLed after its next committed
+    checkpoint (the one after may be uploading); the third run takes the dead holder's lock over at
+    once and finishes. Its export is bitwise the export of the same run on local paths without a
+    stop, and metrics.jsonl holds each step once."""
     url, local = bucket
     env = _child_env(url, tmp_path / "jax_cache")
     models = local / "models"
+    steps = ["--steps", "6"]
     reference = subprocess.run(_train_argv(models / "teacher", models / "student", local / "prompts.jsonl",
-                                           tmp_path / "local_run"), env=env, capture_output=True, text=True)
+                                           tmp_path / "local_run", *steps), env=env, capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
 
     output = "gs://opd/run"
-    argv = _train_argv("gs://opd/models/teacher", "gs://opd/models/student", "gs://opd/prompts.jsonl", output)
+    argv = _train_argv("gs://opd/models/teacher", "gs://opd/models/student", "gs://opd/prompts.jsonl", output, *steps)
+    lock = storage.as_path(f"{output}/.opd_jax.lock")
     first = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(storage.as_path(f"{output}/.opd_jax.lock"), first)
+        _wait_for(lock.exists, first, "the first run's lock")
+        first.send_signal(signal.SIGSTOP)  # holds the lock while the second run tries
         second = subprocess.run(argv, env=env, capture_output=True, text=True)
+        first.send_signal(signal.SIGCONT)
         assert second.returncode == 2, second.stderr
         assert (f"gs://opd/run is in use by another opd-jax run: process {first.pid} on host {socket.gethostname()}"
                 in second.stderr), second.stderr
-        _wait_for(storage.as_path(f"{output}/checkpoints/1/commit_success.txt"), first)
-        first.send_signal(signal.SIGKILL)
+        _wait_for(lambda: _bucket_steps(output), first, "step 1")  # flushed before its checkpoint
+        first.send_signal(signal.SIGSTOP)
+        first.send_signal(signal.SIGTERM)
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
     finally:
         first.kill()
-        first.communicate()
-    assert json.loads(storage.as_path(f"{output}/.opd_jax.lock").read_text())["pid"] == first.pid  # left behind
+    assert first.returncode == 75, err
+    preempted_at = _bucket_steps(output)[-1]
+    assert preempted_at < 6 and not lock.exists()
+
+    rerun = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        commit = storage.as_path(f"{output}/checkpoints/{preempted_at + 1}/commit_success.txt")
+        _wait_for(commit.exists, rerun, f"checkpoint {preempted_at + 1}")
+        rerun.send_signal(signal.SIGKILL)
+    finally:
+        rerun.kill()
+        rerun.communicate()
+    assert json.loads(lock.read_text())["pid"] == rerun.pid  # left behind by the kill
 
     resumed = subprocess.run(argv, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"took over the run lock gs://opd/run/.opd_jax.lock from process {first.pid}" in resumed.stderr
+    assert f"took over the run lock gs://opd/run/.opd_jax.lock from process {rerun.pid}" in resumed.stderr
     assert "resuming from step" in resumed.stderr + resumed.stdout
     remote = storage.as_path(output)
     assert (remote / "student" / "model.safetensors").read_bytes() == (
         tmp_path / "local_run" / "student" / "model.safetensors").read_bytes()
-    records = [json.loads(line) for line in (remote / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "teacher_kl" in r] == [1, 2, 3]
+    assert _bucket_steps(output) == [1, 2, 3, 4, 5, 6]
     names = {p.name for p in remote.iterdir()}
     assert {"config.json", "run_identity.json", "metrics.jsonl", "curves.png", "tensorboard", "checkpoints",
             "student"} <= names and ".opd_jax.lock" not in names, names
