@@ -116,6 +116,13 @@ def configure() -> None:
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     # Even without an emulator the message is about an optional gcsfs feature, not the run.
     logging.getLogger("gcsfs").addFilter(_drop_bucket_type_warning)
+    # Several processes and hosts write one run folder: a listing gcsfs cached in one process would
+    # hide the objects another wrote since (a lock, metrics.jsonl, a checkpoint). Set before epath
+    # creates its file system (the user's own setting wins).
+    import fsspec
+
+    for protocol in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
 
 
 def _drop_bucket_type_warning(record: logging.LogRecord) -> bool:
