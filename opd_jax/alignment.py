@@ -28,12 +28,13 @@ two EOS tokens form the last chunk together.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["aligned_teacher_logp", "chunk_ids"]
+__all__ = ["AlignedTeacher", "aligned_teacher_logp", "carry", "chunk_ids"]
 
 Array = jax.Array
 
@@ -100,3 +101,26 @@ def aligned_teacher_logp(student_logp_BxT: Array, teacher_logp_BxM: Array, stude
     credited_BxT = take(teacher_sum_BxC, student_chunk_BxT) - (take(student_sum_BxC, student_chunk_BxT)
                                                                - student_logp_BxT)
     return jnp.where(student_mask_BxT, jnp.where(last_BxT, credited_BxT, student_logp_BxT), 0)
+
+
+class AlignedTeacher(NamedTuple):
+    """The teacher's scores of a batch on its own tokens, and the chunks that carry them onto the
+    student's (a pytree: it crosses ``jit`` in place of ``teacher_logp_BxL``).
+
+    Attributes:
+      teacher_logp_BxN: the teacher's log-prob of each of its tokens (prompt and response).
+      teacher_mask_BxN: 1 at the teacher's response tokens (its EOS included).
+      teacher_chunk_BxN: the chunk of each teacher response token (0 elsewhere).
+      student_chunk_BxL: the chunk of each student response token (0 elsewhere).
+    """
+
+    teacher_logp_BxN: Array
+    teacher_mask_BxN: Array
+    teacher_chunk_BxN: Array
+    student_chunk_BxL: Array
+
+
+def carry(teacher: AlignedTeacher, student_logp_BxL: Array, response_mask_BxL: Array) -> Array:
+    """:func:`aligned_teacher_logp` of an :class:`AlignedTeacher`: ``[B, L]`` on the student's positions."""
+    return aligned_teacher_logp(student_logp_BxL, teacher.teacher_logp_BxN, teacher.student_chunk_BxL,
+                                teacher.teacher_chunk_BxN, response_mask_BxL, teacher.teacher_mask_BxN)

@@ -42,6 +42,8 @@ LOSS_AGGREGATIONS = ("token_mean", "sequence_mean")
 # Options that change only when or how often something happens, or how fast, not the trajectory of
 # the state: a run may be resumed with other values (steps: unless the schedule is cosine).
 RESUME_FREE = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "logit_chunk_size", "rollout_backend")
+#: How teachers read the student's rollouts: on the student's tokens, or re-tokenized from the text.
+TOKENIZER_ALIGNMENTS = ("same", "text")
 #: Where rollouts may be sampled (:mod:`opd_jax.backends`).
 ROLLOUT_BACKENDS = ("jax", "vllm")
 
@@ -168,6 +170,10 @@ class TrainConfig:
     log_ratio_clip: float | None = _field("objective", 20.0, "clamp log-ratios to [-c, c]; 'none' to disable")
     baseline: str = _field("objective", "none",
                            "none or leave_one_out (mean advantage of the other samples of the same prompt)")
+    tokenizer_alignment: str = _field(
+        "objective", "same",
+        "same (teachers share the student's tokenizer; a mismatch is refused) or text (each teacher re-tokenizes "
+        "the student's text and its log-probs are summed onto common chunks: docs/cross_tokenizer.md)")
     full_vocab_weight: float = _field(
         "objective", 0.0,
         "lambda >= 0: add lambda * sum_t D_f(q||pi)(s_t) over the whole vocabulary (token level; with gamma 1 "
@@ -221,6 +227,7 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("loss_aggregation", self.loss_aggregation, LOSS_AGGREGATIONS)
         _choice("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
+        _choice("tokenizer_alignment", self.tokenizer_alignment, TOKENIZER_ALIGNMENTS)
         if not isinstance(self.pipeline_rollouts, bool):
             raise InputError(f"pipeline_rollouts must be true or false; got {self.pipeline_rollouts!r}")
         _range("gamma", self.gamma, 0.0, 1.0)
@@ -253,6 +260,9 @@ class TrainConfig:
         if self.full_vocab_weight > 0 and self.level != "token":
             raise InputError("full_vocab_weight > 0 needs level 'token' (the full-vocabulary term is per token); "
                              f"got level {self.level!r}")
+        if self.full_vocab_weight > 0 and self.tokenizer_alignment != "same":
+            raise InputError("full_vocab_weight > 0 needs tokenizer_alignment 'same' (the full-vocabulary term "
+                             "compares the two distributions id by id; across vocabularies it is not built)")
         if (self.prompts_per_step * self.group_size) % self.minibatches:
             raise InputError(
                 f"minibatches ({self.minibatches}) must divide prompts_per_step × group_size "

@@ -120,6 +120,8 @@ class Checked:
     evaluate: Callable | None
     identity: dict
     export_dtype: str
+    teacher_tokenizers: dict[str, Any]
+    teacher_prompts: dict[str, tuple[np.ndarray, np.ndarray]] | None
 
 
 def check(spec: RunSpec) -> Checked:
@@ -160,7 +162,8 @@ def _check(spec: RunSpec) -> Checked:
     teacher_ids = np.asarray(data.prompt_teachers(spec.data.prompts, tuple(teachers), max_line_bytes=line_bound),
                              np.int32)
     chat = spec.data.chat_template or any(not isinstance(p, str) for _, p in records)
-    student_config, teacher_configs, tokenizer = _read_models(spec.models, chat_template=chat)
+    student_config, teacher_configs, tokenizer, teacher_tokenizers = _read_models(
+        spec.models, chat_template=chat, alignment=config.tokenizer_alignment)
     try:
         tokens, mask = tokenization.encode_prompts(
             tokenizer, [prompt for _, prompt in records], max_length=spec.data.max_prompt_length,
@@ -175,7 +178,10 @@ def _check(spec: RunSpec) -> Checked:
                                  [f"{spec.data.prompts}:{line}" for line, _ in records],
                                  allow=spec.data.allow_unknown_tokens)
     evaluate = _held_out_evaluator(spec.data, config, tokenizer, student_config)
-    _check_positions(spec, teacher_configs, student_config, int(mask.sum(axis=1).max()))
+    text = config.tokenizer_alignment == "text"
+    # Re-tokenized, a teacher's lengths are its own: its prompts are checked here, its responses each step.
+    _check_positions(spec, {} if text else teacher_configs, student_config, int(mask.sum(axis=1).max()))
+    teacher_prompts = _teacher_prompts(spec, records, teacher_configs, teacher_tokenizers) if text else None
     _check_layout(spec, student_config, teacher_configs)
     identity = run_folder.compute_identity(
         next(iter(teachers.values())) if len(teachers) == 1 else teachers, spec.models.student, spec.data.prompts,
@@ -185,12 +191,13 @@ def _check(spec: RunSpec) -> Checked:
     export_dtype = (checkpoint_dtype(spec.models.student) if spec.execution.export_dtype == "auto"
                     else spec.execution.export_dtype)
     return Checked(student_config, teacher_configs, tokenizer, tokens, mask, teacher_ids, evaluate, identity,
-                   export_dtype)
+                   export_dtype, teacher_tokenizers, teacher_prompts)
 
 
-def _read_models(models: Models, *, chat_template: bool):
-    """``(student config, {name: teacher config}, student tokenizer)``: each folder's config and
-    weights present, and every teacher's tokenizer (and chat template) the student's."""
+def _read_models(models: Models, *, chat_template: bool, alignment: str = "same"):
+    """``(student config, {name: teacher config}, student tokenizer, {name: teacher tokenizer})``: each
+    folder's config, weights and tokenizer present, and with ``alignment`` ``"same"`` every teacher's
+    tokenizer (and chat template) the student's."""
     from opd_jax import models as models_lib
     from opd_jax import tokenization
 
@@ -206,13 +213,38 @@ def _read_models(models: Models, *, chat_template: bool):
             raise type(error)(f"{flag}: {error}") from None
     student_config, tokenizer = folder_configs.pop("--student"), tokenizers.pop("--student")
     teacher_configs = dict(zip(teachers, folder_configs.values()))
-    for flag, teacher_config in zip(folder_configs, teacher_configs.values()):
+    teacher_tokenizers = dict(zip(teachers, tokenizers.values()))
+    if alignment == "same":  # with "text" each teacher reads the student's text with its own tokenizer
+        for flag, teacher_config in zip(folder_configs, teacher_configs.values()):
+            try:
+                tokenization.check_compatible(tokenizers[flag], tokenizer, teacher_config,
+                                              student_config, chat_template=chat_template)
+            except ValueError as error:
+                message = f"{error} (or set tokenizer_alignment 'text' to distil across tokenizers)"
+                raise ValueError(f"{flag}: {message}" if len(teacher_configs) > 1 else message) from None
+    return student_config, teacher_configs, tokenizer, teacher_tokenizers
+
+
+def _teacher_prompts(spec: RunSpec, records, teacher_configs: dict, teacher_tokenizers: dict):
+    """``{name: (tokens [N, P_t], mask)}``: every prompt in each teacher's own tokens and chat template,
+    left-padded to that teacher's longest (``tokenizer_alignment = "text"``)."""
+    from opd_jax import tokenization
+
+    encoded = {}
+    for name, teacher_tokenizer in teacher_tokenizers.items():
+        # Room for one response token at least, and a bound on the padded arrays: a teacher's prompt
+        # may take up to 8 times the student's prompt slots (a character-level teacher of a BPE student).
+        limit = min(teacher_configs[name].max_position_embeddings - 1, 8 * spec.data.max_prompt_length)
         try:
-            tokenization.check_compatible(tokenizers[flag], tokenizer, teacher_config,
-                                          student_config, chat_template=chat_template)
+            tokens, mask = tokenization.encode_prompts(
+                teacher_tokenizer, [prompt for _, prompt in records], max_length=limit,
+                use_chat_template=spec.data.chat_template,
+                labels=[f"prompt {k} ({spec.data.prompts}:{line})" for k, (line, _) in enumerate(records, start=1)])
         except ValueError as error:
-            raise ValueError(f"{flag}: {error}" if len(teacher_configs) > 1 else str(error)) from None
-    return student_config, teacher_configs, tokenizer
+            raise ValueError(f"teacher {name!r} (its own tokens): {error}") from None
+        width = int(mask.sum(axis=1).max())
+        encoded[name] = (tokens[:, limit - width:], mask[:, limit - width:])
+    return encoded
 
 
 def _model_flags(models: Models) -> dict[str, pathlib.Path]:
@@ -335,12 +367,30 @@ def _train(spec: RunSpec, checked: Checked, student, teachers: dict, *, progress
         (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     several = len(teachers) > 1
+    teacher_text = None if checked.teacher_prompts is None else _teacher_reader(spec, checked, stop_ids)
     return train.train(
         spec.train, student, checked.student_config, teachers if several else next(iter(teachers.values())),
-        train.PromptSet(checked.tokens, checked.mask, checked.teacher_ids if several else None), spec.output,
+        train.PromptSet(checked.tokens, checked.mask, checked.teacher_ids if several else None, teacher_text),
+        spec.output,
         stop_ids=stop_ids, pad_id=pad_id, progress=progress, placement=spec.placement,
         export_dtype=checked.export_dtype, evaluate=checked.evaluate,
     )
+
+
+def _teacher_reader(spec: RunSpec, checked: Checked, stop_ids: tuple[int, ...]):
+    """The :class:`~opd_jax.retokenize.TeacherReader` of ``tokenizer_alignment = "text"``."""
+    from opd_jax.retokenize import TeacherReader
+    from opd_jax.tokenization import compatibility_differences
+
+    names = tuple(spec.models.teachers)
+    tokenizers = tuple(checked.teacher_tokenizers[n] for n in names)
+    identical = not any(compatibility_differences(
+        teacher_tokenizer, checked.tokenizer, checked.teacher_configs[n], checked.student_config,
+        chat_template=spec.data.chat_template) for n, teacher_tokenizer in zip(names, tokenizers))
+    return TeacherReader(
+        checked.tokenizer, names, tokenizers, tuple(checked.teacher_prompts[n][0] for n in names),
+        tuple(checked.teacher_prompts[n][1] for n in names),
+        tuple(checked.teacher_configs[n].max_position_embeddings for n in names), stop_ids, identical)
 
 
 def _check_rollout_backend(config: TrainConfig) -> None:

@@ -22,14 +22,16 @@ once, before training; the response is encoded on its own, after the teacher's g
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from opd_jax.alignment import chunk_ids
 
-__all__ = ["ResponseAlignment", "align_response", "student_token_ends", "teacher_encoding"]
+__all__ = ["ResponseAlignment", "TeacherBatch", "TeacherReader", "align_response", "student_token_ends",
+           "teacher_encoding"]
 
 _REPLACEMENT = "\ufffd"  # what decoding shows for an incomplete UTF-8 character
 
@@ -124,3 +126,85 @@ def align_response(student_tokenizer, teacher_tokenizer, response_ids: Sequence[
         teacher_ends.append(len(text) + 1)
     student_chunk, teacher_chunk = chunk_ids(student_ends, teacher_ends)
     return ResponseAlignment(teacher_ids, student_chunk, teacher_chunk)
+
+
+class TeacherBatch(NamedTuple):
+    """A rollout batch as the teachers read it (host arrays; see :meth:`TeacherReader.read`).
+
+    Attributes:
+      tokens_BxN, token_mask_BxN: each row's teacher prompt (left-padded to the longest) then its
+        response tokens, padded on the right to a bucket (so few shapes compile).
+      response_mask_BxN: 1 at the teacher's response tokens (its EOS included).
+      teacher_chunk_BxN, student_chunk_BxL: chunk indices of the response tokens (0 elsewhere).
+    """
+
+    tokens_BxN: np.ndarray
+    token_mask_BxN: np.ndarray
+    response_mask_BxN: np.ndarray
+    teacher_chunk_BxN: np.ndarray
+    student_chunk_BxL: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TeacherReader:
+    """How each teacher reads the student's rollouts under ``tokenizer_alignment = "text"``.
+
+    Attributes:
+      student_tokenizer: the student's tokenizer (decodes the responses).
+      names, tokenizers: the teachers in :class:`~opd_jax.train.PromptSet`'s teacher-index order.
+      prompt_tokens, prompt_mask: per teacher, ``[num_prompts, P_t]`` its own left-padded encoding of
+        every prompt (with its chat template), made once before training.
+      max_positions: per teacher, its ``max_position_embeddings``.
+      stop_ids: the student's stop tokens (a response ending in one has stopped).
+      identical: every teacher's tokenizer is the student's (nothing to re-tokenize: the step then
+        scores the student's own tokens, exactly as ``"same"`` does).
+      min_bucket: the shortest response bucket; buckets double from there.
+    """
+
+    student_tokenizer: Any
+    names: tuple[str, ...]
+    tokenizers: tuple[Any, ...]
+    prompt_tokens: tuple[np.ndarray, ...]
+    prompt_mask: tuple[np.ndarray, ...]
+    max_positions: tuple[int, ...]
+    stop_ids: tuple[int, ...]
+    identical: bool = False
+    min_bucket: int = 16
+
+    def read(self, tokens_BxL: np.ndarray, response_mask_BxL: np.ndarray, prompt_index_B: np.ndarray,
+             teacher_index_B: np.ndarray) -> TeacherBatch:
+        """Re-tokenize every response of a rollout batch for its row's teacher.
+
+        Raises:
+          ValueError: a teacher that does not read a response back, or a row longer than its
+            teacher's positions (both named).
+        """
+        rows = [self._read_row(tokens, mask, int(prompt), int(teacher))
+                for tokens, mask, prompt, teacher in zip(tokens_BxL, response_mask_BxL, prompt_index_B, teacher_index_B)]
+        prompt_width = max(mask.shape[1] for mask in self.prompt_mask)
+        bucket = self.min_bucket
+        while bucket < max(len(row[1]) for row in rows):
+            bucket *= 2
+        batch = [np.zeros((len(rows), prompt_width + bucket), dtype) for dtype in (np.int32, bool, bool, np.int32)]
+        student_chunk = np.zeros(tokens_BxL.shape, np.int32)
+        for b, (prompt_ids, response_ids, teacher_chunk, chunk_at_student, teacher) in enumerate(rows):
+            length = len(prompt_ids) + len(response_ids)
+            if length > self.max_positions[teacher]:
+                raise ValueError(f"teacher {self.names[teacher]!r}: prompt {len(prompt_ids)} + response "
+                                 f"{len(response_ids)} of its tokens = {length}, more than its max_position_embeddings "
+                                 f"{self.max_positions[teacher]}; lower --max-new-tokens")
+            start = prompt_width - len(prompt_ids)
+            batch[0][b, start:start + length] = prompt_ids + response_ids
+            batch[1][b, start:start + length] = True
+            batch[2][b, prompt_width:prompt_width + len(response_ids)] = True
+            batch[3][b, prompt_width:prompt_width + len(response_ids)] = teacher_chunk
+            student_chunk[b, response_mask_BxL[b].astype(bool)] = chunk_at_student
+        return TeacherBatch(*batch, student_chunk)
+
+    def _read_row(self, tokens_L: np.ndarray, response_mask_L: np.ndarray, prompt: int, teacher: int):
+        response = tokens_L[response_mask_L.astype(bool)].tolist()
+        stopped = bool(response) and response[-1] in self.stop_ids
+        aligned = align_response(self.student_tokenizer, self.tokenizers[teacher], response, stopped=stopped,
+                                 teacher=self.names[teacher])
+        prompt_ids = self.prompt_tokens[teacher][prompt][self.prompt_mask[teacher][prompt].astype(bool)].tolist()
+        return prompt_ids, aligned.teacher_ids, aligned.teacher_chunk, aligned.student_chunk, teacher

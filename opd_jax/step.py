@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from opd_jax import chunking, topologies
+from opd_jax import alignment, chunking, topologies
 from opd_jax.advantages import broadcast_advantages, leave_one_out_baseline, sequence_advantages, token_advantages
 from opd_jax.config import TrainConfig
 from opd_jax.objectives import (
@@ -379,12 +379,16 @@ def prepare_scored(spec: StepSpec, params, teacher_logp_BxT, rollout: Rollout, r
 
 
 def scored_batch(spec: StepSpec, params, teacher, rollout: Rollout, reference_params, teacher_index_B):
-    """The ScoredBatch and metrics from the teacher's ``(logp_BxT, hidden_BxTxE, projection)``."""
+    """The ScoredBatch and metrics from the teacher's ``(logp_BxT, hidden_BxTxE, projection)``; ``logp_BxT``
+    may be an :class:`~opd_jax.alignment.AlignedTeacher` (a teacher with another tokenizer), carried onto
+    the student's tokens here, where the student's log-probs are known."""
     config = spec.config
     teacher_logp, teacher_hidden, teacher_projection = teacher
     mask_BxT = rollout.response_mask
     behaviour_logp, student_hidden, student_projection = _log_probs(spec, spec.graphdef, params, rollout.tokens,
                                                                     rollout.token_mask)
+    if isinstance(teacher_logp, alignment.AlignedTeacher):
+        teacher_logp = alignment.carry(teacher_logp, behaviour_logp, mask_BxT)
     reference = {}
     if spec.reference_graphdef is not None:
         reference["reference_logp_BxT"], _, _ = _log_probs(spec, spec.reference_graphdef, reference_params,

@@ -56,6 +56,7 @@ from flax import nnx
 from opd_jax import chunking
 from opd_jax import sharding as sharding_lib
 from opd_jax import topologies as topologies_lib
+from opd_jax.alignment import AlignedTeacher
 from opd_jax.backends import JaxBackend, RolloutBackend, WeightSyncError
 from opd_jax.checkpoint import CheckpointStore
 from opd_jax.config import RESUME_FREE, TrainConfig
@@ -84,12 +85,15 @@ class PromptSet:
     The order is a fresh permutation of all ``N`` prompts per epoch, from ``(seed, epoch)``, so the
     batch at any data position can be recomputed after a restart. ``teacher_ids`` ``[N]`` int
     routes each prompt to a teacher (an index into the teachers passed to :func:`train`, in their
-    order); ``None``: every prompt goes to the first.
+    order); ``None``: every prompt goes to the first. ``teacher_text`` (a
+    :class:`~opd_jax.retokenize.TeacherReader`: each teacher's tokenizer and its own encoding of every
+    prompt) is what ``tokenizer_alignment = "text"`` reads the rollouts with.
     """
 
     tokens: np.ndarray
     mask: np.ndarray
     teacher_ids: np.ndarray | None = None
+    teacher_text: Any = None
 
     def __post_init__(self):
         if self.tokens.ndim != 2 or self.tokens.shape != self.mask.shape or len(self.tokens) == 0:
@@ -268,10 +272,25 @@ def _setup(config, models: tuple, prompts, sampling, backend, placement: shardin
         index = _teacher_index(config, prompts, data_position, shardings.teacher_batch, several_teachers)
         return jax.device_put(step_fn.score_teacher(teacher_params, tokens, mask, index), shardings.batch)
 
+    def score_text(rollout: Rollout, data_position: int) -> AlignedTeacher:
+        """Each row's teacher scores its own tokens of the row's text (``tokenizer_alignment = "text"``),
+        on its own token shapes; the step carries the scores onto the student's tokens."""
+        rows = config.prompts_per_step
+        prompt_index = np.repeat(prompts.indices(data_position, rows, config.seed), config.group_size)
+        teacher_index = np.repeat(prompts.teachers(data_position, rows, config.seed), config.group_size)
+        read = prompts.teacher_text.read(np.asarray(rollout.tokens), np.asarray(rollout.response_mask),
+                                         prompt_index, teacher_index)
+        logp = step_fn.score_teacher(teacher_params, read.tokens_BxN, read.token_mask_BxN,
+                                     teacher_index if several_teachers else None)
+        scored = AlignedTeacher(logp, read.response_mask_BxN, read.teacher_chunk_BxN, read.student_chunk_BxL)
+        return scored if shardings is None else jax.device_put(scored, shardings.batch)
+
     # The sampler's outputs are placed by XLA's propagation; the step's inputs are explicit.
     place = (lambda rollout: rollout) if shardings is None else (lambda r: jax.device_put(r, shardings.batch))
+    retokenize = config.tokenizer_alignment == "text" and not prompts.teacher_text.identical
+    score = score_text if retokenize else score_on_teacher_mesh if teacher_mesh is not None else None
     rollouts = RolloutPipeline(backend, step_batch, sampling, ahead=config.pipeline_rollouts, place=place,
-                               score=score_on_teacher_mesh if teacher_mesh is not None else None)
+                               score=score)
     return _Run(config, graphdef, teacher_params, reference_params, step_fn, shardings, rollouts, finite_flags,
                 prompts, several_teachers), state
 
@@ -531,7 +550,7 @@ def check_teacher_mesh(config: TrainConfig, mesh, teacher_mesh) -> None:
 def _check_run(config: TrainConfig, student: Decoder, teacher, reference: Decoder | None, prompts: PromptSet,
                placement: sharding_lib.Placement) -> None:
     """The models against each other and the prompts, and the placement against the config."""
-    _check_teachers(teacher, student, prompts)
+    _check_teachers(teacher, student, prompts, config.tokenizer_alignment)
     if reference is not None and reference.config.vocab_size != student.config.vocab_size:
         raise ValueError(f"reference vocab_size {reference.config.vocab_size} != student vocab_size "
                          f"{student.config.vocab_size}")
@@ -541,15 +560,22 @@ def _check_run(config: TrainConfig, student: Decoder, teacher, reference: Decode
                          "interleave differently on each process); set it to false for a multi-process run")
 
 
-def _check_teachers(teacher, student: Decoder, prompts: PromptSet) -> None:
+def _check_teachers(teacher, student: Decoder, prompts: PromptSet, alignment: str) -> None:
     teachers = teacher if isinstance(teacher, dict) else {"teacher": teacher}
     if not teachers:
         raise ValueError("teacher: an empty dict; give at least one teacher")
+    if alignment == "text":
+        if prompts.teacher_text is None:
+            raise ValueError("tokenizer_alignment 'text' needs prompts.teacher_text (each teacher's tokenizer and "
+                             "its encoding of the prompts: opd_jax.launch builds it)")
+        if jax.process_count() > 1:
+            raise ValueError("tokenizer_alignment 'text' runs in one process only (each row is re-tokenized on the "
+                             "host that holds it); use 'same' for a multi-process run")
     for name, model in teachers.items():
-        if model.config.vocab_size != student.config.vocab_size:
+        if alignment == "same" and model.config.vocab_size != student.config.vocab_size:
             label = "teacher" if len(teachers) == 1 else f"teacher {name!r}"
             raise ValueError(f"{label} vocab_size {model.config.vocab_size} != student vocab_size "
-                             f"{student.config.vocab_size}")
+                             f"{student.config.vocab_size}; tokenizer_alignment 'text' distils across tokenizers")
     if prompts.teacher_ids is not None:
         ids = np.asarray(prompts.teacher_ids)
         if ids.min() < 0 or ids.max() >= len(teachers):

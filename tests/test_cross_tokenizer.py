@@ -1,0 +1,95 @@
+"""`opd-jax train --tokenizer-alignment text` on two tiny HF folders whose tokenizers differ (issue 24).
+
+The student's tokenizer is a byte-level BPE trained on one corpus, the teacher's a byte-level BPE
+trained on another (other merges, other ids, other size). The run is killed (SIGKILL) after a
+checkpoint and resumed: it ends bitwise equal to an uninterrupted run. With one tokenizer, "text"
+trains bitwise as "same".
+"""
+
+import hashlib
+import json
+import pathlib
+import sys
+
+import pytest
+
+from opd_jax.commands import main
+
+HELPERS = pathlib.Path(__file__).parent / "helpers"
+sys.path.insert(0, str(HELPERS))
+import faults  # noqa: E402
+from hf_fixtures import make_qwen3_folder  # noqa: E402
+
+PROMPTS = ["what is 12 + 30 ?", "add the numbers", "the answer is", "step by step"]
+OTHER_CORPUS = ["the numbers add up: 12 + 30 = 42, step by step"] * 20
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cross_tokenizer")
+    student = make_qwen3_folder(root / "student", seed=2, layers=1)
+    teacher = make_qwen3_folder(root / "teacher", seed=1, layers=1,
+                                tokenizer_options={"corpus": OTHER_CORPUS, "vocab_size": 280})
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return root, teacher, student, prompts, faults.child_env(root / "jax_cache")
+
+
+def _args(teacher, student, prompts, output, *extra):
+    return ["--teacher", teacher, "--student", student, "--prompts", prompts, "--output", output, "--quiet",
+            "--steps", 3, "--checkpoint-every", 1, "--prompts-per-step", 2, "--group-size", 2, "--max-new-tokens", 6,
+            "--max-prompt-length", 24, "--learning-rate", 1e-3, *extra]
+
+
+def _weights(output: pathlib.Path) -> str:
+    return hashlib.sha256((output / "student" / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_same_refuses_another_tokenizer_naming_the_option(setup, capsys):
+    root, teacher, student, prompts, _ = setup
+    output = root / "refused"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *map(str, _args(teacher, student, prompts, output))])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "BPE merges mismatch" in err
+    assert "or set tokenizer_alignment 'text' to distil across tokenizers" in err
+    assert not output.exists()
+
+
+def test_text_alignment_survives_a_kill_bitwise(setup):
+    root, teacher, student, prompts, env = setup
+    text = ("--tokenizer-alignment", "text")
+    reference = root / "uninterrupted"
+    child = faults.Child(faults.train_argv(*_args(teacher, student, prompts, reference, *text)), env,
+                         root / "uninterrupted.log")
+    assert child.wait() == 0, child.output()[-4000:]
+    records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(0 < r["teacher_kl"] < 100 and r["teacher_seconds"] > 0 for r in records)
+    assert json.loads((reference / "config.json").read_text())["objective"]["tokenizer_alignment"] == "text"
+
+    killed = root / "killed"
+    child = faults.Child(faults.train_argv(*_args(teacher, student, prompts, killed, *text)), env, root / "killed.log")
+    faults.kill_after_checkpoint(child.process, killed, 2)
+    child.kill_if_running()
+    assert not (killed / "student").exists()
+    child = faults.Child(faults.train_argv(*_args(teacher, student, prompts, killed, *text)), env, root / "resumed.log")
+    assert child.wait() == 0, child.output()[-4000:]
+    assert "resuming from step" in child.output()
+    assert _weights(killed) == _weights(reference)
+    assert [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_one_tokenizer_text_trains_bitwise_as_same(setup):
+    root, _, student, prompts, env = setup
+    teacher = make_qwen3_folder(root / "same_tokenizer_teacher", seed=1, layers=1)
+    outputs = {}
+    for alignment in ("same", "text"):
+        outputs[alignment] = root / f"one_tokenizer_{alignment}"
+        argv = _args(teacher, student, prompts, outputs[alignment], "--tokenizer-alignment", alignment, "--steps", 2)
+        child = faults.Child(faults.train_argv(*argv), env, root / f"one_{alignment}.log")
+        assert child.wait() == 0, child.output()[-4000:]
+    assert _weights(outputs["same"]) == _weights(outputs["text"])
+    losses = {a: [json.loads(line)["loss"] for line in (o / "metrics.jsonl").read_text().splitlines()]
+              for a, o in outputs.items()}
+    assert losses["same"] == losses["text"]
