@@ -7,6 +7,7 @@ import argparse
 import glob
 import importlib.util
 import os
+import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -37,9 +38,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    _url_arguments(args)
     if args.command != "plan":  # plan compiles for TPU topologies on any host: it needs libtpu
         leave_out_tpu_plugin()
     return COMMANDS[args.command].run(args)
+
+
+def _url_arguments(args: argparse.Namespace) -> None:
+    """Path flags given as URLs: ``type=pathlib.Path`` makes ``gs://b/x`` the local path ``gs:/b/x``,
+    which a command writing there would create. A ``gs://`` value becomes the URL's path
+    (:func:`opd_jax.storage.as_path`), another scheme is refused naming the schemes that work, and a
+    local path stays as parsed."""
+    from opd_jax import storage
+    from opd_jax.errors import InputError
+
+    for name, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        if not any(isinstance(v, pathlib.PurePath) for v in values):
+            continue
+        flag = "--" + name.replace("_", "-")
+        try:
+            converted = [storage.as_path(v, what=flag) if isinstance(v, pathlib.PurePath) else v for v in values]
+        except InputError as error:
+            flags.fail(args.command, str(error))
+        converted = [c if isinstance(v, pathlib.PurePath) and storage.is_remote(c) else v
+                     for v, c in zip(values, converted)]
+        if args.command == "demo" and any(storage.is_remote(c) for c in converted if isinstance(c, pathlib.PurePath)):
+            flags.fail("demo", f"{flag} {converted[0]}: opd-jax demo writes a local folder; gs:// is for opd-jax "
+                               "train's --output")
+        setattr(args, name, converted if isinstance(value, list) else converted[0])
 
 
 # Google's PCI vendor id: a TPU chip shows up under it in sysfs (jax's own TPU detection reads the same).
