@@ -89,6 +89,14 @@ def test_paths_schemes_and_missing_buckets(bucket, tmp_path, monkeypatch, capsys
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1, err
+    # Output files of the other commands (type=pathlib.Path) are read back as URLs, or refused by scheme.
+    for argv, message in [(["demo", "--output", "gs://opd/demo"], "opd-jax demo writes a local folder"),
+                          (["eval", "--model", str(models / "student"), "--json", "s3://b/metrics.json"],
+                           "--json s3://b/metrics.json: the scheme s3:// is not supported")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no gs: or s3: folder, nothing else
     capsys.readouterr()
     with pytest.raises(SystemExit):
@@ -274,3 +282,32 @@ def test_a_half_uploaded_checkpoint_is_ignored_and_removed(bucket):
     store.save(2, {"w": jnp.ones(3, jnp.float32)})
     store.close()
     assert CheckpointStore(folder).steps() == [1, 2]
+
+
+@pytest.mark.slow  # two processes compiling side by side: ~3 min on a loaded 2-core machine
+def test_two_processes_write_one_run_to_the_bucket(bucket, tmp_path):
+    """2 processes × 4 CPU devices, --mesh 2,2,2: orbax writes each checkpoint from both processes
+    straight to the bucket, process 0 holds the lock and writes the rest; each step is logged once."""
+    url, _ = bucket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**_child_env(url, tmp_path / "jax_cache"), "JAX_NUM_CPU_DEVICES": "4"}
+    output = "gs://opd/two_processes"
+    argv = _train_argv("gs://opd/models/teacher", "gs://opd/models/student", "gs://opd/prompts.jsonl", output,
+                       "--prompts-per-step", "4", "--mesh", "2,2,2", "--coordinator", f"localhost:{port}",
+                       "--num-processes", "2")
+    children = [subprocess.Popen([*argv, "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        for child in children:
+            out, _ = child.communicate(timeout=900)
+            assert child.returncode == 0, out[-4000:]
+    finally:
+        for child in children:
+            child.kill()
+    assert _bucket_steps(output) == [1, 2, 3]
+    checkpoints = storage.as_path(f"{output}/checkpoints")
+    assert all((checkpoints / str(step) / "commit_success.txt").exists() for step in (1, 2, 3))
+    assert (storage.as_path(output) / "student" / "model.safetensors").exists()
+    assert not storage.as_path(f"{output}/.opd_jax.lock").exists()
