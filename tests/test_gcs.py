@@ -110,6 +110,15 @@ def test_paths_schemes_and_missing_buckets(bucket, tmp_path, monkeypatch, capsys
     assert list(storage.as_path("gs://other").iterdir()) == []  # refused before anything was written
 
 
+def test_no_credentials_are_named_before_anything_is_written(bucket, monkeypatch, tmp_path):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST")
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))  # no gcloud login either
+    with pytest.raises(InputError, match=r"--output gs://my-bucket/run: no Google Cloud credentials; run `gcloud "
+                                         r"auth application-default login`"):
+        storage.check_bucket("gs://my-bucket/run", what="--output")
+
+
 def test_models_prompts_and_config_from_a_bucket(bucket, tmp_path):
     from flax import nnx
 
