@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import shutil
 import tempfile
@@ -46,7 +47,9 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict]:
 
 
 class MetricsLog:
-    """Appends one JSON object per step to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+    """Appends one JSON object per step to ``metrics.jsonl`` and mirrors scalars to TensorBoard
+    (in a bucket: keeps the records and replaces the object at each :meth:`flush`, see the module
+    docstring).
 
     The records always agree with the checkpoint the run continues from. On resume from
     ``resume_step``, records of later steps (written after that checkpoint, before an
@@ -74,13 +77,16 @@ class MetricsLog:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            events = self.directory / "tensorboard"
+            events, suffix = self.directory / "tensorboard", ""
             if self.remote:
                 self._tensorboard_local = tempfile.mkdtemp(prefix="opd_jax_tensorboard_")
-                events = self._tensorboard_local
+                # Event files are named by second and host: the process id keeps two sessions of
+                # one second apart once uploaded into one folder (a random tag, two in one process).
+                events, suffix = self._tensorboard_local, f".{os.getpid()}.{os.urandom(4).hex()}"
             # purge_step writes a session-start event: TensorBoard drops the older events of
             # every step from there on, so a resumed run shows each step once.
-            self._tensorboard = SummaryWriter(str(events), purge_step=0 if resume_step is None else resume_step + 1)
+            self._tensorboard = SummaryWriter(str(events), purge_step=0 if resume_step is None else resume_step + 1,
+                                              filename_suffix=suffix)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
@@ -100,22 +106,27 @@ class MetricsLog:
         """Make every record written so far durable in the folder (in a bucket: replace
         ``metrics.jsonl`` and upload the TensorBoard events; locally lines are appended already)."""
         self._flushed_at = time.monotonic()
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+        self._upload()
+
+    def _upload(self) -> None:
         if not self.remote:
             return
         storage.write_bytes(self.path, _lines(self._records))
-        if self._tensorboard is not None:
-            self._tensorboard.flush()
+        if self._tensorboard_local is not None:
             storage.tensorboard_upload(self._tensorboard_local, self.directory / "tensorboard")
 
     def close(self) -> None:
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-        self.flush()
-        self._tensorboard = None
+        """Write the last records and events; a second close (or a flush after it) writes nothing."""
+        writer, self._tensorboard = self._tensorboard, None
+        if writer is not None:
+            writer.close()
+        self._upload()
         if self._tensorboard_local is not None:
             shutil.rmtree(self._tensorboard_local, ignore_errors=True)
             self._tensorboard_local = None
-        self.remote = False  # closed: a second close or flush writes nothing
+        self.remote = False
 
 
 def _lines(records: list[dict]) -> bytes:
