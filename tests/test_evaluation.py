@@ -372,7 +372,7 @@ def test_train_eval_dataset_logs_held_out_metrics_before_and_after(tiny, tmp_pat
     trained = [r for r in records if "teacher_kl" in r]
     assert [r["step"] for r in trained] == [1, 2]
     final_line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert f"step 2: teacher KL {trained[-1]['teacher_kl']:.4f}" in final_line and "nan" not in final_line
+    assert f"step 2: teacher KL {trained[-1]['teacher_kl']:.4f}" in final_line and "KL nan" not in final_line
     assert f"evaluation at step 2: avg@2 {evals[2]['eval_avg@2']:.4f}" in final_line
 
 
