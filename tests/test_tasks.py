@@ -255,10 +255,11 @@ def test_evaluate_counts_unfinished_responses_wrong_and_checks_input(shipped, he
 
 
 def test_registry_names_tasks_and_refuses_unknown_taken_and_incomplete_ones():
-    assert tasks.task_names() == ("arithmetic", "arithmetic_vllm", "tool_use")
+    assert tasks.task_names() == ("arithmetic", "arithmetic_vllm", "tool_use", "arithmetic_cross_tokenizer")
     assert tasks.get_task("arithmetic") is tasks.TASKS["arithmetic"]
     assert all(isinstance(task, tasks.Task) and task.name == name for name, task in tasks.TASKS.items())
-    with pytest.raises(ValueError, match="unknown task 'chess'; registered: arithmetic, arithmetic_vllm, tool_use"):
+    with pytest.raises(ValueError, match="unknown task 'chess'; registered: arithmetic, arithmetic_vllm, tool_use, "
+                                         "arithmetic_cross_tokenizer"):
         tasks.get_task("chess")
     with pytest.raises(ValueError, match="'arithmetic' is already registered"):
         tasks.register_task("arithmetic", tasks.get_task("tool_use"))
@@ -269,7 +270,7 @@ def test_registry_names_tasks_and_refuses_unknown_taken_and_incomplete_ones():
         tasks.register_task("", tasks.get_task("arithmetic"))
     with pytest.raises(TypeError):
         tasks.TASKS["mine"] = tasks.get_task("arithmetic")  # read-only
-    assert tasks.task_names() == ("arithmetic", "arithmetic_vllm", "tool_use")
+    assert tasks.task_names() == ("arithmetic", "arithmetic_vllm", "tool_use", "arithmetic_cross_tokenizer")
     assert doctest.testmod(tasks).failed == 0
 
 

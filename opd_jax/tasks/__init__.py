@@ -2,7 +2,7 @@
 a registry of :class:`~opd_jax.tasks.base.Task` objects by name.
 
 >>> sorted(task_names())
-['arithmetic', 'arithmetic_vllm', 'tool_use']
+['arithmetic', 'arithmetic_cross_tokenizer', 'arithmetic_vllm', 'tool_use']
 >>> get_task("tool_use").model_path("teacher").name
 'teacher'
 >>> get_task("tool_use").demo.config.steps  # the demo's settings live on the task
@@ -31,6 +31,7 @@ from opd_jax.tasks.arithmetic import (
     toy_task,
 )
 from opd_jax.tasks.base import DEMO_CONFIG, DemoSettings, Task, TaskSetup, teacher_kl
+from opd_jax.tasks.cross_tokenizer import ToyArithmeticCrossTokenizer
 
 __all__ = [
     "TASKS",
@@ -96,3 +97,5 @@ register_task("arithmetic", ToyArithmetic())
 register_task("arithmetic_vllm", ToyArithmetic(
     "arithmetic_vllm", VLLM_ASSETS_DIR, DemoSettings(config=dataclasses.replace(DEMO_CONFIG, rollout_backend="vllm"))))
 register_task("tool_use", tool_use.ToyToolUse())
+# The arithmetic task with a teacher whose tokenizer reads digits in pairs (tokenizer_alignment "text").
+register_task("arithmetic_cross_tokenizer", ToyArithmeticCrossTokenizer())

@@ -54,6 +54,7 @@ __all__ = [
     "Problem",
     "SPECIAL_TOKENS",
     "ToyArithmetic",
+    "build_digit_pair_tokenizer",
     "build_tokenizer",
     "evaluate",
     "extract_answer",
@@ -266,6 +267,31 @@ def build_tokenizer():
     :func:`opd_jax.tokenization.load_tokenizer` loads it back.
     """
     return characters.build_tokenizer(ALPHABET)
+
+
+def build_digit_pair_tokenizer():
+    """A tokenizer unlike the task's own, for a teacher that distils across tokenizers: every pair of
+    digits is one token, read greedily from the left (``"345"`` is ``"34", "5"``).
+
+    The ids: the :func:`build_tokenizer` ids (special tokens, then one per character of
+    :data:`ALPHABET`), then the hundred pairs ``"00"`` … ``"99"``. A ``WordPiece`` model without a
+    subword prefix over pre-tokens that are digit runs or single other characters; decoding
+    concatenates, so ``decode(encode(text)) == text`` for every text over :data:`ALPHABET`.
+    """
+    import tokenizers
+
+    from opd_jax.tokenization import import_transformers
+
+    transformers = import_transformers()
+    pieces = (*characters.SPECIAL_TOKENS, *ALPHABET, *(f"{a}{b}" for a in "0123456789" for b in "0123456789"))
+    backend = tokenizers.Tokenizer(tokenizers.models.WordPiece(
+        {piece: index for index, piece in enumerate(pieces)}, unk_token="<unk>", continuing_subword_prefix="",
+        max_input_chars_per_word=1 << 16))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[0-9]+|[^0-9]"), behavior="isolated")
+    backend.decoder = tokenizers.decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                                unk_token="<unk>", clean_up_tokenization_spaces=False,
+                                                model_max_length=1024)
 
 
 @dataclasses.dataclass(frozen=True)
