@@ -227,16 +227,21 @@ def _is_checkpoint_folder(folder: pathlib.Path) -> bool:
 
 
 def _is_training_config(path: pathlib.Path) -> bool:
-    """``config.json`` as :class:`RunFolder` writes it: a JSON object of training-config sections
-    (fields may have changed between versions, so only the sections are compared)."""
-    from opd_jax.config import SECTIONS
+    """``config.json`` as :class:`RunFolder` writes it: a JSON object of training-config sections, or
+    flat as earlier versions wrote it. Fields may have changed between versions, so a flat file
+    counts when most of its keys are training options (a model's or a project's has none)."""
+    from opd_jax.config import SECTIONS, TrainConfig
 
     try:
         values = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return (isinstance(values, dict) and bool(values)
-            and all(key in SECTIONS and isinstance(section, dict) for key, section in values.items()))
+    if not isinstance(values, dict) or not values:
+        return False
+    if all(key in SECTIONS and isinstance(section, dict) for key, section in values.items()):
+        return True
+    options = {field.name for field in dataclasses.fields(TrainConfig)}
+    return 2 * len(options.intersection(values)) > len(values)
 
 
 def write_identity(output: str | pathlib.Path, identity: dict[str, Any]) -> None:

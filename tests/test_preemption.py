@@ -223,10 +223,11 @@ def _check_resumable(folder, config):
 
 def test_the_resume_guard_counts_only_what_a_resume_depends_on(tmp_path):
     base = train.TrainConfig(steps=10, checkpoint_every=5)
-    (tmp_path / "config.json").write_text(json.dumps(base.to_dict()))
+    (tmp_path / "config.json").write_text(json.dumps(base.to_dict()))  # flat, as earlier versions wrote it
+    (tmp_path / "checkpoints").mkdir()  # as a run that stopped before its first checkpoint leaves it
     # No checkpoint to resume from: any fix is accepted.
     _check_resumable(tmp_path, train.TrainConfig(steps=10, divergence="js"))
-    (tmp_path / "checkpoints" / "5").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "5").mkdir()
     for free in (dict(steps=30), dict(checkpoint_every=2, keep_checkpoints=9, eval_every=3, logit_chunk_size=64)):
         _check_resumable(tmp_path, train.TrainConfig(**{"steps": 10, "checkpoint_every": 5, **free}))
     with pytest.raises(ValueError, match=r"differs in \['divergence', 'learning_rate'\]"):

@@ -144,6 +144,8 @@ def test_folder_state_rule(tmp_path):
     (legacy / "checkpoints" / "50").mkdir(parents=True)
     (legacy / "config.json").write_text(json.dumps(TrainConfig().to_json()))
     assert run_folder.folder_state(legacy) == "unrecorded"
+    (legacy / "config.json").write_text(json.dumps(TrainConfig().to_dict()))  # flat, as earlier versions wrote it
+    assert run_folder.folder_state(legacy) == "unrecorded"
     (legacy / "checkpoints" / "notes.txt").write_text("x")  # not our checkpoint layout
     with pytest.raises(run_folder.RunFolderError, match="not an opd-jax run folder"):
         run_folder.folder_state(legacy)
