@@ -215,9 +215,10 @@ def test_bucket_run_preempted_killed_resumed_and_locked(bucket, tmp_path):
     env = _child_env(url, tmp_path / "jax_cache")
     models = local / "models"
     steps = ["--steps", "6"]
-    reference = subprocess.run(_train_argv(models / "teacher", models / "student", local / "prompts.jsonl",
-                                           tmp_path / "local_run", *steps), env=env, capture_output=True, text=True)
-    assert reference.returncode == 0, reference.stderr
+    # The same run on local paths, without a stop: beside the bucket run's first attempt (two cores).
+    reference = subprocess.Popen(_train_argv(models / "teacher", models / "student", local / "prompts.jsonl",
+                                             tmp_path / "local_run", *steps), env=env,
+                                 stdout=(tmp_path / "reference.log").open("w"), stderr=subprocess.STDOUT)
 
     output = "gs://opd/run"
     argv = _train_argv("gs://opd/models/teacher", "gs://opd/models/student", "gs://opd/prompts.jsonl", output, *steps)
@@ -236,9 +237,11 @@ def test_bucket_run_preempted_killed_resumed_and_locked(bucket, tmp_path):
         first.send_signal(signal.SIGTERM)
         first.send_signal(signal.SIGCONT)
         _, err = first.communicate(timeout=300)
+        assert first.returncode == 75, err
+        assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()
     finally:
         first.kill()
-    assert first.returncode == 75, err
+        reference.kill()
     preempted_at = _bucket_steps(output)[-1]
     assert preempted_at < 6 and not lock.exists()
 
