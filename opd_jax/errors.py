@@ -8,7 +8,7 @@ an :class:`InputFileNotFoundError`, which is also a ``FileNotFoundError``.
 
 from __future__ import annotations
 
-__all__ = ["InputError", "InputFileNotFoundError"]
+__all__ = ["InputError", "InputFileNotFoundError", "RunFolderError"]
 
 
 class InputError(ValueError):
@@ -17,3 +17,8 @@ class InputError(ValueError):
 
 class InputFileNotFoundError(InputError, FileNotFoundError):
     """A file or folder named in the input does not exist (the message names it)."""
+
+
+class RunFolderError(InputError):
+    """The run folder cannot be used: other inputs, in use by another process, not ours, or not
+    writable (:mod:`opd_jax.run_folder`; the bucket lock of :mod:`opd_jax.storage` raises it too)."""

@@ -29,7 +29,7 @@ import pathlib
 from typing import Any
 
 from opd_jax import storage
-from opd_jax.errors import InputError
+from opd_jax.errors import RunFolderError
 
 __all__ = ["IDENTITY_FILE", "LOCK_FILE", "RunFolder", "RunFolderError", "RunLock", "acquire_lock", "check_identity",
            "check_output_folder",
@@ -41,10 +41,6 @@ _FORMAT = 1
 _WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
                     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-
-
-class RunFolderError(InputError):
-    """The run folder cannot be used: other inputs, in use by another process, or not writable."""
 
 
 def _sha256(path: pathlib.Path) -> str:

@@ -37,7 +37,7 @@ from typing import Any
 
 from etils import epath
 
-from opd_jax.errors import InputError
+from opd_jax.errors import InputError, RunFolderError
 
 __all__ = ["DEFAULT_LEASE_SECONDS", "ObjectLock", "SCHEMES", "as_path", "check_bucket", "configure", "copy_tree",
            "files_under", "is_remote", "local_copy", "move_tree", "size", "write_bytes"]
@@ -416,8 +416,6 @@ def _holder_text(holder: dict) -> str:
 
 
 def _held(folder: epath.Path, holder: dict) -> InputError:
-    from opd_jax.run_folder import RunFolderError
-
     return RunFolderError(
         f"{folder} is in use by another opd-jax run: {_holder_text(holder)} holds its lock, with a lease until "
         f"{holder.get('expires', '?')}; wait for it to finish (or for the lease to run out, if it was killed on "
