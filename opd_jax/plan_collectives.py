@@ -203,7 +203,8 @@ class _Walker:
 
     def loop(self, instruction, by_name, scale, target, top, loop_index) -> None:
         called = dict(re.findall(r"\b(condition|body)=%?([\w.\-]+)", instruction.attributes))
-        trips = _static_trips(self.computations.get(called.get("condition"), []), instruction, by_name)
+        trips = _static_trips(self.computations.get(called.get("condition"), []), instruction, by_name,
+                              self.computations.get(called.get("body"), []))
         index = len(self.loops)
         if (trips is None and top and loop_index is None and index < len(self.loop_trips)
                 and self._is_next(self.computations.get(called.get("condition"), []))):
@@ -296,9 +297,11 @@ def _called(instruction: _Instruction) -> list[str]:
     return names
 
 
-def _static_trips(condition: list[_Instruction], instruction: _Instruction, by_name) -> int | None:
+def _static_trips(condition: list[_Instruction], instruction: _Instruction, by_name,
+                  body: Sequence[_Instruction] = ()) -> int | None:
     """Trips of a loop whose condition is ``get-tuple-element(i) < constant`` and whose carry's
-    element ``i`` starts at a constant (a scan, or a loop of the compiler's); else ``None``."""
+    element ``i`` starts at a constant (a scan, or a loop of the compiler's); else ``None``. The
+    counter steps by the constant the body adds to it where that is visible, else by 1."""
     roots = [i for i in condition if i.root]
     if len(roots) != 1 or roots[0].opcode != "compare" or "direction=LT" not in roots[0].attributes:
         return None
@@ -314,10 +317,31 @@ def _static_trips(condition: list[_Instruction], instruction: _Instruction, by_n
         start = by_name.get(start.operands[index] if start.opcode == "tuple" else start.operands[0])
         if start is not None and start.opcode == "constant":
             try:
-                return _constant(bound) - _constant(start)
+                return max(0, -(-(_constant(bound) - _constant(start)) // _counter_step(body, index)))
             except ValueError:
                 return None
     return None
+
+
+def _counter_step(body: Sequence[_Instruction], index: int) -> int:
+    """What a loop body adds to carry element ``index``: ``add(get-tuple-element(index), constant)``
+    at that place of its root tuple; 1 where it is not of that form (a fused increment)."""
+    local = {i.name: i for i in body}
+    root = next((i for i in body if i.root), None)
+    if root is None or root.opcode != "tuple" or index >= len(root.operands):
+        return 1
+    step = local.get(root.operands[index])
+    if step is None or step.opcode != "add":
+        return 1
+    operands = [local.get(name) for name in step.operands]
+    counters = [o for o in operands if o is not None and o.opcode == "get-tuple-element" and _tuple_index(o) == index]
+    constants = [o for o in operands if o is not None and o.opcode == "constant"]
+    if len(counters) == 1 and len(constants) == 1:
+        try:
+            return max(1, _constant(constants[0]))
+        except ValueError:
+            return 1
+    return 1
 
 
 def _constant(instruction: _Instruction) -> int:

@@ -437,6 +437,10 @@ ENTRY %main (a: f32[8,16], w: f32[2,16]) -> {carry} {{
     # count says so.
     assert not plan_collectives.count_collectives(hlo, devices=4).matched
     assert not plan_collectives.count_collectives(hlo, devices=4, loop_trips=[5], loop_bounds=[9]).matched
+    # A counter that steps by 2 from 0 to 3 runs twice.
+    stepped = plan_collectives.count_collectives(hlo.replace("constant(1)", "constant(2)"), devices=4,
+                                                 loop_trips=[5], loop_bounds=[8])
+    assert stepped.outside["all-reduce"] == pytest.approx(2 * reduce)
 
 
 # --------------------------------------------------------------------------------------------------
