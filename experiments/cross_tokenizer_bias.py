@@ -2,7 +2,8 @@
 
 Student pieces {a, b, ab}, teacher pieces {a, b, ba, bb} (greedy longest match), horizon 3 with
 EOS: 40 responses. Each cell is the relative error ‖E[∇L] − ∇J‖ / ‖∇J‖ of an estimator's expected
-gradient against the objective named in its column (see opd_jax.exact_cross). "one tokenizer" is the
+gradient against the objective named in its column (see opd_jax.exact_cross); "spread" / "last": how a
+chunk's log-ratio reaches its student tokens (opd_jax.alignment.aligned_teacher_logp). "one tokenizer" is the
 same student and teacher policy family with the teacher scoring the student's own tokens.
 
     .venv/bin/python experiments/cross_tokenizer_bias.py [--output experiments/results/cross_tokenizer/bias.md]
@@ -23,7 +24,8 @@ from opd_jax import exact  # noqa: E402
 from opd_jax import exact_cross as xc  # noqa: E402
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "js", "total_variation", "squared_hellinger", "pearson_chi2", "neyman_chi2")
-COLUMNS = ("seq OPD+ vs J_seq", "seq stop-grad vs J_seq", "tok OPD+ γ=0 vs J_chunk", "tok OPD+ γ=1 vs J_chunk",
+COLUMNS = ("seq OPD+ vs J_seq", "seq stop-grad vs J_seq", "tok OPD+ γ=0 vs J_chunk (spread)",
+           "tok OPD+ γ=1 vs J_chunk (spread)", "tok OPD+ γ=0 vs J_chunk (last)", "tok OPD+ γ=1 vs J_chunk (last)",
            "one tokenizer: tok OPD+ γ=0 vs J_tok", "one tokenizer: tok OPD+ γ=1 vs J_tok", "∇J_seq vs ∇J_text")
 
 
@@ -42,7 +44,8 @@ def bias_row(name: str, cross: xc.CrossProblem, same: xc.CrossProblem, table) ->
     sequence, chunk, one = grad(cross, "sequence"), grad(cross, "chunk"), grad(same, "chunk")
     return [error(cross, sequence, level="sequence", estimator="opd_plus"),
             error(cross, sequence, level="sequence", estimator="stop_grad"),
-            *(error(cross, chunk, level="token", estimator="opd_plus", gamma=g) for g in (0.0, 1.0)),
+            *(error(cross, chunk, level="token", estimator="opd_plus", gamma=g, credit=credit)
+              for credit in ("spread", "last") for g in (0.0, 1.0)),
             *(error(same, one, level="token", estimator="opd_plus", gamma=g) for g in (0.0, 1.0)),
             exact.compare_gradients(sequence, grad(cross, "text"))[0]]
 

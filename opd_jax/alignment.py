@@ -8,14 +8,17 @@ log-ratio ``ℓ_c = Σ_{teacher tokens in c} log q − Σ_{student tokens in c} 
 and the chunks' log-ratios sum to the whole-text log-ratio ``log q(text) − log π(y)``.
 
 :func:`aligned_teacher_logp` turns the teacher's per-token log-probs into a ``[B, T]`` array on the
-student's positions such that ``teacher − student`` is ``ℓ_c`` at each chunk's last student token
-and 0 at its other tokens. Every advantage estimator then runs unchanged:
+student's positions such that ``teacher − student`` spreads ``ℓ_c`` evenly over the chunk's
+student tokens (``ℓ_c / |c|`` each). Every advantage estimator then runs unchanged:
 
 * sequence level: ``Σ_n m_n ℓ_n = log q(text) − log π(y)``, so sequence-level estimators see the
   whole-text ratio and need no alignment at all (:mod:`opd_jax.exact_cross` proves OPD+ unbiased for
   the objective it states);
-* token level: each chunk's ratio is credited to its last student token (the first position where
-  the chunk's student probability is known); :mod:`opd_jax.exact_cross` measures the bias.
+* token level: every token of a chunk shares its ratio. The alternative, the whole ratio on the
+  chunk's last student token (``credit="last"``), leaves the chunk's other tokens without a signal;
+  :mod:`opd_jax.exact_cross` measures both, and spreading has the smaller bias for every generator
+  and discount measured (``experiments/cross_tokenizer_bias.py``), and it is what lets the toy
+  digit-pair student learn (``docs/cross_tokenizer.md``).
 
 With one tokenizer every chunk is one token on both sides and the result is ``teacher_logp``
 bitwise.
@@ -69,7 +72,8 @@ def chunk_ids(student_ends: Sequence[int], teacher_ends: Sequence[int]) -> tuple
 
 
 def aligned_teacher_logp(student_logp_BxT: Array, teacher_logp_BxM: Array, student_chunk_BxT: Array,
-                         teacher_chunk_BxM: Array, student_mask_BxT: Array, teacher_mask_BxM: Array) -> Array:
+                         teacher_chunk_BxM: Array, student_mask_BxT: Array, teacher_mask_BxM: Array,
+                         credit: str = "spread") -> Array:
     """The teacher's log-probs carried onto the student's positions, chunk by chunk.
 
     Args:
@@ -79,10 +83,13 @@ def aligned_teacher_logp(student_logp_BxT: Array, teacher_logp_BxM: Array, stude
       student_chunk_BxT, teacher_chunk_BxM: int chunk indices (:func:`chunk_ids`), in ``[0, T)``.
       student_mask_BxT, teacher_mask_BxM: 1 at response tokens.
 
+      credit: ``"spread"``: every student token of a chunk gets ``student_logp + ℓ_c / |c|``;
+        ``"last"``: the chunk's last student token gets ``Σ_{teacher in c} log q − Σ_{other students
+        in c} log π`` and the others ``student_logp`` (a zero log-ratio). A one-token chunk gets
+        ``teacher_logp`` exactly either way.
+
     Returns:
-      ``[B, T]`` in the dtype of ``student_logp_BxT``: at a chunk's last student token
-      ``Σ_{teacher in c} log q − Σ_{other students in c} log π``, elsewhere ``student_logp`` (a zero
-      log-ratio), 0 where the mask is 0.
+      ``[B, T]`` in the dtype of ``student_logp_BxT``, 0 where the mask is 0.
     """
     student_logp_BxT = jax.lax.stop_gradient(student_logp_BxT)
     num_chunks = student_logp_BxT.shape[1]
@@ -100,6 +107,12 @@ def aligned_teacher_logp(student_logp_BxT: Array, teacher_logp_BxM: Array, stude
     # Written as teacher sum − (student sum − own), so that a one-token chunk gives teacher_logp exactly.
     credited_BxT = take(teacher_sum_BxC, student_chunk_BxT) - (take(student_sum_BxC, student_chunk_BxT)
                                                                - student_logp_BxT)
+    if credit == "spread":
+        count_BxC = jax.vmap(per_chunk)(jnp.ones_like(student_logp_BxT), student_chunk_BxT, student_mask_BxT)
+        count_BxT = take(count_BxC, student_chunk_BxT)
+        share_BxT = (take(teacher_sum_BxC, student_chunk_BxT) - take(student_sum_BxC, student_chunk_BxT)) / count_BxT
+        spread_BxT = jnp.where(count_BxT == 1, credited_BxT, student_logp_BxT + share_BxT)
+        return jnp.where(student_mask_BxT, spread_BxT, 0)
     return jnp.where(student_mask_BxT, jnp.where(last_BxT, credited_BxT, student_logp_BxT), 0)
 
 

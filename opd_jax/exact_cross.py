@@ -11,9 +11,10 @@ the teacher's tabular policy scores those tokens. The objectives:
   log-probs (:func:`opd_jax.alignment.aligned_teacher_logp`) is unbiased for it: the score-function
   identity holds for any fixed ``q(z(y))``, and the aligned log-ratios sum to ``log q(z(y)) − log π(y)``.
 * ``"chunk"``: ``J_chunk = Σ_y π(y) Σ_c f(u_c)``, the token-sum objective over the aligned chunks.
-  Token-level estimators credit each chunk's ratio to its last student token; they are biased for it
-  whenever a chunk holds several student tokens (the ``u f'(u)`` term of the others is lost) or the
-  teacher re-tokenizes a prefix when the text goes on (a later token changes an earlier chunk).
+  Token-level estimators share each chunk's ratio among its student tokens (or credit it to the
+  last one); they are biased for it whenever a chunk holds several student tokens (``f`` of a share
+  is not a share of ``f``) or the teacher re-tokenizes a prefix when the text goes on (a later token
+  changes an earlier chunk).
 * ``"text"``: the f-divergence between the two distributions over texts, ``Σ_t π(t) f(q(t) / π(t))``
   with ``π(t)`` summed over every student tokenization of ``t`` and ``q(t)`` over every teacher
   tokenization. This is what one might want, and **no estimator here follows it**: ``J_seq`` compares
@@ -170,10 +171,10 @@ def _padded(rows, length: int, dtype) -> np.ndarray:
     return out
 
 
-def _aligned(student_logp: Array, problem: CrossProblem) -> Array:
+def _aligned(student_logp: Array, problem: CrossProblem, credit: str) -> Array:
     return aligned_teacher_logp(student_logp, jnp.asarray(problem.teacher_logp, student_logp.dtype),
                                 jnp.asarray(problem.student_chunk), jnp.asarray(problem.teacher_chunk),
-                                jnp.asarray(problem.space.mask), jnp.asarray(problem.teacher_mask))
+                                jnp.asarray(problem.space.mask), jnp.asarray(problem.teacher_mask), credit=credit)
 
 
 def cross_objective(student_logits: Array, problem: CrossProblem, *, divergence, objective: str) -> Array:
@@ -207,12 +208,13 @@ def cross_objective(student_logits: Array, problem: CrossProblem, *, divergence,
 
 
 def cross_estimator_gradient(student_logits_fn: Callable, params, problem: CrossProblem, *, divergence,
-                             level: str, estimator: str, gamma: float = 0.0):
-    """``Σ_y π(y) ∇L(y)`` of the library's ``level`` estimator on the aligned teacher log-probs."""
+                             level: str, estimator: str, gamma: float = 0.0, credit: str = "spread"):
+    """``Σ_y π(y) ∇L(y)`` of the library's ``level`` estimator on the aligned teacher log-probs
+    (``credit``: how a chunk's ratio reaches its tokens, :func:`opd_jax.alignment.aligned_teacher_logp`)."""
     divergence = divergences_lib.get(divergence)
 
     def loss_fn(_student_logits, student_logp, mask):
-        teacher_logp = _aligned(student_logp, problem)
+        teacher_logp = _aligned(student_logp, problem, credit)
         if level == "token":
             advantages = token_advantages(student_logp, teacher_logp, mask, divergence=divergence,
                                           estimator=estimator, gamma=gamma)
