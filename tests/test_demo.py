@@ -64,11 +64,13 @@ def test_the_demo_and_eval_commands_offer_the_registered_tasks_with_their_own_se
         (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         return next(a.help for a in subparsers.choices[command]._actions if a.dest == dest)
 
-    names = ["arithmetic", "arithmetic_vllm", "tool_use"]
+    names = ["arithmetic", "arithmetic_cross_tokenizer", "arithmetic_vllm", "tool_use"]
     assert task_choices(build_parser(), "demo") == task_choices(build_parser(), "eval") == names
-    assert "arithmetic runs/demo, arithmetic_vllm runs/demo-arithmetic_vllm, tool_use runs/demo-tool_use" in help_of(
-        build_parser(), "demo", "output")
-    assert "arithmetic 200, arithmetic_vllm 200, tool_use 40" in help_of(build_parser(), "demo", "steps")
+    assert ("arithmetic runs/demo, arithmetic_cross_tokenizer runs/demo-arithmetic_cross_tokenizer, arithmetic_vllm "
+            "runs/demo-arithmetic_vllm, tool_use runs/demo-tool_use") in " ".join(
+        help_of(build_parser(), "demo", "output").split())
+    assert "arithmetic 200, arithmetic_cross_tokenizer 200, arithmetic_vllm 200, tool_use 40" in help_of(
+        build_parser(), "demo", "steps")
     # A task registered later is offered too, with its own demo settings (here the default output folder).
     chess = dataclasses.replace(tasks.get_task("arithmetic"), name="chess", demo=tasks.DemoSettings())
     monkeypatch.setitem(tasks._registry, "chess", chess)

@@ -197,8 +197,10 @@ def held_out():
 
 
 def test_shipped_assets_are_small_and_consistent(shipped, tokenizer):
+    # Every shipped toy model (arithmetic, its vLLM variant, tool use, the digit-pair teacher) is float32
+    # and under 1.3 MB; the package stays small.
     total = sum(f.stat().st_size for f in arithmetic.ASSETS_DIR.rglob("*") if f.is_file())
-    assert total < 5_000_000
+    assert total < 7_000_000
     metadata = json.loads((arithmetic.ASSETS_DIR / "metadata.json").read_text())
     assert arithmetic.toy_task() == ArithmeticTask.from_dict(metadata["task"])
     (_, teacher_config, teacher_tok), (_, student_config, student_tok) = shipped["teacher"], shipped["student"]
