@@ -58,7 +58,11 @@ def test_output_that_is_not_a_run_is_refused_and_kept(folders, tmp_path, capsys)
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("x")
-    _refused_keeping(_args(teacher, student, prompts, notes), notes, "(it holds todo.txt, but no run_identity.json", capsys)
+    _refused_keeping(_args(teacher, student, prompts, notes), notes, "(it holds todo.txt, but no run_identity.json",
+                     capsys)
+    assert (project / "config.json").read_text() == '{"name": "my experiment"}\n'
+    assert len((project / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not any((folder / run_folder.IDENTITY_FILE).exists() for folder in (project, model_copy, notes))
 
 
 def test_output_may_not_overlap_a_model_folder(folders, tmp_path, capsys):
