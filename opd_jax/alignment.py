@@ -100,21 +100,19 @@ def aligned_teacher_logp(student_logp_BxT: Array, teacher_logp_BxM: Array, stude
 
     teacher_sum_BxC = jax.vmap(per_chunk)(teacher_logp_BxM, teacher_chunk_BxM, teacher_mask_BxM)
     student_sum_BxC = jax.vmap(per_chunk)(student_logp_BxT, student_chunk_BxT, student_mask_BxT)
+    take = lambda sums, chunks: jnp.take_along_axis(sums, chunks, axis=1)  # noqa: E731
+    teacher_at_BxT, student_at_BxT = take(teacher_sum_BxC, student_chunk_BxT), take(student_sum_BxC, student_chunk_BxT)
+    # Written as teacher sum − (student sum − own), so that a one-token chunk gives teacher_logp exactly.
+    credited_BxT = teacher_at_BxT - (student_at_BxT - student_logp_BxT)
+    if credit == "spread":
+        count_BxT = take(jax.vmap(per_chunk)(jnp.ones_like(student_logp_BxT), student_chunk_BxT, student_mask_BxT),
+                         student_chunk_BxT)
+        share_BxT = (teacher_at_BxT - student_at_BxT) / count_BxT
+        return jnp.where(student_mask_BxT, jnp.where(count_BxT == 1, credited_BxT, student_logp_BxT + share_BxT), 0)
     next_chunk_BxT = jnp.concatenate([student_chunk_BxT[:, 1:], jnp.full_like(student_chunk_BxT[:, :1], -1)], axis=1)
     next_mask_BxT = jnp.concatenate([student_mask_BxT[:, 1:], jnp.zeros_like(student_mask_BxT[:, :1])], axis=1)
     last_BxT = (next_chunk_BxT != student_chunk_BxT) | ~next_mask_BxT.astype(bool)
-    take = lambda sums, chunks: jnp.take_along_axis(sums, chunks, axis=1)  # noqa: E731
-    # Written as teacher sum − (student sum − own), so that a one-token chunk gives teacher_logp exactly.
-    credited_BxT = take(teacher_sum_BxC, student_chunk_BxT) - (take(student_sum_BxC, student_chunk_BxT)
-                                                               - student_logp_BxT)
-    if credit == "spread":
-        count_BxC = jax.vmap(per_chunk)(jnp.ones_like(student_logp_BxT), student_chunk_BxT, student_mask_BxT)
-        count_BxT = take(count_BxC, student_chunk_BxT)
-        share_BxT = (take(teacher_sum_BxC, student_chunk_BxT) - take(student_sum_BxC, student_chunk_BxT)) / count_BxT
-        spread_BxT = jnp.where(count_BxT == 1, credited_BxT, student_logp_BxT + share_BxT)
-        return jnp.where(student_mask_BxT, spread_BxT, 0)
     return jnp.where(student_mask_BxT, jnp.where(last_BxT, credited_BxT, student_logp_BxT), 0)
-
 
 class AlignedTeacher(NamedTuple):
     """The teacher's scores of a batch on its own tokens, and the chunks that carry them onto the

@@ -164,24 +164,23 @@ def _check(spec: RunSpec) -> Checked:
     chat = spec.data.chat_template or any(not isinstance(p, str) for _, p in records)
     student_config, teacher_configs, tokenizer, teacher_tokenizers = _read_models(
         spec.models, chat_template=chat, alignment=config.tokenizer_alignment)
+    texts = [prompt for _, prompt in records]
+    labels = [f"prompt {k} ({spec.data.prompts}:{line})" for k, (line, _) in enumerate(records, start=1)]
     try:
-        tokens, mask = tokenization.encode_prompts(
-            tokenizer, [prompt for _, prompt in records], max_length=spec.data.max_prompt_length,
-            use_chat_template=spec.data.chat_template,
-            labels=[f"prompt {k} ({spec.data.prompts}:{line})" for k, (line, _) in enumerate(records, start=1)],
-        )
+        tokens, mask = tokenization.encode_prompts(tokenizer, texts, max_length=spec.data.max_prompt_length,
+                                                   use_chat_template=spec.data.chat_template, labels=labels)
     except ValueError as error:
         if "longer than max_length" in str(error):
             raise ValueError(f"{error}; raise --max-prompt-length or shorten them") from None
         raise
-    unknown_tokens.check_prompts(tokenizer, [prompt for _, prompt in records],
+    unknown_tokens.check_prompts(tokenizer, texts,
                                  [f"{spec.data.prompts}:{line}" for line, _ in records],
                                  allow=spec.data.allow_unknown_tokens)
     evaluate = _held_out_evaluator(spec.data, config, tokenizer, student_config)
     text = config.tokenizer_alignment == "text"
     # Re-tokenized, a teacher's lengths are its own: its prompts are checked here, its responses each step.
     _check_positions(spec, {} if text else teacher_configs, student_config, int(mask.sum(axis=1).max()))
-    teacher_prompts = _teacher_prompts(spec, records, teacher_configs, teacher_tokenizers) if text else None
+    teacher_prompts = _teacher_prompts(spec, texts, labels, teacher_configs, teacher_tokenizers) if text else None
     _check_layout(spec, student_config, teacher_configs)
     identity = run_folder.compute_identity(
         next(iter(teachers.values())) if len(teachers) == 1 else teachers, spec.models.student, spec.data.prompts,
@@ -225,7 +224,7 @@ def _read_models(models: Models, *, chat_template: bool, alignment: str = "same"
     return student_config, teacher_configs, tokenizer, teacher_tokenizers
 
 
-def _teacher_prompts(spec: RunSpec, records, teacher_configs: dict, teacher_tokenizers: dict):
+def _teacher_prompts(spec: RunSpec, texts: list, labels: list[str], teacher_configs: dict, teacher_tokenizers: dict):
     """``{name: (tokens [N, P_t], mask)}``: every prompt in each teacher's own tokens and chat template,
     left-padded to that teacher's longest (``tokenizer_alignment = "text"``)."""
     from opd_jax import tokenization
@@ -236,10 +235,8 @@ def _teacher_prompts(spec: RunSpec, records, teacher_configs: dict, teacher_toke
         # may take up to 8 times the student's prompt slots (a character-level teacher of a BPE student).
         limit = min(teacher_configs[name].max_position_embeddings - 1, 8 * spec.data.max_prompt_length)
         try:
-            tokens, mask = tokenization.encode_prompts(
-                teacher_tokenizer, [prompt for _, prompt in records], max_length=limit,
-                use_chat_template=spec.data.chat_template,
-                labels=[f"prompt {k} ({spec.data.prompts}:{line})" for k, (line, _) in enumerate(records, start=1)])
+            tokens, mask = tokenization.encode_prompts(teacher_tokenizer, texts, max_length=limit,
+                                                       use_chat_template=spec.data.chat_template, labels=labels)
         except ValueError as error:
             raise ValueError(f"teacher {name!r} (its own tokens): {error}") from None
         width = int(mask.sum(axis=1).max())

@@ -115,7 +115,7 @@ class MetricsLog:
             return
         storage.write_bytes(self.path, _lines(self._records))
         if self._tensorboard_local is not None:
-            storage.tensorboard_upload(self._tensorboard_local, self.directory / "tensorboard")
+            storage.copy_tree(self._tensorboard_local, self.directory / "tensorboard")
 
     def close(self) -> None:
         """Write the last records and events; a second close (or a flush after it) writes nothing."""
@@ -184,8 +184,5 @@ def plot_curves(
     figure.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
     path = storage.as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if storage.is_remote(path):
-        storage.savefig(figure, path, dpi=110)
-    else:
-        figure.savefig(path, dpi=110)
+    storage.savefig(figure, path, dpi=110)
     plt.close(figure)

@@ -23,6 +23,7 @@ once, before training; the response is encoded on its own, after the teacher's g
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -34,15 +35,6 @@ __all__ = ["ResponseAlignment", "TeacherBatch", "TeacherReader", "align_response
            "teacher_encoding"]
 
 _REPLACEMENT = "\ufffd"  # what decoding shows for an incomplete UTF-8 character
-
-
-def _common_prefix_length(a: str, b: str) -> int:
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
-    return length
 
 
 def student_token_ends(tokenizer, ids: Sequence[int], text: str, *, window: int = 8) -> list[int]:
@@ -85,7 +77,7 @@ def teacher_encoding(tokenizer, text: str, *, teacher: str) -> tuple[list[int], 
     ids = list(encoding["input_ids"])
     decoded = tokenizer.decode(ids, skip_special_tokens=False)
     if decoded != text:
-        at = _common_prefix_length(decoded, text)
+        at = len(os.path.commonprefix((decoded, text)))
         raise ValueError(f"teacher {teacher!r}: its tokenizer does not read back the student's text {text!r} "
                          f"(decode(encode(text)) gives {decoded!r}, differing at character {at}); "
                          "tokenizer_alignment 'text' needs a tokenizer that round-trips the student's text")
@@ -182,8 +174,8 @@ class TeacherReader:
         rows = [self._read_row(tokens, mask, int(prompt), int(teacher))
                 for tokens, mask, prompt, teacher in zip(tokens_BxL, response_mask_BxL, prompt_index_B, teacher_index_B)]
         prompt_width = max(mask.shape[1] for mask in self.prompt_mask)
-        bucket = self.min_bucket
-        while bucket < max(len(row[1]) for row in rows):
+        bucket, longest = self.min_bucket, max(len(row[1]) for row in rows)
+        while bucket < longest:
             bucket *= 2
         batch = [np.zeros((len(rows), prompt_width + bucket), dtype) for dtype in (np.int32, bool, bool, np.int32)]
         student_chunk = np.zeros(tokens_BxL.shape, np.int32)

@@ -30,6 +30,7 @@ from typing import Any
 
 from opd_jax import storage
 from opd_jax.errors import RunFolderError
+from opd_jax.tokenization import TOKENIZER_FILES
 
 __all__ = ["IDENTITY_FILE", "LOCK_FILE", "RunFolder", "RunFolderError", "RunLock", "acquire_lock", "check_identity",
            "check_output_folder",
@@ -39,8 +40,6 @@ IDENTITY_FILE = "run_identity.json"
 LOCK_FILE = ".opd_jax.lock"
 _FORMAT = 1
 _WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
-                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -85,7 +84,7 @@ def folder_digests(folder: str | pathlib.Path, kind: str) -> dict[str, str]:
     ``"tokenizer"`` files (every tokenizer file present)."""
     folder = storage.as_path(folder)
     if kind == "tokenizer":
-        names = [name for name in _TOKENIZER_FILES if (folder / name).is_file()]
+        names = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
     elif kind == "weights":
         names = weight_files(folder)
     else:

@@ -40,7 +40,7 @@ from etils import epath
 from opd_jax.errors import InputError, RunFolderError
 
 __all__ = ["DEFAULT_LEASE_SECONDS", "ObjectLock", "SCHEMES", "as_path", "check_bucket", "configure", "copy_tree",
-           "files_under", "is_remote", "local_copy", "move_tree", "size", "write_bytes"]
+           "is_remote", "local_copy", "move_tree", "size", "write_bytes"]
 
 SCHEMES = "local paths and gs:// (Cloud Storage) URLs"
 DEFAULT_LEASE_SECONDS = 300.0
@@ -176,15 +176,6 @@ def size(path: epath.Path) -> int:
     """A file's size in bytes (local or in a bucket)."""
     path = as_path(path)
     return path.stat().length if is_remote(path) else os.stat(path).st_size
-
-
-def files_under(folder: epath.Path) -> Iterator[epath.Path]:
-    """Every file under ``folder``, recursively (epath refuses ``**`` globs on buckets)."""
-    for entry in as_path(folder).iterdir():
-        if entry.is_dir():
-            yield from files_under(entry)
-        else:
-            yield entry
 
 
 def write_bytes(path: epath.Path, data: bytes) -> None:
@@ -420,14 +411,6 @@ def _held(folder: epath.Path, holder: dict) -> InputError:
         f"{folder} is in use by another opd-jax run: {_holder_text(holder)} holds its lock, with a lease until "
         f"{holder.get('expires', '?')}; wait for it to finish (or for the lease to run out, if it was killed on "
         "another host) or choose another --output; nothing was written")
-
-
-def tensorboard_upload(local: epath.Path, remote: epath.Path) -> None:
-    """Copy every event file of a local TensorBoard folder into ``remote`` (whole files: objects
-    cannot be appended)."""
-    for entry in as_path(local).iterdir():
-        if entry.is_file():
-            (remote / entry.name).write_bytes(entry.read_bytes())
 
 
 def savefig(figure, path: epath.Path, **options) -> None:

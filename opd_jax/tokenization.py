@@ -33,9 +33,11 @@ PROBE_CONVERSATION = (
 )
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-# Every file transformers may read to build a tokenizer (config.json names the class for some).
-_TOKENIZER_COPY = _TOKENIZER_FILES + ("merges.txt", "special_tokens_map.json", "added_tokens.json",
-                                      "chat_template.jinja", "chat_template.json", "config.json")
+#: Every tokenizer file transformers may read (the run identity digests these).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+# What a local copy of a remote folder needs to build its tokenizer (config.json names the class for some).
+_TOKENIZER_COPY = TOKENIZER_FILES + ("config.json",)
 _SHOWN = 5  # examples shown per kind of difference
 
 

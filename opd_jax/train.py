@@ -118,9 +118,13 @@ class PromptSet:
 
     def teachers(self, position: int, size: int, seed: int) -> np.ndarray:
         """``[size]`` int32 teacher index of each prompt of :meth:`batch`."""
+        return self.teachers_of(self.indices(position, size, seed))
+
+    def teachers_of(self, indices: np.ndarray) -> np.ndarray:
+        """The int32 teacher index of the prompts at ``indices``."""
         if self.teacher_ids is None:
-            return np.zeros(size, np.int32)
-        return np.asarray(self.teacher_ids, np.int32)[self.indices(position, size, seed)]
+            return np.zeros(len(indices), np.int32)
+        return np.asarray(self.teacher_ids, np.int32)[indices]
 
 
 @dataclasses.dataclass
@@ -276,8 +280,8 @@ def _setup(config, models: tuple, prompts, sampling, backend, placement: shardin
         """Each row's teacher scores its own tokens of the row's text (``tokenizer_alignment = "text"``),
         on its own token shapes; the step carries the scores onto the student's tokens."""
         rows = config.prompts_per_step
-        prompt_index = np.repeat(prompts.indices(data_position, rows, config.seed), config.group_size)
-        teacher_index = np.repeat(prompts.teachers(data_position, rows, config.seed), config.group_size)
+        picked = prompts.indices(data_position, rows, config.seed)
+        prompt_index, teacher_index = (np.repeat(a, config.group_size) for a in (picked, prompts.teachers_of(picked)))
         read = prompts.teacher_text.read(np.asarray(rollout.tokens), np.asarray(rollout.response_mask),
                                          prompt_index, teacher_index)
         logp = step_fn.score_teacher(teacher_params, read.tokens_BxN, read.token_mask_BxN,

@@ -347,10 +347,8 @@ def checkpoint_dtype(path: str | pathlib.Path) -> str:
     files = sorted(set(check_weights(path).values()))
     counts: dict[str, int] = {}
     for file in files:
-        with file.open("rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        for name, entry in header.items():
-            if name != "__metadata__" and entry["dtype"] in _SAFETENSORS_DTYPES:
+        for entry in _safetensors_header(file).values():
+            if entry["dtype"] in _SAFETENSORS_DTYPES:
                 counts[_SAFETENSORS_DTYPES[entry["dtype"]]] = counts.get(_SAFETENSORS_DTYPES[entry["dtype"]], 0) + 1
     if not counts:
         raise ValueError(f"{path}: no floating-point tensors")

@@ -46,7 +46,7 @@ class ToyArithmeticCrossTokenizer(ToyArithmetic):
         return super().evaluator(tokenizer, None, eval_problems=eval_problems, seed=seed)
 
     def setup(self, *, train_problems: int = 4096, eval_problems: int = 512, seed: int = 0) -> TaskSetup:
-        from opd_jax import models, tokenization
+        from opd_jax import tokenization
         from opd_jax.retokenize import TeacherReader
         from opd_jax.train import PromptSet
 
@@ -58,7 +58,6 @@ class ToyArithmeticCrossTokenizer(ToyArithmetic):
             max_length=toy_task(self.assets).max_prompt_length, use_chat_template=False,
             pad_id=int(teacher_tokenizer.pad_token_id))
         reader = TeacherReader(setup.tokenizer, ("teacher",), (teacher_tokenizer,), (tokens,), (mask,),
-                               (models.load_config(self.model_path("teacher")).max_position_embeddings,),
-                               setup.stop_ids)
+                               (setup.teacher.config.max_position_embeddings,), setup.stop_ids)
         prompts = PromptSet(setup.prompts.tokens, setup.prompts.mask, teacher_text=reader)
         return dataclasses.replace(setup, prompts=prompts)
