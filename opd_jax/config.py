@@ -44,6 +44,7 @@ LOSS_AGGREGATIONS = ("token_mean", "sequence_mean")
 RESUME_FREE = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "logit_chunk_size", "rollout_backend")
 #: How teachers read the student's rollouts: on the student's tokens, or re-tokenized from the text.
 TOKENIZER_ALIGNMENTS = ("same", "text")
+ALIGNMENT_CREDITS = ("characters", "spread")
 #: Where rollouts may be sampled (:mod:`opd_jax.backends`).
 ROLLOUT_BACKENDS = ("jax", "vllm")
 
@@ -174,6 +175,11 @@ class TrainConfig:
         "objective", "same",
         "same (teachers share the student's tokenizer; a mismatch is refused) or text (each teacher re-tokenizes "
         "the student's text and its log-probs are summed onto common chunks: docs/cross_tokenizer.md)")
+    alignment_credit: str = _field(
+        "objective", "characters",
+        "with tokenizer_alignment text: characters (the teacher's log-probs factored over the bytes of the text, "
+        "from its whole distribution, then summed per student token) or spread (each common chunk's log-ratio "
+        "shared by its student tokens)")
     full_vocab_weight: float = _field(
         "objective", 0.0,
         "lambda >= 0: add lambda * sum_t D_f(q||pi)(s_t) over the whole vocabulary (token level; with gamma 1 "
@@ -228,6 +234,7 @@ class TrainConfig:
         _choice("loss_aggregation", self.loss_aggregation, LOSS_AGGREGATIONS)
         _choice("rollout_backend", self.rollout_backend, ROLLOUT_BACKENDS)
         _choice("tokenizer_alignment", self.tokenizer_alignment, TOKENIZER_ALIGNMENTS)
+        _choice("alignment_credit", self.alignment_credit, ALIGNMENT_CREDITS)
         if not isinstance(self.pipeline_rollouts, bool):
             raise InputError(f"pipeline_rollouts must be true or false; got {self.pipeline_rollouts!r}")
         _range("gamma", self.gamma, 0.0, 1.0)

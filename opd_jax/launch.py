@@ -377,6 +377,7 @@ def _train(spec: RunSpec, checked: Checked, student, teachers: dict, *, progress
 def _teacher_reader(spec: RunSpec, checked: Checked, stop_ids: tuple[int, ...]):
     """The :class:`~opd_jax.retokenize.TeacherReader` of ``tokenizer_alignment = "text"``."""
     from opd_jax.retokenize import TeacherReader
+    from opd_jax.teacher_bytes import vocabulary_bytes
     from opd_jax.tokenization import compatibility_differences
 
     names = tuple(spec.models.teachers)
@@ -384,10 +385,15 @@ def _teacher_reader(spec: RunSpec, checked: Checked, stop_ids: tuple[int, ...]):
     identical = not any(compatibility_differences(
         teacher_tokenizer, checked.tokenizer, checked.teacher_configs[n], checked.student_config,
         chat_template=spec.data.chat_template) for n, teacher_tokenizer in zip(names, tokenizers))
+    vocabularies = None
+    if spec.train.alignment_credit == "characters":
+        vocabularies = tuple(vocabulary_bytes(teacher_tokenizer, checked.teacher_configs[n].vocab_size)
+                             for n, teacher_tokenizer in zip(names, tokenizers))
     return TeacherReader(
         checked.tokenizer, names, tokenizers, tuple(checked.teacher_prompts[n][0] for n in names),
         tuple(checked.teacher_prompts[n][1] for n in names),
-        tuple(checked.teacher_configs[n].max_position_embeddings for n in names), stop_ids, identical)
+        tuple(checked.teacher_configs[n].max_position_embeddings for n in names), stop_ids, identical,
+        vocabularies=vocabularies)
 
 
 def _check_rollout_backend(config: TrainConfig) -> None:

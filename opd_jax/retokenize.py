@@ -85,11 +85,15 @@ def teacher_encoding(tokenizer, text: str, *, teacher: str) -> tuple[list[int], 
 
 
 class ResponseAlignment(NamedTuple):
-    """One response as the teacher reads it (see :func:`align_response`)."""
+    """One response as the teacher reads it (see :func:`align_response`); ``text`` and the character
+    ``student_ends`` of its text tokens are what the byte view (:mod:`opd_jax.teacher_bytes`) reads."""
 
     teacher_ids: list[int]
     student_chunk: np.ndarray
     teacher_chunk: np.ndarray
+    text: str
+    student_ends: list[int]
+    stopped: bool
 
 
 def align_response(student_tokenizer, teacher_tokenizer, response_ids: Sequence[int], *, stopped: bool,
@@ -109,7 +113,8 @@ def align_response(student_tokenizer, teacher_tokenizer, response_ids: Sequence[
     text_ids = list(response_ids[:-1] if stopped else response_ids)
     text = student_tokenizer.decode(text_ids, skip_special_tokens=False)
     teacher_ids, teacher_ends = teacher_encoding(teacher_tokenizer, text, teacher=teacher)
-    student_ends = student_token_ends(student_tokenizer, text_ids, text)
+    text_ends = student_token_ends(student_tokenizer, text_ids, text)
+    student_ends = list(text_ends)
     if stopped:
         if teacher_tokenizer.eos_token_id is None:
             raise ValueError(f"teacher {teacher!r}: its tokenizer has no eos_token_id to end a stopped response with")
@@ -117,7 +122,25 @@ def align_response(student_tokenizer, teacher_tokenizer, response_ids: Sequence[
         student_ends.append(len(text) + 1)
         teacher_ends.append(len(text) + 1)
     student_chunk, teacher_chunk = chunk_ids(student_ends, teacher_ends)
-    return ResponseAlignment(teacher_ids, student_chunk, teacher_chunk)
+    return ResponseAlignment(teacher_ids, student_chunk, teacher_chunk, text, text_ends, stopped)
+
+
+class ByteBatch(NamedTuple):
+    """The byte slots of a rollout batch (``alignment_credit = "characters"``; see
+    :class:`opd_jax.teacher_bytes.ByteSlots`), laid on the teacher's ``[B, N]`` positions.
+
+    Attributes:
+      lo_BxNxD, hi_BxNxD, slot_mask_BxNxD, slot_chunk_BxNxD: per byte slot of each response token.
+      depth_BxN: each response token's piece length in bytes (0 elsewhere and for special tokens).
+      end_slot_BxN: the flat ``N · D`` slot that receives each token's stop term (0 elsewhere).
+    """
+
+    lo_BxNxD: np.ndarray
+    hi_BxNxD: np.ndarray
+    slot_mask_BxNxD: np.ndarray
+    slot_chunk_BxNxD: np.ndarray
+    depth_BxN: np.ndarray
+    end_slot_BxN: np.ndarray
 
 
 class TeacherBatch(NamedTuple):
@@ -128,6 +151,8 @@ class TeacherBatch(NamedTuple):
         response tokens, padded on the right to a bucket (so few shapes compile).
       response_mask_BxN: 1 at the teacher's response tokens (its EOS included).
       teacher_chunk_BxN, student_chunk_BxL: chunk indices of the response tokens (0 elsewhere).
+      bytes: the byte slots (``None`` unless the reader has the teachers' vocabularies); its chunks
+        are then per byte and ``student_chunk_BxL`` is their student side.
     """
 
     tokens_BxN: np.ndarray
@@ -135,6 +160,15 @@ class TeacherBatch(NamedTuple):
     response_mask_BxN: np.ndarray
     teacher_chunk_BxN: np.ndarray
     student_chunk_BxL: np.ndarray
+    bytes: ByteBatch | None = None
+
+
+def _bucket(length: int, smallest: int) -> int:
+    """The smallest power-of-two multiple of ``smallest`` that holds ``length``."""
+    bucket = smallest
+    while bucket < length:
+        bucket *= 2
+    return bucket
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -151,6 +185,8 @@ class TeacherReader:
       identical: every teacher's tokenizer is the student's (nothing to re-tokenize: the step then
         scores the student's own tokens, exactly as ``"same"`` does).
       min_bucket: the shortest response bucket; buckets double from there.
+      vocabularies: per teacher, its :class:`~opd_jax.teacher_bytes.VocabularyBytes`, read by the
+        byte view (``alignment_credit = "characters"``).
     """
 
     student_tokenizer: Any
@@ -162,24 +198,28 @@ class TeacherReader:
     stop_ids: tuple[int, ...]
     identical: bool = False
     min_bucket: int = 16
+    vocabularies: tuple[Any, ...] | None = None
 
     def read(self, tokens_BxL: np.ndarray, response_mask_BxL: np.ndarray, prompt_index_B: np.ndarray,
-             teacher_index_B: np.ndarray) -> TeacherBatch:
+             teacher_index_B: np.ndarray, *, byte_view: bool = False) -> TeacherBatch:
         """Re-tokenize every response of a rollout batch for its row's teacher.
 
+        Args:
+          byte_view: also lay out the byte slots (``alignment_credit = "characters"``; needs
+            ``vocabularies``).
+
         Raises:
-          ValueError: a teacher that does not read a response back, or a row longer than its
-            teacher's positions (both named).
+          ValueError: a teacher that does not read a response back (or whose pieces do not spell
+            it, with ``byte_view``), or a row longer than its teacher's positions (all named).
         """
         rows = [self._read_row(tokens, mask, int(prompt), int(teacher))
                 for tokens, mask, prompt, teacher in zip(tokens_BxL, response_mask_BxL, prompt_index_B, teacher_index_B)]
         prompt_width = max(mask.shape[1] for mask in self.prompt_mask)
-        bucket, longest = self.min_bucket, max(len(row[1]) for row in rows)
-        while bucket < longest:
-            bucket *= 2
+        bucket = _bucket(max(len(row[1].teacher_ids) for row in rows), self.min_bucket)
         batch = [np.zeros((len(rows), prompt_width + bucket), dtype) for dtype in (np.int32, bool, bool, np.int32)]
         student_chunk = np.zeros(tokens_BxL.shape, np.int32)
-        for b, (prompt_ids, response_ids, teacher_chunk, chunk_at_student, teacher) in enumerate(rows):
+        for b, (prompt_ids, aligned, teacher) in enumerate(rows):
+            response_ids = aligned.teacher_ids
             length = len(prompt_ids) + len(response_ids)
             if length > self.max_positions[teacher]:
                 raise ValueError(f"teacher {self.names[teacher]!r}: prompt {len(prompt_ids)} + response "
@@ -189,9 +229,35 @@ class TeacherReader:
             batch[0][b, start:start + length] = prompt_ids + response_ids
             batch[1][b, start:start + length] = True
             batch[2][b, prompt_width:prompt_width + len(response_ids)] = True
-            batch[3][b, prompt_width:prompt_width + len(response_ids)] = teacher_chunk
-            student_chunk[b, response_mask_BxL[b].astype(bool)] = chunk_at_student
-        return TeacherBatch(*batch, student_chunk)
+            batch[3][b, prompt_width:prompt_width + len(response_ids)] = aligned.teacher_chunk
+            student_chunk[b, response_mask_BxL[b].astype(bool)] = aligned.student_chunk
+        if not byte_view:
+            return TeacherBatch(*batch, student_chunk)
+        if self.vocabularies is None:
+            raise ValueError("alignment_credit 'characters' needs each teacher's vocabulary as bytes "
+                             "(TeacherReader.vocabularies, opd_jax.teacher_bytes.vocabulary_bytes)")
+        byte_batch = self._byte_batch(rows, prompt_width, batch[0].shape[1], response_mask_BxL, student_chunk)
+        return TeacherBatch(*batch, student_chunk, byte_batch)
+
+    def _byte_batch(self, rows, prompt_width: int, width: int, response_mask_BxL: np.ndarray,
+                    student_chunk_BxL: np.ndarray) -> ByteBatch:
+        """The byte slots of every row (``student_chunk_BxL`` is rewritten with their student side)."""
+        from opd_jax.teacher_bytes import byte_slots
+
+        longest = max((len(self.vocabularies[t].pieces[i]) for _, aligned, t in rows for i in aligned.teacher_ids
+                       if not self.vocabularies[t].special[i]), default=1)
+        depth = _bucket(max(longest, 1), 1)
+        out = ByteBatch(*(np.zeros((len(rows), width, depth), dtype) for dtype in (np.int32, np.int32, bool, np.int32)),
+                        np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), np.int32))
+        for b, (_, aligned, teacher) in enumerate(rows):
+            slots = byte_slots(self.vocabularies[teacher], aligned.teacher_ids, aligned.text, aligned.student_ends,
+                               stopped=aligned.stopped, depth=depth, teacher=self.names[teacher])
+            where = slice(prompt_width, prompt_width + len(aligned.teacher_ids))
+            for target, value in zip(out[:5], slots[:5]):  # the fields ByteBatch and ByteSlots share, in order
+                target[b, where] = value
+            out.end_slot_BxN[b, where] = slots.end_slot_M + prompt_width * depth
+            student_chunk_BxL[b, response_mask_BxL[b].astype(bool)] = slots.student_chunk
+        return out
 
     def _read_row(self, tokens_L: np.ndarray, response_mask_L: np.ndarray, prompt: int, teacher: int):
         response = tokens_L[response_mask_L.astype(bool)].tolist()
@@ -199,4 +265,4 @@ class TeacherReader:
         aligned = align_response(self.student_tokenizer, self.tokenizers[teacher], response, stopped=stopped,
                                  teacher=self.names[teacher])
         prompt_ids = self.prompt_tokens[teacher][prompt][self.prompt_mask[teacher][prompt].astype(bool)].tolist()
-        return prompt_ids, aligned.teacher_ids, aligned.teacher_chunk, aligned.student_chunk, teacher
+        return prompt_ids, aligned, teacher

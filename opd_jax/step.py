@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from opd_jax import alignment, chunking, topologies
+from opd_jax import alignment, chunking, teacher_bytes, topologies
 from opd_jax.advantages import broadcast_advantages, leave_one_out_baseline, sequence_advantages, token_advantages
 from opd_jax.config import TrainConfig
 from opd_jax.objectives import (
@@ -59,7 +59,7 @@ LossFn = Callable[[Array, Array, Array, Array], Array]
 
 __all__ = ["AdvantageFn", "LossFn", "ScoredBatch", "StepShardings", "StepSpec", "TrainStep", "config_advantage_fn",
            "config_loss_fn", "make_optimizer", "make_step_shardings", "make_train_step", "minibatch_loss", "prepare",
-           "prepare_scored", "score_teacher", "scored_batch", "take_rows", "update"]
+           "prepare_scored", "score_teacher", "score_teacher_bytes", "scored_batch", "take_rows", "update"]
 
 
 def config_advantage_fn(config: TrainConfig) -> AdvantageFn:
@@ -221,6 +221,9 @@ class TrainStep:
         of ``teacher_params``, placed like the batch): the half of a step that runs on the student's
         mesh when the teacher scores on its own. No full-vocabulary term (it needs the teacher's
         hidden states).
+      score_teacher_bytes: ``(teacher_params, tokens_BxN, token_mask_BxN, teacher_index_B, byte_batch,
+        rank_V)`` -> float32 ``[B, N·D]``: the teacher's log-prob of every byte slot of its own tokens
+        (``alignment_credit = "characters"``, :func:`score_teacher_bytes`).
     """
 
     prepare: Callable
@@ -228,6 +231,7 @@ class TrainStep:
     take_rows: Callable
     score_teacher: Callable
     prepare_scored: Callable
+    score_teacher_bytes: Callable
 
 
 def _function_name(fn: Callable) -> str:
@@ -366,6 +370,31 @@ def score_teacher(spec: StepSpec, teacher_params, tokens_BxT, token_mask_BxT, te
     return _teacher_log_probs(spec, teacher_params, tokens_BxT, token_mask_BxT, teacher_index_B)[0]
 
 
+def score_teacher_bytes(spec: StepSpec, teacher_params, tokens_BxN, token_mask_BxN, teacher_index_B, byte_batch,
+                        rank_V) -> Array:
+    """``[B, N·D]`` float32: each row's own teacher's log-prob of every byte slot of its tokens
+    (:mod:`opd_jax.teacher_bytes`; ``byte_batch`` a :class:`~opd_jax.retokenize.ByteBatch`,
+    ``rank_V`` a tuple of each teacher's piece ranks in routing order)."""
+
+    def one_teacher(graph, params, rank):
+        model = nnx.merge(graph, params)
+        chunk_size = _chunk_size(spec, tokens_BxN, model.output_projection().shape[-1])
+        logp_BxN, masses_BxNxD = teacher_bytes.prefix_log_masses(
+            model, tokens_BxN, token_mask_BxN, byte_batch.lo_BxNxD, byte_batch.hi_BxNxD, rank,
+            temperature=spec.config.temperature, chunk_size=chunk_size)
+        return teacher_bytes.byte_log_probs(logp_BxN, masses_BxNxD, byte_batch.slot_mask_BxNxD, byte_batch.depth_BxN,
+                                            byte_batch.end_slot_BxN)
+
+    if spec.teacher_names is None:
+        return one_teacher(spec.teacher_graphdef, teacher_params, rank_V[0])
+    depth = byte_batch.lo_BxNxD.shape[-1]
+    logp_BxS = jnp.zeros((tokens_BxN.shape[0], tokens_BxN.shape[1] * depth), jnp.float32)
+    for index, name in enumerate(spec.teacher_names):
+        own_BxS = one_teacher(spec.teacher_graphdef[name], teacher_params[name], rank_V[index])
+        logp_BxS = jnp.where((teacher_index_B == index)[:, None], own_BxS, logp_BxS)
+    return logp_BxS
+
+
 def prepare(spec: StepSpec, params, teacher_params, rollout: Rollout, reference_params, teacher_index_B=None):
     """``(ScoredBatch, metrics)`` of ``rollout``: the teacher scores it, then :func:`scored_batch`."""
     teacher = _teacher_log_probs(spec, teacher_params, rollout.tokens, rollout.token_mask, teacher_index_B)
@@ -497,11 +526,13 @@ def make_train_step(
         raise ValueError("full_vocab_weight > 0 takes one teacher (its hidden states are kept for the update); "
                          f"got {len(spec.teacher_names)}: {', '.join(spec.teacher_names)}")
     # jit names a partial's program after its function (jit_prepare, ...), as before.
-    bound = {fn.__name__: functools.partial(fn, spec) for fn in (prepare, update, score_teacher, prepare_scored)}
+    bound = {fn.__name__: functools.partial(fn, spec)
+             for fn in (prepare, update, score_teacher, prepare_scored, score_teacher_bytes)}
     if shardings is None:
         # Row selection stays eager here, as it always was on one device.
         return TrainStep(jax.jit(bound["prepare"]), jax.jit(bound["update"]), take_rows,
-                         jax.jit(bound["score_teacher"]), jax.jit(bound["prepare_scored"]))
+                         jax.jit(bound["score_teacher"]), jax.jit(bound["prepare_scored"]),
+                         jax.jit(bound["score_teacher_bytes"]))
     return _sharded_step(spec, bound, shardings, donate_state)
 
 
@@ -534,4 +565,6 @@ def _sharded_step(spec: StepSpec, bound: dict[str, Callable], shardings: StepSha
         prepare_scored=jax.jit(bound["prepare_scored"], in_shardings=(shardings.params, batch, batch,
                                                                       shardings.reference_params, batch),
                                out_shardings=(batch, replicated), donate_argnums=(2,)),
+        # Host arrays of one process (tokenizer_alignment 'text'): placed by propagation from the teacher's.
+        score_teacher_bytes=jax.jit(bound["score_teacher_bytes"]),
     )

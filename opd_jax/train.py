@@ -282,11 +282,19 @@ def _setup(config, models: tuple, prompts, sampling, backend, placement: shardin
         rows = config.prompts_per_step
         picked = prompts.indices(data_position, rows, config.seed)
         prompt_index, teacher_index = (np.repeat(a, config.group_size) for a in (picked, prompts.teachers_of(picked)))
-        read = prompts.teacher_text.read(np.asarray(rollout.tokens), np.asarray(rollout.response_mask),
-                                         prompt_index, teacher_index)
-        logp = step_fn.score_teacher(teacher_params, read.tokens_BxN, read.token_mask_BxN,
-                                     teacher_index if several_teachers else None)
-        scored = AlignedTeacher(logp, read.response_mask_BxN, read.teacher_chunk_BxN, read.student_chunk_BxL)
+        reader = prompts.teacher_text
+        read = reader.read(np.asarray(rollout.tokens), np.asarray(rollout.response_mask), prompt_index,
+                           teacher_index, byte_view=config.alignment_credit == "characters")
+        index = teacher_index if several_teachers else None
+        if read.bytes is None:
+            logp = step_fn.score_teacher(teacher_params, read.tokens_BxN, read.token_mask_BxN, index)
+            scored = AlignedTeacher(logp, read.response_mask_BxN, read.teacher_chunk_BxN, read.student_chunk_BxL)
+        else:
+            logp = step_fn.score_teacher_bytes(teacher_params, read.tokens_BxN, read.token_mask_BxN, index, read.bytes,
+                                               tuple(vocabulary.rank_V for vocabulary in reader.vocabularies))
+            flat = lambda slots_BxNxD: slots_BxNxD.reshape(slots_BxNxD.shape[0], -1)  # noqa: E731
+            scored = AlignedTeacher(logp, flat(read.bytes.slot_mask_BxNxD), flat(read.bytes.slot_chunk_BxNxD),
+                                    read.student_chunk_BxL)
         return scored if shardings is None else jax.device_put(scored, shardings.batch)
 
     # The sampler's outputs are placed by XLA's propagation; the step's inputs are explicit.

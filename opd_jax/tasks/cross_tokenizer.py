@@ -48,6 +48,7 @@ class ToyArithmeticCrossTokenizer(ToyArithmetic):
     def setup(self, *, train_problems: int = 4096, eval_problems: int = 512, seed: int = 0) -> TaskSetup:
         from opd_jax import tokenization
         from opd_jax.retokenize import TeacherReader
+        from opd_jax.teacher_bytes import vocabulary_bytes
         from opd_jax.train import PromptSet
 
         setup = super().setup(train_problems=train_problems, eval_problems=eval_problems, seed=seed)
@@ -58,6 +59,7 @@ class ToyArithmeticCrossTokenizer(ToyArithmetic):
             max_length=toy_task(self.assets).max_prompt_length, use_chat_template=False,
             pad_id=int(teacher_tokenizer.pad_token_id))
         reader = TeacherReader(setup.tokenizer, ("teacher",), (teacher_tokenizer,), (tokens,), (mask,),
-                               (setup.teacher.config.max_position_embeddings,), setup.stop_ids)
+                               (setup.teacher.config.max_position_embeddings,), setup.stop_ids,
+                               vocabularies=(vocabulary_bytes(teacher_tokenizer, setup.teacher.config.vocab_size),))
         prompts = PromptSet(setup.prompts.tokens, setup.prompts.mask, teacher_text=reader)
         return dataclasses.replace(setup, prompts=prompts)
