@@ -15,6 +15,12 @@ the teacher's tabular policy scores those tokens. The objectives:
   last one); they are biased for it whenever a chunk holds several student tokens (``f`` of a share
   is not a share of ``f``) or the teacher re-tokenizes a prefix when the text goes on (a later token
   changes an earlier chunk).
+* ``"bytes"``: ``J_bytes = Σ_y π(y) Σ_n f(ũ_n)``, the token-sum objective with the teacher's
+  log-probs factored over the characters of the text (:mod:`opd_jax.teacher_bytes`, computed here
+  from the teacher's whole distribution at each of its tokens) and summed per student token. Each
+  character's share depends on the text up to that character whenever the teacher's tokenization
+  of a prefix is settled by the next character, as greedy matching with these pieces is, so then
+  token-level OPD+ with γ = 1 is unbiased for it, as with one tokenizer.
 * ``"text"``: the f-divergence between the two distributions over texts, ``Σ_t π(t) f(q(t) / π(t))``
   with ``π(t)`` summed over every student tokenization of ``t`` and ``q(t)`` over every teacher
   tokenization. This is what one might want, and **no estimator here follows it**: ``J_seq`` compares
@@ -44,7 +50,8 @@ from opd_jax.objectives import pg_surrogate
 __all__ = ["CrossProblem", "PieceTokenizer", "cross_estimator_gradient", "cross_objective", "make_problem"]
 
 Array = jax.Array
-OBJECTIVES = ("sequence", "chunk", "text")
+OBJECTIVES = ("sequence", "chunk", "bytes", "text")
+CREDITS = ("spread", "last", "characters")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +117,9 @@ class CrossProblem:
       student_chunk, teacher_chunk: ``[N, T]`` / ``[N, M]`` int32 chunk indices (0 where masked).
       text_group: ``[N]`` int32, one index per distinct ``(text, stopped)``.
       teacher_text_logp: ``[G]`` ``log q(t)``, summed over every teacher tokenization of each text.
+      char_logp, char_mask, char_chunk: ``[N, K]`` the teacher's log-prob of each character of the
+        text (and of the EOS when stopped; :mod:`opd_jax.teacher_bytes`), and its student chunk.
+      char_student_chunk: ``[N, T]`` the chunk of each student token against the characters.
     """
 
     space: SequenceSpace
@@ -120,18 +130,45 @@ class CrossProblem:
     teacher_chunk: np.ndarray
     text_group: np.ndarray
     teacher_text_logp: np.ndarray
+    char_logp: np.ndarray
+    char_mask: np.ndarray
+    char_chunk: np.ndarray
+    char_student_chunk: np.ndarray
 
 
-def _teacher_scorer(seed: int, vocab_size: int, scale: float) -> Callable[[tuple[int, ...]], float]:
-    """``log q(z)`` of a tabular teacher: each prefix gets its own Gaussian logits (drawn on first use
-    from a generator seeded by the prefix, so the score of a sequence never depends on call order)."""
+def _teacher_rows(seed: int, vocab_size: int, scale: float) -> Callable[[tuple[int, ...]], np.ndarray]:
+    """The tabular teacher's log-softmax row after each prefix of its tokens: Gaussian logits drawn
+    on first use from a generator seeded by the prefix, so a score never depends on call order."""
 
     @functools.cache
     def log_softmax_row(prefix: tuple[int, ...]) -> np.ndarray:
         logits = scale * np.random.default_rng([seed, len(prefix), *prefix]).standard_normal(vocab_size)
         return logits - np.logaddexp.reduce(logits)
 
-    return lambda z: [float(log_softmax_row(tuple(z[:j]))[token]) for j, token in enumerate(z)]
+    return log_softmax_row
+
+
+def _character_log_probs(tokenizer: PieceTokenizer, rows, z: tuple[int, ...], stopped: bool) -> list[float]:
+    """The teacher's log-prob of each character of ``z``'s text (then of its EOS when ``stopped``):
+    character ``d`` of token ``t`` gets ``log m_t(P_t[:d+1]) − log m_t(P_t[:d])`` (``m_t(s)``: the mass
+    of the pieces that start with ``s``), and ``log q(z_t) − log m_t(P_t)`` goes to the next character
+    (the EOS; or the token's last character when nothing follows)."""
+    values, stop = [], 0.0
+    for t, token in enumerate(z):
+        row = rows(tuple(z[:t]))
+        if token == tokenizer.eos_id:
+            values.append(stop + float(row[token]))
+            continue
+        piece, before = tokenizer.pieces[token], 0.0
+        for d in range(len(piece)):
+            mass = float(np.logaddexp.reduce([row[i] for i, p in enumerate(tokenizer.pieces)
+                                              if p.startswith(piece[: d + 1])]))
+            values.append(mass - before + (stop if d == 0 else 0.0))
+            before = mass
+        stop = float(row[token]) - before
+    if not stopped and z:
+        values[-1] += stop
+    return values
 
 
 def make_problem(student: PieceTokenizer, teacher: PieceTokenizer | None, horizon: int, *, seed: int = 0,
@@ -142,25 +179,33 @@ def make_problem(student: PieceTokenizer, teacher: PieceTokenizer | None, horizo
     re-tokenization), so every chunk is one token and ``"chunk"`` is ``J_tok``.
     """
     space = enumerate_responses(student.vocab_size, horizon, student.eos_id)
-    score = _teacher_scorer(seed, (teacher or student).vocab_size, teacher_scale)
+    scorer = teacher or student
+    rows_fn = _teacher_rows(seed, scorer.vocab_size, teacher_scale)
+    score = lambda z: [float(rows_fn(tuple(z[:j]))[token]) for j, token in enumerate(z)]  # noqa: E731
     rows, groups = [], {}
     for tokens, mask in zip(space.tokens, space.mask):
         ids = tokens[mask].tolist()
         text, stopped = student.text(ids)
-        eos = ((teacher or student).eos_id,) if stopped else ()
+        eos = (scorer.eos_id,) if stopped else ()
         z = tuple(ids) if teacher is None else teacher.encode(text) + eos
-        student_chunk, teacher_chunk = chunk_ids(student.ends(ids), (teacher or student).ends(z))
+        student_chunk, teacher_chunk = chunk_ids(student.ends(ids), scorer.ends(z))
         if (text, stopped) not in groups:
-            every = [float(np.sum(score(seg + eos))) for seg in (teacher or student).segmentations(text)]
+            every = [float(np.sum(score(seg + eos))) for seg in scorer.segmentations(text)]
             groups[(text, stopped)] = (len(groups), float(np.logaddexp.reduce(every)))
-        rows.append((z, score(z), student_chunk, teacher_chunk, groups[(text, stopped)][0]))
+        characters = _character_log_probs(scorer, rows_fn, z, stopped)
+        char_student_chunk, char_chunk = chunk_ids(student.ends(ids), list(range(1, len(characters) + 1)))
+        rows.append((z, score(z), student_chunk, teacher_chunk, groups[(text, stopped)][0], characters, char_chunk,
+                     char_student_chunk))
     width = max(len(z) for z, *_ in rows)
+    chars = max(len(row[5]) for row in rows)
     column = lambda index, length, dtype: _padded([row[index] for row in rows], length, dtype)  # noqa: E731
     return CrossProblem(
         space, column(0, width, np.int32), _padded([[True] * len(z) for z, *_ in rows], width, bool),
         column(1, width, np.float64), column(2, horizon, np.int32), column(3, width, np.int32),
         np.asarray([row[4] for row in rows], np.int32),
-        np.asarray([logp for _, logp in sorted(groups.values())], np.float64))
+        np.asarray([logp for _, logp in sorted(groups.values())], np.float64),
+        column(5, chars, np.float64), _padded([[True] * len(row[5]) for row in rows], chars, bool),
+        column(6, chars, np.int32), column(7, horizon, np.int32))
 
 
 def _padded(rows, length: int, dtype) -> np.ndarray:
@@ -171,14 +216,24 @@ def _padded(rows, length: int, dtype) -> np.ndarray:
     return out
 
 
+def _teacher_side(problem: CrossProblem, view: str) -> tuple[np.ndarray, ...]:
+    """``(teacher_logp, teacher_mask, teacher_chunk, student_chunk)`` of the token (chunk) or character view."""
+    if view == "characters":
+        return problem.char_logp, problem.char_mask, problem.char_chunk, problem.char_student_chunk
+    return problem.teacher_logp, problem.teacher_mask, problem.teacher_chunk, problem.student_chunk
+
+
 def _aligned(student_logp: Array, problem: CrossProblem, credit: str) -> Array:
-    return aligned_teacher_logp(student_logp, jnp.asarray(problem.teacher_logp, student_logp.dtype),
-                                jnp.asarray(problem.student_chunk), jnp.asarray(problem.teacher_chunk),
-                                jnp.asarray(problem.space.mask), jnp.asarray(problem.teacher_mask), credit=credit)
+    if credit not in CREDITS:
+        raise ValueError(f"credit must be one of {', '.join(CREDITS)}; got {credit!r}")
+    teacher_logp, teacher_mask, teacher_chunk, student_chunk = _teacher_side(problem, credit)
+    return aligned_teacher_logp(student_logp, jnp.asarray(teacher_logp, student_logp.dtype),
+                                jnp.asarray(student_chunk), jnp.asarray(teacher_chunk), jnp.asarray(problem.space.mask),
+                                jnp.asarray(teacher_mask), credit="spread" if credit == "characters" else credit)
 
 
 def cross_objective(student_logits: Array, problem: CrossProblem, *, divergence, objective: str) -> Array:
-    """The exact ``"sequence"``, ``"chunk"`` or ``"text"`` objective (module docstring),
+    """The exact ``"sequence"``, ``"chunk"``, ``"bytes"`` or ``"text"`` objective (module docstring),
     differentiable in ``student_logits [N, T, V]``."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
@@ -202,15 +257,19 @@ def cross_objective(student_logits: Array, problem: CrossProblem, *, divergence,
         present = jax.ops.segment_sum(student_mask.astype(jnp.int32), student_chunk, chunks) > 0
         return jnp.sum(jnp.where(present, divergence.f(teacher_sum - student_sum), 0))
 
-    per_response = jax.vmap(chunk_terms)(student_logp, jnp.asarray(problem.teacher_logp), problem.student_chunk,
-                                         problem.teacher_chunk, mask, jnp.asarray(problem.teacher_mask))
+    teacher_logp, teacher_mask, teacher_chunk, student_chunk = _teacher_side(
+        problem, "characters" if objective == "bytes" else "chunks")
+    per_response = jax.vmap(chunk_terms)(student_logp, jnp.asarray(teacher_logp), student_chunk, teacher_chunk, mask,
+                                         jnp.asarray(teacher_mask))
     return jnp.sum(jnp.exp(log_pi) * per_response)
 
 
 def cross_estimator_gradient(student_logits_fn: Callable, params, problem: CrossProblem, *, divergence,
                              level: str, estimator: str, gamma: float = 0.0, credit: str = "spread"):
     """``Σ_y π(y) ∇L(y)`` of the library's ``level`` estimator on the aligned teacher log-probs
-    (``credit``: how a chunk's ratio reaches its tokens, :func:`opd_jax.alignment.aligned_teacher_logp`)."""
+    (``credit``: ``"spread"`` or ``"last"``, how a chunk's ratio reaches its tokens,
+    :func:`opd_jax.alignment.aligned_teacher_logp`; ``"characters"``: the character view, summed
+    per student token)."""
     divergence = divergences_lib.get(divergence)
 
     def loss_fn(_student_logits, student_logp, mask):

@@ -45,6 +45,9 @@ def test_sequence_opd_plus_is_unbiased_for_the_canonical_sequence_objective(setu
                                            estimator="opd_plus")
     error, _ = exact.compare_gradients(estimate, exact_gradient)
     assert error <= 1e-10
+    by_characters = xc.cross_estimator_gradient(logits_fn, table, problem, divergence=divergence, level="sequence",
+                                                estimator="opd_plus", credit="characters")
+    assert exact.compare_gradients(by_characters, exact_gradient)[0] <= 1e-10
     if name != "reverse_kl":  # stop-gradient drops U f'(U): biased unless u f'(u) is constant
         stop_grad = xc.cross_estimator_gradient(logits_fn, table, problem, divergence=divergence,
                                                 level="sequence", estimator="stop_grad")
@@ -69,6 +72,35 @@ def test_token_level_bias_is_measured_beside_the_one_tokenizer_bias(setup):
         assert same_1 <= 1e-10  # one tokenizer, γ = 1: unbiased for J_tok (DESIGN §2)
         assert cross_1 > 0.05  # re-tokenization: a later token changes an earlier chunk
         assert same_0 > 1e-3 and cross_0 > 1e-3  # γ = 0 drops the future either way
+
+
+@pytest.mark.parametrize("name, params", BUILT_INS)
+def test_character_view_token_level_opd_plus_is_unbiased_for_j_bytes(setup, name, params):
+    """Greedy matching with {a, b, ba, bb} is settled by the next character, so each character's
+    teacher log-prob is a function of the text up to it: γ = 1 OPD+ follows J_bytes exactly."""
+    problem, table, logits_fn = setup
+    divergence = divergences.get(name, **params)
+    target = _objective_gradient(problem, logits_fn, table, divergence, "bytes")
+    estimates = [xc.cross_estimator_gradient(logits_fn, table, problem, divergence=divergence, level="token",
+                                             estimator="opd_plus", gamma=gamma, credit="characters")
+                 for gamma in (0.0, 1.0)]
+    assert exact.compare_gradients(estimates[1], target)[0] <= 1e-10
+    assert exact.compare_gradients(estimates[0], target)[0] > 1e-3  # γ = 0 drops the future, as with one tokenizer
+
+
+def test_character_view_sums_to_the_sequence_and_is_biased_where_the_teacher_looks_ahead(setup):
+    """The characters' log-probs sum to log q(z(y)); a teacher whose greedy match reads two characters
+    ahead ("aab" against "a", "a") makes a character's share depend on the next one, and γ = 1 OPD+
+    then misses J_bytes by a measured amount."""
+    problem, table, logits_fn = setup
+    for case in (problem, xc.make_problem(STUDENT, xc.PieceTokenizer(("a", "b", "aab")), horizon=3, seed=0)):
+        np.testing.assert_allclose(np.where(case.char_mask, case.char_logp, 0).sum(1),
+                                   np.where(case.teacher_mask, case.teacher_logp, 0).sum(1), rtol=0, atol=1e-13)
+    ahead = xc.make_problem(STUDENT, xc.PieceTokenizer(("a", "b", "aab")), horizon=3, seed=0)
+    target = _objective_gradient(ahead, logits_fn, table, "js", "bytes")
+    estimate = xc.cross_estimator_gradient(logits_fn, table, ahead, divergence="js", level="token",
+                                           estimator="opd_plus", gamma=1.0, credit="characters")
+    assert exact.compare_gradients(estimate, target)[0] > 1e-3
 
 
 def test_the_text_divergence_is_not_what_is_followed(setup):
