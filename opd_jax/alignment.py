@@ -16,9 +16,11 @@ student tokens (``ℓ_c / |c|`` each). Every advantage estimator then runs uncha
   the objective it states);
 * token level: every token of a chunk shares its ratio. The alternative, the whole ratio on the
   chunk's last student token (``credit="last"``), leaves the chunk's other tokens without a signal;
-  :mod:`opd_jax.exact_cross` measures both, and spreading has the smaller bias for every generator
-  and discount measured (``experiments/cross_tokenizer_bias.py``), and it is what lets the toy
-  digit-pair student learn (``docs/cross_tokenizer.md``).
+  :mod:`opd_jax.exact_cross` measures both (``experiments/cross_tokenizer_bias.py``).
+
+The loop's default, ``alignment_credit = "characters"`` (:mod:`opd_jax.teacher_bytes`), uses this
+function too: its "teacher tokens" are the bytes of the text, each with its share of the teacher's
+log-prob, so its chunks are the student's tokens.
 
 With one tokenizer every chunk is one token on both sides and the result is ``teacher_logp``
 bitwise.
@@ -91,6 +93,8 @@ def aligned_teacher_logp(student_logp_BxT: Array, teacher_logp_BxM: Array, stude
     Returns:
       ``[B, T]`` in the dtype of ``student_logp_BxT``, 0 where the mask is 0.
     """
+    if credit not in ("spread", "last"):
+        raise ValueError(f"credit must be 'spread' or 'last'; got {credit!r}")
     student_logp_BxT = jax.lax.stop_gradient(student_logp_BxT)
     num_chunks = student_logp_BxT.shape[1]
     dtype = student_logp_BxT.dtype

@@ -269,21 +269,22 @@ def build_tokenizer():
     return characters.build_tokenizer(ALPHABET)
 
 
-def build_digit_pair_tokenizer():
+def build_digit_pair_tokenizer(alphabet: str = ALPHABET):
     """A tokenizer unlike the task's own, for a teacher that distils across tokenizers: every pair of
     digits is one token, read greedily from the left (``"345"`` is ``"34", "5"``).
 
     The ids: the :func:`build_tokenizer` ids (special tokens, then one per character of
-    :data:`ALPHABET`), then the hundred pairs ``"00"`` … ``"99"``. A ``WordPiece`` model without a
-    subword prefix over pre-tokens that are digit runs or single other characters; decoding
-    concatenates, so ``decode(encode(text)) == text`` for every text over :data:`ALPHABET`.
+    ``alphabet``, which must hold the digits), then the hundred pairs ``"00"`` … ``"99"``. A
+    ``WordPiece`` model without a subword prefix over pre-tokens that are digit runs or single other
+    characters; decoding concatenates, so ``decode(encode(text)) == text`` for every text over
+    ``alphabet``.
     """
     import tokenizers
 
     from opd_jax.tokenization import import_transformers
 
     transformers = import_transformers()
-    pieces = (*characters.SPECIAL_TOKENS, *ALPHABET, *(f"{a}{b}" for a in "0123456789" for b in "0123456789"))
+    pieces = (*characters.SPECIAL_TOKENS, *alphabet, *(f"{a}{b}" for a in "0123456789" for b in "0123456789"))
     backend = tokenizers.Tokenizer(tokenizers.models.WordPiece(
         {piece: index for index, piece in enumerate(pieces)}, unk_token="<unk>", continuing_subword_prefix="",
         max_input_chars_per_word=1 << 16))

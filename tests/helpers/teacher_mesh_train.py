@@ -2,13 +2,15 @@
 
 Run by tests/test_teacher_mesh.py in a child process with 8 CPU devices. The student's mesh is
 fsdp=4 over devices 0-3, the teacher's is fsdp=2 × tensor=2 over devices 4-7. Each case trains
-three steps with and without the split (one teacher, pipelined rollouts, two routed teachers) and
+three steps with and without the split (one teacher, pipelined rollouts, two routed teachers, and
+two routed teachers with tokenizers of their own under ``tokenizer_alignment = "text"``, pipelined) and
 the records and trained parameters of both, with the initial parameters, go to ``result.npz``; where the parameters of a split
 run lie goes to ``placement.json``, and the messages of refused settings to ``errors.json``.
 
 Usage: python teacher_mesh_train.py OUTPUT_DIR
 """
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -36,18 +38,52 @@ def _two_teachers():
     return teachers
 
 
+def _cross_tokenizer_case():
+    """Two teachers that read the student's text with their own tokenizers: one reads digit pairs,
+    the other is character-level like the student; the student's 40 ids are its characters."""
+    from opd_jax.retokenize import TeacherReader
+    from opd_jax.tasks import arithmetic, characters
+    from opd_jax.teacher_bytes import vocabulary_bytes
+    from opd_jax.tokenization import encode_prompts
+
+    alphabet = "0123456789+-=,> abcdefghijklmnopqrstuvwxyz"[: tiny_run.CONFIG.vocab_size - len(characters.SPECIAL_TOKENS)]
+    student_tokenizer = characters.build_tokenizer(alphabet)
+    tokenizers = {"pairs": arithmetic.build_digit_pair_tokenizer(alphabet), "chars": student_tokenizer}
+    teachers = {}
+    for seed, (name, tokenizer) in enumerate(tokenizers.items()):
+        config = dataclasses.replace(tiny_run.CONFIG, vocab_size=len(tokenizer))
+        teachers[name] = models.Decoder(config, rngs=nnx.Rngs(seed + 1))
+        teachers[name].embedding[...] = teachers[name].embedding[...] * 30
+    rng = np.random.default_rng(0)
+    texts = [f"{a}+{b}=" for a, b in rng.integers(10, 100, size=(20, 2))]
+    encoded = [encode_prompts(tokenizer, texts, max_length=8, use_chat_template=False, pad_id=0)
+               for tokenizer in tokenizers.values()]
+    reader = TeacherReader(student_tokenizer, tuple(tokenizers), tuple(tokenizers.values()),
+                           tuple(tokens for tokens, _ in encoded), tuple(mask for _, mask in encoded),
+                           (tiny_run.CONFIG.max_position_embeddings,) * 2, (student_tokenizer.eos_token_id,),
+                           vocabularies=tuple(vocabulary_bytes(t, len(t)) for t in tokenizers.values()))
+    tokens, mask = encoded[1]
+    prompts = train.PromptSet(tokens, mask, np.arange(len(texts)) % 2, teacher_text=reader)
+    return teachers, prompts, (student_tokenizer.eos_token_id,)
+
+
 def _run(output: pathlib.Path, case: str, split: bool) -> dict[str, np.ndarray]:
     student, teacher, prompts = tiny_run.models_and_prompts()
-    config = train.TrainConfig(**SETTINGS, pipeline_rollouts=case == "pipelined")
+    stop_ids = (3,)
+    config = train.TrainConfig(**SETTINGS, pipeline_rollouts=case in ("pipelined", "cross"),
+                               tokenizer_alignment="text" if case == "cross" else "same")
     if case == "routed":
         teacher = _two_teachers()
         prompts = train.PromptSet(prompts.tokens, prompts.mask, np.arange(len(prompts.tokens)) % 2)
+    if case == "cross":
+        teacher, prompts, stop_ids = _cross_tokenizer_case()
     placement = sharding.Placement(STUDENT_MESH, TEACHER_MESH) if split else sharding.Placement()
     result = train.train(config, student, tiny_run.CONFIG, teacher, prompts, output / f"{case}-{split}",
-                         stop_ids=(3,), progress=False, placement=placement)
+                         stop_ids=stop_ids, progress=False, placement=placement)
     records = [r for r in result.history if "loss" in r]
-    keys = ("loss", "teacher_kl", "advantage_mean", "response_length") + (
-        ("teacher_kl/near", "teacher_kl/far", "rows/near", "rows/far") if case == "routed" else ())
+    names = {"routed": ("near", "far"), "cross": ("pairs", "chars")}.get(case, ())
+    keys = ("loss", "teacher_kl", "advantage_mean", "response_length") + tuple(
+        f"{metric}/{name}" for metric in ("teacher_kl", "rows") for name in names)
     arrays = {f"{case}/{split}/{key}": np.array([r[key] for r in records]) for key in keys}
     arrays[f"{case}/{split}/has_teacher_seconds"] = np.array(["teacher_seconds" in r for r in records])
     flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(result.student)))[0]
@@ -101,7 +137,7 @@ def main(output_dir: str) -> None:
     assert jax.device_count() == 8
     initial = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(tiny_run.models_and_prompts()[0])))[0]
     arrays = {f"initial/params/{sharding.path_name(p)}": np.asarray(x) for p, x in initial}
-    for case in ("single", "pipelined", "routed"):
+    for case in ("single", "pipelined", "routed", "cross"):
         for split in (False, True):
             arrays |= _run(output, case, split)
     np.savez(output / "result.npz", **arrays)
