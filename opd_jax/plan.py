@@ -94,7 +94,9 @@ from opd_jax import step as step_lib
 from opd_jax import topologies as topologies_lib
 from opd_jax.backends import JaxBackend
 from opd_jax import train as train_lib
+from opd_jax.alignment import AlignedTeacher
 from opd_jax.models import AttentionConfig, Decoder, DecoderConfig, Execution, resolve_dtype
+from opd_jax.retokenize import ByteBatch, bucket
 from opd_jax.sharding import Placement
 from opd_jax.sampling import Rollout, SamplingConfig
 
@@ -128,6 +130,11 @@ class PlanConfig:
         the teacher on the devices after ``mesh``'s, as ``train(teacher_mesh=)``, and its scoring
         is then the program ``teacher``.
       student_name, teacher_name: labels for the report.
+      teacher_token_ratio: with ``tokenizer_alignment = "text"``, the teacher's tokens per student
+        token: its prompt takes ``ceil(ratio · P)`` slots and its response the bucket that holds
+        ``ceil(ratio · max_new_tokens)`` (:func:`opd_jax.retokenize.bucket`), as train pads them.
+      teacher_piece_bytes: with ``alignment_credit = "characters"``, the longest teacher piece in
+        bytes that a batch holds: the byte slots per token (rounded up to a power of two).
     """
 
     student: DecoderConfig
@@ -139,6 +146,8 @@ class PlanConfig:
     placement: Placement = Placement()
     student_name: str = "student"
     teacher_name: str = "teacher"
+    teacher_token_ratio: float = 1.0
+    teacher_piece_bytes: int = 16
 
     @property
     def rows(self) -> int:
@@ -152,6 +161,26 @@ class PlanConfig:
     def sequence_length(self) -> int:
         return self.prompt_length + self.train.max_new_tokens
 
+    @property
+    def retokenized(self) -> bool:
+        """The teacher scores its own tokens of the text (``tokenizer_alignment = "text"``)."""
+        return self.train.tokenizer_alignment == "text"
+
+    @property
+    def teacher_sequence_length(self) -> int:
+        """The teacher's slots: the student's, or its own prompt and response bucket when re-tokenized."""
+        if not self.retokenized:
+            return self.sequence_length
+        ratio = self.teacher_token_ratio
+        return math.ceil(ratio * self.prompt_length) + bucket(math.ceil(ratio * self.new_tokens))
+
+    @property
+    def teacher_byte_slots(self) -> int | None:
+        """Byte slots per teacher token (``alignment_credit = "characters"``), else ``None``."""
+        if not self.retokenized or self.train.alignment_credit != "characters":
+            return None
+        return bucket(self.teacher_piece_bytes, 1)
+
 
 def check_config(config: PlanConfig) -> None:
     """Everything that needs no devices, so that a bad plan fails before anything is built.
@@ -164,6 +193,10 @@ def check_config(config: PlanConfig) -> None:
     """
     if not isinstance(config.prompt_length, (int, np.integer)) or config.prompt_length < 1:
         raise ValueError(f"prompt_length must be an integer >= 1; got {config.prompt_length!r}")
+    if not config.teacher_token_ratio > 0 or not math.isfinite(config.teacher_token_ratio):
+        raise ValueError(f"teacher_token_ratio must be a number > 0; got {config.teacher_token_ratio!r}")
+    if not isinstance(config.teacher_piece_bytes, (int, np.integer)) or config.teacher_piece_bytes < 1:
+        raise ValueError(f"teacher_piece_bytes must be an integer >= 1; got {config.teacher_piece_bytes!r}")
     for role, model in (("student", config.student), ("teacher", config.teacher)):
         if config.sequence_length > model.max_position_embeddings:
             raise ValueError(
@@ -171,9 +204,16 @@ def check_config(config: PlanConfig) -> None:
                 f"{config.new_tokens}) exceeds the {role}'s ({getattr(config, role + '_name')}) "
                 f"max_position_embeddings {model.max_position_embeddings}"
             )
-    if config.student.vocab_size != config.teacher.vocab_size:
+    if config.teacher_sequence_length > config.teacher.max_position_embeddings:
+        raise ValueError(
+            f"the teacher's re-tokenized sequence, {config.teacher_sequence_length} of its tokens (teacher_token_ratio "
+            f"{config.teacher_token_ratio} of prompt {config.prompt_length} + the bucket of max_new_tokens "
+            f"{config.new_tokens}), exceeds its ({config.teacher_name}) max_position_embeddings "
+            f"{config.teacher.max_position_embeddings}")
+    if config.student.vocab_size != config.teacher.vocab_size and not config.retokenized:
         raise ValueError(f"teacher vocab_size {config.teacher.vocab_size} != student vocab_size "
-                         f"{config.student.vocab_size}: distillation needs one vocabulary")
+                         f"{config.student.vocab_size}: distillation needs one vocabulary, or tokenizer_alignment "
+                         "'text' (the teacher scores its own tokens of the text)")
     placement = config.placement
     if placement.teacher_mesh is not None:
         train_lib.check_teacher_mesh(config.train, placement.mesh, placement.teacher_mesh)
@@ -381,15 +421,52 @@ def _build_programs(config: PlanConfig, devices, student, teacher) -> tuple[dict
             ("scores",) if full_vocab or own_mesh else ("scores", "teacher_params"), (0, 2),
         ),
     }
-    if own_mesh:
-        teacher_rows = functools.partial(rows, sharding=shardings.teacher_batch)
-        programs["teacher"] = _Program(
-            step.score_teacher, (teacher_params, teacher_rows(B, L, "int32"), teacher_rows(B, L, "bool"), None),
-            1, (), (0,))
-        programs["score"] = _Program(step.prepare_scored, (params, rows(B, L, "float32"), rollout_batch, None, None),
+    if own_mesh or config.retokenized:
+        teacher_program, scores = _teacher_program(config, step, teacher_params, shardings, rows)
+        # On the student's devices (re-tokenized, no teacher mesh) the student's state stays beside it.
+        programs["teacher"] = dataclasses.replace(
+            teacher_program, resident=() if own_mesh else ("params", "opt_state", "rollout"))
+        programs["score"] = _Program(step.prepare_scored, (params, scores, rollout_batch, None, None),
                                      1, ("opt_state",), (0,))
     order = ("rollout", "teacher", "score", "update")  # as a step runs them
     return {name: programs[name] for name in order if name in programs}, buffers
+
+
+def _retokenized_lines(retokenized: dict | None) -> list[str]:
+    """The report's line on the teacher's own slots (none unless it re-tokenizes)."""
+    if retokenized is None:
+        return []
+    slots = retokenized["byte_slots_per_token"]
+    return [f"teacher re-tokenizes the text: {retokenized['teacher_sequence_length']} slots of its own tokens "
+            f"({retokenized['teacher_token_ratio']:.3g} per student token)"
+            + ("" if slots is None else f", {slots} byte slots per token (pieces up to "
+                                        f"{retokenized['teacher_piece_bytes']} bytes)")]
+
+
+def _teacher_program(config: PlanConfig, step, teacher_params, shardings, rows) -> tuple[_Program, Any]:
+    """The teacher's own scoring program (on its mesh, or on its own tokens when re-tokenized) and the
+    abstract scores it hands to ``prepare_scored``: ``[B, L]`` log-probs, or an
+    :class:`~opd_jax.alignment.AlignedTeacher` on the teacher's ``N`` slots (``N · D`` byte slots)."""
+    B, L, N = config.rows, config.sequence_length, config.teacher_sequence_length
+    sharding = shardings.teacher_batch or shardings.batch
+    teacher_rows = functools.partial(rows, sharding=sharding)
+    tokens = (teacher_params, teacher_rows(B, N, "int32"), teacher_rows(B, N, "bool"), None)
+    if not config.retokenized:
+        return _Program(step.score_teacher, tokens, 1, (), (0,)), rows(B, L, "float32")
+    depth = config.teacher_byte_slots
+    if depth is None:
+        program = _Program(step.score_teacher, tokens, 1, (), (0,))
+        slots = N
+    else:
+        cube = lambda dtype: jax.ShapeDtypeStruct((B, N, depth), jnp.dtype(dtype), sharding=sharding)  # noqa: E731
+        byte_batch = ByteBatch(cube("int32"), cube("int32"), cube("bool"), cube("int32"), teacher_rows(B, N, "int32"),
+                               teacher_rows(B, N, "int32"))
+        rank = (jax.ShapeDtypeStruct((config.teacher.vocab_size,), jnp.int32, sharding=shardings.replicated),)
+        program = _Program(step.score_teacher_bytes, (*tokens, byte_batch, rank), 1, (), (0,))
+        slots = N * depth
+    scores = AlignedTeacher(rows(B, slots, "float32"), rows(B, slots, "bool"), rows(B, slots, "int32"),
+                            rows(B, L, "int32"))
+    return program, scores
 
 
 _OOM = re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
@@ -873,6 +950,10 @@ def _report_header(compiled: CompiledPlan, memory: int) -> dict[str, Any]:
                   "sequence_length": config.sequence_length, "prompt_length": config.prompt_length,
                   "new_tokens": config.new_tokens, "minibatches": train.minibatches, "epochs": train.epochs,
                   "logit_chunk_size": train.logit_chunk_size},
+        # The teacher's own slots when it re-tokenizes the text (tokenizer_alignment 'text').
+        "retokenized": None if not config.retokenized else {
+            "teacher_token_ratio": config.teacher_token_ratio, "teacher_sequence_length": config.teacher_sequence_length,
+            "teacher_piece_bytes": config.teacher_piece_bytes, "byte_slots_per_token": config.teacher_byte_slots},
         # As the run folder's config.json records it ("auto" resolved), and how the models run.
         "train_config": train.to_json(),
         "execution": {**dataclasses.asdict(execution), "attention_resolved": compiled.attention},
@@ -1029,6 +1110,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"{batch['rows']} rows ({batch['prompts_per_step']} prompts × {batch['group_size']}) of "
         f"{batch['sequence_length']} = {batch['prompt_length']} prompt + {batch['new_tokens']} new tokens; "
         f"{batch['minibatches']} minibatches × {batch['epochs']} epoch(s)",
+        *_retokenized_lines(result.get("retokenized")),
         *_configuration_lines(result),
         "",
         "| program | runs | args GiB | out GiB | temp GiB | peak GiB | + resident GiB | total GiB | TFLOP/device "

@@ -31,8 +31,8 @@ import numpy as np
 
 from opd_jax.alignment import chunk_ids
 
-__all__ = ["ResponseAlignment", "TeacherBatch", "TeacherReader", "align_response", "student_token_ends",
-           "teacher_encoding"]
+__all__ = ["MIN_BUCKET", "ByteBatch", "ResponseAlignment", "TeacherBatch", "TeacherReader", "align_response", "bucket",
+           "measure_teacher_tokens", "student_token_ends", "teacher_encoding"]
 
 _REPLACEMENT = "\ufffd"  # what decoding shows for an incomplete UTF-8 character
 
@@ -82,6 +82,28 @@ def teacher_encoding(tokenizer, text: str, *, teacher: str) -> tuple[list[int], 
                          f"(decode(encode(text)) gives {decoded!r}, differing at character {at}); "
                          "tokenizer_alignment 'text' needs a tokenizer that round-trips the student's text")
     return ids, [int(end) for _, end in encoding["offset_mapping"]]
+
+
+def measure_teacher_tokens(student_tokenizer, teacher_tokenizer, texts: Sequence[str],
+                           vocab_size: int) -> tuple[float, int]:
+    """``(ratio, longest)``: the teacher's tokens per student token over ``texts`` (no special tokens,
+    no chat template), and its longest text piece among them in bytes (what ``opd-jax plan`` sizes
+    the re-tokenized teacher with).
+
+    Raises:
+      ValueError: no text has a student token.
+    """
+    from opd_jax.teacher_bytes import vocabulary_bytes
+
+    student_ids = student_tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    teacher_ids = teacher_tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    student_count = sum(len(ids) for ids in student_ids)
+    if not student_count:
+        raise ValueError("no prompt has a student token to measure the teacher's tokens against")
+    vocabulary = vocabulary_bytes(teacher_tokenizer, vocab_size)
+    longest = max((len(vocabulary.pieces[i]) for ids in teacher_ids for i in ids if not vocabulary.special[i]),
+                  default=1)
+    return sum(len(ids) for ids in teacher_ids) / student_count, longest
 
 
 class ResponseAlignment(NamedTuple):
@@ -163,12 +185,17 @@ class TeacherBatch(NamedTuple):
     bytes: ByteBatch | None = None
 
 
-def _bucket(length: int, smallest: int) -> int:
-    """The smallest power-of-two multiple of ``smallest`` that holds ``length``."""
-    bucket = smallest
-    while bucket < length:
-        bucket *= 2
-    return bucket
+#: The shortest teacher response bucket; buckets double from there.
+MIN_BUCKET = 16
+
+
+def bucket(length: int, smallest: int = MIN_BUCKET) -> int:
+    """The smallest power-of-two multiple of ``smallest`` that holds ``length`` (the padded teacher
+    response slots of a batch whose longest response has ``length`` teacher tokens)."""
+    size = smallest
+    while size < length:
+        size *= 2
+    return size
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -197,7 +224,7 @@ class TeacherReader:
     max_positions: tuple[int, ...]
     stop_ids: tuple[int, ...]
     identical: bool = False
-    min_bucket: int = 16
+    min_bucket: int = MIN_BUCKET
     vocabularies: tuple[Any, ...] | None = None
 
     def read(self, tokens_BxL: np.ndarray, response_mask_BxL: np.ndarray, prompt_index_B: np.ndarray,
@@ -215,8 +242,8 @@ class TeacherReader:
         rows = [self._read_row(tokens, mask, int(prompt), int(teacher))
                 for tokens, mask, prompt, teacher in zip(tokens_BxL, response_mask_BxL, prompt_index_B, teacher_index_B)]
         prompt_width = max(mask.shape[1] for mask in self.prompt_mask)
-        bucket = _bucket(max(len(row[1].teacher_ids) for row in rows), self.min_bucket)
-        batch = [np.zeros((len(rows), prompt_width + bucket), dtype) for dtype in (np.int32, bool, bool, np.int32)]
+        width = bucket(max(len(row[1].teacher_ids) for row in rows), self.min_bucket)
+        batch = [np.zeros((len(rows), prompt_width + width), dtype) for dtype in (np.int32, bool, bool, np.int32)]
         student_chunk = np.zeros(tokens_BxL.shape, np.int32)
         for b, (prompt_ids, aligned, teacher) in enumerate(rows):
             response_ids = aligned.teacher_ids
@@ -246,7 +273,7 @@ class TeacherReader:
 
         longest = max((len(self.vocabularies[t].pieces[i]) for _, aligned, t in rows for i in aligned.teacher_ids
                        if not self.vocabularies[t].special[i]), default=1)
-        depth = _bucket(max(longest, 1), 1)
+        depth = bucket(max(longest, 1), 1)
         out = ByteBatch(*(np.zeros((len(rows), width, depth), dtype) for dtype in (np.int32, np.int32, bool, np.int32)),
                         np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), np.int32))
         for b, (_, aligned, teacher) in enumerate(rows):

@@ -66,7 +66,8 @@ def test_text_alignment_survives_a_kill_bitwise(setup):
     records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(0 < r["teacher_kl"] < 100 and r["teacher_seconds"] > 0 for r in records)
-    assert json.loads((reference / "config.json").read_text())["objective"]["tokenizer_alignment"] == "text"
+    objective = json.loads((reference / "config.json").read_text())["objective"]
+    assert (objective["tokenizer_alignment"], objective["alignment_credit"]) == ("text", "characters")
 
     killed = root / "killed"
     child = faults.Child(faults.train_argv(*_args(teacher, student, prompts, killed, *text)), env, root / "killed.log")
@@ -109,7 +110,40 @@ def test_the_toy_task_distils_its_digit_pair_teacher(tmp_path, capsys):
                  "--steps", "2", "--eval-problems", "8", "--output", str(tmp_path), "--quiet"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     (run,) = results["runs"]
-    assert run["config"]["tokenizer_alignment"] == "text"
+    assert (run["config"]["tokenizer_alignment"], run["config"]["alignment_credit"]) == ("text", "characters")
     records = [json.loads(line) for line in next(tmp_path.rglob("metrics.jsonl")).read_text().splitlines()]
     assert [r["step"] for r in records if "teacher_kl" in r] == [1, 2]
     assert all(0 <= r["teacher_kl"] < 100 for r in records if "teacher_kl" in r)
+
+
+def test_plan_sizes_the_teacher_on_its_own_tokens_measured_on_the_prompts(setup, tmp_path, capsys):
+    """``opd-jax plan --tokenizer-alignment text --prompts F``: the teacher's slots are its measured
+    tokens per student token times the student's (the response rounded up to a bucket), and each
+    token gets the byte slots of the longest piece; without "text" the flags are refused."""
+    import math
+
+    import transformers
+
+    root, teacher, student, prompts, _ = setup
+    tokenizers = [transformers.AutoTokenizer.from_pretrained(folder) for folder in (student, teacher)]
+    counts = [sum(len(t(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS) for t in tokenizers]
+    ratio = counts[1] / counts[0]
+    report_file = tmp_path / "plan.json"
+    base = ["plan", "--topology", "local", "--student", str(student), "--teacher", str(teacher), "--prompt-length",
+            "16", "--max-new-tokens", "24", "--prompts-per-step", "2", "--group-size", "2"]
+    assert main([*base, "--tokenizer-alignment", "text", "--prompts", str(prompts), "--json", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())
+    retokenized = report["retokenized"]
+    assert retokenized["teacher_token_ratio"] == pytest.approx(ratio, rel=1e-12) and ratio != 1
+    response = 16
+    while response < math.ceil(ratio * 24):
+        response *= 2
+    assert retokenized["teacher_sequence_length"] == math.ceil(ratio * 16) + response
+    assert list(report["programs"]) == ["rollout", "teacher", "score", "update"] and report["fits"]
+    assert 1 <= retokenized["teacher_piece_bytes"] <= retokenized["byte_slots_per_token"] < 2 * retokenized[
+        "teacher_piece_bytes"]
+    assert f"{ratio:.3f} teacher tokens per student token" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--teacher-token-ratio", "1.5"])
+    assert exit_info.value.code == 2
+    assert "--teacher-token-ratio sizes a teacher that re-tokenizes the text" in capsys.readouterr().err

@@ -60,6 +60,18 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                        help="compile only these of rollout, score, update (and teacher with --teacher-mesh); "
                             "the step time then is not estimated [all]")
     group.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write the report as JSON")
+    retokenized = parser.add_argument_group(
+        "a teacher with another tokenizer (--tokenizer-alignment text): its own slots")
+    retokenized.add_argument("--prompts", type=pathlib.Path, metavar="FILE",
+                             help="the JSONL prompt file of opd-jax train: the teacher's tokens per student token and "
+                                  "its longest piece are measured on its prompts (needs the tokenizers of the "
+                                  "--student and --teacher folders)")
+    retokenized.add_argument("--teacher-token-ratio", type=float, metavar="R",
+                             help="the teacher's tokens per student token; its prompt and response slots are R times "
+                                  "the student's, the response rounded up to a bucket [measured on --prompts, else 1]")
+    retokenized.add_argument("--teacher-piece-bytes", type=positive_int(1), metavar="D",
+                             help="with --alignment-credit characters: the longest teacher piece in bytes a batch "
+                                  "holds, the byte slots per token [measured on --prompts, else 16]")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,10 +107,11 @@ def _plan(args: argparse.Namespace, config) -> int:
         jax.config.update("jax_platforms", "cpu")
     try:
         student, teacher = resolve_model(args.student), resolve_model(args.teacher)
+        ratio, piece_bytes = _teacher_tokens(args, config, teacher.vocab_size)
         plan_config = plan.PlanConfig(
             student=student, teacher=teacher, train=config, topology=args.topology, prompt_length=args.prompt_length,
             execution=execution(args), placement=placement(args, "plan"), student_name=args.student,
-            teacher_name=args.teacher,
+            teacher_name=args.teacher, teacher_token_ratio=ratio, teacher_piece_bytes=piece_bytes,
         )
         result = plan.plan(plan_config, programs=args.programs,
                            progress=functools.partial(print, file=sys.stderr, flush=True))
@@ -111,3 +124,42 @@ def _plan(args: argparse.Namespace, config) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _teacher_tokens(args: argparse.Namespace, config, teacher_vocab_size: int) -> tuple[float, int]:
+    """``(teacher_token_ratio, teacher_piece_bytes)``: the flags, else measured on ``--prompts``, else 1 and 16."""
+    ratio, piece_bytes = args.teacher_token_ratio, args.teacher_piece_bytes
+    if config.tokenizer_alignment != "text":
+        for flag, value in (("--prompts", args.prompts), ("--teacher-token-ratio", ratio),
+                            ("--teacher-piece-bytes", piece_bytes)):
+            if value is not None:
+                fail("plan", f"{flag} sizes a teacher that re-tokenizes the text; it needs --tokenizer-alignment text")
+        return 1.0, 16
+    if args.prompts is not None and (ratio is None or piece_bytes is None):
+        measured_ratio, measured_bytes = _measure(args, teacher_vocab_size)
+        print(f"measured on {args.prompts}: {measured_ratio:.3f} teacher tokens per student token, teacher pieces "
+              f"up to {measured_bytes} bytes", file=sys.stderr)
+        ratio = measured_ratio if ratio is None else ratio
+        piece_bytes = measured_bytes if piece_bytes is None else piece_bytes
+    return (1.0 if ratio is None else ratio), (16 if piece_bytes is None else piece_bytes)
+
+
+def _measure(args: argparse.Namespace, teacher_vocab_size: int) -> tuple[float, int]:
+    """The teacher's tokens per student token and its longest piece, over the prompts of ``--prompts``."""
+    from opd_jax import data, tokenization
+    from opd_jax.retokenize import measure_teacher_tokens
+
+    folders = {}
+    for flag, value in (("--student", args.student), ("--teacher", args.teacher)):
+        folder = pathlib.Path(value).expanduser()
+        if not folder.is_dir():
+            fail("plan", f"--prompts measures the teacher's tokens with the tokenizers of the model folders, but "
+                         f"{flag} {value} is a preset; give --teacher-token-ratio (and --teacher-piece-bytes)")
+        folders[flag] = folder
+    try:
+        records = data.read_prompt_records(args.prompts)
+        tokenizers = [tokenization.load_tokenizer(folders[flag]) for flag in ("--student", "--teacher")]
+        texts = [p if isinstance(p, str) else "".join(str(m.get("content", "")) for m in p) for _, p in records]
+        return measure_teacher_tokens(*tokenizers, texts, teacher_vocab_size)
+    except (ValueError, OSError) as error:
+        fail("plan", f"--prompts {args.prompts}: {error}")
