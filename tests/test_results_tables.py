@@ -35,7 +35,7 @@ from opd_jax.tasks.tool_use import ToolUseTask  # noqa: E402
 GIB = 2**30
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]\d+)?")
 #: Result folders written by opd_jax.demo.write_results (opd-jax demo, opd_grid.py, exopd.py).
-DEMO_GRIDS = ("demo", "demo_vllm", "exopd", "grid_forms", "grid_seq_loo", "tool_use_long")
+DEMO_GRIDS = ("demo", "demo_cross_tokenizer", "demo_vllm", "exopd", "grid_forms", "grid_seq_loo", "tool_use_long")
 SAMPLER_RUNS = ("results", "idle_rerun", "recheck_8x512_n128", "recheck2_8x512_n128")
 #: experiments/benchmarks/loss.py runs: all default cases, and issue 23's shape after / before its change.
 LOSS_RUNS = ("results", "issue23", "issue23_before")
@@ -245,6 +245,15 @@ def test_demo_table_check_fails_on_a_changed_number():
     assert demo_problems(text.replace("| js / opd_plus |", "| js / opd_pluss |"), "README.md")  # a renamed run
     row = next(line for line in text.splitlines() if line.startswith("| js / opd_plus |"))
     assert demo_problems(text.replace(row + "\n", ""), "README.md")  # a missing run
+
+
+@pytest.mark.parametrize("path", ["docs/cross_tokenizer.md", "docs/demo.md"])
+def test_demo_cross_tokenizer_table(path):
+    expected = {row["variation"]: [[row[f"{key}_before"], row[key], row[f"{key}_std"]]
+                                   for key in ("accuracy", "response_length")]
+                for row in load("demo_cross_tokenizer")["summary"]}
+    rows = find_table(read(path), "| run | accuracy before → after | length before → after |")
+    assert len(rows) == len(expected) and not rows_problems(path, rows, expected, variation)
 
 
 def test_demo_vllm_table():
