@@ -180,3 +180,32 @@ def test_prefix_masses_of_a_model_match_its_full_log_softmax():
                 chosen = (rank_V >= lo[b, n, d]) & (rank_V < hi[b, n, d])
                 np.testing.assert_allclose(masses[b, n, d], np.logaddexp.reduce(full[b, n - 1][np.asarray(chosen)]),
                                            rtol=0, atol=2e-5)
+
+
+def test_the_reader_lays_out_byte_slots_only_for_the_byte_view():
+    """TeacherReader.read: chunks (spread) without byte_view; with it, per-row byte slots at the
+    teacher's response positions whose student side is one chunk per student token."""
+    from opd_jax.retokenize import TeacherReader
+    from opd_jax.tokenization import encode_prompts
+
+    student, teacher = arithmetic.build_tokenizer(), arithmetic.build_digit_pair_tokenizer()
+    prompts = ["57+68=", "3+4="]
+    responses = ["7+8+0=15,5+6+1=12>125", "3+4+0=07>7"]
+    encoded = [encode_prompts(t, prompts, max_length=8, use_chat_template=False, pad_id=0) for t in (student, teacher)]
+    reader = TeacherReader(student, ("pairs",), (teacher,), (encoded[1][0],), (encoded[1][1],), (64,),
+                           (student.eos_token_id,), vocabularies=(vocabulary_bytes(teacher, len(teacher)),))
+    rows = [student(r, add_special_tokens=False)["input_ids"] + [student.eos_token_id] for r in responses]
+    tokens = np.zeros((2, 24), np.int32)
+    mask = np.zeros((2, 24), bool)
+    for b, ids in enumerate(rows):
+        tokens[b, : len(ids)], mask[b, : len(ids)] = ids, True
+    index = np.arange(2)
+    chunks = reader.read(tokens, mask, index, np.zeros(2, int))
+    assert chunks.bytes is None
+    assert chunks.student_chunk_BxL[0, :len(rows[0])].max() < len(rows[0]) - 1  # pairs merge two student tokens
+    read = reader.read(tokens, mask, index, np.zeros(2, int), byte_view=True)
+    np.testing.assert_array_equal(read.tokens_BxN, chunks.tokens_BxN)
+    for b, ids in enumerate(rows):
+        np.testing.assert_array_equal(read.student_chunk_BxL[b, : len(ids)], np.arange(len(ids)))
+        assert read.bytes.slot_mask_BxNxD[b].sum() == len(responses[b]) + 1  # every byte, and the EOS
+    assert read.bytes.lo_BxNxD.shape[-1] == 2  # the longest piece: a digit pair
