@@ -6,7 +6,9 @@ a tiny teacher, student and prompt file. No mocks: uploads, conditional creation
 (``ifGenerationMatch=0``), orbax's tensorstore writes and a SIGKILL of a real training process.
 """
 
+import csv
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -98,6 +100,13 @@ def test_paths_schemes_and_missing_buckets(bucket, tmp_path, monkeypatch, capsys
             main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no gs: or s3: folder, nothing else
+    # The exact report's rows go to the bucket whole (a bucket object has no line-by-line writes).
+    assert main(["verify", "--divergence", "js", "--seeds", "0", "--vocab-size", "3", "--horizon", "2", "--quiet",
+                 "--json", "gs://opd/verify/rows.json", "--csv", "gs://opd/verify/rows.csv"]) == 0
+    rows = json.loads(storage.as_path("gs://opd/verify/rows.json").read_text())["rows"]
+    table = list(csv.DictReader(io.StringIO(storage.as_path("gs://opd/verify/rows.csv").read_text())))
+    assert [r["relative_error"] for r in rows] == [float(r["relative_error"]) for r in table] and len(rows) > 4
+    assert list(tmp_path.iterdir()) == []
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(_train_argv("gs://opd/models/teacher", models / "student", "gs://opd/missing.jsonl", "gs://other/run")[3:])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import pathlib
 import sys
@@ -109,10 +110,12 @@ def _write_outputs(rows, metadata: dict, json_path: pathlib.Path | None, csv_pat
         json_path.write_text(json.dumps({"problem": metadata, "rows": records}, indent=2) + "\n")
     if csv_path is not None:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
-        with csv_path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-            writer.writeheader()
-            writer.writerows(records)
+        # Rendered in memory, then written whole: a bucket object (gs://) has no line-by-line writes.
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+        csv_path.write_text(text.getvalue())
 
 
 def _check_writable(path: pathlib.Path | None, flag: str) -> None:
