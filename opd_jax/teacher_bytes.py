@@ -89,11 +89,12 @@ class VocabularyBytes:
     sorted_pieces: tuple[bytes, ...]
 
     def prefix_range(self, prefix: bytes) -> tuple[int, int]:
-        """``[lo, hi)``: the ranks of the text pieces that start with ``prefix``."""
-        lo = bisect.bisect_left(self.sorted_pieces, prefix)
-        hi = bisect.bisect_left(self.sorted_pieces, prefix[:-1] + bytes([prefix[-1] + 1])) if prefix[-1] < 255 else \
-            lo + sum(1 for piece in self.sorted_pieces[lo:] if piece.startswith(prefix))
-        return lo, hi
+        """``[lo, hi)``: the ranks of the text pieces that start with ``prefix`` (they sort together)."""
+        # Above them all: the prefix with its trailing 0xff bytes dropped and its last byte raised.
+        stripped = prefix.rstrip(b"\xff")
+        above = stripped[:-1] + bytes([stripped[-1] + 1]) if stripped else None
+        return (bisect.bisect_left(self.sorted_pieces, prefix),
+                len(self.sorted_pieces) if above is None else bisect.bisect_left(self.sorted_pieces, above))
 
 
 def vocabulary_bytes(tokenizer, vocab_size: int) -> VocabularyBytes:

@@ -305,30 +305,57 @@ def test_a_half_uploaded_checkpoint_is_ignored_and_removed(bucket):
     assert CheckpointStore(folder).steps() == [1, 2]
 
 
-@pytest.mark.slow  # two processes compiling side by side: ~3 min on a loaded 2-core machine
-def test_two_processes_write_one_run_to_the_bucket(bucket, tmp_path):
-    """2 processes × 4 CPU devices, --mesh 2,2,2: orbax writes each checkpoint from both processes
-    straight to the bucket, process 0 holds the lock and writes the rest; each step is logged once."""
-    url, _ = bucket
+def _two_process_run(env, teacher, student, prompts, output) -> list[subprocess.Popen]:
+    """Both processes of a run over 2 processes × 4 CPU devices, ``--mesh 2,2,2``."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**_child_env(url, tmp_path / "jax_cache"), "JAX_NUM_CPU_DEVICES": "4"}
-    output = "gs://opd/two_processes"
-    argv = _train_argv("gs://opd/models/teacher", "gs://opd/models/student", "gs://opd/prompts.jsonl", output,
-                       "--prompts-per-step", "4", "--mesh", "2,2,2", "--coordinator", f"localhost:{port}",
-                       "--num-processes", "2")
-    children = [subprocess.Popen([*argv, "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    argv = _train_argv(teacher, student, prompts, output, "--prompts-per-step", "4", "--mesh", "2,2,2",
+                       "--coordinator", f"localhost:{port}", "--num-processes", "2")
+    return [subprocess.Popen([*argv, "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def _finish(children, timeout=900) -> list[tuple[int, str]]:
     try:
-        for child in children:
-            out, _ = child.communicate(timeout=900)
-            assert child.returncode == 0, out[-4000:]
+        outputs = [child.communicate(timeout=timeout)[0] for child in children]
+        return [(child.returncode, out) for child, out in zip(children, outputs)]
     finally:
         for child in children:
             child.kill()
+
+
+@pytest.mark.slow  # three two-process runs; the later two reuse the first one's compiled programs
+def test_two_processes_preempted_in_the_bucket_end_as_on_a_local_folder(bucket, tmp_path):
+    """2 processes × 4 CPU devices, --mesh 2,2,2: orbax writes each checkpoint from both processes
+    straight to the bucket, process 0 holds the lock and writes the rest. One process gets SIGTERM
+    after the first step: both stop after the same step, resumable; the re-run finishes. The export
+    is bitwise that of the same two-process run on a local folder, and each step is logged once."""
+    url, local = bucket
+    env = {**_child_env(url, tmp_path / "jax_cache"), "JAX_NUM_CPU_DEVICES": "4"}
+    models = local / "models"
+    reference = tmp_path / "local_run"
+    for code, out in _finish(_two_process_run(env, models / "teacher", models / "student", local / "prompts.jsonl",
+                                              reference)):
+        assert code == 0, out[-4000:]
+
+    output = "gs://opd/two_processes"
+    remote = ("gs://opd/models/teacher", "gs://opd/models/student", "gs://opd/prompts.jsonl", output)
+    children = _two_process_run(env, *remote)
+    _wait_for(lambda: _bucket_steps(output), children[0], "step 1")
+    children[1].send_signal(signal.SIGTERM)
+    for code, out in _finish(children):
+        assert code == 75, out[-4000:]
+    preempted_at = _bucket_steps(output)[-1]
+    assert preempted_at < 3 and not storage.as_path(f"{output}/.opd_jax.lock").exists()
+
+    finished = _finish(_two_process_run(env, *remote))
+    for code, out in finished:
+        assert code == 0, out[-4000:]
+    assert "resuming from step" in finished[0][1]
     assert _bucket_steps(output) == [1, 2, 3]
     checkpoints = storage.as_path(f"{output}/checkpoints")
     assert all((checkpoints / str(step) / "commit_success.txt").exists() for step in (1, 2, 3))
-    assert (storage.as_path(output) / "student" / "model.safetensors").exists()
+    assert (storage.as_path(output) / "student" / "model.safetensors").read_bytes() == (
+        reference / "student" / "model.safetensors").read_bytes()
     assert not storage.as_path(f"{output}/.opd_jax.lock").exists()
