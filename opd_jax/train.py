@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import pathlib
 import sys
@@ -206,6 +207,29 @@ def _place_on_mesh(config, placement: sharding_lib.Placement, state, teacher_par
     return shardings, placed, teacher_params, reference_params
 
 
+def _score_text(config: TrainConfig, prompts: PromptSet, step_fn: TrainStep, teacher_params, several_teachers: bool,
+                batch_sharding, rollout: Rollout, data_position: int) -> AlignedTeacher:
+    """Each row's teacher scores its own tokens of the row's text (``tokenizer_alignment = "text"``),
+    on its own token shapes (its byte slots with ``alignment_credit = "characters"``); the step
+    carries the scores onto the student's tokens."""
+    picked = prompts.indices(data_position, config.prompts_per_step, config.seed)
+    prompt_index, teacher_index = (np.repeat(a, config.group_size) for a in (picked, prompts.teachers_of(picked)))
+    reader = prompts.teacher_text
+    read = reader.read(np.asarray(rollout.tokens), np.asarray(rollout.response_mask), prompt_index, teacher_index,
+                       byte_view=config.alignment_credit == "characters")
+    index = teacher_index if several_teachers else None
+    if read.bytes is None:
+        logp = step_fn.score_teacher(teacher_params, read.tokens_BxN, read.token_mask_BxN, index)
+        scored = AlignedTeacher(logp, read.response_mask_BxN, read.teacher_chunk_BxN, read.student_chunk_BxL)
+    else:
+        logp = step_fn.score_teacher_bytes(teacher_params, read.tokens_BxN, read.token_mask_BxN, index, read.bytes,
+                                           tuple(vocabulary.rank_V for vocabulary in reader.vocabularies))
+        flat = lambda slots_BxNxD: slots_BxNxD.reshape(slots_BxNxD.shape[0], -1)  # noqa: E731
+        scored = AlignedTeacher(logp, flat(read.bytes.slot_mask_BxNxD), flat(read.bytes.slot_chunk_BxNxD),
+                                read.student_chunk_BxL)
+    return scored if batch_sharding is None else jax.device_put(scored, batch_sharding)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Run:
     """What the loop holds fixed for a whole run."""
@@ -276,26 +300,8 @@ def _setup(config, models: tuple, prompts, sampling, backend, placement: shardin
         index = _teacher_index(config, prompts, data_position, shardings.teacher_batch, several_teachers)
         return jax.device_put(step_fn.score_teacher(teacher_params, tokens, mask, index), shardings.batch)
 
-    def score_text(rollout: Rollout, data_position: int) -> AlignedTeacher:
-        """Each row's teacher scores its own tokens of the row's text (``tokenizer_alignment = "text"``),
-        on its own token shapes; the step carries the scores onto the student's tokens."""
-        rows = config.prompts_per_step
-        picked = prompts.indices(data_position, rows, config.seed)
-        prompt_index, teacher_index = (np.repeat(a, config.group_size) for a in (picked, prompts.teachers_of(picked)))
-        reader = prompts.teacher_text
-        read = reader.read(np.asarray(rollout.tokens), np.asarray(rollout.response_mask), prompt_index,
-                           teacher_index, byte_view=config.alignment_credit == "characters")
-        index = teacher_index if several_teachers else None
-        if read.bytes is None:
-            logp = step_fn.score_teacher(teacher_params, read.tokens_BxN, read.token_mask_BxN, index)
-            scored = AlignedTeacher(logp, read.response_mask_BxN, read.teacher_chunk_BxN, read.student_chunk_BxL)
-        else:
-            logp = step_fn.score_teacher_bytes(teacher_params, read.tokens_BxN, read.token_mask_BxN, index, read.bytes,
-                                               tuple(vocabulary.rank_V for vocabulary in reader.vocabularies))
-            flat = lambda slots_BxNxD: slots_BxNxD.reshape(slots_BxNxD.shape[0], -1)  # noqa: E731
-            scored = AlignedTeacher(logp, flat(read.bytes.slot_mask_BxNxD), flat(read.bytes.slot_chunk_BxNxD),
-                                    read.student_chunk_BxL)
-        return scored if shardings is None else jax.device_put(scored, shardings.batch)
+    score_text = functools.partial(_score_text, config, prompts, step_fn, teacher_params, several_teachers,
+                                   None if shardings is None else shardings.batch)
 
     # The sampler's outputs are placed by XLA's propagation; the step's inputs are explicit.
     place = (lambda rollout: rollout) if shardings is None else (lambda r: jax.device_put(r, shardings.batch))
