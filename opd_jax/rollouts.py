@@ -25,7 +25,7 @@ import numpy as np
 from opd_jax.models.decoder import Decoder
 from opd_jax.sampling import Rollout, SamplingConfig, generate
 
-__all__ = ["Environment", "RolloutFn", "make_rollout_fn", "multi_turn_rollout"]
+__all__ = ["Environment", "MultiTurn", "MultiTurnBackend", "RolloutFn", "make_rollout_fn", "multi_turn_rollout"]
 
 #: ``(model, prompt_tokens_BxP, prompt_mask_BxP, key, sampling_config) -> Rollout`` of length ``P + N``.
 RolloutFn = Callable[[Decoder, jax.Array, jax.Array, jax.Array, SamplingConfig], Rollout]
@@ -196,6 +196,48 @@ def _take_turn(episodes: _Episodes, row: int, prompt: np.ndarray, environment: E
     episodes.done_B[row] = episodes.used_B[row] >= episodes.response_BxN.shape[1]
 
 
-def make_rollout_fn(environment: Environment, *, generate_fn: RolloutFn = generate) -> RolloutFn:
+@dataclasses.dataclass(frozen=True)
+class MultiTurn:
+    """A multi-turn ``rollout_fn``: :func:`multi_turn_rollout` with its environment bound.
+
+    Called like :func:`opd_jax.sampling.generate` it samples its turns with ``generate_fn`` in this
+    process; :class:`MultiTurnBackend` runs the same episodes with another backend's turns (the
+    loop does that for ``rollout_backend = "vllm"``).
+    """
+
+    environment: Environment
+    generate_fn: RolloutFn = generate
+
+    def __call__(self, model: Decoder, prompt_tokens_BxP, prompt_mask_BxP, key: jax.Array,
+                 config: SamplingConfig) -> Rollout:
+        return multi_turn_rollout(model, prompt_tokens_BxP, prompt_mask_BxP, key, config,
+                                  environment=self.environment, generate_fn=self.generate_fn)
+
+
+class MultiTurnBackend:
+    """A rollout backend whose ``generate`` runs :func:`multi_turn_rollout`, each turn one ``generate``
+    of ``backend`` (an engine that samples single turns, such as vLLM, then serves multi-turn
+    episodes). Weights and closing go to ``backend``.
+    """
+
+    def __init__(self, backend, environment: Environment):
+        self.backend, self.environment = backend, environment
+        self.name = backend.name
+
+    def generate(self, prompt_tokens_BxP, prompt_mask_BxP, key: jax.Array, sampling: SamplingConfig) -> Rollout:
+        def turn(_model, tokens_RxW, mask_RxW, turn_key, config):
+            return self.backend.generate(tokens_RxW, mask_RxW, turn_key, config)
+
+        return multi_turn_rollout(None, prompt_tokens_BxP, prompt_mask_BxP, key, sampling,
+                                  environment=self.environment, generate_fn=turn)
+
+    def sync_weights(self, params) -> None:
+        self.backend.sync_weights(params)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def make_rollout_fn(environment: Environment, *, generate_fn: RolloutFn = generate) -> MultiTurn:
     """:func:`multi_turn_rollout` with ``environment`` bound: a ``rollout_fn`` for :func:`opd_jax.train.train`."""
-    return functools.partial(multi_turn_rollout, environment=environment, generate_fn=generate_fn)
+    return MultiTurn(environment, generate_fn)

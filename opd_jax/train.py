@@ -65,6 +65,7 @@ from opd_jax.models import Decoder
 from opd_jax.models.config import DecoderConfig
 from opd_jax.pipeline import RolloutPipeline
 from opd_jax.preemption import Preempted, StopSignals
+from opd_jax.rollouts import MultiTurn, MultiTurnBackend
 from opd_jax.run_folder import RunFolder
 from opd_jax.sampling import Rollout, SamplingConfig, generate
 from opd_jax.step import (AdvantageFn, LossFn, StepShardings, TrainStep, make_optimizer, make_step_shardings,
@@ -648,15 +649,19 @@ def _run_steps(run: _Run, state: dict, store: CheckpointStore, folder: RunFolder
 
 def _start_backend(config: TrainConfig, student: Decoder, student_config: DecoderConfig,
                    rollout_fn: Callable[..., Rollout]) -> RolloutBackend:
-    """The backend ``config.rollout_backend`` names; a multi-turn ``rollout_fn`` needs the JAX one."""
+    """The backend ``config.rollout_backend`` names. An engine in its own process samples single
+    turns; a :class:`~opd_jax.rollouts.MultiTurn` ``rollout_fn`` runs its episodes on those turns."""
     if config.rollout_backend == "jax":
         return JaxBackend(nnx.graphdef(student), rollout_fn)
-    if rollout_fn is not generate:
-        raise ValueError(f"rollout_backend {config.rollout_backend!r} samples single-turn responses only; "
-                         "a custom rollout_fn (e.g. multi-turn) needs rollout_backend 'jax'")
+    multi_turn = isinstance(rollout_fn, MultiTurn)
+    if rollout_fn is not generate and not multi_turn:
+        raise ValueError(f"rollout_backend {config.rollout_backend!r} samples single turns (and the multi-turn "
+                         "episodes of an opd_jax.rollouts.MultiTurn rollout_fn); another custom rollout_fn needs "
+                         "rollout_backend 'jax'")
     from opd_jax.backends.vllm import VllmBackend
 
-    return VllmBackend(student_config, student)
+    engine = VllmBackend(student_config, student)
+    return MultiTurnBackend(engine, rollout_fn.environment) if multi_turn else engine
 
 
 def _finite_flags(params, opt_state) -> Array:

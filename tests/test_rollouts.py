@@ -127,3 +127,30 @@ def test_episode_ends_at_an_episode_stop_id_the_budget_or_a_turn_that_never_stop
     assert np.asarray(rollout.response_mask[1, 3:]).tolist() == [True] * 5 + [False] * 3
     # Row 2 never stops a turn: the budget is all model tokens, and the environment never hears of it.
     assert np.asarray(rollout.response_mask[2, 3:]).all() and len(environment.calls) == 2
+
+
+def test_a_backend_runs_the_episodes_of_a_multi_turn_rollout_fn_bitwise():
+    """MultiTurnBackend: each turn one generate() of the wrapped backend (the loop wraps vLLM this
+    way); on the JAX backend its episodes are bitwise those of the multi-turn rollout_fn itself."""
+    from flax import nnx
+
+    from opd_jax.backends import JaxBackend
+
+    reference = np.load(REFERENCE)
+    vocabulary = tool_use.Vocabulary()
+    rollout_fn = tool_use.make_rollout_fn(vocabulary)
+    assert isinstance(rollout_fn, rollouts.MultiTurn)
+    model, _ = models.from_pretrained(tool_use.toy_model_path("teacher"))
+    config = SamplingConfig(max_new_tokens=tool_use.toy_task().max_response_length + 4, temperature=1.0,
+                            stop_ids=(vocabulary.eos_id,), pad_id=vocabulary.pad_id)
+    graphdef, params = nnx.split(model)
+    wrapped = rollouts.MultiTurnBackend(JaxBackend(graphdef), rollout_fn.environment)
+    whole = JaxBackend(graphdef, rollout_fn)
+    for backend in (wrapped, whole):
+        backend.sync_weights(params)
+    assert wrapped.name == "jax"
+    got, want = (b.generate(reference["prompt_tokens"], reference["prompt_mask"], jax.random.key(5), config)
+                 for b in (wrapped, whole))
+    for field in ("tokens", "token_mask", "response_mask", "sampling_logp"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(want, field)), err_msg=field)
+    assert (np.asarray(got.token_mask) & ~np.asarray(got.response_mask)).sum() > reference["prompt_mask"].sum()

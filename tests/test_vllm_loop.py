@@ -44,16 +44,36 @@ def _leaves(model):
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
 
 
+class _Answers:
+    """Half of the vocabulary ends a turn; each of the first two such turns of an episode is answered."""
+
+    turn_stop_ids = tuple(range(3, 130))
+    episode_stop_ids = ()
+
+    def __init__(self):
+        self.answered = 0
+
+    def respond(self, turn_T, context_C):
+        if int(np.sum(context_C == 1)) >= 2:
+            return None
+        self.answered += 1
+        return [1]
+
+
 def test_training_samples_with_the_synced_weights(tmp_path):
     """The engine's log-probs stay the trainer's at every step: a stale engine (sync not taken) would
-    sample from the step-0 weights, and with learning rate 1e-2 its log-probs would drift far more."""
+    sample from the step-0 weights, and with learning rate 1e-2 its log-probs would drift far more.
+    The episodes are multi-turn (a MultiTurn rollout_fn): the loop runs them on the engine's turns."""
+    from opd_jax import rollouts
+
     student, teacher = make_student(0), make_student(1)
     initial = _leaves(student)
-    config = TrainConfig(steps=4, rollout_backend="vllm", **SETTINGS)
+    environment = _Answers()
+    config = TrainConfig(steps=4, rollout_backend="vllm", **dict(SETTINGS, max_new_tokens=12))
     result = train.train(config, student, CONFIG, teacher, _prompts(), tmp_path / "run", stop_ids=(2,),
-                         progress=False)
+                         progress=False, rollout_fn=rollouts.MultiTurn(environment))
     records = [r for r in result.history if "loss" in r]
-    assert len(records) == 4
+    assert len(records) == 4 and environment.answered > 8
     for record in records:
         assert record["sampling_logp_gap"] < 1e-4, record
         assert record["sync_seconds"] > 0 and record["sample_seconds"] > 0
