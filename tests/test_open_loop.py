@@ -203,8 +203,10 @@ def test_a_run_with_an_unimportable_recorded_divergence_is_refused_and_nothing_c
 
 
 def _child(output_dir, steps):
+    # The children of one test share a compilation cache: the later ones skip most compiling.
     return subprocess.Popen([sys.executable, str(HELPERS / "tiny_run.py"), str(output_dir), str(steps), "custom"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=faults.child_env(output_dir.parent / "jax_cache"))
 
 
 def test_a_custom_divergence_run_killed_and_resumed_is_bitwise_the_uninterrupted_one(tmp_path):

@@ -71,8 +71,10 @@ def test_each_step_samples_from_the_parameters_the_previous_step_started_with(tm
 
 
 def _child(output_dir, steps):
+    # The children of one test share a compilation cache: the later ones skip most compiling.
     return subprocess.Popen([sys.executable, str(HELPERS / "tiny_run.py"), str(output_dir), str(steps), "js",
-                             "pipelined"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "pipelined"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=faults.child_env(output_dir.parent / "jax_cache"))
 
 
 def test_a_pipelined_run_killed_and_resumed_is_bitwise_the_uninterrupted_one(tmp_path):

@@ -16,12 +16,15 @@ from opd_jax import checkpoint, train
 
 HELPERS = pathlib.Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
+import faults  # noqa: E402
 import tiny_run  # noqa: E402
 
 
 def _child(output_dir, steps):
+    # The children of one test share a compilation cache: the later ones skip most compiling.
     return subprocess.Popen([sys.executable, str(HELPERS / "tiny_run.py"), str(output_dir), str(steps)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=faults.child_env(output_dir.parent / "jax_cache"))
 
 
 @pytest.fixture(scope="module")
