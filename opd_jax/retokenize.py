@@ -173,8 +173,8 @@ class TeacherBatch(NamedTuple):
         response tokens, padded on the right to a bucket (so few shapes compile).
       response_mask_BxN: 1 at the teacher's response tokens (its EOS included).
       teacher_chunk_BxN, student_chunk_BxL: chunk indices of the response tokens (0 elsewhere).
-      bytes: the byte slots (``None`` unless the reader has the teachers' vocabularies); its chunks
-        are then per byte and ``student_chunk_BxL`` is their student side.
+      bytes: the byte slots (``None`` unless read with ``byte_view``); ``student_chunk_BxL`` is then
+        the student side of their chunks (one per student token) instead of the token chunks'.
     """
 
     tokens_BxN: np.ndarray
