@@ -386,7 +386,7 @@ def _teacher_reader(spec: RunSpec, checked: Checked, stop_ids: tuple[int, ...]):
         teacher_tokenizer, checked.tokenizer, checked.teacher_configs[n], checked.student_config,
         chat_template=spec.data.chat_template) for n, teacher_tokenizer in zip(names, tokenizers))
     vocabularies = None
-    if spec.train.alignment_credit == "characters":
+    if spec.train.alignment_credit == "characters" and not identical:  # identical: nothing is re-tokenized
         vocabularies = tuple(vocabulary_bytes(teacher_tokenizer, checked.teacher_configs[n].vocab_size)
                              for n, teacher_tokenizer in zip(names, tokenizers))
     return TeacherReader(

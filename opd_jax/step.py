@@ -357,12 +357,19 @@ def _teacher_log_probs(spec: StepSpec, teacher_params, tokens_BxT, token_mask_Bx
     """Each row's own teacher's log-probs; the hidden states and projection of a single teacher."""
     if spec.teacher_names is None:
         return _log_probs(spec, spec.teacher_graphdef, teacher_params, tokens_BxT, token_mask_BxT)
-    logp_BxT = jnp.zeros(tokens_BxT.shape, jnp.float32)
-    for index, name in enumerate(spec.teacher_names):
-        own_BxT, _, _ = _log_probs(spec, spec.teacher_graphdef[name], teacher_params[name], tokens_BxT,
-                                   token_mask_BxT)
-        logp_BxT = jnp.where((teacher_index_B == index)[:, None], own_BxT, logp_BxT)
+    logp_BxT = _routed(spec, teacher_params, teacher_index_B,
+                       lambda graph, params, _: _log_probs(spec, graph, params, tokens_BxT, token_mask_BxT)[0])
     return logp_BxT, None, None
+
+
+def _routed(spec: StepSpec, teacher_params, teacher_index_B, score: Callable) -> Array:
+    """``score(graph, params, index)`` (``[B, ...]``) of each row's own teacher among several; 0 for
+    a row routed to none."""
+    routed = None
+    for index, name in enumerate(spec.teacher_names):
+        own = score(spec.teacher_graphdef[name], teacher_params[name], index)
+        routed = jnp.where((teacher_index_B == index)[:, None], own, jnp.zeros_like(own) if routed is None else routed)
+    return routed
 
 
 def score_teacher(spec: StepSpec, teacher_params, tokens_BxT, token_mask_BxT, teacher_index_B=None) -> Array:
@@ -387,12 +394,8 @@ def score_teacher_bytes(spec: StepSpec, teacher_params, tokens_BxN, token_mask_B
 
     if spec.teacher_names is None:
         return one_teacher(spec.teacher_graphdef, teacher_params, rank_V[0])
-    depth = byte_batch.lo_BxNxD.shape[-1]
-    logp_BxS = jnp.zeros((tokens_BxN.shape[0], tokens_BxN.shape[1] * depth), jnp.float32)
-    for index, name in enumerate(spec.teacher_names):
-        own_BxS = one_teacher(spec.teacher_graphdef[name], teacher_params[name], rank_V[index])
-        logp_BxS = jnp.where((teacher_index_B == index)[:, None], own_BxS, logp_BxS)
-    return logp_BxS
+    return _routed(spec, teacher_params, teacher_index_B,
+                   lambda graph, params, index: one_teacher(graph, params, rank_V[index]))
 
 
 def prepare(spec: StepSpec, params, teacher_params, rollout: Rollout, reference_params, teacher_index_B=None):
