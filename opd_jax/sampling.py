@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +23,10 @@ from opd_jax.chunking import map_row_chunks
 from opd_jax.models.decoder import DecodeCache, Decoder, KVCache
 
 Array = jax.Array
+_log = logging.getLogger(__name__)
 
-__all__ = ["Rollout", "SamplingConfig", "generate", "positions_from_mask", "score", "token_log_probs",
-           "token_log_probs_and_hidden"]
+__all__ = ["Rollout", "SamplingConfig", "default_slots", "generate", "kv_cache_bytes", "positions_from_mask",
+           "resolve_slots", "score", "token_log_probs", "token_log_probs_and_hidden"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,10 @@ class SamplingConfig:
       stop_ids: tokens that end a response (EOS and any extra stop ids); the stop token is part of
         the response.
       pad_id: the token written in slots after a response has ended.
+      slots: ``S``, the rows decoded at once. With fewer slots than prompts, a slot whose row
+        stops takes the next prompt (its prefill written into that slot's cache) while the others
+        go on, so a batch no longer decodes until its longest row ends. ``None``: chosen from the
+        batch and the stop ids (:func:`default_slots`). A row's tokens do not depend on ``S``.
     """
 
     max_new_tokens: int
@@ -47,6 +54,7 @@ class SamplingConfig:
     top_p: float | None = None
     stop_ids: tuple[int, ...] = ()
     pad_id: int = 0
+    slots: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -57,6 +65,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be None or >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be None or in (0, 1], got {self.top_p}")
+        if self.slots is not None and self.slots < 1:
+            raise ValueError(f"slots must be None (chosen from the batch) or >= 1, got {self.slots}")
 
 
 @jax.tree_util.register_dataclass
@@ -128,7 +138,7 @@ def _threefry2x32(k1: Array, k2: Array, x1: Array, x2: Array) -> tuple[Array, Ar
 
 
 def _straight_threefry_applies(key: Array) -> bool:
-    """Whether :func:`_split` / :func:`_gumbel` reproduce ``jax.random`` for this key: a threefry
+    """Whether :func:`_row_step_keys` / :func:`_gumbel_rows` reproduce ``jax.random`` for this key: a threefry
     key with the (default) partitionable counter layout and low-range Gumbel noise."""
     return (
         str(jax.random.key_impl(key)) == "threefry2x32"
@@ -137,25 +147,27 @@ def _straight_threefry_applies(key: Array) -> bool:
     )
 
 
-def _split(key: Array) -> tuple[Array, Array]:
-    """``jax.random.split(key)`` as a pair."""
+def _row_step_keys(key: Array, row_B: Array, step_B: Array) -> Array:
+    """``jax.random.fold_in(jax.random.fold_in(key, row), step)`` for each row: the key of one
+    row's response token, whatever batch or slot it is decoded in. Returns ``[B]`` typed keys."""
     if not _straight_threefry_applies(key):
-        first, second = jax.random.split(key)
-        return first, second
+        return jax.vmap(lambda row, step: jax.random.fold_in(jax.random.fold_in(key, row), step))(row_B, step_B)
     k = jax.random.key_data(key)
-    bits1, bits2 = _threefry2x32(k[0], k[1], jnp.zeros((2,), jnp.uint32), jnp.arange(2, dtype=jnp.uint32))
-    wrap = functools.partial(jax.random.wrap_key_data, impl="threefry2x32")
-    return wrap(jnp.stack([bits1[0], bits2[0]])), wrap(jnp.stack([bits1[1], bits2[1]]))
+    # fold_in(k, d) is the hash of the counter words (0, d) under k.
+    zeros = jnp.zeros(row_B.shape, jnp.uint32)
+    row1, row2 = _threefry2x32(k[0], k[1], zeros, row_B.astype(jnp.uint32))
+    step1, step2 = _threefry2x32(row1, row2, zeros, step_B.astype(jnp.uint32))
+    return jax.random.wrap_key_data(jnp.stack([step1, step2], axis=-1), impl="threefry2x32")
 
 
-def _gumbel(key: Array, shape: tuple[int, int]) -> Array:
-    """``jax.random.gumbel(key, shape)`` in float32 (``shape`` 2-D, fewer than 2**32 entries)."""
-    if not _straight_threefry_applies(key) or shape[0] * shape[1] >= 2**32:
-        return jax.random.gumbel(key, shape, jnp.float32)
-    k = jax.random.key_data(key)
-    rows = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
-    columns = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
-    bits1, bits2 = _threefry2x32(k[0], k[1], jnp.zeros(shape, jnp.uint32), rows * np.uint32(shape[1]) + columns)
+def _gumbel_rows(keys_B: Array, vocab: int) -> Array:
+    """``jax.random.gumbel(keys_B[b], (vocab,))`` for each row, float32 ``[B, vocab]``."""
+    if not _straight_threefry_applies(keys_B):
+        # One row at a time: a batched rbg key draws other bits than the same key alone.
+        return jax.lax.map(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32), keys_B)
+    k = jax.random.key_data(keys_B)
+    columns = jax.lax.broadcasted_iota(jnp.uint32, (keys_B.shape[0], vocab), 1)
+    bits1, bits2 = _threefry2x32(k[:, :1], k[:, 1:], jnp.zeros_like(columns), columns)
     # 23 random mantissa bits under exponent 0: a float in [1, 2), minus 1, mapped to [tiny, 1).
     mantissa = ((bits1 ^ bits2) >> np.uint32(32 - 23)) | np.uint32(0x3F800000)
     tiny = jnp.float32(np.finfo(np.float32).tiny)
@@ -172,17 +184,17 @@ def _first_argmax(x_BxV: Array) -> Array:
     return jnp.min(jnp.where(x_BxV == top, index, x_BxV.shape[-1]), axis=-1)
 
 
-def _sample(logits_BxV: Array, key: Array, config: SamplingConfig) -> tuple[Array, Array]:
+def _sample(logits_BxV: Array, keys_B: Array, config: SamplingConfig) -> tuple[Array, Array]:
     """Tokens ``[B]`` int32 and their log-probabilities ``[B]`` float32 under the filtered distribution.
 
-    The tokens are those of ``jax.random.categorical(key, filtered)`` (Gumbel-max with the same
-    noise), and the log-probability that of ``jax.nn.log_softmax(filtered)`` at the token (the
-    same operations, evaluated at the picked entry only).
+    Row ``b``'s token is that of ``jax.random.categorical(keys_B[b], filtered[b])`` (Gumbel-max
+    with the same noise), and its log-probability that of ``jax.nn.log_softmax(filtered[b])`` at
+    the token (the same operations, evaluated at the picked entry only).
     """
     if config.temperature == 0:
         return _first_argmax(logits_BxV), jnp.zeros(logits_BxV.shape[:1], jnp.float32)
     filtered = _filter_logits(logits_BxV, config)
-    noise = _gumbel(key, filtered.shape)
+    noise = _gumbel_rows(keys_B, filtered.shape[1])
     tokens = _first_argmax(noise + filtered)
     shift = jax.lax.stop_gradient(jnp.max(filtered, axis=-1, keepdims=True))
     shifted = filtered - shift
@@ -228,8 +240,71 @@ def generate(
             f"prompt length {prompt_tokens.shape[1]} + max_new_tokens {config.max_new_tokens} = {total} exceeds "
             f"the model's max_position_embeddings {model.config.max_position_embeddings}"
         )
+    _check_stop_ids(config.stop_ids, model.config.vocab_size)
+    slots = resolve_slots(config, prompt_tokens.shape[0], model.config, model.compute_dtype, total)
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, prompt_tokens, prompt_mask, key, config)
+    return _generate(graphdef, state, prompt_tokens, prompt_mask, key, config, slots)
+
+
+def _check_stop_ids(stop_ids: tuple[int, ...], vocab_size: int) -> None:
+    outside = [i for i in stop_ids if not 0 <= i < vocab_size]
+    if outside:
+        raise ValueError(f"stop_ids {outside} lie outside the vocabulary: allowed ids are 0..{vocab_size - 1}")
+
+
+def kv_cache_bytes(model_config, slots: int, length: int, dtype) -> int:
+    """Bytes of the decode cache: keys and values of every layer for ``slots × length`` tokens."""
+    per_token = 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim
+    return slots * length * (per_token * jnp.dtype(dtype).itemsize + 1)  # + the validity mask
+
+
+def _device_memory_bytes() -> int:
+    """Memory of one device: the allocator's limit on an accelerator, physical memory on CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+#: Rows per slot the default keeps queued when responses can stop early (see :func:`default_slots`).
+_ROWS_PER_SLOT = 4
+
+
+def default_slots(rows: int, stop_ids: tuple[int, ...]) -> int:
+    """Slots when :attr:`SamplingConfig.slots` is ``None``: every row at once when nothing stops a
+    response early (each row runs to ``max_new_tokens``; refilling gains nothing), else a quarter
+    of the rows (at least 64), so a slot decodes about four responses one after the other and the
+    batch does not wait for its longest row."""
+    if not stop_ids:
+        return rows
+    return min(rows, max(64, -(-rows // _ROWS_PER_SLOT)))
+
+
+def resolve_slots(config: SamplingConfig, rows: int, model_config, dtype, length: int) -> int:
+    """The slots a rollout of ``rows`` prompts decodes in: ``config.slots`` (clamped to ``rows``, which
+    is logged) or :func:`default_slots`, lowered to what fits the device memory when chosen here.
+
+    Raises:
+      ValueError: ``config.slots`` asks for a KV cache larger than one device's memory (the cache
+        split over all devices), naming slots, sequence length and bytes.
+    """
+    slots = default_slots(rows, config.stop_ids) if config.slots is None else config.slots
+    if slots > rows:
+        _log.info("SamplingConfig.slots %d is more than the %d prompts: decoding in %d slots", slots, rows, rows)
+        slots = rows
+    devices, memory = jax.device_count(), _device_memory_bytes()
+    one_slot = kv_cache_bytes(model_config, 1, length, dtype)
+    fit = memory * devices // one_slot
+    if slots > fit:
+        if config.slots is not None or fit < 1:
+            need = kv_cache_bytes(model_config, slots, length, dtype)
+            raise ValueError(
+                f"SamplingConfig.slots {slots} × sequence length {length} needs a KV cache of {need} bytes "
+                f"({need // devices} per device over {devices} devices), more than the {memory} bytes of one "
+                f"device; at most {fit} slots fit"
+            )
+        slots = fit
+    return slots
 
 
 # Slots the decode cache grows by (at least): the decode loop runs in segments, each with a cache
@@ -257,87 +332,165 @@ def cache_segments(prompt_length: int, max_new_tokens: int, growth: int = _CACHE
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _DecodeState:
-    """The carry of the decode loop.
+    """The carry of the decode loop: ``S`` slots decoding rows of an ``[R, P]`` prompt batch.
 
     Attributes:
-      step: ``[]`` int32, the response slot sampled next.
-      logits_BxV: float32 logits of the next token.
-      cache: the :class:`DecodeCache` (its ``index`` is ``P + step``).
-      position_B: RoPE position of the next token.
-      done_B: rows that have emitted a stop id.
-      key: PRNG key, split once per step.
-      tokens_BxN, mask_BxN, logp_BxN: the response so far (``pad_id`` / False / 0 beyond it).
+      step: ``[]`` int32, decode steps run so far.
+      logits_SxV: float32 logits of each slot's next token.
+      cache: the :class:`DecodeCache`; its ``index`` is ``P + step`` (static batch) or per slot.
+      row_S: int32, the prompt row each slot decodes.
+      written_S: int32, response tokens the slot's row has so far (its next response column).
+      position_S: RoPE position of the next token.
+      done_S: slots whose row has stopped (a stop id or ``N`` tokens): free for the next prompt.
+      queued: ``[]`` int32, prompt rows handed to a slot so far (the rest wait in the queue).
+      tokens_RxN, mask_RxN, logp_RxN: the responses so far (``pad_id`` / False / 0 beyond them).
     """
 
     step: Array
-    logits_BxV: Array
+    logits_SxV: Array
     cache: DecodeCache
-    position_B: Array
-    done_B: Array
-    key: Array
-    tokens_BxN: Array
-    mask_BxN: Array
-    logp_BxN: Array
+    row_S: Array
+    written_S: Array
+    position_S: Array
+    done_S: Array
+    queued: Array
+    tokens_RxN: Array
+    mask_RxN: Array
+    logp_RxN: Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _generate(graphdef, state, prompt_tokens, prompt_mask, key, config: SamplingConfig) -> Rollout:
-    model = nnx.merge(graphdef, state)
+def _prefill(model: Decoder, prompt_tokens: Array, prompt_mask: Array) -> tuple[Array, Array, KVCache]:
+    """Logits of each row's first response token ``[B, V]``, its RoPE position ``[B]`` and the
+    prompt's :class:`KVCache` (``P`` slots)."""
     batch, prompt_length = prompt_tokens.shape
-    new = config.max_new_tokens
-    sizes = cache_segments(prompt_length, new)
-    prompt_positions = positions_from_mask(prompt_mask)
-    hidden, prefill_cache = model.hidden_states(
-        prompt_tokens, positions_BxT=prompt_positions, token_mask_BxT=prompt_mask,
+    positions = positions_from_mask(prompt_mask)
+    hidden, cache = model.hidden_states(
+        prompt_tokens, positions_BxT=positions, token_mask_BxT=prompt_mask,
         cache=KVCache.zeros(model.config, batch, prompt_length, model.compute_dtype),
     )
+    # Left padding puts every row's last prompt token in the last slot.
+    return model.logits(hidden[:, -1:])[:, 0], positions[:, -1] + 1, cache
+
+
+def _refill_rows(slots: int) -> int:
+    """Prompts prefilled together when slots free up: waiting for an eighth of the slots keeps
+    the prefill a batch (one matmul over several prompts) while a freed slot idles a few steps."""
+    return max(1, slots // 8)
+
+
+def _refill(model: Decoder, prompt_tokens: Array, prompt_mask: Array, state: _DecodeState) -> _DecodeState:
+    """Prefill the next prompts of the queue into free slots (up to :func:`_refill_rows` of them)."""
+    rows, prompt_length = prompt_tokens.shape
+    slots = state.done_S.shape[0]
+    batch = _refill_rows(slots)
+    count = jnp.minimum(jnp.minimum(jnp.sum(state.done_S, dtype=jnp.int32), rows - state.queued), batch)
+    offsets_Q = jnp.arange(batch, dtype=jnp.int32)
+    (free_Q,) = jnp.nonzero(state.done_S, size=batch, fill_value=slots)
+    slot_Q = jnp.where(offsets_Q < count, free_Q, slots)  # slot index `slots` is dropped by every write
+    row_Q = jnp.minimum(state.queued + offsets_Q, rows - 1)
+    mask_QxP = prompt_mask[row_Q]
+    logits_QxV, position_Q, prefill = _prefill(model, prompt_tokens[row_Q], mask_QxP)
+    cache = state.cache
+    new_keys = prefill.keys_LxBxSxKxH.transpose(0, 1, 3, 4, 2)  # [layers, Q, K, H, P]
+    new_values = prefill.values_LxBxSxKxH.transpose(0, 1, 3, 2, 4)  # [layers, Q, K, P, H]
+    valid_QxC = jnp.pad(mask_QxP, ((0, 0), (0, cache.num_slots - prompt_length)))
+    cache = DecodeCache(
+        tuple(k.at[slot_Q, :, :, :prompt_length].set(new, mode="drop") for k, new in zip(cache.keys_BxKxHxS, new_keys)),
+        tuple(v.at[slot_Q, :, :prompt_length].set(new, mode="drop")
+              for v, new in zip(cache.values_BxKxSxH, new_values)),
+        cache.valid_BxS.at[slot_Q].set(valid_QxC, mode="drop"),
+        cache.index,
+    )
+    return dataclasses.replace(
+        state,
+        logits_SxV=state.logits_SxV.at[slot_Q].set(logits_QxV, mode="drop"),
+        cache=cache,
+        row_S=state.row_S.at[slot_Q].set(row_Q, mode="drop"),
+        written_S=state.written_S.at[slot_Q].set(0, mode="drop"),
+        position_S=state.position_S.at[slot_Q].set(position_Q, mode="drop"),
+        done_S=state.done_S.at[slot_Q].set(False, mode="drop"),
+        queued=state.queued + count,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "slots"))
+def _generate(graphdef, state, prompt_tokens, prompt_mask, key, config: SamplingConfig, slots: int) -> Rollout:
+    model = nnx.merge(graphdef, state)
+    rows, prompt_length = prompt_tokens.shape
+    new = config.max_new_tokens
+    sizes = cache_segments(prompt_length, new)
+    # With as many slots as rows there is nothing to refill: the static batch, every row at slot
+    # P + step (one shared cache index, one dynamic-update-slice per layer and step).
+    refills = slots < rows
+    logits, position, prefill_cache = _prefill(model, prompt_tokens[:slots], prompt_mask[:slots])
     # Once per rollout, outside the loop: fused projections in the compute dtype.
     weights = model.decode_weights()
     stop_ids = jnp.asarray(config.stop_ids, jnp.int32)
 
-    def step(state: _DecodeState) -> _DecodeState:
-        key, sample_key = _split(state.key)
-        token, token_logp = _sample(state.logits_BxV, sample_key, config)
-        live = ~state.done_B
+    def decode(state: _DecodeState) -> _DecodeState:
+        if refills:
+            remaining = rows - state.queued
+            wanted = (remaining > 0) & (jnp.sum(state.done_S) >= jnp.minimum(remaining, _refill_rows(slots)))
+            state = jax.lax.cond(wanted, functools.partial(_refill, model, prompt_tokens, prompt_mask),
+                                 lambda s: s, state)
+        noise_key = _row_step_keys(key, state.row_S, state.written_S)
+        token, token_logp = _sample(state.logits_SxV, noise_key, config)
+        live = ~state.done_S
         token = jnp.where(live, token, config.pad_id)
-        logits, cache = model.decode_step(weights, token, state.position_B, live, state.cache)
-        return _DecodeState(
+        cache = state.cache
+        if refills:  # a finished slot's column may lie past the cache; it writes an invalid slot
+            cache = dataclasses.replace(cache, index=jnp.minimum(prompt_length + state.written_S, cache.num_slots - 1))
+        logits, cache = model.decode_step(weights, token, state.position_S, live, cache)
+        target = (jnp.where(live, state.row_S, rows), state.written_S)  # row `rows` is dropped
+        written = state.written_S + live
+        return dataclasses.replace(
+            state,
             step=state.step + 1,
-            logits_BxV=logits,
+            logits_SxV=logits,
             cache=cache,
-            position_B=state.position_B + 1,
-            done_B=state.done_B | jnp.isin(token, stop_ids),
-            key=key,
-            tokens_BxN=state.tokens_BxN.at[:, state.step].set(token),
-            mask_BxN=state.mask_BxN.at[:, state.step].set(live),
-            logp_BxN=state.logp_BxN.at[:, state.step].set(jnp.where(live, token_logp, 0.0)),
+            written_S=written,
+            position_S=state.position_S + 1,
+            done_S=state.done_S | jnp.isin(token, stop_ids) | (written >= new),
+            tokens_RxN=state.tokens_RxN.at[target].set(token, mode="drop"),
+            mask_RxN=state.mask_RxN.at[target].set(True, mode="drop"),
+            logp_RxN=state.logp_RxN.at[target].set(token_logp, mode="drop"),
         )
 
-    # Left padding puts every row's last prompt token in the last slot.
+    cache = DecodeCache.from_cache(prefill_cache, sizes[0])
+    if refills:
+        cache = dataclasses.replace(cache, index=jnp.full((slots,), prompt_length, jnp.int32))
     state = _DecodeState(
         step=jnp.zeros((), jnp.int32),
-        logits_BxV=model.logits(hidden[:, -1:])[:, 0],
-        cache=DecodeCache.from_cache(prefill_cache, sizes[0]),
-        position_B=prompt_positions[:, -1] + 1,
-        done_B=jnp.zeros((batch,), bool),
-        key=key,
-        tokens_BxN=jnp.full((batch, new), config.pad_id, jnp.int32),
-        mask_BxN=jnp.zeros((batch, new), bool),
-        logp_BxN=jnp.zeros((batch, new), jnp.float32),
+        logits_SxV=logits,
+        cache=cache,
+        row_S=jnp.arange(slots, dtype=jnp.int32),
+        written_S=jnp.zeros((slots,), jnp.int32),
+        position_S=position,
+        done_S=jnp.zeros((slots,), bool),
+        queued=jnp.asarray(slots, jnp.int32),
+        tokens_RxN=jnp.full((rows, new), config.pad_id, jnp.int32),
+        mask_RxN=jnp.zeros((rows, new), bool),
+        logp_RxN=jnp.zeros((rows, new), jnp.float32),
     )
     for size in sizes:
         # The steps that write slots below `size`; once every row is done, the rest are skipped.
-        def keep_going(state: _DecodeState, last=size - prompt_length) -> Array:
-            return (state.step < last) & ~jnp.all(state.done_B)
+        def static_keep_going(state: _DecodeState, last=size - prompt_length) -> Array:
+            return (state.step < last) & ~jnp.all(state.done_S)
+
+        def slot_keep_going(state: _DecodeState, last=size - prompt_length) -> Array:
+            # Every live slot's next column fits the cache, and some row is live or queued. A
+            # refilled slot starts again at column P, so the cache only grows with the longest row.
+            longest = jnp.max(jnp.where(state.done_S, 0, state.written_S))
+            return (longest < last) & (~jnp.all(state.done_S) | (state.queued < rows))
 
         state = dataclasses.replace(state, cache=state.cache.grown(size))
-        state = jax.lax.while_loop(keep_going, step, state)
-    pad_prompt = jnp.zeros((batch, prompt_length), bool)
+        state = jax.lax.while_loop(slot_keep_going if refills else static_keep_going, decode, state)
+    pad_prompt = jnp.zeros((rows, prompt_length), bool)
     return Rollout(
-        tokens=jnp.concatenate([prompt_tokens, state.tokens_BxN], axis=1),
-        token_mask=jnp.concatenate([prompt_mask, state.mask_BxN], axis=1),
-        response_mask=jnp.concatenate([pad_prompt, state.mask_BxN], axis=1),
-        sampling_logp=jnp.concatenate([jnp.zeros((batch, prompt_length), jnp.float32), state.logp_BxN], axis=1),
+        tokens=jnp.concatenate([prompt_tokens, state.tokens_RxN], axis=1),
+        token_mask=jnp.concatenate([prompt_mask, state.mask_RxN], axis=1),
+        response_mask=jnp.concatenate([pad_prompt, state.mask_RxN], axis=1),
+        sampling_logp=jnp.concatenate([jnp.zeros((rows, prompt_length), jnp.float32), state.logp_RxN], axis=1),
     )
 
 

@@ -263,19 +263,24 @@ def test_rollouts_across_cache_segments_match_scoring_and_stop_early():
 
 @pytest.mark.parametrize("seed", [0, 1, 2**31 + 5])
 def test_sampler_random_numbers_are_bitwise_those_of_jax_random(seed):
+    """Row b's noise at response step n is jax.random.gumbel(fold_in(fold_in(key, b), n)), so a row's
+    tokens depend on the key, its row and its step only, never on the batch it is decoded in."""
     key = jax.random.key(seed)
-    first, second = jax.jit(sampling._split)(key)
-    expected = jax.random.split(key)
-    np.testing.assert_array_equal(jax.random.key_data(first), jax.random.key_data(expected[0]))
-    np.testing.assert_array_equal(jax.random.key_data(second), jax.random.key_data(expected[1]))
-    for shape in ((3, 7), (64, 1024), (2, 4099)):
-        np.testing.assert_array_equal(jax.jit(sampling._gumbel, static_argnums=1)(key, shape),
-                                      jax.random.gumbel(key, shape, jnp.float32))
-    logits = 3 * jax.random.normal(jax.random.key(seed + 7), (16, 80), jnp.float32)  # as the model gives
-    tokens, logp = jax.jit(sampling._sample, static_argnums=2)(logits, key, sampling.SamplingConfig(4))
-    np.testing.assert_array_equal(tokens, jax.random.categorical(key, logits))
+    rows, steps = jnp.asarray([0, 5, 2**31 - 3, 7], jnp.int32), jnp.asarray([0, 0, 9, 511], jnp.int32)
+    keys = jax.jit(sampling._row_step_keys)(key, rows, steps)
+    for i in range(4):
+        expected = jax.random.fold_in(jax.random.fold_in(key, rows[i]), steps[i])
+        np.testing.assert_array_equal(jax.random.key_data(keys[i]), jax.random.key_data(expected))
+    for vocab in (7, 1024, 4099):
+        noise = jax.jit(sampling._gumbel_rows, static_argnums=1)(keys, vocab)
+        for i in range(4):
+            np.testing.assert_array_equal(noise[i], jax.random.gumbel(keys[i], (vocab,), jnp.float32))
+    logits = 3 * jax.random.normal(jax.random.key(seed + 7), (4, 80), jnp.float32)  # as the model gives
+    tokens, logp = jax.jit(sampling._sample, static_argnums=2)(logits, keys, sampling.SamplingConfig(4))
+    for i in range(4):
+        assert tokens[i] == jax.random.categorical(keys[i], logits[i])
     np.testing.assert_array_equal(logp, jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, None], -1)[:, 0])
-    greedy, _ = sampling._sample(logits, key, sampling.SamplingConfig(4, temperature=0))
+    greedy, _ = sampling._sample(logits, keys, sampling.SamplingConfig(4, temperature=0))
     np.testing.assert_array_equal(greedy, jnp.argmax(logits, -1))
     # Ties go to the first maximal entry, as argmax does.
     tied = jnp.zeros((2, 5)).at[:, 1].set(1).at[:, 3].set(1)
@@ -285,6 +290,63 @@ def test_sampler_random_numbers_are_bitwise_those_of_jax_random(seed):
 def test_other_key_implementations_fall_back_to_jax_random():
     key = jax.random.key(4, impl="rbg")
     assert not sampling._straight_threefry_applies(key)
-    np.testing.assert_array_equal(sampling._gumbel(key, (3, 5)), jax.random.gumbel(key, (3, 5), jnp.float32))
-    first, _ = sampling._split(key)
-    np.testing.assert_array_equal(jax.random.key_data(first), jax.random.key_data(jax.random.split(key)[0]))
+    keys = sampling._row_step_keys(key, jnp.asarray([3, 1]), jnp.asarray([0, 2]))
+    expected = jax.random.fold_in(jax.random.fold_in(key, 1), 2)
+    np.testing.assert_array_equal(jax.random.key_data(keys[1]), jax.random.key_data(expected))
+    np.testing.assert_array_equal(sampling._gumbel_rows(keys, 5)[1], jax.random.gumbel(expected, (5,), jnp.float32))
+
+
+def _stopping_batch(rows: int, prompt_length: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, prompt_length + 1, rows)
+    mask = np.arange(prompt_length)[None] >= prompt_length - lengths[:, None]
+    return np.where(mask, rng.integers(1, CONFIG.vocab_size, (rows, prompt_length)), 0).astype(np.int32), mask
+
+
+def test_a_rows_tokens_do_not_depend_on_the_slots_it_is_decoded_in():
+    """32 prompts in 32, 8 and 1 slots, across two cache segments (150 new tokens): slots refill as
+    rows stop, yet every row's tokens and masks are bitwise those of the static batch."""
+    config = dataclasses.replace(CONFIG, max_position_embeddings=256)
+    model = models.Decoder(config, rngs=nnx.Rngs(0))
+    model.embedding[...] = model.embedding[...] * 40
+    tokens, mask = _stopping_batch(32, 6)
+    rollouts = {
+        slots: sampling.generate(model, tokens, mask, jax.random.key(2),
+                                 sampling.SamplingConfig(150, stop_ids=(3, 7, 11), slots=slots))
+        for slots in (32, 8, 1)
+    }
+    static = rollouts[32]
+    lengths = np.asarray(static.response_mask).sum(1)
+    assert lengths.min() < 10 and lengths.max() > 128  # rows stop in both segments
+    for slots, rollout in rollouts.items():
+        np.testing.assert_array_equal(rollout.tokens, static.tokens, err_msg=f"slots={slots}")
+        np.testing.assert_array_equal(rollout.response_mask, static.response_mask, err_msg=f"slots={slots}")
+        np.testing.assert_array_equal(rollout.token_mask, static.token_mask, err_msg=f"slots={slots}")
+        np.testing.assert_allclose(rollout.sampling_logp, static.sampling_logp, atol=1e-6, rtol=0)
+        scored = sampling.score(model, rollout.tokens, rollout.token_mask)
+        np.testing.assert_allclose(np.where(rollout.response_mask, scored, 0), rollout.sampling_logp, atol=1e-5)
+
+
+def test_slots_are_checked_clamped_and_sized(model, caplog):
+    tokens, mask = _stopping_batch(4, 6)
+    with pytest.raises(ValueError, match=r"slots must be None \(chosen from the batch\) or >= 1, got 0"):
+        sampling.SamplingConfig(8, slots=0)
+    with caplog.at_level("INFO", logger="opd_jax.sampling"):
+        clamped = sampling.generate(model, tokens, mask, jax.random.key(0), sampling.SamplingConfig(8, slots=9))
+    assert "slots 9 is more than the 4 prompts: decoding in 4 slots" in caplog.text
+    np.testing.assert_array_equal(
+        clamped.tokens, sampling.generate(model, tokens, mask, jax.random.key(0), sampling.SamplingConfig(8)).tokens)
+    with pytest.raises(ValueError, match=r"stop_ids \[80, -1\] lie outside the vocabulary: allowed ids are 0\.\.79"):
+        sampling.generate(model, tokens, mask, jax.random.key(0), sampling.SamplingConfig(8, stop_ids=(3, 80, -1)))
+    # Refused before anything is compiled or allocated: 2 · 64 layers · 8 heads · 128 dims · 2 bytes
+    # per token and slot, for 32768 tokens × 2**20 slots.
+    big = dataclasses.replace(CONFIG, num_layers=64, num_heads=32, num_kv_heads=8, head_dim=128)
+    with pytest.raises(ValueError, match=r"slots 1048576 × sequence length 32768 needs a KV cache of \d+ bytes "
+                                         r"\(\d+ per device over \d+ devices\).*at most \d+ slots fit"):
+        sampling.resolve_slots(sampling.SamplingConfig(32000, slots=2**20), 2**20, big, jnp.bfloat16, 32768)
+    # Chosen slots are lowered to what fits instead.
+    chosen = sampling.resolve_slots(sampling.SamplingConfig(32000, stop_ids=(1,)), 2**20, big, jnp.bfloat16, 32768)
+    one = sampling.kv_cache_bytes(big, 1, 32768, jnp.bfloat16)
+    assert 1 <= chosen < 2**18 and chosen * one <= sampling._device_memory_bytes() * jax.device_count()
+    assert sampling.default_slots(1000, ()) == 1000 and sampling.default_slots(1000, (2,)) == 250
+    assert sampling.default_slots(100, (2,)) == 64 and sampling.default_slots(10, (2,)) == 10
