@@ -199,6 +199,9 @@ class TrainConfig:
     max_new_tokens: int = _field("rollout", 32, "longest response")
     temperature: float = _field("rollout", 1.0,
                                 "sampling temperature (> 0); the trained policy is the tempered one (see docs)")
+    rollout_slots: int | None = _field(
+        "rollout", None, "rows the jax sampler decodes at once; a row that stops hands its slot to the next "
+        "prompt ('none': chosen from the batch and the stop ids, see opd_jax.sampling.default_slots)")
     rollout_backend: str = _field(
         "rollout", "jax", "where rollouts are sampled: jax (this process) or vllm (an engine in its own process "
         "and environment; OPD_VLLM=1 .ci/bootstrap builds it)")
@@ -256,6 +259,8 @@ class TrainConfig:
         for name in ("prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches", "steps",
                      "checkpoint_every", "keep_checkpoints"):
             _range(name, getattr(self, name), 1, None)
+        if self.rollout_slots is not None:
+            _range("rollout_slots", self.rollout_slots, 1, None)
         for name in ("warmup_steps", "eval_every", "seed"):
             _range(name, getattr(self, name), 0, None)
         if isinstance(self.logit_chunk_size, str):

@@ -389,8 +389,10 @@ def _build_programs(config: PlanConfig, devices, student, teacher) -> tuple[dict
         "params": params, "opt_state": opt_state, "teacher_params": teacher_params, "rollout": rollout_batch,
         "scores": scored(B),
     }
+    # The static batch (every row decodes to the end, in one slot each): the worst case, and the
+    # program whose decode loops the counter can read.
     sampling_config = SamplingConfig(max_new_tokens=config.new_tokens, temperature=train_config.temperature,
-                                     stop_ids=tuple(config.student.eos_token_id))
+                                     stop_ids=tuple(config.student.eos_token_id), slots=B)
     sampler = JaxBackend.sharded(graphdef, shardings, sampling_config)
 
     def rollout(params, prompt_tokens, prompt_mask, key):

@@ -241,7 +241,10 @@ def generate(
             f"the model's max_position_embeddings {model.config.max_position_embeddings}"
         )
     _check_stop_ids(config.stop_ids, model.config.vocab_size)
-    slots = resolve_slots(config, prompt_tokens.shape[0], model.config, model.compute_dtype, total)
+    # Called eagerly, the cache is checked against this process's devices; traced inside another
+    # jit (a sharded sampler, the plan), the caller's program decides where it lives.
+    memory = None if isinstance(prompt_tokens, jax.core.Tracer) else (jax.device_count(), _device_memory_bytes())
+    slots = resolve_slots(config, prompt_tokens.shape[0], model.config, model.compute_dtype, total, memory)
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, prompt_tokens, prompt_mask, key, config, slots)
 
@@ -280,27 +283,34 @@ def default_slots(rows: int, stop_ids: tuple[int, ...]) -> int:
     return min(rows, max(64, -(-rows // _ROWS_PER_SLOT)))
 
 
-def resolve_slots(config: SamplingConfig, rows: int, model_config, dtype, length: int) -> int:
+def resolve_slots(config: SamplingConfig, rows: int, model_config, dtype, length: int,
+                  memory: tuple[int, int] | None = None) -> int:
     """The slots a rollout of ``rows`` prompts decodes in: ``config.slots`` (clamped to ``rows``, which
-    is logged) or :func:`default_slots`, lowered to what fits the device memory when chosen here.
+    is logged) or :func:`default_slots`, lowered to what fits when chosen here.
+
+    Args:
+      memory: ``(devices, bytes of one device)`` the cache is split over; ``None`` skips the memory
+        check (a program traced for other devices, such as ``opd-jax plan``'s, is sized by the
+        compiler's own memory analysis).
 
     Raises:
-      ValueError: ``config.slots`` asks for a KV cache larger than one device's memory (the cache
-        split over all devices), naming slots, sequence length and bytes.
+      ValueError: ``config.slots`` asks for a KV cache larger than the devices' memory, naming slots,
+        sequence length and bytes.
     """
     slots = default_slots(rows, config.stop_ids) if config.slots is None else config.slots
     if slots > rows:
         _log.info("SamplingConfig.slots %d is more than the %d prompts: decoding in %d slots", slots, rows, rows)
         slots = rows
-    devices, memory = jax.device_count(), _device_memory_bytes()
-    one_slot = kv_cache_bytes(model_config, 1, length, dtype)
-    fit = memory * devices // one_slot
+    if memory is None:
+        return slots
+    devices, device_bytes = memory
+    fit = device_bytes * devices // kv_cache_bytes(model_config, 1, length, dtype)
     if slots > fit:
         if config.slots is not None or fit < 1:
             need = kv_cache_bytes(model_config, slots, length, dtype)
             raise ValueError(
                 f"SamplingConfig.slots {slots} × sequence length {length} needs a KV cache of {need} bytes "
-                f"({need // devices} per device over {devices} devices), more than the {memory} bytes of one "
+                f"({need // devices} per device over {devices} devices), more than the {device_bytes} bytes of one "
                 f"device; at most {fit} slots fit"
             )
         slots = fit
@@ -413,6 +423,38 @@ def _refill(model: Decoder, prompt_tokens: Array, prompt_mask: Array, state: _De
     )
 
 
+#: A drain stage has at least this many slots (fewer would save little over the stage before).
+_MIN_DRAIN_SLOTS = 8
+
+
+def _drain_stages(slots: int) -> tuple[int, ...]:
+    """Slot counts of the decode stages: ``slots``, then a quarter of the stage before while that
+    is at least :data:`_MIN_DRAIN_SLOTS`."""
+    stages = [slots]
+    while stages[-1] // 4 >= _MIN_DRAIN_SLOTS:
+        stages.append(stages[-1] // 4)
+    return tuple(stages)
+
+
+def _compact(state: _DecodeState, slots: int) -> _DecodeState:
+    """The live slots of ``state`` (at most ``slots`` of them) moved into ``slots`` slots; the
+    slots left over are marked done."""
+    live = ~state.done_S
+    (keep,) = jnp.nonzero(live, size=slots, fill_value=0)
+    filled = jnp.arange(slots) < jnp.sum(live)
+    cache = state.cache
+    return dataclasses.replace(
+        state,
+        logits_SxV=state.logits_SxV[keep],
+        cache=DecodeCache(tuple(k[keep] for k in cache.keys_BxKxHxS), tuple(v[keep] for v in cache.values_BxKxSxH),
+                          cache.valid_BxS[keep], cache.index if cache.index.ndim == 0 else cache.index[keep]),
+        row_S=state.row_S[keep],
+        written_S=state.written_S[keep],
+        position_S=state.position_S[keep],
+        done_S=state.done_S[keep] | ~filled,
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "slots"))
 def _generate(graphdef, state, prompt_tokens, prompt_mask, key, config: SamplingConfig, slots: int) -> Rollout:
     model = nnx.merge(graphdef, state)
@@ -427,8 +469,8 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, config: Sampling
     weights = model.decode_weights()
     stop_ids = jnp.asarray(config.stop_ids, jnp.int32)
 
-    def decode(state: _DecodeState) -> _DecodeState:
-        if refills:
+    def decode(state: _DecodeState, refill: bool) -> _DecodeState:
+        if refill:
             remaining = rows - state.queued
             wanted = (remaining > 0) & (jnp.sum(state.done_S) >= jnp.minimum(remaining, _refill_rows(slots)))
             state = jax.lax.cond(wanted, functools.partial(_refill, model, prompt_tokens, prompt_mask),
@@ -472,19 +514,27 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, config: Sampling
         mask_RxN=jnp.zeros((rows, new), bool),
         logp_RxN=jnp.zeros((rows, new), jnp.float32),
     )
-    for size in sizes:
-        # The steps that write slots below `size`; once every row is done, the rest are skipped.
-        def static_keep_going(state: _DecodeState, last=size - prompt_length) -> Array:
-            return (state.step < last) & ~jnp.all(state.done_S)
-
-        def slot_keep_going(state: _DecodeState, last=size - prompt_length) -> Array:
-            # Every live slot's next column fits the cache, and some row is live or queued. A
-            # refilled slot starts again at column P, so the cache only grows with the longest row.
+    stages = _drain_stages(slots) if config.stop_ids else (slots,)
+    for stage, drain_at in enumerate((*stages[1:], 0)):
+        # Each stage decodes until at most `drain_at` rows are left and none is queued; the next
+        # stage goes on with the live rows only, in fewer slots, so the longest rows do not keep
+        # every slot of the batch decoding. Refills happen in the first stage (the queue empties there).
+        def keep_going(state: _DecodeState, last: int, drain_at=drain_at) -> Array:
+            live = jnp.sum(~state.done_S, dtype=jnp.int32)
+            if not refills:  # `step < last`: the counter opd-jax plan reads each segment's steps from
+                return (state.step < last) & (live > drain_at)
+            # Every live slot's next column fits the cache. A refilled slot starts again at column
+            # P, so the cache only grows with the longest row.
             longest = jnp.max(jnp.where(state.done_S, 0, state.written_S))
-            return (longest < last) & (~jnp.all(state.done_S) | (state.queued < rows))
+            return (longest < last) & ((state.queued < rows) | (live > drain_at))
 
-        state = dataclasses.replace(state, cache=state.cache.grown(size))
-        state = jax.lax.while_loop(slot_keep_going if refills else static_keep_going, decode, state)
+        if stage:
+            state = _compact(state, stages[stage])
+        body = functools.partial(decode, refill=refills and not stage)
+        # The first stage grows the cache segment by segment; later ones keep its full size.
+        for size in sizes if not stage else sizes[-1:]:
+            state = dataclasses.replace(state, cache=state.cache.grown(size))
+            state = jax.lax.while_loop(functools.partial(keep_going, last=size - prompt_length), body, state)
     pad_prompt = jnp.zeros((rows, prompt_length), bool)
     return Rollout(
         tokens=jnp.concatenate([prompt_tokens, state.tokens_RxN], axis=1),

@@ -343,10 +343,15 @@ def test_slots_are_checked_clamped_and_sized(model, caplog):
     big = dataclasses.replace(CONFIG, num_layers=64, num_heads=32, num_kv_heads=8, head_dim=128)
     with pytest.raises(ValueError, match=r"slots 1048576 × sequence length 32768 needs a KV cache of \d+ bytes "
                                          r"\(\d+ per device over \d+ devices\).*at most \d+ slots fit"):
-        sampling.resolve_slots(sampling.SamplingConfig(32000, slots=2**20), 2**20, big, jnp.bfloat16, 32768)
-    # Chosen slots are lowered to what fits instead.
-    chosen = sampling.resolve_slots(sampling.SamplingConfig(32000, stop_ids=(1,)), 2**20, big, jnp.bfloat16, 32768)
-    one = sampling.kv_cache_bytes(big, 1, 32768, jnp.bfloat16)
-    assert 1 <= chosen < 2**18 and chosen * one <= sampling._device_memory_bytes() * jax.device_count()
+        sampling.resolve_slots(sampling.SamplingConfig(32000, slots=2**20), 2**20, big, jnp.bfloat16, 32768,
+                               (4, 2**34))
+    # Chosen slots are lowered to what fits instead: a slot takes 32768 · (2**18 + 1) bytes (the
+    # validity mask's byte per token included), so 4 devices of 2**34 bytes hold 7, not 8.
+    chosen = sampling.resolve_slots(sampling.SamplingConfig(32000, stop_ids=(1,)), 2**20, big, jnp.bfloat16, 32768,
+                                    (4, 2**34))
+    assert sampling.kv_cache_bytes(big, 1, 32768, jnp.bfloat16) == 32768 * (2 * 64 * 8 * 128 * 2 + 1)
+    assert chosen == 7
+    # Without memory facts (a program traced for other devices) the slots stand.
+    assert sampling.resolve_slots(sampling.SamplingConfig(32000, slots=2**20), 2**20, big, jnp.bfloat16, 32768) == 2**20
     assert sampling.default_slots(1000, ()) == 1000 and sampling.default_slots(1000, (2,)) == 250
     assert sampling.default_slots(100, (2,)) == 64 and sampling.default_slots(10, (2,)) == 10

@@ -21,7 +21,9 @@ Job keys:
 
 Sampling matches ``opd_jax.sampling.generate`` with ``SamplingConfig(N, temperature=1.0)``: plain
 softmax sampling at T = 1 (no top-k / top-p), exactly ``N`` new tokens per row (``ignore_eos``,
-``min_tokens = max_tokens = N``, no stop ids). Per cell: one untimed warm-up call (its time is
+``min_tokens = max_tokens = N``, no stop ids). A cell with ``"stop_ids": [...]`` instead ends each
+row at the first of those ids (``stop_token_ids``; at most ``N`` tokens, the checkpoint's EOS
+ignored) and records ``generated``, the tokens of each timed call. Per cell: one untimed warm-up call (its time is
 ``warmup_s``), then ``R`` timed calls; each records the wall time and the share of the CPUs other
 processes used meanwhile (``_cpuload.timed_call``, minus the CPU time of vLLM's own engine-core and
 worker subprocesses, which vLLM's default multiprocess mode runs beside this one).
@@ -64,6 +66,18 @@ def timed_generate(generate):
     return outputs, elapsed, other_load
 
 
+def _check_lengths(responses: list[list[int]], rows: int, new_tokens: int, stop_ids: list[int] | None) -> None:
+    """Every row has ``new_tokens`` tokens, or (with stop ids) ends at its first stop id or at ``new_tokens``."""
+    stops = set(stop_ids or ())
+    for response in responses:
+        ended = len(response) == new_tokens if not stops else (
+            len(response) <= new_tokens and (len(response) == new_tokens or response[-1:] and response[-1] in stops)
+            and not stops.intersection(response[:-1]))
+        if len(responses) != rows or not ended:
+            raise RuntimeError(f"vLLM returned {len(responses)} rows, one of {len(response)} tokens ending in "
+                               f"{response[-1:]}; expected {rows} rows of {new_tokens} tokens or ending at a stop id")
+
+
 def main() -> None:
     job = json.loads(pathlib.Path(sys.argv[1]).read_text())
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(job["kv_cache_gib"])
@@ -97,27 +111,31 @@ def main() -> None:
         prompts_BxP = np.load(cell["prompts"])
         new_tokens = cell["new_tokens"]
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in row]) for row in prompts_BxP]
-        params = SamplingParams(
-            temperature=1.0, top_p=1.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True,
-            detokenize=False,
-        )
-        times, foreign = [], []
+        stop_ids = cell.get("stop_ids")
+        if stop_ids:
+            params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=new_tokens, stop_token_ids=stop_ids,
+                                    ignore_eos=True, detokenize=False)
+        else:
+            params = SamplingParams(
+                temperature=1.0, top_p=1.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True,
+                detokenize=False,
+            )
+        times, foreign, generated = [], [], []
         for call in range(cell["repeats"] + 1):  # call 0 is the warm-up
             outputs, elapsed, other_load = timed_generate(
                 lambda: llm.generate(prompts, params, use_tqdm=False)  # noqa: B023
             )
-            lengths = {len(output.outputs[0].token_ids) for output in outputs}
-            if len(outputs) != len(prompts) or lengths != {new_tokens}:
-                raise RuntimeError(f"vLLM returned {len(outputs)} rows of lengths {sorted(lengths)}, "
-                                   f"expected {len(prompts)} rows of {new_tokens}")
+            responses = [list(output.outputs[0].token_ids) for output in outputs]
+            _check_lengths(responses, len(prompts), new_tokens, stop_ids)
             if call:
                 times.append(elapsed)
                 foreign.append(other_load)
+                generated.append(sum(len(response) for response in responses))
             else:
                 warmup = elapsed
         result["cells"].append({
             "batch": int(prompts_BxP.shape[0]), "prompt_len": int(prompts_BxP.shape[1]), "new_tokens": new_tokens,
-            "warmup_s": warmup, "times_s": times, "other_load": foreign,
+            "warmup_s": warmup, "times_s": times, "other_load": foreign, "generated": generated,
         })
     pathlib.Path(job["out"]).write_text(json.dumps(result, indent=2) + "\n")
 

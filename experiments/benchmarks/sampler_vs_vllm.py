@@ -221,7 +221,7 @@ def decode_step_kernels(model, batch: int, prompt_len: int, new_tokens: int) -> 
     graphdef, state = nnx.split(model)
     compiled = sampling._generate.lower(  # noqa: SLF001 - the benchmark inspects the jitted function
         graphdef, state, jnp.zeros((batch, prompt_len), jnp.int32), jnp.ones((batch, prompt_len), bool),
-        jax.random.key(0), SamplingConfig(max_new_tokens=new_tokens),
+        jax.random.key(0), SamplingConfig(max_new_tokens=new_tokens), batch,
     ).compile()
     computations = _computations(compiled.as_text())
     entry = next(name for name in reversed(computations) if name.startswith("main"))
