@@ -163,7 +163,8 @@ def multi_turn_rollout(
     batch, prompt_length = prompt_tokens_BxP.shape
     budget = config.max_new_tokens
     stop_ids = {*config.stop_ids, *environment.episode_stop_ids, *environment.turn_stop_ids}
-    turn_config = dataclasses.replace(config, stop_ids=tuple(sorted(stop_ids)))
+    # After the first turn a group's episodes differ: no turn shares a prefill.
+    turn_config = dataclasses.replace(config, stop_ids=tuple(sorted(stop_ids)), group_size=1)
     prompts = [prompt_tokens_BxP[row, prompt_mask_BxP[row]] for row in range(batch)]
     episodes = _Episodes.empty(batch, budget, config.pad_id)
     while not episodes.done_B.all():

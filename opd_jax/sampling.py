@@ -46,6 +46,9 @@ class SamplingConfig:
         stops takes the next prompt (its prefill written into that slot's cache) while the others
         go on, so a batch no longer decodes until its longest row ends. ``None``: chosen from the
         batch and the stop ids (:func:`default_slots`). A row's tokens do not depend on ``S``.
+      group_size: the prompts come in runs of this many copies of one prompt (group sampling), so
+        each run is prefilled once; used where it divides the prompts and the slots. Only set it
+        when the rows really are such runs: the copies take the first row's prefill.
     """
 
     max_new_tokens: int
@@ -55,6 +58,7 @@ class SamplingConfig:
     stop_ids: tuple[int, ...] = ()
     pad_id: int = 0
     slots: int | None = None
+    group_size: int = 1
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -65,6 +69,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be None or >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be None or in (0, 1], got {self.top_p}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.slots is not None and self.slots < 1:
             raise ValueError(f"slots must be None (chosen from the batch) or >= 1, got {self.slots}")
 
@@ -206,13 +212,22 @@ def _sample(logits_BxV: Array, keys_B: Array, config: SamplingConfig) -> tuple[A
 def generate(
     model: Decoder, prompt_tokens: Array, prompt_mask: Array, key: Array, config: SamplingConfig
 ) -> Rollout:
-    """Sample a response for every prompt: one prefill, then cached decoding until all rows stop.
+    """Sample a response for every prompt: prefill, then cached decoding in slots until all rows stop.
 
-    One jitted program: the prefill (the model's scanned blocks, writing a :class:`KVCache`), the
-    decode weights prepared once (:meth:`Decoder.decode_weights`), then the decode loop in segments
-    of growing cache size (:func:`cache_segments`), each a ``lax.while_loop`` of
-    :meth:`Decoder.decode_step`. The tokens for a key are those of ``jax.random.categorical`` on
-    the filtered logits, step by step.
+    One jitted program: the prefill of the first ``S`` prompts (the model's scanned blocks, writing a
+    :class:`KVCache`), the decode weights prepared once (:meth:`Decoder.decode_weights`), then the
+    decode loop in segments of growing cache size (:func:`cache_segments`), each a
+    ``lax.while_loop`` of :meth:`Decoder.decode_step`.
+
+    With fewer slots ``S`` than prompts (:attr:`SamplingConfig.slots`), a slot whose row stops takes
+    the next prompt: inside the loop, once enough slots are free, the next prompts are prefilled
+    together and written into those slots' caches (no host round trip). With stop ids, once the
+    queue is empty and at most a quarter of the slots are live, the live rows move into a quarter
+    of the slots (drain stages), so the longest rows do not keep the whole batch decoding.
+
+    Row ``b``'s token at response step ``n`` is that of ``jax.random.categorical`` with the key
+    ``fold_in(fold_in(key, b), n)`` on the filtered logits: it depends on the key, the row and the
+    step, not on ``S`` or on when the row was scheduled.
 
     Args:
       model: the student (or any decoder).
@@ -369,9 +384,22 @@ class _DecodeState:
     logp_RxN: Array
 
 
-def _prefill(model: Decoder, prompt_tokens: Array, prompt_mask: Array) -> tuple[Array, Array, KVCache]:
+def _prefill(model: Decoder, prompt_tokens: Array, prompt_mask: Array, group: int = 1
+             ) -> tuple[Array, Array, KVCache]:
     """Logits of each row's first response token ``[B, V]``, its RoPE position ``[B]`` and the
-    prompt's :class:`KVCache` (``P`` slots)."""
+    prompt's :class:`KVCache` (``P`` slots).
+
+    ``group > 1``: rows come in runs of ``group`` copies of one prompt (``B`` a multiple of it),
+    and each run's prompt is run through the model once.
+    """
+    if group > 1:
+        logits, position, cache = _prefill(model, prompt_tokens[::group], prompt_mask[::group])
+
+        def repeat(array, axis=0):
+            return jnp.repeat(array, group, axis=axis)
+
+        return repeat(logits), repeat(position), KVCache(
+            repeat(cache.keys_LxBxSxKxH, 1), repeat(cache.values_LxBxSxKxH, 1), repeat(cache.valid_BxS), cache.index)
     batch, prompt_length = prompt_tokens.shape
     positions = positions_from_mask(prompt_mask)
     hidden, cache = model.hidden_states(
@@ -382,24 +410,35 @@ def _prefill(model: Decoder, prompt_tokens: Array, prompt_mask: Array) -> tuple[
     return model.logits(hidden[:, -1:])[:, 0], positions[:, -1] + 1, cache
 
 
-def _refill_rows(slots: int) -> int:
-    """Prompts prefilled together when slots free up: waiting for an eighth of the slots keeps
-    the prefill a batch (one matmul over several prompts) while a freed slot idles a few steps."""
-    return max(1, slots // 8)
+def _prefill_group(config: SamplingConfig, rows: int, slots: int) -> int:
+    """Rows that share one prefill: ``config.group_size`` when it divides the rows and the slots
+    (so every prefill, the first and each refill, takes whole groups), else 1."""
+    group = config.group_size
+    return group if rows % group == 0 and slots % group == 0 else 1
 
 
-def _refill(model: Decoder, prompt_tokens: Array, prompt_mask: Array, state: _DecodeState) -> _DecodeState:
-    """Prefill the next prompts of the queue into free slots (up to :func:`_refill_rows` of them)."""
+def _refill_rows(slots: int, group: int) -> int:
+    """Prompts prefilled together when slots free up, a multiple of ``group``: waiting for an
+    eighth of the slots keeps the prefill a batch (one matmul over several prompts) while a freed
+    slot idles a few steps."""
+    return max(group, slots // 8 // group * group)
+
+
+def _refill(model: Decoder, prompt_tokens: Array, prompt_mask: Array, group: int, state: _DecodeState
+            ) -> _DecodeState:
+    """Prefill the next prompts of the queue into free slots: :func:`_refill_rows` of them, or the
+    rest of the queue (whole groups of ``group`` rows either way)."""
     rows, prompt_length = prompt_tokens.shape
     slots = state.done_S.shape[0]
-    batch = _refill_rows(slots)
+    batch = _refill_rows(slots, group)
     count = jnp.minimum(jnp.minimum(jnp.sum(state.done_S, dtype=jnp.int32), rows - state.queued), batch)
+    count = count // group * group  # whole groups; `queued` stays at a group's first row
     offsets_Q = jnp.arange(batch, dtype=jnp.int32)
     (free_Q,) = jnp.nonzero(state.done_S, size=batch, fill_value=slots)
     slot_Q = jnp.where(offsets_Q < count, free_Q, slots)  # slot index `slots` is dropped by every write
     row_Q = jnp.minimum(state.queued + offsets_Q, rows - 1)
     mask_QxP = prompt_mask[row_Q]
-    logits_QxV, position_Q, prefill = _prefill(model, prompt_tokens[row_Q], mask_QxP)
+    logits_QxV, position_Q, prefill = _prefill(model, prompt_tokens[row_Q], mask_QxP, group)
     cache = state.cache
     new_keys = prefill.keys_LxBxSxKxH.transpose(0, 1, 3, 4, 2)  # [layers, Q, K, H, P]
     new_values = prefill.values_LxBxSxKxH.transpose(0, 1, 3, 2, 4)  # [layers, Q, K, P, H]
@@ -464,7 +503,8 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, config: Sampling
     # With as many slots as rows there is nothing to refill: the static batch, every row at slot
     # P + step (one shared cache index, one dynamic-update-slice per layer and step).
     refills = slots < rows
-    logits, position, prefill_cache = _prefill(model, prompt_tokens[:slots], prompt_mask[:slots])
+    group = _prefill_group(config, rows, slots)
+    logits, position, prefill_cache = _prefill(model, prompt_tokens[:slots], prompt_mask[:slots], group)
     # Once per rollout, outside the loop: fused projections in the compute dtype.
     weights = model.decode_weights()
     stop_ids = jnp.asarray(config.stop_ids, jnp.int32)
@@ -472,8 +512,8 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, config: Sampling
     def decode(state: _DecodeState, refill: bool) -> _DecodeState:
         if refill:
             remaining = rows - state.queued
-            wanted = (remaining > 0) & (jnp.sum(state.done_S) >= jnp.minimum(remaining, _refill_rows(slots)))
-            state = jax.lax.cond(wanted, functools.partial(_refill, model, prompt_tokens, prompt_mask),
+            wanted = (remaining > 0) & (jnp.sum(state.done_S) >= jnp.minimum(remaining, _refill_rows(slots, group)))
+            state = jax.lax.cond(wanted, functools.partial(_refill, model, prompt_tokens, prompt_mask, group),
                                  lambda s: s, state)
         noise_key = _row_step_keys(key, state.row_S, state.written_S)
         token, token_logp = _sample(state.logits_SxV, noise_key, config)

@@ -470,7 +470,8 @@ def train(
     """
     config, folder = _checked_folder(config, (student, teacher, reference), prompts, placement, output_dir)
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                              stop_ids=tuple(stop_ids), pad_id=pad_id, slots=config.rollout_slots)
+                              stop_ids=tuple(stop_ids), pad_id=pad_id, slots=config.rollout_slots,
+                              group_size=config.group_size)
     backend = rollout_backend or _start_backend(config, student, student_config, rollout_fn)
     with contextlib.ExitStack() as cleanup:  # closed in reverse: logs, saves, the sampler, the engine
         if rollout_backend is None:

@@ -355,3 +355,36 @@ def test_slots_are_checked_clamped_and_sized(model, caplog):
     assert sampling.resolve_slots(sampling.SamplingConfig(32000, slots=2**20), 2**20, big, jnp.bfloat16, 32768) == 2**20
     assert sampling.default_slots(1000, ()) == 1000 and sampling.default_slots(1000, (2,)) == 250
     assert sampling.default_slots(100, (2,)) == 64 and sampling.default_slots(10, (2,)) == 10
+
+
+def test_group_sampling_prefills_each_prompt_once_and_samples_the_same_tokens(model):
+    """8 prompts × 4 copies: with group_size 4 each prompt is prefilled once (the first prefill and
+    every refill take whole groups), and the tokens are those sampled without sharing."""
+    unique, unique_mask = _stopping_batch(8, 6, seed=1)
+    tokens, mask = np.repeat(unique, 4, axis=0), np.repeat(unique_mask, 4, axis=0)
+    for slots in (32, 8):
+        config = sampling.SamplingConfig(40, stop_ids=(3, 7, 11), slots=slots)
+        alone = sampling.generate(model, tokens, mask, jax.random.key(3), config)
+        shared = sampling.generate(model, tokens, mask, jax.random.key(3), dataclasses.replace(config, group_size=4))
+        assert len({tuple(row) for row in np.asarray(alone.tokens)}) > 8  # copies sample different responses
+        np.testing.assert_array_equal(shared.tokens, alone.tokens)
+        np.testing.assert_array_equal(shared.response_mask, alone.response_mask)
+        np.testing.assert_allclose(shared.sampling_logp, alone.sampling_logp, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="group_size must be >= 1, got 0"):
+        sampling.SamplingConfig(8, group_size=0)
+    # One prefill per group: the prefill's layer scan sees 8 rows, not 32.
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(sampling._generate, static_argnums=(0, 5, 6))(
+        graphdef, state, tokens, mask, jax.random.key(0), sampling.SamplingConfig(40, group_size=4), 32)
+
+    def scans(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                yield eqn
+            for value in eqn.params.values():  # pjit / while / cond bodies
+                for inner in value if isinstance(value, tuple) else (value,):
+                    if hasattr(getattr(inner, "jaxpr", inner), "eqns"):
+                        yield from scans(getattr(inner, "jaxpr", inner))
+
+    hidden_rows = [v.aval.shape[0] for e in scans(jaxpr.jaxpr) for v in e.outvars if v.aval.ndim == 3]
+    assert hidden_rows and set(hidden_rows) == {8}
