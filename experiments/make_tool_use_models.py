@@ -17,6 +17,10 @@ Held-out metrics (test split; greedy and temperature-1 multi-turn rollouts: answ
 validity, exact calls, lengths) go with every setting into ``<out>/metadata.json`` and
 ``<out>/README.md``.
 
+``--teacher opd_jax/tasks/assets/tool_use/teacher --head-dim 32 --out opd_jax/tasks/assets/tool_use_vllm``
+trains a student vLLM's CPU attention serves (head size 32; vLLM rejects 12) for the shipped
+teacher, which stays where it is (the teacher only scores, in JAX, so its head size does not matter).
+
 Usage:
     nice -n 10 .venv/bin/python experiments/make_tool_use_models.py       # ships to opd_jax/tasks/assets/tool_use
     nice -n 10 .venv/bin/python experiments/make_tool_use_models.py --out /tmp/tool --teacher-steps 50
@@ -66,6 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--student-check-every", type=int, default=10, help="steps between student checks")
     parser.add_argument("--validation-problems", type=int, default=256, help="training-split questions per student check")
     parser.add_argument("--eval-problems", type=int, default=512, help="held-out questions for the reported metrics")
+    parser.add_argument("--head-dim", type=int, default=None,
+                        help="attention head size of the models trained here (default: 24 teacher, 12 student); "
+                             "32 for vLLM's CPU attention")
+    parser.add_argument("--teacher", type=pathlib.Path, default=None,
+                        help="use this shipped teacher folder (its metadata from the folder above) instead of "
+                             "training one; --out then holds the student only")
     return parser.parse_args(argv)
 
 
@@ -202,14 +212,19 @@ def main(argv=None) -> int:
     budget = task.max_response_length + 4
     # The rollout re-prefills prompt + response (P + N slots) and may sample N more.
     max_positions = -(-(task.max_prompt_length + 2 * budget) // 16) * 16
-    configs = model_configs(len(vocabulary), vocabulary.eos_id, vocabulary.pad_id, max_positions)
+    configs = model_configs(len(vocabulary), vocabulary.eos_id, vocabulary.pad_id, max_positions, args.head_dim)
     held_out = task.sample_problems(EVAL_SEED, args.eval_problems, split="test")
     validation = task.sample_problems(VALIDATION_SEED, args.validation_problems, split="train")
 
-    teacher, teacher_training = train(
-        "teacher", configs["teacher"], task, seed=args.seed, batch_size=args.batch_size,
-        peak_lr=args.teacher_lr, steps=args.teacher_steps,
-    )
+    shipped_teacher = None
+    if args.teacher is not None:
+        shipped_teacher = json.loads((args.teacher.parent / "metadata.json").read_text())["models"]["teacher"]
+        shipped_teacher["folder"] = os.path.relpath(args.teacher.resolve(), args.out.resolve())
+    else:
+        teacher, teacher_training = train(
+            "teacher", configs["teacher"], task, seed=args.seed, batch_size=args.batch_size,
+            peak_lr=args.teacher_lr, steps=args.teacher_steps,
+        )
 
     def student_reached_target(model):
         accuracy = tool_use.evaluate(model, validation, batch_size=128).accuracy
@@ -240,7 +255,12 @@ def main(argv=None) -> int:
     }
     try:
         lrs = {"teacher": args.teacher_lr, "student": args.student_lr}
-        for role, model, training in (("teacher", teacher, teacher_training), ("student", student, student_training)):
+        trained = [("student", student, student_training)]
+        if shipped_teacher is None:
+            trained.insert(0, ("teacher", teacher, teacher_training))
+        else:
+            metadata["models"]["teacher"] = shipped_teacher
+        for role, model, training in trained:
             folder = scratch / role
             save_pretrained(model, configs[role], folder, dtype=jnp.float32)
             tokenizer.save_pretrained(folder)
@@ -269,7 +289,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"wrote {args.out} ({folder_bytes(args.out) / 1e6:.2f} MB) in {metadata['runtime_seconds']:.0f} s")
-    if metadata["models"]["teacher"]["held_out"]["greedy_accuracy"] < 0.9:
+    if shipped_teacher is None and metadata["models"]["teacher"]["held_out"]["greedy_accuracy"] < 0.9:
         print("warning: the teacher's held-out greedy accuracy is below 0.9", file=sys.stderr)
     return 0
 

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from opd_jax.chunking import map_row_chunks
-from opd_jax.models.decoder import DecodeCache, Decoder, KVCache
+from opd_jax.models.decoder import DecodeCache, Decoder, DecodeWeights, KVCache
 
 Array = jax.Array
 _log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ class SamplingConfig:
       slots: ``S``, the rows decoded at once. With fewer slots than prompts, a slot whose row
         stops takes the next prompt (its prefill written into that slot's cache) while the others
         go on, so a batch no longer decodes until its longest row ends. ``None``: chosen from the
-        batch and the stop ids (:func:`default_slots`). A row's tokens do not depend on ``S``.
+        batch and the stop ids (:func:`default_slots`). Equal to the prompts: the static batch,
+        every row in its own slot until the longest ends. A row's tokens do not depend on ``S``.
       group_size: the prompts come in runs of this many copies of one prompt (group sampling), so
         each run is prefilled once; used where it divides the prompts and the slots. Only set it
         when the rows really are such runs: the copies take the first row's prefill.
@@ -494,87 +495,110 @@ def _compact(state: _DecodeState, slots: int) -> _DecodeState:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "slots"))
-def _generate(graphdef, state, prompt_tokens, prompt_mask, key, config: SamplingConfig, slots: int) -> Rollout:
-    model = nnx.merge(graphdef, state)
-    rows, prompt_length = prompt_tokens.shape
-    new = config.max_new_tokens
-    sizes = cache_segments(prompt_length, new)
-    # With as many slots as rows there is nothing to refill: the static batch, every row at slot
-    # P + step (one shared cache index, one dynamic-update-slice per layer and step).
-    refills = slots < rows
-    group = _prefill_group(config, rows, slots)
-    logits, position, prefill_cache = _prefill(model, prompt_tokens[:slots], prompt_mask[:slots], group)
-    # Once per rollout, outside the loop: fused projections in the compute dtype.
-    weights = model.decode_weights()
-    stop_ids = jnp.asarray(config.stop_ids, jnp.int32)
+@dataclasses.dataclass(frozen=True)
+class _SlotLoop:
+    """What the decode loop of one :func:`generate` call works with (traced values, static shapes).
 
-    def decode(state: _DecodeState, refill: bool) -> _DecodeState:
+    ``refills``: fewer slots than rows, so slots take new prompts and each slot writes its own
+    cache column; otherwise the static batch, every row at column ``P + step`` (one shared cache
+    index, one dynamic-update-slice per layer and step).
+    """
+
+    model: Decoder
+    weights: DecodeWeights
+    prompt_tokens: Array
+    prompt_mask: Array
+    key: Array
+    config: SamplingConfig
+    slots: int
+    group: int
+
+    @property
+    def rows(self) -> int:
+        return self.prompt_tokens.shape[0]
+
+    @property
+    def refills(self) -> bool:
+        return self.slots < self.rows
+
+    def initial_state(self, logits_SxV: Array, position_S: Array, cache: DecodeCache) -> _DecodeState:
+        rows, slots, new = self.rows, self.slots, self.config.max_new_tokens
+        if self.refills:
+            cache = dataclasses.replace(cache, index=jnp.full((slots,), self.prompt_tokens.shape[1], jnp.int32))
+        return _DecodeState(
+            step=jnp.zeros((), jnp.int32), logits_SxV=logits_SxV, cache=cache,
+            row_S=jnp.arange(slots, dtype=jnp.int32), written_S=jnp.zeros((slots,), jnp.int32), position_S=position_S,
+            done_S=jnp.zeros((slots,), bool), queued=jnp.asarray(slots, jnp.int32),
+            tokens_RxN=jnp.full((rows, new), self.config.pad_id, jnp.int32), mask_RxN=jnp.zeros((rows, new), bool),
+            logp_RxN=jnp.zeros((rows, new), jnp.float32),
+        )
+
+    def keep_going(self, state: _DecodeState, last: int, drain_at: int) -> Array:
+        """Whether to decode another step in a segment whose cache holds response columns below
+        ``last``, in a stage that ends once at most ``drain_at`` rows are live and none is queued."""
+        live = jnp.sum(~state.done_S, dtype=jnp.int32)
+        if not self.refills:  # `step < last`: the counter opd-jax plan reads each segment's steps from
+            return (state.step < last) & (live > drain_at)
+        # Every live slot's next column fits the cache. A refilled slot starts again at column P,
+        # so the cache only grows with the longest row.
+        longest = jnp.max(jnp.where(state.done_S, 0, state.written_S))
+        return (longest < last) & ((state.queued < self.rows) | (live > drain_at))
+
+    def decode(self, state: _DecodeState, refill: bool) -> _DecodeState:
+        """One decode step of every slot (after refilling free slots from the queue if ``refill``)."""
+        config, rows, prompt_length = self.config, self.rows, self.prompt_tokens.shape[1]
         if refill:
             remaining = rows - state.queued
-            wanted = (remaining > 0) & (jnp.sum(state.done_S) >= jnp.minimum(remaining, _refill_rows(slots, group)))
-            state = jax.lax.cond(wanted, functools.partial(_refill, model, prompt_tokens, prompt_mask, group),
-                                 lambda s: s, state)
-        noise_key = _row_step_keys(key, state.row_S, state.written_S)
-        token, token_logp = _sample(state.logits_SxV, noise_key, config)
+            wanted = (remaining > 0) & (
+                jnp.sum(state.done_S) >= jnp.minimum(remaining, _refill_rows(self.slots, self.group)))
+            state = jax.lax.cond(
+                wanted, functools.partial(_refill, self.model, self.prompt_tokens, self.prompt_mask, self.group),
+                lambda s: s, state)
+        token, token_logp = _sample(state.logits_SxV, _row_step_keys(self.key, state.row_S, state.written_S), config)
         live = ~state.done_S
         token = jnp.where(live, token, config.pad_id)
         cache = state.cache
-        if refills:  # a finished slot's column may lie past the cache; it writes an invalid slot
+        if self.refills:  # a finished slot's column may lie past the cache; it writes an invalid slot
             cache = dataclasses.replace(cache, index=jnp.minimum(prompt_length + state.written_S, cache.num_slots - 1))
-        logits, cache = model.decode_step(weights, token, state.position_S, live, cache)
+        logits, cache = self.model.decode_step(self.weights, token, state.position_S, live, cache)
         target = (jnp.where(live, state.row_S, rows), state.written_S)  # row `rows` is dropped
         written = state.written_S + live
+        stopped = jnp.isin(token, jnp.asarray(config.stop_ids, jnp.int32)) | (written >= config.max_new_tokens)
         return dataclasses.replace(
-            state,
-            step=state.step + 1,
-            logits_SxV=logits,
-            cache=cache,
-            written_S=written,
-            position_S=state.position_S + 1,
-            done_S=state.done_S | jnp.isin(token, stop_ids) | (written >= new),
+            state, step=state.step + 1, logits_SxV=logits, cache=cache, written_S=written,
+            position_S=state.position_S + 1, done_S=state.done_S | stopped,
             tokens_RxN=state.tokens_RxN.at[target].set(token, mode="drop"),
             mask_RxN=state.mask_RxN.at[target].set(True, mode="drop"),
             logp_RxN=state.logp_RxN.at[target].set(token_logp, mode="drop"),
         )
 
-    cache = DecodeCache.from_cache(prefill_cache, sizes[0])
-    if refills:
-        cache = dataclasses.replace(cache, index=jnp.full((slots,), prompt_length, jnp.int32))
-    state = _DecodeState(
-        step=jnp.zeros((), jnp.int32),
-        logits_SxV=logits,
-        cache=cache,
-        row_S=jnp.arange(slots, dtype=jnp.int32),
-        written_S=jnp.zeros((slots,), jnp.int32),
-        position_S=position,
-        done_S=jnp.zeros((slots,), bool),
-        queued=jnp.asarray(slots, jnp.int32),
-        tokens_RxN=jnp.full((rows, new), config.pad_id, jnp.int32),
-        mask_RxN=jnp.zeros((rows, new), bool),
-        logp_RxN=jnp.zeros((rows, new), jnp.float32),
-    )
-    stages = _drain_stages(slots) if config.stop_ids else (slots,)
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "slots"))
+def _generate(graphdef, state, prompt_tokens, prompt_mask, key, config: SamplingConfig, slots: int) -> Rollout:
+    model = nnx.merge(graphdef, state)
+    rows, prompt_length = prompt_tokens.shape
+    sizes = cache_segments(prompt_length, config.max_new_tokens)
+    group = _prefill_group(config, rows, slots)
+    logits, position, prefill_cache = _prefill(model, prompt_tokens[:slots], prompt_mask[:slots], group)
+    # Once per rollout, outside the loop: fused projections in the compute dtype.
+    loop = _SlotLoop(model, model.decode_weights(), prompt_tokens, prompt_mask, key, config, slots, group)
+    state = loop.initial_state(logits, position, DecodeCache.from_cache(prefill_cache, sizes[0]))
+    # Slots asked to equal the rows: the static batch, as before slot scheduling (a sampler whose
+    # rows are split over devices keeps it: moving rows between slots would cross devices).
+    static = config.slots is not None and slots == rows
+    stages = _drain_stages(slots) if config.stop_ids and not static else (slots,)
     for stage, drain_at in enumerate((*stages[1:], 0)):
         # Each stage decodes until at most `drain_at` rows are left and none is queued; the next
         # stage goes on with the live rows only, in fewer slots, so the longest rows do not keep
         # every slot of the batch decoding. Refills happen in the first stage (the queue empties there).
-        def keep_going(state: _DecodeState, last: int, drain_at=drain_at) -> Array:
-            live = jnp.sum(~state.done_S, dtype=jnp.int32)
-            if not refills:  # `step < last`: the counter opd-jax plan reads each segment's steps from
-                return (state.step < last) & (live > drain_at)
-            # Every live slot's next column fits the cache. A refilled slot starts again at column
-            # P, so the cache only grows with the longest row.
-            longest = jnp.max(jnp.where(state.done_S, 0, state.written_S))
-            return (longest < last) & ((state.queued < rows) | (live > drain_at))
-
         if stage:
             state = _compact(state, stages[stage])
-        body = functools.partial(decode, refill=refills and not stage)
+        body = functools.partial(loop.decode, refill=loop.refills and not stage)
         # The first stage grows the cache segment by segment; later ones keep its full size.
         for size in sizes if not stage else sizes[-1:]:
             state = dataclasses.replace(state, cache=state.cache.grown(size))
-            state = jax.lax.while_loop(functools.partial(keep_going, last=size - prompt_length), body, state)
+            keep_going = functools.partial(loop.keep_going, last=size - prompt_length, drain_at=drain_at)
+            state = jax.lax.while_loop(keep_going, body, state)
     pad_prompt = jnp.zeros((rows, prompt_length), bool)
     return Rollout(
         tokens=jnp.concatenate([prompt_tokens, state.tokens_RxN], axis=1),

@@ -7,6 +7,7 @@ import pytest
 
 from opd_jax.commands import main
 from opd_jax.config import SECTIONS, TrainConfig, flatten_sections
+from opd_jax.errors import InputError
 
 
 def test_every_field_has_a_section_and_help_and_a_flag_in_its_group(capsys):
@@ -45,3 +46,9 @@ def test_config_json_is_by_section_and_reads_back_flat_or_by_section():
 def test_misplaced_or_unknown_options_are_named(values, message):
     with pytest.raises(ValueError, match=message):
         flatten_sections(values)
+
+
+def test_rollout_slots_are_none_or_positive():
+    assert TrainConfig().rollout_slots is None and TrainConfig(rollout_slots=8).rollout_slots == 8
+    with pytest.raises(InputError, match=r"rollout_slots must lie in \[1, ∞\); got 0"):
+        TrainConfig(rollout_slots=0)

@@ -64,13 +64,14 @@ def test_the_demo_and_eval_commands_offer_the_registered_tasks_with_their_own_se
         (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         return next(a.help for a in subparsers.choices[command]._actions if a.dest == dest)
 
-    names = ["arithmetic", "arithmetic_cross_tokenizer", "arithmetic_vllm", "tool_use"]
+    names = ["arithmetic", "arithmetic_cross_tokenizer", "arithmetic_vllm", "tool_use", "tool_use_vllm"]
     assert task_choices(build_parser(), "demo") == task_choices(build_parser(), "eval") == names
     assert ("arithmetic runs/demo, arithmetic_cross_tokenizer runs/demo-arithmetic_cross_tokenizer, arithmetic_vllm "
-            "runs/demo-arithmetic_vllm, tool_use runs/demo-tool_use") in " ".join(
+            "runs/demo-arithmetic_vllm, tool_use runs/demo-tool_use, tool_use_vllm runs/demo-tool_use_vllm") in " ".join(
         help_of(build_parser(), "demo", "output").split())
-    assert "arithmetic 200, arithmetic_cross_tokenizer 200, arithmetic_vllm 200, tool_use 40" in help_of(
-        build_parser(), "demo", "steps")
+    assert ("arithmetic 200, arithmetic_cross_tokenizer 200, arithmetic_vllm 200, tool_use 40, tool_use_vllm 40"
+            in help_of(build_parser(), "demo", "steps"))
+    assert "(arithmetic_vllm, tool_use_vllm)" in help_of(build_parser(), "demo", "rollout_backend")
     # A task registered later is offered too, with its own demo settings (here the default output folder).
     chess = dataclasses.replace(tasks.get_task("arithmetic"), name="chess", demo=tasks.DemoSettings())
     monkeypatch.setitem(tasks._registry, "chess", chess)
@@ -181,3 +182,23 @@ def test_tool_use_demo_trains_with_its_own_settings_and_eval_reproduces_it(tmp_p
         main(["demo", "--output", str(output), "--steps", "1", "--quiet"])
     assert exit_info.value.code == 2 and "holds results of task 'tool_use'" in capsys.readouterr().err
     assert (output / "results.json").read_text() == before
+
+
+def test_demo_rollout_backend_vllm_runs_the_tasks_vllm_variant_or_names_the_tasks_that_have_one(capsys):
+    from opd_jax.commands.demo import _task_for_backend
+
+    assert _task_for_backend("tool_use", "vllm") == "tool_use_vllm"
+    assert _task_for_backend("arithmetic", "vllm") == "arithmetic_vllm"
+    assert _task_for_backend("arithmetic_vllm", "vllm") == "arithmetic_vllm"
+    assert _task_for_backend("tool_use", None) == _task_for_backend("tool_use", "jax") == "tool_use"
+    # The variant keeps the task's teacher and problems, with a student vLLM's CPU attention serves.
+    plain, variant = tasks.get_task("tool_use"), tasks.get_task("tool_use_vllm")
+    assert variant.model_path("teacher") == plain.model_path("teacher")
+    student = json.loads((variant.model_path("student") / "config.json").read_text())
+    assert student["head_dim"] == 32 and variant.demo.config.rollout_backend == "vllm"
+    assert dataclasses.replace(variant.demo.config, rollout_backend="jax") == plain.demo.config
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--task", "arithmetic_cross_tokenizer", "--rollout-backend", "vllm"])
+    assert exit_info.value.code == 2
+    assert ("--rollout-backend vllm: task 'arithmetic_cross_tokenizer' ships no student vLLM serves; allowed tasks: "
+            "arithmetic, tool_use") in capsys.readouterr().err

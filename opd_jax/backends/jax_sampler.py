@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -38,14 +39,19 @@ class JaxBackend:
         """:func:`generate` compiled with explicit shardings: parameters by the rules, prompts and rollout by rows.
 
         ``shardings`` is the step's :class:`~opd_jax.step.StepShardings`; the backend samples with
-        ``sampling`` only.
+        ``sampling`` only. Where the rows are split over devices it decodes the static batch
+        (``slots`` = the rows): refilling a slot or moving rows between slots would cross devices
+        on every step.
         """
         batch = shardings.batch
 
         @functools.partial(jax.jit, in_shardings=(shardings.params, batch, batch, shardings.replicated),
                            out_shardings=batch)
         def sample(params, prompt_tokens, prompt_mask, key):
-            return generate(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, sampling)
+            rows = prompt_tokens.shape[0]
+            split = batch.shard_shape(prompt_tokens.shape)[0] < rows
+            config = dataclasses.replace(sampling, slots=rows) if split else sampling
+            return generate(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, config)
 
         def rollout_fn(model, prompt_tokens, prompt_mask, key, config):
             if config != sampling:

@@ -43,6 +43,10 @@ def add_parser(subparsers) -> None:
                       help=f"training steps per run (default: the task's, {default_steps})")
     demo.add_argument("--eval-problems", type=positive_int(1), default=512,
                       help="held-out problems per evaluation (default 512)")
+    demo.add_argument("--rollout-backend", choices=("jax", "vllm"),
+                      help="where rollouts are sampled (default: the task's); vllm runs the task's '<task>_vllm' "
+                           "variant, whose student vLLM serves (" + ", ".join(
+                               name for name in sorted(settings) if name.endswith("_vllm")) + ")")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -52,20 +56,21 @@ def run(args: argparse.Namespace) -> int:
     from opd_jax import demo, tasks
     from opd_jax.advantages import ESTIMATORS
 
-    task = tasks.get_task(args.task)
+    name = _task_for_backend(args.task, args.rollout_backend)
+    task = tasks.get_task(name)
     settings = task.demo  # the demo's settings live on the task
-    output = args.output or settings.output_folder(args.task)
+    output = args.output or settings.output_folder(name)
     if output.exists() and not output.is_dir():
         fail("demo", f"--output {output} is a file; give a folder")
     previous = output / "results.json"
     previous_task = json.loads(previous.read_text()).get("task") if previous.is_file() else None
-    if previous_task not in (None, args.task):
-        fail("demo", f"--output {output} holds results of task {previous_task!r}, not --task {args.task}; "
-                     "give another folder")
+    if previous_task not in (None, name):
+        fail("demo", f"--output {output} holds results of task {previous_task!r}, not {name!r}; give another folder")
     setup = task.setup(eval_problems=args.eval_problems)
     steps = args.steps or settings.config.steps
     base = dataclasses.replace(settings.config, steps=steps, max_new_tokens=setup.max_new_tokens,
-                               eval_every=min(settings.config.eval_every, steps))
+                               eval_every=min(settings.config.eval_every, steps),
+                               rollout_backend=args.rollout_backend or settings.config.rollout_backend)
     axes = {"divergence": args.divergence or ["reverse_kl", "forward_kl", "js"],
             "estimator": args.estimator or list(ESTIMATORS)}
     specs = demo.grid(base, axes, args.seeds)
@@ -78,3 +83,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{setup.name}: {len(specs)} runs of {steps} steps in {seconds:.0f} s\n\n{table}\n")
     print(f"wrote {output / 'results.md'}, {output / 'results.json'}, {output / 'curves.png'}")
     return 0
+
+
+def _task_for_backend(name: str, backend: str | None) -> str:
+    """The task the demo runs: ``name``, or for ``--rollout-backend vllm`` its ``<name>_vllm`` variant
+    (a student vLLM's attention serves) when ``name`` samples with JAX."""
+    from opd_jax import tasks
+
+    if backend != "vllm" or tasks.get_task(name).demo.config.rollout_backend == "vllm":
+        return name
+    variant = f"{name}_vllm"
+    if variant not in tasks.task_names():
+        served = sorted(n.removesuffix("_vllm") for n in tasks.task_names() if n.endswith("_vllm"))
+        fail("demo", f"--rollout-backend vllm: task {name!r} ships no student vLLM serves; allowed tasks: "
+                     f"{', '.join(served)}")
+    return variant

@@ -97,5 +97,10 @@ register_task("arithmetic", ToyArithmetic())
 register_task("arithmetic_vllm", ToyArithmetic(
     "arithmetic_vllm", VLLM_ASSETS_DIR, DemoSettings(config=dataclasses.replace(DEMO_CONFIG, rollout_backend="vllm"))))
 register_task("tool_use", tool_use.ToyToolUse())
+# The same task with a student vLLM serves (head size 32) and the same teacher, sampled by the vLLM backend.
+register_task("tool_use_vllm", tool_use.ToyToolUse(
+    "tool_use_vllm", dataclasses.replace(
+        tool_use.DEMO, config=dataclasses.replace(tool_use.DEMO.config, rollout_backend="vllm"), output=None),
+    tool_use.VLLM_ASSETS_DIR))
 # The arithmetic task with a teacher whose tokenizer reads digits in pairs (tokenizer_alignment "text").
 register_task("arithmetic_cross_tokenizer", ToyArithmeticCrossTokenizer())

@@ -49,7 +49,7 @@ from opd_jax.tasks.tool_use.checker import ResponseCheck, check_response
 from opd_jax.tasks.tool_use.environment import ToolEnvironment, make_rollout_fn
 from opd_jax.tasks.tool_use.evaluation import ToolUseEvalResult, evaluate
 from opd_jax.tasks.tool_use.problems import CONVERSIONS, KINDS, ToolUseProblem, ToolUseTask, transcript_segments
-from opd_jax.tasks.tool_use.task import ASSETS_DIR, DEMO, ToyToolUse, toy_model_path, toy_task
+from opd_jax.tasks.tool_use.task import ASSETS_DIR, DEMO, VLLM_ASSETS_DIR, ToyToolUse, toy_model_path, toy_task
 from opd_jax.tasks.tool_use.tools import (
     ANSWER_MARKER,
     CALL_CLOSE,

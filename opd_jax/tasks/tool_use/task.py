@@ -24,10 +24,12 @@ from opd_jax.tasks.tool_use.evaluation import evaluate
 from opd_jax.tasks.tool_use.problems import ToolUseProblem, ToolUseTask
 from opd_jax.tasks.tool_use.vocabulary import Vocabulary, encode_prompts
 
-__all__ = ["ASSETS_DIR", "DEMO", "ToyToolUse", "toy_model_path", "toy_task"]
+__all__ = ["ASSETS_DIR", "DEMO", "VLLM_ASSETS_DIR", "ToyToolUse", "toy_model_path", "toy_task"]
 
 #: The shipped models: ``teacher/`` and ``student/`` (config, safetensors, tokenizer) and ``metadata.json``.
 ASSETS_DIR = pathlib.Path(__file__).resolve().parents[1] / "assets" / "tool_use"
+#: A student with head size 32 for the same teacher, for vLLM's CPU attention (it rejects 12).
+VLLM_ASSETS_DIR = ASSETS_DIR.parent / "tool_use_vllm"
 #: The experiment that trains the shipped models (named in the errors about missing assets).
 _MAKE_MODELS = "experiments/make_tool_use_models.py"
 
@@ -67,8 +69,10 @@ class ToyToolUse:
     (:data:`DEMO`).
     """
 
-    name = "tool_use"
+    name: str = "tool_use"
     demo: DemoSettings = DEMO
+    #: Where the student comes from (the teacher and the task are always :data:`ASSETS_DIR`'s).
+    student_assets: pathlib.Path = ASSETS_DIR
 
     def problems(self, split: str, n: int, seed: int) -> list[ToolUseProblem]:
         return toy_task().sample_problems(seed, n, split=split)
@@ -80,11 +84,13 @@ class ToyToolUse:
         """The character tokenizer of the shipped student (checked against :class:`Vocabulary`)."""
         from opd_jax import tokenization
 
-        tokenizer = tokenization.load_tokenizer(toy_model_path("student"))
+        tokenizer = tokenization.load_tokenizer(self.model_path("student"))
         Vocabulary().check_tokenizer(tokenizer, "tool-use")
         return tokenizer
 
     def model_path(self, role: str) -> pathlib.Path:
+        if role == "student":
+            return shipped_model_folder(self.student_assets, role, what="tool-use", script=_MAKE_MODELS)
         return toy_model_path(role)
 
     def evaluator(self, tokenizer=None, teacher=None, *, eval_problems: int = 512, seed: int = 0,
@@ -111,8 +117,8 @@ class ToyToolUse:
         from opd_jax.train import PromptSet
 
         task, tokenizer, vocabulary = toy_task(), self.tokenizer(), Vocabulary()
-        teacher, _ = models.from_pretrained(toy_model_path("teacher"))
-        student, student_config = models.from_pretrained(toy_model_path("student"))
+        teacher, _ = models.from_pretrained(self.model_path("teacher"))
+        student, student_config = models.from_pretrained(self.model_path("student"))
         tokens_NxP, mask_NxP = encode_prompts(self.problems("train", train_problems, seed), task.max_prompt_length,
                                               vocabulary)
         return TaskSetup(
