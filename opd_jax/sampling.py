@@ -145,7 +145,7 @@ def _threefry2x32(k1: Array, k2: Array, x1: Array, x2: Array) -> tuple[Array, Ar
 
 
 def _straight_threefry_applies(key: Array) -> bool:
-    """Whether :func:`_row_step_keys` / :func:`_gumbel_rows` reproduce ``jax.random`` for this key: a threefry
+    """Whether :func:`_split` / :func:`_gumbel_rows` reproduce ``jax.random`` for this key: a threefry
     key with the (default) partitionable counter layout and low-range Gumbel noise."""
     return (
         str(jax.random.key_impl(key)) == "threefry2x32"
@@ -154,27 +154,39 @@ def _straight_threefry_applies(key: Array) -> bool:
     )
 
 
-def _row_step_keys(key: Array, row_B: Array, step_B: Array) -> Array:
-    """``jax.random.fold_in(jax.random.fold_in(key, row), step)`` for each row: the key of one
-    row's response token, whatever batch or slot it is decoded in. Returns ``[B]`` typed keys."""
+def _split(key: Array) -> tuple[Array, Array]:
+    """``jax.random.split(key)`` as a pair."""
     if not _straight_threefry_applies(key):
-        return jax.vmap(lambda row, step: jax.random.fold_in(jax.random.fold_in(key, row), step))(row_B, step_B)
+        first, second = jax.random.split(key)
+        return first, second
     k = jax.random.key_data(key)
-    # fold_in(k, d) is the hash of the counter words (0, d) under k.
-    zeros = jnp.zeros(row_B.shape, jnp.uint32)
-    row1, row2 = _threefry2x32(k[0], k[1], zeros, row_B.astype(jnp.uint32))
-    step1, step2 = _threefry2x32(row1, row2, zeros, step_B.astype(jnp.uint32))
-    return jax.random.wrap_key_data(jnp.stack([step1, step2], axis=-1), impl="threefry2x32")
+    bits1, bits2 = _threefry2x32(k[0], k[1], jnp.zeros((2,), jnp.uint32), jnp.arange(2, dtype=jnp.uint32))
+    wrap = functools.partial(jax.random.wrap_key_data, impl="threefry2x32")
+    return wrap(jnp.stack([bits1[0], bits2[0]])), wrap(jnp.stack([bits1[1], bits2[1]]))
 
 
-def _gumbel_rows(keys_B: Array, vocab: int) -> Array:
-    """``jax.random.gumbel(keys_B[b], (vocab,))`` for each row, float32 ``[B, vocab]``."""
-    if not _straight_threefry_applies(keys_B):
-        # One row at a time: a batched rbg key draws other bits than the same key alone.
-        return jax.lax.map(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32), keys_B)
-    k = jax.random.key_data(keys_B)
-    columns = jax.lax.broadcasted_iota(jnp.uint32, (keys_B.shape[0], vocab), 1)
-    bits1, bits2 = _threefry2x32(k[:, :1], k[:, 1:], jnp.zeros_like(columns), columns)
+def _step_keys(key: Array, steps: int) -> Array:
+    """``[steps]`` keys: the key of response step ``n`` is the second half of the ``n``-th split of
+    the chain ``key → split(key)[0] → …``."""
+    def next_key(chain, _):
+        chain, sample = _split(chain)
+        return chain, sample
+
+    return jax.lax.scan(next_key, key, None, length=steps)[1]
+
+
+def _gumbel_rows(keys_S: Array, row_S: Array, rows: int, vocab: int) -> Array:
+    """Row ``row_S[s]`` of ``jax.random.gumbel(keys_S[s], (rows, vocab))`` for each slot, float32
+    ``[S, vocab]``: a row's noise at a step depends on its row and that step's key only, not on the
+    slot it is decoded in."""
+    if not _straight_threefry_applies(keys_S) or rows * vocab >= 2**32:
+        # One slot at a time, the whole [rows, vocab] draw (other key implementations, huge draws).
+        return jax.lax.map(lambda pair: jax.random.gumbel(pair[0], (rows, vocab), jnp.float32)[pair[1]],
+                           (keys_S, row_S))
+    k = jax.random.key_data(keys_S)
+    columns = jax.lax.broadcasted_iota(jnp.uint32, (row_S.shape[0], vocab), 1)
+    counters = row_S.astype(jnp.uint32)[:, None] * np.uint32(vocab) + columns
+    bits1, bits2 = _threefry2x32(k[:, :1], k[:, 1:], jnp.zeros_like(columns), counters)
     # 23 random mantissa bits under exponent 0: a float in [1, 2), minus 1, mapped to [tiny, 1).
     mantissa = ((bits1 ^ bits2) >> np.uint32(32 - 23)) | np.uint32(0x3F800000)
     tiny = jnp.float32(np.finfo(np.float32).tiny)
@@ -191,17 +203,19 @@ def _first_argmax(x_BxV: Array) -> Array:
     return jnp.min(jnp.where(x_BxV == top, index, x_BxV.shape[-1]), axis=-1)
 
 
-def _sample(logits_BxV: Array, keys_B: Array, config: SamplingConfig) -> tuple[Array, Array]:
-    """Tokens ``[B]`` int32 and their log-probabilities ``[B]`` float32 under the filtered distribution.
+def _sample(logits_SxV: Array, keys_S: Array, row_S: Array, rows: int, config: SamplingConfig
+            ) -> tuple[Array, Array]:
+    """Tokens ``[S]`` int32 and their log-probabilities ``[S]`` float32 under the filtered distribution.
 
-    Row ``b``'s token is that of ``jax.random.categorical(keys_B[b], filtered[b])`` (Gumbel-max
-    with the same noise), and its log-probability that of ``jax.nn.log_softmax(filtered[b])`` at
-    the token (the same operations, evaluated at the picked entry only).
+    Slot ``s`` decodes row ``row_S[s]`` of ``rows``: its token is row ``row_S[s]`` of
+    ``jax.random.categorical(keys_S[s], filtered)`` over all the rows (Gumbel-max with the same
+    noise), and its log-probability that of ``jax.nn.log_softmax`` at the token (the same
+    operations, evaluated at the picked entry only).
     """
     if config.temperature == 0:
-        return _first_argmax(logits_BxV), jnp.zeros(logits_BxV.shape[:1], jnp.float32)
-    filtered = _filter_logits(logits_BxV, config)
-    noise = _gumbel_rows(keys_B, filtered.shape[1])
+        return _first_argmax(logits_SxV), jnp.zeros(logits_SxV.shape[:1], jnp.float32)
+    filtered = _filter_logits(logits_SxV, config)
+    noise = _gumbel_rows(keys_S, row_S, rows, filtered.shape[1])
     tokens = _first_argmax(noise + filtered)
     shift = jax.lax.stop_gradient(jnp.max(filtered, axis=-1, keepdims=True))
     shifted = filtered - shift
@@ -222,13 +236,15 @@ def generate(
 
     With fewer slots ``S`` than prompts (:attr:`SamplingConfig.slots`), a slot whose row stops takes
     the next prompt: inside the loop, once enough slots are free, the next prompts are prefilled
-    together and written into those slots' caches (no host round trip). With stop ids, once the
-    queue is empty and at most a quarter of the slots are live, the live rows move into a quarter
-    of the slots (drain stages), so the longest rows do not keep the whole batch decoding.
+    together and written into those slots' caches (no host round trip). Once the queue is empty and
+    at most a quarter of the slots are live, the live rows move into a quarter of the slots (drain
+    stages), so the longest rows do not keep every slot decoding. ``S`` equal to the prompts is the
+    static batch: every row decodes in its own slot until the longest ends.
 
-    Row ``b``'s token at response step ``n`` is that of ``jax.random.categorical`` with the key
-    ``fold_in(fold_in(key, b), n)`` on the filtered logits: it depends on the key, the row and the
-    step, not on ``S`` or on when the row was scheduled.
+    Row ``b``'s token at response step ``n`` is row ``b`` of ``jax.random.categorical`` over the
+    filtered logits of all ``B`` rows with the key ``k_n`` (``k_n`` the second half of the ``n``-th
+    split of the chain ``key → split(key)[0] → …``): it depends on the key, the row and the step,
+    not on ``S`` or on when the row was scheduled (and it is the token of the static batch of before).
 
     Args:
       model: the student (or any decoder).
@@ -508,7 +524,7 @@ class _SlotLoop:
     weights: DecodeWeights
     prompt_tokens: Array
     prompt_mask: Array
-    key: Array
+    step_keys: Array  # [N] keys of the response steps (_step_keys)
     config: SamplingConfig
     slots: int
     group: int
@@ -554,7 +570,8 @@ class _SlotLoop:
             state = jax.lax.cond(
                 wanted, functools.partial(_refill, self.model, self.prompt_tokens, self.prompt_mask, self.group),
                 lambda s: s, state)
-        token, token_logp = _sample(state.logits_SxV, _row_step_keys(self.key, state.row_S, state.written_S), config)
+        step_key_S = self.step_keys[jnp.minimum(state.written_S, config.max_new_tokens - 1)]
+        token, token_logp = _sample(state.logits_SxV, step_key_S, state.row_S, rows, config)
         live = ~state.done_S
         token = jnp.where(live, token, config.pad_id)
         cache = state.cache
@@ -581,12 +598,12 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, config: Sampling
     group = _prefill_group(config, rows, slots)
     logits, position, prefill_cache = _prefill(model, prompt_tokens[:slots], prompt_mask[:slots], group)
     # Once per rollout, outside the loop: fused projections in the compute dtype.
-    loop = _SlotLoop(model, model.decode_weights(), prompt_tokens, prompt_mask, key, config, slots, group)
+    loop = _SlotLoop(model, model.decode_weights(), prompt_tokens, prompt_mask,
+                     _step_keys(key, config.max_new_tokens), config, slots, group)
     state = loop.initial_state(logits, position, DecodeCache.from_cache(prefill_cache, sizes[0]))
-    # Slots asked to equal the rows: the static batch, as before slot scheduling (a sampler whose
-    # rows are split over devices keeps it: moving rows between slots would cross devices).
-    static = config.slots is not None and slots == rows
-    stages = _drain_stages(slots) if config.stop_ids and not static else (slots,)
+    # As many slots as rows: the static batch, the program of before slot scheduling, bitwise (a
+    # sampler whose rows are split over devices keeps it: moving rows would cross devices).
+    stages = _drain_stages(slots) if loop.refills else (slots,)
     for stage, drain_at in enumerate((*stages[1:], 0)):
         # Each stage decodes until at most `drain_at` rows are left and none is queued; the next
         # stage goes on with the live rows only, in fewer slots, so the longest rows do not keep

@@ -263,24 +263,31 @@ def test_rollouts_across_cache_segments_match_scoring_and_stop_early():
 
 @pytest.mark.parametrize("seed", [0, 1, 2**31 + 5])
 def test_sampler_random_numbers_are_bitwise_those_of_jax_random(seed):
-    """Row b's noise at response step n is jax.random.gumbel(fold_in(fold_in(key, b), n)), so a row's
-    tokens depend on the key, its row and its step only, never on the batch it is decoded in."""
+    """Step n's key is the second half of the n-th split of the key chain, and slot s's noise is
+    row row_S[s] of jax.random.gumbel(that key, (rows, V)): a row's tokens depend on the key, its
+    row and its step only, never on the slot it is decoded in."""
     key = jax.random.key(seed)
-    rows, steps = jnp.asarray([0, 5, 2**31 - 3, 7], jnp.int32), jnp.asarray([0, 0, 9, 511], jnp.int32)
-    keys = jax.jit(sampling._row_step_keys)(key, rows, steps)
-    for i in range(4):
-        expected = jax.random.fold_in(jax.random.fold_in(key, rows[i]), steps[i])
-        np.testing.assert_array_equal(jax.random.key_data(keys[i]), jax.random.key_data(expected))
+    first, second = jax.jit(sampling._split)(key)
+    expected = jax.random.split(key)
+    np.testing.assert_array_equal(jax.random.key_data(first), jax.random.key_data(expected[0]))
+    np.testing.assert_array_equal(jax.random.key_data(second), jax.random.key_data(expected[1]))
+    steps = jax.jit(sampling._step_keys, static_argnums=1)(key, 3)
+    chain = key
+    for n in range(3):
+        chain, sample = jax.random.split(chain)
+        np.testing.assert_array_equal(jax.random.key_data(steps[n]), jax.random.key_data(sample))
+    keys, rows = steps[jnp.asarray([0, 2, 1, 2])], jnp.asarray([5, 0, 63, 5])
     for vocab in (7, 1024, 4099):
-        noise = jax.jit(sampling._gumbel_rows, static_argnums=1)(keys, vocab)
-        for i in range(4):
-            np.testing.assert_array_equal(noise[i], jax.random.gumbel(keys[i], (vocab,), jnp.float32))
+        noise = jax.jit(sampling._gumbel_rows, static_argnums=(2, 3))(keys, rows, 64, vocab)
+        for s in range(4):
+            np.testing.assert_array_equal(noise[s], jax.random.gumbel(keys[s], (64, vocab), jnp.float32)[rows[s]])
     logits = 3 * jax.random.normal(jax.random.key(seed + 7), (4, 80), jnp.float32)  # as the model gives
-    tokens, logp = jax.jit(sampling._sample, static_argnums=2)(logits, keys, sampling.SamplingConfig(4))
-    for i in range(4):
-        assert tokens[i] == jax.random.categorical(keys[i], logits[i])
+    tokens, logp = jax.jit(sampling._sample, static_argnums=(3, 4))(logits, keys, rows, 64, sampling.SamplingConfig(4))
+    for s in range(4):
+        full = jnp.zeros((64, 80), jnp.float32).at[rows[s]].set(logits[s])
+        assert tokens[s] == jax.random.categorical(keys[s], full)[rows[s]]
     np.testing.assert_array_equal(logp, jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, None], -1)[:, 0])
-    greedy, _ = sampling._sample(logits, keys, sampling.SamplingConfig(4, temperature=0))
+    greedy, _ = sampling._sample(logits, keys, rows, 64, sampling.SamplingConfig(4, temperature=0))
     np.testing.assert_array_equal(greedy, jnp.argmax(logits, -1))
     # Ties go to the first maximal entry, as argmax does.
     tied = jnp.zeros((2, 5)).at[:, 1].set(1).at[:, 3].set(1)
@@ -290,10 +297,11 @@ def test_sampler_random_numbers_are_bitwise_those_of_jax_random(seed):
 def test_other_key_implementations_fall_back_to_jax_random():
     key = jax.random.key(4, impl="rbg")
     assert not sampling._straight_threefry_applies(key)
-    keys = sampling._row_step_keys(key, jnp.asarray([3, 1]), jnp.asarray([0, 2]))
-    expected = jax.random.fold_in(jax.random.fold_in(key, 1), 2)
-    np.testing.assert_array_equal(jax.random.key_data(keys[1]), jax.random.key_data(expected))
-    np.testing.assert_array_equal(sampling._gumbel_rows(keys, 5)[1], jax.random.gumbel(expected, (5,), jnp.float32))
+    first, _ = sampling._split(key)
+    np.testing.assert_array_equal(jax.random.key_data(first), jax.random.key_data(jax.random.split(key)[0]))
+    keys = jnp.stack([key, first])
+    np.testing.assert_array_equal(sampling._gumbel_rows(keys, jnp.asarray([3, 1]), 4, 5)[1],
+                                  jax.random.gumbel(first, (4, 5), jnp.float32)[1])
 
 
 def _stopping_batch(rows: int, prompt_length: int, seed: int = 0):

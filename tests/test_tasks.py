@@ -257,7 +257,8 @@ def test_evaluate_counts_unfinished_responses_wrong_and_checks_input(shipped, he
 
 
 def test_registry_names_tasks_and_refuses_unknown_taken_and_incomplete_ones():
-    assert tasks.task_names() == ("arithmetic", "arithmetic_vllm", "tool_use", "arithmetic_cross_tokenizer")
+    assert tasks.task_names() == ("arithmetic", "arithmetic_vllm", "tool_use", "tool_use_vllm",
+                                  "arithmetic_cross_tokenizer")
     assert tasks.get_task("arithmetic") is tasks.TASKS["arithmetic"]
     assert all(isinstance(task, tasks.Task) and task.name == name for name, task in tasks.TASKS.items())
     with pytest.raises(ValueError, match="unknown task 'chess'; registered: arithmetic, arithmetic_vllm, tool_use, "
@@ -272,7 +273,8 @@ def test_registry_names_tasks_and_refuses_unknown_taken_and_incomplete_ones():
         tasks.register_task("", tasks.get_task("arithmetic"))
     with pytest.raises(TypeError):
         tasks.TASKS["mine"] = tasks.get_task("arithmetic")  # read-only
-    assert tasks.task_names() == ("arithmetic", "arithmetic_vllm", "tool_use", "arithmetic_cross_tokenizer")
+    assert tasks.task_names() == ("arithmetic", "arithmetic_vllm", "tool_use", "tool_use_vllm",
+                                  "arithmetic_cross_tokenizer")
     assert doctest.testmod(tasks).failed == 0
 
 

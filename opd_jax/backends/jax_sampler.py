@@ -40,8 +40,8 @@ class JaxBackend:
 
         ``shardings`` is the step's :class:`~opd_jax.step.StepShardings`; the backend samples with
         ``sampling`` only. Where the rows are split over devices it decodes the static batch
-        (``slots`` = the rows): refilling a slot or moving rows between slots would cross devices
-        on every step.
+        (``slots`` = the rows) and prefills every row (``group_size`` 1): refilling a slot, moving
+        rows between slots or copying a group's prefill to its copies would cross devices.
         """
         batch = shardings.batch
 
@@ -50,7 +50,7 @@ class JaxBackend:
         def sample(params, prompt_tokens, prompt_mask, key):
             rows = prompt_tokens.shape[0]
             split = batch.shard_shape(prompt_tokens.shape)[0] < rows
-            config = dataclasses.replace(sampling, slots=rows) if split else sampling
+            config = dataclasses.replace(sampling, slots=rows, group_size=1) if split else sampling
             return generate(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, config)
 
         def rollout_fn(model, prompt_tokens, prompt_mask, key, config):

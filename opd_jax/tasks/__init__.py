@@ -2,7 +2,7 @@
 a registry of :class:`~opd_jax.tasks.base.Task` objects by name.
 
 >>> sorted(task_names())
-['arithmetic', 'arithmetic_cross_tokenizer', 'arithmetic_vllm', 'tool_use']
+['arithmetic', 'arithmetic_cross_tokenizer', 'arithmetic_vllm', 'tool_use', 'tool_use_vllm']
 >>> get_task("tool_use").model_path("teacher").name
 'teacher'
 >>> get_task("tool_use").demo.config.steps  # the demo's settings live on the task
