@@ -262,7 +262,7 @@ def test_registry_names_tasks_and_refuses_unknown_taken_and_incomplete_ones():
     assert tasks.get_task("arithmetic") is tasks.TASKS["arithmetic"]
     assert all(isinstance(task, tasks.Task) and task.name == name for name, task in tasks.TASKS.items())
     with pytest.raises(ValueError, match="unknown task 'chess'; registered: arithmetic, arithmetic_vllm, tool_use, "
-                                         "arithmetic_cross_tokenizer"):
+                                         "tool_use_vllm, arithmetic_cross_tokenizer"):
         tasks.get_task("chess")
     with pytest.raises(ValueError, match="'arithmetic' is already registered"):
         tasks.register_task("arithmetic", tasks.get_task("tool_use"))
