@@ -40,7 +40,7 @@ import numpy as np
 from _common import machine_info, markdown_table, run_job, warn_if_busy, write_json  # this folder is on sys.path
 from _cpuload import timed_call
 from opd_jax.sampling import SamplingConfig, default_slots, generate
-from sampler_vs_vllm import SIZES, VLLM_PYTHON, require_vllm_env
+from sampler_vs_vllm import SIZES, VLLM_PYTHON, model_args, require_vllm_env
 from sampling import build_checkpoint
 
 QUICK = dict(size="quick", prompts=[8, 16], max_new_tokens=32, stop_ids=8, repeats=1, vllm_eager=True, slots=[])
@@ -161,13 +161,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     require_vllm_env()
     machine = machine_info()
-    shape = SIZES[args.size]
-    model_args = argparse.Namespace(**shape, intermediate=3 * shape["hidden"], batch=max(args.prompts),
-                                    prompt_len=args.prompt_len, new_tokens=args.max_new_tokens, seed=args.seed)
+    grid = argparse.Namespace(batches=args.prompts, new_tokens=[args.max_new_tokens], prompt_len=args.prompt_len,
+                              seed=args.seed)
     rows = []
     with tempfile.TemporaryDirectory(prefix="opd_slots_bench_") as tmp:
         folder = pathlib.Path(tmp)
-        model, prompts = build_checkpoint(model_args, folder)
+        model, prompts = build_checkpoint(model_args(grid, args.size), folder)
         vllm_side = run_vllm(args, folder, prompts)  # first, so the two never overlap
         for count, theirs in zip(args.prompts, vllm_side["cells"], strict=True):
             vllm_row = _row(count, "vLLM", None, theirs, None)
