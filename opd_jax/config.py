@@ -27,6 +27,7 @@ from typing import Any
 
 from opd_jax import chunking
 from opd_jax import divergences as divergences_lib
+from opd_jax import rollout_layout
 from opd_jax import storage
 from opd_jax.advantages import ESTIMATORS, LEVELS
 from opd_jax.errors import InputError, InputFileNotFoundError
@@ -202,6 +203,11 @@ class TrainConfig:
     rollout_slots: int | None = _field(
         "rollout", None, "rows the jax sampler decodes at once; a row that stops hands its slot to the next "
         "prompt ('none': chosen from the batch and the stop ids, see opd_jax.sampling.default_slots)")
+    rollout_mesh: str = _field(
+        "rollout", "auto", "how the student's devices are laid out while the jax sampler decodes on a mesh: auto "
+        "(the layout of fewest roofline seconds, opd_jax.rollout_estimate.choose_layout), training (the training "
+        "mesh: the static batch) or data=R,tensor=T (R replicas of T tensor-parallel devices, R × T the student's "
+        "devices; weights resharded once per step)")
     rollout_backend: str = _field(
         "rollout", "jax", "where rollouts are sampled: jax (this process) or vllm (an engine in its own process "
         "and environment; OPD_VLLM=1 .ci/bootstrap builds it)")
@@ -261,6 +267,10 @@ class TrainConfig:
             _range(name, getattr(self, name), 1, None)
         if self.rollout_slots is not None:
             _range("rollout_slots", self.rollout_slots, 1, None)
+        try:
+            rollout_layout.parse_rollout_mesh(self.rollout_mesh)
+        except ValueError as error:
+            raise InputError(str(error)) from None
         for name in ("warmup_steps", "eval_every", "seed"):
             _range(name, getattr(self, name), 0, None)
         if isinstance(self.logit_chunk_size, str):

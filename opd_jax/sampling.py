@@ -25,8 +25,9 @@ from opd_jax.models.decoder import DecodeCache, Decoder, DecodeWeights, KVCache
 Array = jax.Array
 _log = logging.getLogger(__name__)
 
-__all__ = ["Rollout", "SamplingConfig", "default_slots", "generate", "kv_cache_bytes", "positions_from_mask",
-           "resolve_slots", "score", "token_log_probs", "token_log_probs_and_hidden"]
+__all__ = ["Rollout", "SamplingConfig", "default_slots", "drain_stages", "generate", "generate_rows", "kv_cache_bytes",
+           "positions_from_mask", "refill_rows", "resolve_slots", "score", "token_log_probs",
+           "token_log_probs_and_hidden"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,7 +435,7 @@ def _prefill_group(config: SamplingConfig, rows: int, slots: int) -> int:
     return group if rows % group == 0 and slots % group == 0 else 1
 
 
-def _refill_rows(slots: int, group: int) -> int:
+def refill_rows(slots: int, group: int) -> int:
     """Prompts prefilled together when slots free up, a multiple of ``group``: waiting for an
     eighth of the slots keeps the prefill a batch (one matmul over several prompts) while a freed
     slot idles a few steps."""
@@ -443,11 +444,11 @@ def _refill_rows(slots: int, group: int) -> int:
 
 def _refill(model: Decoder, prompt_tokens: Array, prompt_mask: Array, group: int, state: _DecodeState
             ) -> _DecodeState:
-    """Prefill the next prompts of the queue into free slots: :func:`_refill_rows` of them, or the
+    """Prefill the next prompts of the queue into free slots: :func:`refill_rows` of them, or the
     rest of the queue (whole groups of ``group`` rows either way)."""
     rows, prompt_length = prompt_tokens.shape
     slots = state.done_S.shape[0]
-    batch = _refill_rows(slots, group)
+    batch = refill_rows(slots, group)
     count = jnp.minimum(jnp.minimum(jnp.sum(state.done_S, dtype=jnp.int32), rows - state.queued), batch)
     count = count // group * group  # whole groups; `queued` stays at a group's first row
     offsets_Q = jnp.arange(batch, dtype=jnp.int32)
@@ -483,7 +484,7 @@ def _refill(model: Decoder, prompt_tokens: Array, prompt_mask: Array, group: int
 _MIN_DRAIN_SLOTS = 8
 
 
-def _drain_stages(slots: int) -> tuple[int, ...]:
+def drain_stages(slots: int) -> tuple[int, ...]:
     """Slot counts of the decode stages: ``slots``, then a quarter of the stage before while that
     is at least :data:`_MIN_DRAIN_SLOTS`."""
     stages = [slots]
@@ -528,6 +529,16 @@ class _SlotLoop:
     config: SamplingConfig
     slots: int
     group: int
+    first_row: Array | int = 0  # the global index of prompt row 0 (a replica's share of a larger batch)
+    noise_rows: int | None = None  # rows of the whole batch the noise is drawn for (None: these rows)
+    # A mesh axis whose members must take the same branches (replicas whose steps run collectives
+    # over another axis): a loop goes on, and a refill happens, while any member wants it.
+    sync_axis: str | None = None
+
+    def _any(self, wanted: Array) -> Array:
+        if self.sync_axis is None:
+            return wanted
+        return jax.lax.pmax(wanted.astype(jnp.int32), self.sync_axis) > 0
 
     @property
     def rows(self) -> int:
@@ -554,24 +565,25 @@ class _SlotLoop:
         ``last``, in a stage that ends once at most ``drain_at`` rows are live and none is queued."""
         live = jnp.sum(~state.done_S, dtype=jnp.int32)
         if not self.refills:  # `step < last`: the counter opd-jax plan reads each segment's steps from
-            return (state.step < last) & (live > drain_at)
+            return (state.step < last) & self._any(live > drain_at)
         # Every live slot's next column fits the cache. A refilled slot starts again at column P,
         # so the cache only grows with the longest row.
         longest = jnp.max(jnp.where(state.done_S, 0, state.written_S))
-        return (longest < last) & ((state.queued < self.rows) | (live > drain_at))
+        return self._any((longest < last) & ((state.queued < self.rows) | (live > drain_at)))
 
     def decode(self, state: _DecodeState, refill: bool) -> _DecodeState:
         """One decode step of every slot (after refilling free slots from the queue if ``refill``)."""
         config, rows, prompt_length = self.config, self.rows, self.prompt_tokens.shape[1]
         if refill:
             remaining = rows - state.queued
-            wanted = (remaining > 0) & (
-                jnp.sum(state.done_S) >= jnp.minimum(remaining, _refill_rows(self.slots, self.group)))
+            wanted = self._any((remaining > 0) & (
+                jnp.sum(state.done_S) >= jnp.minimum(remaining, refill_rows(self.slots, self.group))))
             state = jax.lax.cond(
                 wanted, functools.partial(_refill, self.model, self.prompt_tokens, self.prompt_mask, self.group),
                 lambda s: s, state)
         step_key_S = self.step_keys[jnp.minimum(state.written_S, config.max_new_tokens - 1)]
-        token, token_logp = _sample(state.logits_SxV, step_key_S, state.row_S, rows, config)
+        token, token_logp = _sample(state.logits_SxV, step_key_S, state.row_S + self.first_row,
+                                    self.noise_rows or rows, config)
         live = ~state.done_S
         token = jnp.where(live, token, config.pad_id)
         cache = state.cache
@@ -592,18 +604,38 @@ class _SlotLoop:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "slots"))
 def _generate(graphdef, state, prompt_tokens, prompt_mask, key, config: SamplingConfig, slots: int) -> Rollout:
-    model = nnx.merge(graphdef, state)
+    return generate_rows(nnx.merge(graphdef, state), prompt_tokens, prompt_mask, key, config, slots)
+
+
+def generate_rows(model: Decoder, prompt_tokens: Array, prompt_mask: Array, key: Array, config: SamplingConfig,
+                  slots: int, *, first_row: Array | int = 0, total_rows: int | None = None,
+                  sync_axis: str | None = None) -> Rollout:
+    """:func:`generate`'s program (traced, unchecked) for rows ``first_row …`` of a batch of ``total_rows``.
+
+    A data replica of the inference layout (:mod:`opd_jax.rollout_layout`) decodes its share of the
+    batch in its own ``slots``; each row draws the noise of its global row index, so the replicas'
+    rollouts together are the tokens :func:`generate` samples for the whole batch.
+
+    Args:
+      prompt_tokens, prompt_mask: ``[B, P]`` this replica's rows.
+      slots: ``S`` ≤ ``B`` (see :func:`resolve_slots`).
+      first_row: ``[]`` int, the global index of row 0 (traced: ``axis_index × B``).
+      total_rows: rows of the whole batch (``None``: ``B``).
+      sync_axis: inside ``shard_map``, the replicas' mesh axis when their steps hold collectives
+        over another one (tensor parallelism): every replica then runs as many steps as the
+        slowest (collectives need every member of the program), and refills when any replica does.
+    """
     rows, prompt_length = prompt_tokens.shape
     sizes = cache_segments(prompt_length, config.max_new_tokens)
     group = _prefill_group(config, rows, slots)
     logits, position, prefill_cache = _prefill(model, prompt_tokens[:slots], prompt_mask[:slots], group)
     # Once per rollout, outside the loop: fused projections in the compute dtype.
     loop = _SlotLoop(model, model.decode_weights(), prompt_tokens, prompt_mask,
-                     _step_keys(key, config.max_new_tokens), config, slots, group)
+                     _step_keys(key, config.max_new_tokens), config, slots, group, first_row, total_rows, sync_axis)
     state = loop.initial_state(logits, position, DecodeCache.from_cache(prefill_cache, sizes[0]))
     # As many slots as rows: the static batch, the program of before slot scheduling, bitwise (a
     # sampler whose rows are split over devices keeps it: moving rows would cross devices).
-    stages = _drain_stages(slots) if loop.refills else (slots,)
+    stages = drain_stages(slots) if loop.refills else (slots,)
     for stage, drain_at in enumerate((*stages[1:], 0)):
         # Each stage decodes until at most `drain_at` rows are left and none is queued; the next
         # stage goes on with the live rows only, in fewer slots, so the longest rows do not keep

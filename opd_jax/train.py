@@ -55,6 +55,7 @@ import numpy as np
 from flax import nnx
 
 from opd_jax import chunking
+from opd_jax import rollout_estimate, rollout_layout
 from opd_jax import sharding as sharding_lib
 from opd_jax import topologies as topologies_lib
 from opd_jax.alignment import AlignedTeacher
@@ -66,6 +67,7 @@ from opd_jax.models.config import DecoderConfig
 from opd_jax.pipeline import RolloutPipeline
 from opd_jax.preemption import Preempted, StopSignals
 from opd_jax.rollouts import MultiTurn, MultiTurnBackend
+from opd_jax.rollout_layout import RolloutShardings
 from opd_jax.run_folder import RunFolder
 from opd_jax.sampling import Rollout, SamplingConfig, generate
 from opd_jax.step import (AdvantageFn, LossFn, StepShardings, TrainStep, make_optimizer, make_step_shardings,
@@ -208,6 +210,26 @@ def _place_on_mesh(config, placement: sharding_lib.Placement, state, teacher_par
     return shardings, placed, teacher_params, reference_params
 
 
+def _rollout_shardings(config: TrainConfig, placement: sharding_lib.Placement, student: Decoder, params,
+                       prompt_length: int, sampling: SamplingConfig, shardings: StepShardings
+                       ) -> RolloutShardings | None:
+    """The jax sampler's inference layout on the student's mesh (``config.rollout_mesh``; ``auto``
+    for the chip of these devices and responses that run to ``max_new_tokens``), ``None`` for the
+    training layout."""
+    mesh = shardings.batch.mesh
+    devices = list(mesh.devices.flat)
+    try:
+        chip = topologies_lib.parse_topology("local").chip
+    except ValueError:  # a device kind without chip figures: auto keeps the training layout
+        chip = None
+    layout = rollout_estimate.resolve_layout(
+        config.rollout_mesh, len(devices), student.config, chip, topologies_lib.device_memory_bytes(devices),
+        rows=config.prompts_per_step * config.group_size, prompt_length=prompt_length,
+        max_new_tokens=config.max_new_tokens, lengths=rollout_estimate.ResponseLengths(), stop_ids=sampling.stop_ids,
+        compute_dtype=student.compute_dtype, slots=sampling.slots, group=sampling.group_size)
+    return None if layout is None else rollout_layout.rollout_shardings(layout, mesh, params, placement.student_rules)
+
+
 def _score_text(config: TrainConfig, prompts: PromptSet, step_fn: TrainStep, teacher_params, several_teachers: bool,
                 batch_sharding, rollout: Rollout, data_position: int) -> AlignedTeacher:
     """Each row's teacher scores its own tokens of the row's text (``tokenizer_alignment = "text"``),
@@ -275,7 +297,9 @@ def _setup(config, models: tuple, prompts, sampling, backend, placement: shardin
         shardings, state, teacher_params, reference_params = _place_on_mesh(
             config, placement, state, teacher_params, reference_params, optimizer)
         if isinstance(backend, JaxBackend) and backend.rollout_fn is generate:
-            backend = JaxBackend.sharded(graphdef, shardings, sampling)
+            rollout = _rollout_shardings(config, placement, student, params, prompts.tokens.shape[1], sampling,
+                                         shardings)
+            backend = JaxBackend.sharded(graphdef, shardings, sampling, rollout)
     if config.pipeline_rollouts:
         state["sampling_params"] = state["params"]
     # A pipelined step keeps the parameters it started from (the next rollout's sampler reads them),

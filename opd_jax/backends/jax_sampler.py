@@ -10,6 +10,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from opd_jax.rollout_layout import RolloutShardings, make_reshard, replica_sampler
 from opd_jax.sampling import Rollout, SamplingConfig, generate
 
 __all__ = ["JaxBackend"]
@@ -35,15 +36,22 @@ class JaxBackend:
         self.params = None
 
     @classmethod
-    def sharded(cls, graphdef: Any, shardings, sampling: SamplingConfig) -> JaxBackend:
+    def sharded(cls, graphdef: Any, shardings, sampling: SamplingConfig,
+                rollout: RolloutShardings | None = None) -> JaxBackend:
         """:func:`generate` compiled with explicit shardings: parameters by the rules, prompts and rollout by rows.
 
         ``shardings`` is the step's :class:`~opd_jax.step.StepShardings`; the backend samples with
-        ``sampling`` only. Where the rows are split over devices it decodes the static batch
-        (``slots`` = the rows) and prefills every row (``group_size`` 1): refilling a slot, moving
-        rows between slots or copying a group's prefill to its copies would cross devices.
+        ``sampling`` only.
+
+        With ``rollout`` (an inference layout, :mod:`opd_jax.rollout_layout`) each call reshards
+        the parameters and prompts onto it and every data replica decodes its rows in its own
+        slots. Without, it decodes on the training layout: where the rows are split over devices,
+        the static batch (``slots`` = the rows) with every row prefilled (``group_size`` 1), since
+        refilling a slot, moving rows between slots or copying a group's prefill would cross devices.
         """
         batch = shardings.batch
+        if rollout is not None:
+            return cls._on_layout(graphdef, shardings, sampling, rollout)
 
         @functools.partial(jax.jit, in_shardings=(shardings.params, batch, batch, shardings.replicated),
                            out_shardings=batch)
@@ -57,6 +65,19 @@ class JaxBackend:
             if config != sampling:
                 raise ValueError(f"the sharded sampler was built for {sampling}, asked for {config}")
             return sample(nnx.state(model), prompt_tokens, prompt_mask, key)
+
+        return cls(graphdef, rollout_fn)
+
+    @classmethod
+    def _on_layout(cls, graphdef: Any, shardings, sampling: SamplingConfig, rollout: RolloutShardings) -> JaxBackend:
+        reshard = make_reshard((shardings.params, shardings.batch, shardings.batch, shardings.replicated),
+                               (rollout.params, rollout.batch, rollout.batch, rollout.replicated))
+        sample = replica_sampler(graphdef, rollout, sampling)
+
+        def rollout_fn(model, prompt_tokens, prompt_mask, key, config):
+            if config != sampling:
+                raise ValueError(f"the sharded sampler was built for {sampling}, asked for {config}")
+            return sample(*reshard(nnx.state(model), prompt_tokens, prompt_mask, key))
 
         return cls(graphdef, rollout_fn)
 
