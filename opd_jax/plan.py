@@ -88,6 +88,8 @@ import numpy as np
 from flax import nnx
 
 from opd_jax import plan_collectives
+from opd_jax import rollout_estimate
+from opd_jax import rollout_layout as rollout_layout_lib
 from opd_jax import sampling as sampling_lib
 from opd_jax import sharding as sharding_lib
 from opd_jax import step as step_lib
@@ -135,6 +137,9 @@ class PlanConfig:
         ``ceil(ratio · max_new_tokens)`` (:func:`opd_jax.retokenize.bucket`), as train pads them.
       teacher_piece_bytes: with ``alignment_credit = "characters"``, the longest teacher piece in
         bytes that a batch holds: the byte slots per token (rounded up to a power of two).
+      response_lengths: the response-length distribution the rollout is estimated under (and
+        ``rollout_mesh = "auto"`` chooses its layout for); the default, every response to
+        ``max_new_tokens``, is the compiled programs' own worst case.
     """
 
     student: DecoderConfig
@@ -148,6 +153,7 @@ class PlanConfig:
     teacher_name: str = "teacher"
     teacher_token_ratio: float = 1.0
     teacher_piece_bytes: int = 16
+    response_lengths: rollout_estimate.ResponseLengths = rollout_estimate.ResponseLengths()
 
     @property
     def rows(self) -> int:
@@ -355,9 +361,38 @@ class CompiledPlan:
     meshes: dict[str, jax.sharding.Mesh] = dataclasses.field(default_factory=dict)
     arguments: dict[str, tuple] = dataclasses.field(default_factory=dict)
     step_programs: tuple[str, ...] = PROGRAMS
+    rollout: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _build_programs(config: PlanConfig, devices, student, teacher) -> tuple[dict[str, _Program], dict[str, Any]]:
+def _rollout_layout(config: PlanConfig, topology, devices, compute_dtype) -> tuple[Any, dict[str, Any]]:
+    """The inference layout ``train.rollout_mesh`` resolves to on the student's devices (``None``:
+    the training layout) and the rollout's estimates under ``config.response_lengths``: the JSON's
+    ``rollout`` block (every candidate layout's roofline, the chosen one's slots and KV cache)."""
+    train = config.train
+    student_devices = config.placement.mesh.size
+    estimate = dict(rows=config.rows, prompt_length=config.prompt_length, max_new_tokens=config.new_tokens,
+                    lengths=config.response_lengths, stop_ids=tuple(config.student.eos_token_id) or (0,),
+                    compute_dtype=compute_dtype, slots=train.rollout_slots, group=train.group_size)
+    memory = topology.memory_bytes(devices)
+    try:
+        layout = rollout_estimate.resolve_layout(train.rollout_mesh, student_devices, config.student, topology.chip,
+                                                 memory, **estimate)
+    except ValueError as error:
+        raise ValueError(f"rollout_mesh: {error}") from None
+    candidates = [rollout_estimate.estimate_rollout(config.student, candidate, topology.chip, **estimate)
+                  for candidate in rollout_layout_lib.layouts(student_devices, config.student, config.rows)]
+    chosen = next((c for c in candidates if c.layout == layout), None)
+    block = {"rollout_mesh": train.rollout_mesh, "layout": "training" if layout is None else str(layout),
+             "response_lengths": config.response_lengths.describe(),
+             "slots": None if chosen is None else chosen.slots,
+             "kv_cache_bytes": None if chosen is None else chosen.kv_cache_bytes,
+             "estimate": None if chosen is None else chosen.to_json(),
+             "layouts": [c.to_json() for c in candidates]}
+    return layout, block
+
+
+def _build_programs(config: PlanConfig, devices, student, teacher, layout=None
+                    ) -> tuple[dict[str, _Program], dict[str, Any]]:
     """The jitted programs of a step with their abstract, sharded arguments, and the buffers a step
     keeps alive between programs (by name): the step and shardings of :func:`opd_jax.train.train`."""
     (graphdef, params), (teacher_graphdef, teacher_params) = student, teacher
@@ -423,6 +458,9 @@ def _build_programs(config: PlanConfig, devices, student, teacher) -> tuple[dict
             ("scores",) if full_vocab or own_mesh else ("scores", "teacher_params"), (0, 2),
         ),
     }
+    if layout is not None:
+        programs.update(_layout_programs(config, graphdef, params, shardings, layout, key, teacher_beside))
+        programs["rollout"] = dataclasses.replace(programs["rollout"], executions=0)  # compared, not run
     if own_mesh or config.retokenized:
         teacher_program, scores = _teacher_program(config, step, teacher_params, shardings, rows)
         # On the student's devices (re-tokenized, no teacher mesh) the student's state stays beside it.
@@ -430,8 +468,35 @@ def _build_programs(config: PlanConfig, devices, student, teacher) -> tuple[dict
             teacher_program, resident=() if own_mesh else ("params", "opt_state", "rollout"))
         programs["score"] = _Program(step.prepare_scored, (params, scores, rollout_batch, None, None),
                                      1, ("opt_state",), (0,))
-    order = ("rollout", "teacher", "score", "update")  # as a step runs them
+    order = ("rollout", "reshard", "rollout_layout", "teacher", "score", "update")  # as a step runs them
     return {name: programs[name] for name in order if name in programs}, buffers
+
+
+def _layout_programs(config: PlanConfig, graphdef, params, shardings, layout, key, teacher_beside
+                     ) -> dict[str, _Program]:
+    """``reshard`` (the student and the prompts from the training layout onto ``layout``) and
+    ``rollout_layout`` (every data replica decoding its rows in its slots), as the loop runs them."""
+    train = config.train
+    target = rollout_layout_lib.rollout_shardings(layout, jax.tree.leaves(shardings.params)[0].mesh, params,
+                                                  config.placement.student_rules)
+    prompts = functools.partial(jax.ShapeDtypeStruct, (config.rows, config.prompt_length))
+    training = (shardings.params, shardings.batch, shardings.batch, shardings.replicated)
+    inference = (target.params, target.batch, target.batch, target.replicated)
+    sampling_config = SamplingConfig(max_new_tokens=config.new_tokens, temperature=train.temperature,
+                                     stop_ids=tuple(config.student.eos_token_id), slots=train.rollout_slots,
+                                     group_size=train.group_size)
+    return {
+        "reshard": _Program(rollout_layout_lib.make_reshard(training, inference),
+                            (params, prompts(jnp.int32, sharding=shardings.batch),
+                             prompts(jnp.bool_, sharding=shardings.batch), key), 1, ("opt_state", *teacher_beside),
+                            (0,)),
+        # The training copy of the weights stays beside the rollout (the update goes on from it).
+        "rollout_layout": _Program(rollout_layout_lib.replica_sampler(graphdef, target, sampling_config),
+                                   (_with_shardings(params, target.params), prompts(jnp.int32, sharding=target.batch),
+                                    prompts(jnp.bool_, sharding=target.batch),
+                                    jax.ShapeDtypeStruct((), key.dtype, sharding=target.replicated)),
+                                   1, ("params", "opt_state", *teacher_beside), (0,)),
+    }
 
 
 def _retokenized_lines(retokenized: dict | None) -> list[str]:
@@ -520,9 +585,10 @@ def compile_programs(config: PlanConfig, *, programs: Sequence[str] | None = Non
     config = dataclasses.replace(config, train=train_lib.resolve_logit_chunks(
         config.train, config.student.vocab_size, config.prompt_length, placement,
         device_memory_bytes=topology.memory_bytes(devices), say=progress))
+    layout, rollout_block = _rollout_layout(config, topology, devices, execution.compute_dtype)
     # Splash's Pallas kernel does not lower with 64-bit indices; every input here has an explicit dtype.
     with jax.enable_x64(False):
-        built, buffers = _build_programs(config, devices, student, teacher)
+        built, buffers = _build_programs(config, devices, student, teacher, layout)
         names = list(built) if programs is None else list(programs)
         unknown = [p for p in names if p not in built]
         if unknown:
@@ -531,6 +597,7 @@ def compile_programs(config: PlanConfig, *, programs: Sequence[str] | None = Non
         result = CompiledPlan(
             config, topology, mesh, resolved, {}, {}, {}, {}, {}, {}, {},
             {"student": _count(student[1]), "teacher": _count(teacher[1])}, step_programs=tuple(built),
+            rollout=rollout_block,
         )
         for index, name in enumerate(names, 1):
             program = built[name]
@@ -911,18 +978,50 @@ def plan(config: PlanConfig, *, programs: Sequence[str] | None = None,
 
 
 def report(compiled: CompiledPlan) -> dict[str, Any]:
-    """The report of :func:`plan` from already compiled programs."""
+    """The report of :func:`plan` from already compiled programs.
+
+    A program with no runs per step (the training layout's ``rollout`` when the step decodes on an
+    inference layout: compiled to compare) counts in neither ``fits`` nor the step time.
+    """
     config, topology = compiled.config, compiled.topology
     memory = topology.memory_bytes(list(compiled.mesh.devices.flat))
     programs = {name: _program_entry(compiled, name) for name in compiled.traced}
-    over = [{"program": name, "bytes_over": p["total_bytes"] - memory} for name, p in programs.items()
+    run = {name: p for name, p in programs.items() if compiled.executions[name]}
+    over = [{"program": name, "bytes_over": p["total_bytes"] - memory} for name, p in run.items()
             if p["total_bytes"] > memory]
     step_seconds = None
     if set(compiled.traced) == set(compiled.step_programs) and all(
-            p["roofline_seconds"] is not None for p in programs.values()):  # a step time needs every program
-        step_seconds = sum(compiled.executions[name] * p["roofline_seconds"] for name, p in programs.items())
+            p["roofline_seconds"] is not None for p in run.values()):  # a step time needs every program
+        step_seconds = sum(compiled.executions[name] * p["roofline_seconds"] for name, p in run.items())
+    rollout = _rollout_entry(compiled, programs)
+    under_lengths = None
+    if step_seconds is not None and rollout["estimate"] is not None:
+        decoded = "rollout_layout" if "rollout_layout" in run else "rollout"
+        under_lengths = step_seconds - run[decoded]["roofline_seconds"] + rollout["estimate"]["roofline_seconds"]
     return {**_report_header(compiled, memory), "programs": programs, "fits": not over, "over": over,
-            "estimated_step_seconds": step_seconds}
+            "estimated_step_seconds": step_seconds, "rollout": rollout,
+            "estimated_step_seconds_under_lengths": under_lengths}
+
+
+def _rollout_entry(compiled: CompiledPlan, programs: dict[str, Any]) -> dict[str, Any]:
+    """The JSON's ``rollout`` block: the layout, the estimates under the response lengths
+    (:mod:`opd_jax.rollout_estimate`) and, beside them, the compiled static batch on the training
+    layout cut at the batch's longest response (``static_training_layout``)."""
+    config, block = compiled.config, dict(compiled.rollout)
+    static = programs.get("rollout")
+    if static is None or static.get("phases") is None:
+        block["static_training_layout"] = None
+        return block
+    longest = int(config.response_lengths.rows(config.rows, config.new_tokens).max())
+    seconds = {"roofline_seconds": 0.0, "roofline_seconds_without_collectives": 0.0}
+    for name, phase in static["phases"].items():
+        steps = 1 if name == "prefill" else min(phase["repeats"], max(0, longest - (phase["first_step"] or 0)))
+        for key in seconds:
+            seconds[key] += steps * phase[key]
+    block["static_training_layout"] = {**seconds, "steps": longest}
+    if block["estimate"] is None:  # decoding on the training layout: the static batch is the estimate
+        block["estimate"] = {"layout": "training", **seconds, "steps": longest}
+    return block
 
 
 def _report_header(compiled: CompiledPlan, memory: int) -> dict[str, Any]:
@@ -1092,6 +1191,28 @@ def _rollout_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _layout_lines(result: dict[str, Any]) -> list[str]:
+    """The rollout's layout and its estimates under the response lengths (reports before the
+    inference layout have no ``rollout`` block)."""
+    block = result.get("rollout")
+    if not block or block.get("estimate") is None:
+        return []
+    estimate, static = block["estimate"], block.get("static_training_layout")
+    lines = [f"rollout layout: {block['layout']} (rollout_mesh {block['rollout_mesh']})"
+             + ("" if block["slots"] is None else f", {block['slots']} slots per replica, KV cache "
+                f"{block['kv_cache_bytes'] / GIB:.3g} GiB per device")]
+    lines.append(f"  under responses {block['response_lengths']}: {estimate['steps']} decode steps, "
+                 f"{estimate['roofline_seconds']:.3g} s ({estimate['roofline_seconds_without_collectives']:.3g} s "
+                 "without collectives)" + ("" if static is None else
+                                           f"; the static batch on the training layout: {static['roofline_seconds']:.3g} s "
+                                           f"({static['roofline_seconds_without_collectives']:.3g} s without)"))
+    if len(block["layouts"]) > 1:
+        lines.append("  layouts: " + ", ".join(f"{c['layout']} {c['roofline_seconds']:.3g} s" for c in block["layouts"]))
+    if result.get("estimated_step_seconds_under_lengths") is not None:
+        lines.append(f"  estimated step under these lengths: {result['estimated_step_seconds_under_lengths']:.3g} s")
+    return lines
+
+
 def format_report(result: dict[str, Any]) -> str:
     """The report as a readable table (GiB = 2**30 bytes per device)."""
     def gib(x):
@@ -1141,6 +1262,7 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append("  (score and update project all tokens onto the vocabulary at once: try --logit-chunk-size "
                          "1024; more devices, --minibatches or --remat full also lower the update's peak)")
     lines += _rollout_lines(result)
+    lines += _layout_lines(result)
     if result["estimated_step_seconds"] is not None:
         lines.append(f"estimated step: {result['estimated_step_seconds']:.3g} s (roofline lower bound: "
                      "each program × its runs per step)")

@@ -92,7 +92,11 @@ def read_lengths(path: str) -> ResponseLengths:
       ValueError: naming the file and line that holds no length.
     """
     lengths = []
-    with open(path) as lines:
+    try:
+        lines = open(path)
+    except OSError as error:
+        raise ValueError(f"response lengths {path}: {error.strerror}") from None
+    with lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue

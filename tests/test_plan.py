@@ -62,14 +62,22 @@ def test_cli_json_has_the_contract_keys_and_fits_agrees_with_the_bytes(capsys, t
     status, out, err = _plan(capsys, "--topology", "v5p-8", "--student", str(tiny_folder), "--teacher",
                              str(tiny_folder), *SMALL, "--json", str(out_file))
     assert status == 0, err
-    for index, name in enumerate(plan.PROGRAMS, 1):
-        assert f"compiling {name} ({index}/3)..." in err
-    assert "fits: yes" in out and "| update | 2 |" in out
+    # rollout_mesh auto decodes on an inference layout: the training layout's static batch is
+    # compiled beside it (0 runs), then the reshard and the replicas' rollout.
+    step = ("rollout", "reshard", "rollout_layout", "score", "update")
+    for index, name in enumerate(step, 1):
+        assert f"compiling {name} ({index}/5)..." in err
+    assert "fits: yes" in out and "| update | 2 |" in out and "| rollout | 0 |" in out
     result = json.loads(out_file.read_text())
     assert result["topology"] == "v5p-8" and result["devices"] == 4
     assert result["device_memory_bytes"] == 95 * 2**30  # the documented 95 GiB, below the compiler's 95.73
-    assert set(result["programs"]) == set(plan.PROGRAMS)
-    for name, program in result["programs"].items():
+    assert list(result["programs"]) == list(step)
+    assert result["rollout"]["layout"] == result["rollout"]["estimate"]["layout"] != "training"
+    assert result["rollout"]["estimate"]["roofline_seconds"] == min(
+        c["roofline_seconds"] for c in result["rollout"]["layouts"])
+    assert result["programs"]["reshard"]["collective_bytes"] > 0  # fsdp shards gathered into replicas
+    for name in plan.PROGRAMS + ("rollout_layout",):
+        program = result["programs"][name]
         for key in PROGRAM_KEYS:
             assert program[key] > 0, (name, key)
         # The safe peak: the compiler's, or everything it allocated if that is larger.
@@ -120,7 +128,8 @@ def test_collectives_enter_the_roofline(tpu_plan):
     _, result = tpu_plan
     ici = topologies.CHIPS["v5p"].ici_bandwidth
     assert result["chip"]["ici_bandwidth"] == ici == 1200e9
-    for name, program in result["programs"].items():
+    for name in plan.PROGRAMS:  # on the training layout
+        program = result["programs"][name]
         assert program["collective_bytes"] > 0, name  # FSDP over 4 chips: gathers, reductions
         assert program["collective_seconds"] == pytest.approx(program["collective_bytes"] / ici)
         assert program["collective_bytes"] == pytest.approx(sum(program["collectives"].values()))
@@ -242,7 +251,8 @@ def test_plan_and_train_build_the_same_step(tmp_path):
     results = json.loads(completed.stdout.strip().splitlines()[-1])
     assert set(results["full_vocab"]) == {"score", "update"}
     assert set(results["teacher_mesh"]) == {"teacher", "score", "update"}
-    assert results["teacher_mesh"]["update"]["programs"] == ["rollout", "score", "teacher", "update"]
+    assert results["teacher_mesh"]["update"]["programs"] == ["reshard", "rollout", "rollout_layout", "score",
+                                                             "teacher", "update"]
     for case in ("full_vocab", "teacher_mesh"):
         for name, program in results[case].items():
             assert program["equal"] and program["lines"] > 100, (case, name)

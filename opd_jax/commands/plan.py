@@ -60,6 +60,14 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                        help="compile only these of rollout, score, update (and teacher with --teacher-mesh); "
                             "the step time then is not estimated [all]")
     group.add_argument("--json", type=pathlib.Path, metavar="FILE", help="also write the report as JSON")
+    lengths = group.add_mutually_exclusive_group()
+    lengths.add_argument("--mean-response-length", type=float, metavar="N",
+                         help="estimate the rollout for responses of geometric length with this mean, cut at "
+                              "max_new_tokens (and let --rollout-mesh auto choose for them) [every response runs to "
+                              "max_new_tokens]")
+    lengths.add_argument("--response-lengths", type=pathlib.Path, metavar="FILE",
+                         help="estimate the rollout for these observed lengths: JSONL, a number or an object with "
+                              "'length' or 'response_length' per line")
     retokenized = parser.add_argument_group(
         "a teacher with another tokenizer (--tokenizer-alignment text): its own slots")
     retokenized.add_argument("--prompts", type=pathlib.Path, metavar="FILE",
@@ -97,7 +105,7 @@ def _plan(args: argparse.Namespace, config) -> int:
 
     import jax
 
-    from opd_jax import plan
+    from opd_jax import plan, rollout_estimate
     from opd_jax.models.presets import resolve_model
 
     if args.json is not None and args.json.is_dir():
@@ -108,10 +116,13 @@ def _plan(args: argparse.Namespace, config) -> int:
     try:
         student, teacher = resolve_model(args.student), resolve_model(args.teacher)
         ratio, piece_bytes = _teacher_tokens(args, config, teacher.vocab_size)
+        lengths = (rollout_estimate.read_lengths(args.response_lengths) if args.response_lengths is not None
+                   else rollout_estimate.ResponseLengths(mean=args.mean_response_length))
         plan_config = plan.PlanConfig(
             student=student, teacher=teacher, train=config, topology=args.topology, prompt_length=args.prompt_length,
             execution=execution(args), placement=placement(args, "plan"), student_name=args.student,
             teacher_name=args.teacher, teacher_token_ratio=ratio, teacher_piece_bytes=piece_bytes,
+            response_lengths=lengths,
         )
         result = plan.plan(plan_config, programs=args.programs,
                            progress=functools.partial(print, file=sys.stderr, flush=True))
