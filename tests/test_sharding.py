@@ -94,7 +94,11 @@ def test_bad_meshes_fail_before_compilation_naming_axis_size_and_dimension(step_
     assert "'tensor' of size 8" in train_errors["kv_heads"] and "student parameter" in train_errors["kv_heads"]
     assert "rollout batch" in train_errors["batch"] and "4 rows" in train_errors["batch"]
     assert "minibatch of 4 rows" in train_errors["minibatch"] and "'fsdp' (4)" in train_errors["minibatch"]
+    assert train_errors["rollout_mesh"] == (
+        "rollout_mesh data=4,tensor=4: data × tensor = 16, but the student has 8 devices; layouts that fit: "
+        "data=8,tensor=1, data=4,tensor=2")
     assert step_results["traced_before_error"] == 0
+    assert step_results["folders_written"] == []  # every refusal came before the run folder
 
 
 def _run_training(output: pathlib.Path, processes: int) -> dict:

@@ -143,6 +143,7 @@ def main() -> None:
         ("kv_heads", sharding.MeshConfig(1, 1, 8), {}),
         ("batch", sharding.MeshConfig(8, 1, 1), {"prompts_per_step": 2, "group_size": 2, "minibatches": 1}),
         ("minibatch", sharding.MeshConfig(2, 4, 1), {"minibatches": 4}),
+        ("rollout_mesh", sharding.MeshConfig(1, 8, 1), {"rollout_mesh": "data=4,tensor=4"}),
     ):
         config = train.TrainConfig(**{**CONFIG.to_dict(), "steps": 1, **overrides})
         try:
@@ -152,6 +153,7 @@ def main() -> None:
         except ValueError as error:
             train_errors[name] = str(error)
     results["train_errors"] = train_errors
+    results["folders_written"] = sorted(p.name for p in __import__("pathlib").Path(sys.argv[1]).iterdir())
     results["traced_before_error"] = len(scored)
     print("RESULT " + json.dumps(results))
 
