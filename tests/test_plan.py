@@ -2,6 +2,7 @@
 report, the topology names, the model presets and every refusal of bad input before compiling."""
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -76,6 +77,11 @@ def test_cli_json_has_the_contract_keys_and_fits_agrees_with_the_bytes(capsys, t
     assert result["rollout"]["estimate"]["roofline_seconds"] == min(
         c["roofline_seconds"] for c in result["rollout"]["layouts"])
     assert result["programs"]["reshard"]["collective_bytes"] > 0  # fsdp shards gathered into replicas
+    assert result["rollout"]["slots"] >= 1 and result["rollout"]["kv_cache_bytes"] > 0
+    # Every response runs to max_new_tokens (no lengths given): the static batch is the compiled count.
+    static = result["rollout"]["static_training_layout"]
+    assert static["steps"] == 192
+    assert static["roofline_seconds"] == pytest.approx(result["programs"]["rollout"]["roofline_seconds"])
     for name in plan.PROGRAMS + ("rollout_layout",):
         program = result["programs"][name]
         for key in PROGRAM_KEYS:
@@ -91,6 +97,32 @@ def test_cli_json_has_the_contract_keys_and_fits_agrees_with_the_bytes(capsys, t
         p["executions"] * p["roofline_seconds"] for p in result["programs"].values()))
     assert result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert result["models"]["attention"] == "splash"
+
+
+def test_the_rollout_is_estimated_under_response_lengths(capsys, tiny_folder, tmp_path):
+    """Geometric lengths of mean 16 (of 192): the static batch still runs to the batch's longest
+    response, the inference layout's replicas to their own longest; both below the worst case."""
+    lengths = tmp_path / "lengths.jsonl"
+    lengths.write_text("".join(f"{n}\n" for n in (4, 9, 16, 40)))
+    reports = {}
+    for name, flags in (("mean", ["--mean-response-length", "16"]), ("observed", ["--response-lengths", str(lengths)])):
+        out_file = tmp_path / f"{name}.json"
+        status, out, err = _plan(capsys, "--topology", "v5p-8", "--student", str(tiny_folder), "--teacher",
+                                 str(tiny_folder), *SMALL, "--programs", "rollout", *flags, "--json", str(out_file))
+        assert status == 0, err
+        reports[name] = json.loads(out_file.read_text())
+        assert "under responses" in out
+    mean = reports["mean"]["rollout"]
+    assert mean["response_lengths"] == "geometric, mean 16"
+    # 8 rows at the quantiles (i + 1/2) / 8 of the geometric law: the longest is ceil(log(1/16) / log(15/16)).
+    longest = math.ceil(math.log1p(-7.5 / 8) / math.log1p(-1 / 16))
+    assert mean["static_training_layout"]["steps"] == longest == 43
+    full = reports["mean"]["programs"]["rollout"]["roofline_seconds"]
+    assert mean["estimate"]["roofline_seconds"] < mean["static_training_layout"]["roofline_seconds"] < full
+    assert reports["observed"]["rollout"]["static_training_layout"]["steps"] == 40
+    status, _, err = _plan(capsys, "--topology", "v5p-8", "--student", str(tiny_folder), "--teacher",
+                           str(tiny_folder), *SMALL, "--response-lengths", str(tmp_path / "missing.jsonl"))
+    assert status == 2 and "missing.jsonl" in err
 
 
 def test_splash_kernel_is_in_the_compiled_update_and_score(tpu_plan):
