@@ -222,27 +222,22 @@ def estimate_rollout(model, layout: RolloutLayout, chip, *, rows: int, prompt_le
     schedules = [simulate_slots(every[r::layout.data], per_slots, group) for r in range(layout.data)]
     slowest = max(schedules, key=lambda s: s.steps)
     segments = sampling_lib.cache_segments(prompt_length, max_new_tokens)
-    with_c = without = collective_seconds = 0.0
-
-    def add(flops, hbm, moved, repeats):
-        nonlocal with_c, without, collective_seconds
-        bound = max(flops / chip.peak_flops, hbm / chip.hbm_bandwidth)
-        moved_seconds = moved / chip.ici_bandwidth
-        with_c += repeats * max(bound, moved_seconds)
-        without += repeats * bound
-        collective_seconds += repeats * moved_seconds
-
     segment_T = np.searchsorted(np.asarray(segments), prompt_length + slowest.longest_T)
     pairs, counts = np.unique(np.stack([slowest.slots_T, segment_T]), axis=1, return_counts=True)
-    for (stage_slots, segment), steps in zip(pairs.T, counts):
-        add(*decode_step_work(model, layout, int(stage_slots), segments[segment], compute_bytes), int(steps))
     matmul = _matmul_parameters(model)
-    prefill_flops = 2 * matmul * replica_rows * prompt_length / layout.tensor
-    add(prefill_flops, (1 + slowest.refills) * matmul * compute_bytes / layout.tensor, 0.0, 1)
+    # (flops, hbm bytes, collective bytes, repeats): each (stage, cache segment) of the decode, then
+    # the prefills (the prompts' tokens; the weights read once per prefill).
+    work = np.array([(*decode_step_work(model, layout, int(stage_slots), segments[segment], compute_bytes), steps)
+                     for (stage_slots, segment), steps in zip(pairs.T, counts)]
+                    + [(2 * matmul * replica_rows * prompt_length / layout.tensor,
+                        (1 + slowest.refills) * matmul * compute_bytes / layout.tensor, 0.0, 1)])
+    flops, hbm, moved, repeats = work.T
+    bound = np.maximum(flops / chip.peak_flops, hbm / chip.hbm_bandwidth)
+    moved_seconds = moved / chip.ici_bandwidth
     total = prompt_length + max_new_tokens
     kv = sampling_lib.kv_cache_bytes(model, per_slots, total, compute_dtype) // layout.tensor
-    return LayoutEstimate(layout, per_slots, slowest.steps, with_c, without, collective_seconds, kv,
-                          matmul * compute_bytes // layout.tensor)
+    return LayoutEstimate(layout, per_slots, slowest.steps, float(repeats @ np.maximum(bound, moved_seconds)),
+                          float(repeats @ bound), float(repeats @ moved_seconds), kv, matmul * compute_bytes // layout.tensor)
 
 
 def choose_layout(model, devices: int, chip, memory_bytes: int, **estimate) -> tuple[LayoutEstimate, list]:
