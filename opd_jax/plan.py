@@ -895,18 +895,22 @@ class _Counter:
     def _call(self, eqn, subs, flags, local, known, loops) -> tuple[_Work, list[bool]]:
         """A call (jit, custom derivative rules, shard_map, ...): the work of its jaxprs, with the
         weights and integer constants of its inputs followed in and those of its outputs out."""
-        scale = 1
-        if eqn.primitive.name == "shard_map":  # the body is one device's: FLOPs of all devices, bytes of one
-            mesh, axes = eqn.params["mesh"], eqn.params.get("manual_axes", ())
-            scale = math.prod(mesh.shape[a] for a in axes) if axes else mesh.size
-            local, loops = True, None
+        scale, counter = 1, self
+        if eqn.primitive.name == "shard_map":
+            mesh = eqn.params["mesh"]
+            axes = eqn.params.get("manual_axes") or eqn.params.get("newly_manual_axes") or tuple(mesh.shape)
+            scale = math.prod(mesh.shape[a] for a in axes)
+            if scale == mesh.size:  # the body is one device's: FLOPs of all devices, bytes of one
+                local, loops = True, None
+            else:  # one replica's, whole over the other axes (the rollout's tensor groups): a program of its own
+                counter = dataclasses.replace(self, devices=self.devices // scale)
         work, out_flags = _Work(), [False] * len(eqn.outvars)
         for index, sub in enumerate(subs):
             mapped = len(sub.invars) == len(eqn.invars)
             sub_known = ({v: k for v, x in zip(sub.invars, eqn.invars) if (k := _int_value(x, known)) is not None}
                          if mapped else {})
-            sub_work, sub_out, out_known = self._walk(sub, flags if mapped else [], local, sub_known,
-                                                      loops if index == 0 else None)
+            sub_work, sub_out, out_known = counter._walk(sub, flags if mapped else [], local, sub_known,
+                                                         loops if index == 0 else None)
             work += _Work(sub_work.flops * scale, sub_work.bytes, sub_work.kernel_flops * scale)
             if index == 0 and len(sub_out) == len(eqn.outvars):
                 out_flags = sub_out
@@ -1109,7 +1113,8 @@ def _work_entry(compiled: CompiledPlan, name: str, hlo: str) -> dict[str, Any]:
     collectives = plan_collectives.count_collectives(
         hlo, mesh.size, [loop.trips for loop in loops],
         [None if loop.first is None else loop.first + loop.trips for loop in loops])
-    segments = sampling_lib.cache_segments(config.prompt_length, config.new_tokens) if name == "rollout" else ()
+    segments = (sampling_lib.cache_segments(config.prompt_length, config.new_tokens)
+                if name in ("rollout", "rollout_layout") else ())
     per_phase = [collectives.outside, *(collectives.loops + [{}] * len(loops))[:len(loops)]]
     entries, total = {}, {"flops": 0.0, "bytes_accessed": 0.0, "collective_bytes": 0.0, "roofline_seconds": 0.0,
                           "roofline_seconds_without_collectives": 0.0}

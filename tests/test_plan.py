@@ -17,6 +17,7 @@ from opd_jax.config import TrainConfig
 from opd_jax.commands import main
 from opd_jax.models import DecoderConfig
 from opd_jax.models.presets import PRESETS, resolve_model
+from opd_jax.sharding import MeshConfig, Placement
 
 pytest.importorskip("libtpu", reason='the TPU compiler comes with the tpu extra: pip install "opd-jax[tpu]"')
 
@@ -123,6 +124,25 @@ def test_the_rollout_is_estimated_under_response_lengths(capsys, tiny_folder, tm
     status, _, err = _plan(capsys, "--topology", "v5p-8", "--student", str(tiny_folder), "--teacher",
                            str(tiny_folder), *SMALL, "--response-lengths", str(tmp_path / "missing.jsonl"))
     assert status == 2 and "missing.jsonl" in err
+
+
+def test_the_inference_layout_rollout_is_counted_like_the_static_batch():
+    """The replicas' rollout (shard_map over data, tensor groups inside) does the static batch's
+    work split differently: the same FLOPs and decode segments; per step each chip reads half the
+    weights (tensor 2) and none of the training layout's FSDP all-reduces."""
+    config = plan.PlanConfig(student=TINY, teacher=TINY, topology="v5p-8", prompt_length=64,
+                             train=TrainConfig(prompts_per_step=8, group_size=1, max_new_tokens=192,
+                                               rollout_mesh="data=2,tensor=2"),
+                             placement=Placement(mesh=MeshConfig(fsdp=4)))
+    programs = plan.report(plan.compile_programs(config, programs=["rollout", "rollout_layout"]))["programs"]
+    static, replicas = programs["rollout"], programs["rollout_layout"]
+    assert replicas["flops"] == pytest.approx(static["flops"], rel=1e-9)
+    assert list(replicas["phases"]) == list(static["phases"]) == ["prefill", "decode steps 0-127",
+                                                                  "decode steps 128-191"]
+    for name in ("decode steps 0-127", "decode steps 128-191"):
+        assert replicas["phases"][name]["trips_derived"] and replicas["phases"][name]["cache_slots"] is not None
+        assert replicas["phases"][name]["bytes_accessed"] < static["phases"][name]["bytes_accessed"]
+        assert replicas["phases"][name]["collective_bytes"] < static["phases"][name]["collective_bytes"]
 
 
 def test_splash_kernel_is_in_the_compiled_update_and_score(tpu_plan):
