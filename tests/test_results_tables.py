@@ -35,7 +35,8 @@ from opd_jax.tasks.tool_use import ToolUseTask  # noqa: E402
 GIB = 2**30
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]\d+)?")
 #: Result folders written by opd_jax.demo.write_results (opd-jax demo, opd_grid.py, exopd.py).
-DEMO_GRIDS = ("demo", "demo_cross_tokenizer", "demo_vllm", "exopd", "grid_forms", "grid_seq_loo", "tool_use_long")
+DEMO_GRIDS = ("demo", "demo_cross_tokenizer", "demo_vllm", "exopd", "grid_forms", "grid_seq_loo", "tool_use_long",
+              "tool_use_vllm")
 SAMPLER_RUNS = ("results", "idle_rerun", "recheck_8x512_n128", "recheck2_8x512_n128")
 #: experiments/benchmarks/loss.py runs: all default cases, and issue 23's shape after / before its change.
 LOSS_RUNS = ("results", "issue23", "issue23_before")
