@@ -201,8 +201,9 @@ class TrainConfig:
     temperature: float = _field("rollout", 1.0,
                                 "sampling temperature (> 0); the trained policy is the tempered one (see docs)")
     rollout_slots: int | None = _field(
-        "rollout", None, "rows the jax sampler decodes at once; a row that stops hands its slot to the next "
-        "prompt ('none': chosen from the batch and the stop ids, see opd_jax.sampling.default_slots)")
+        "rollout", None, "rows the jax sampler decodes at once (per data replica of the rollout mesh); a row "
+        "that stops hands its slot to the next prompt ('none': chosen from the rows and the stop ids, see "
+        "opd_jax.sampling.default_slots)")
     rollout_mesh: str = _field(
         "rollout", "auto", "how the student's devices are laid out while the jax sampler decodes on a mesh: auto "
         "(the layout of fewest roofline seconds, opd_jax.rollout_estimate.choose_layout), training (the training "

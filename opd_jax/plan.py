@@ -371,7 +371,7 @@ def _rollout_layout(config: PlanConfig, topology, devices, compute_dtype) -> tup
     train = config.train
     student_devices = config.placement.mesh.size
     estimate = dict(rows=config.rows, prompt_length=config.prompt_length, max_new_tokens=config.new_tokens,
-                    lengths=config.response_lengths, stop_ids=tuple(config.student.eos_token_id) or (0,),
+                    lengths=config.response_lengths, stop_ids=tuple(config.student.eos_token_id),
                     compute_dtype=compute_dtype, slots=train.rollout_slots, group=train.group_size)
     memory = topology.memory_bytes(devices)
     try:

@@ -35,7 +35,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from opd_jax import sharding as sharding_lib
-from opd_jax.sampling import Rollout, SamplingConfig, generate_rows, resolve_slots
+from opd_jax.sampling import Rollout, SamplingConfig, check_stop_ids, generate_rows, resolve_slots
 
 __all__ = ["AUTO", "TRAINING", "RolloutLayout", "RolloutShardings", "check_layout", "layouts", "make_reshard",
            "parse_rollout_mesh", "replica_sampler", "rollout_shardings"]
@@ -169,6 +169,7 @@ def replica_sampler(graphdef, shardings: RolloutShardings, sampling: SamplingCon
         model = nnx.merge(graphdef, params)
         rows, prompt_length = prompt_tokens.shape
         slots = resolve_slots(sampling, rows, model.config, model.compute_dtype, prompt_length + sampling.max_new_tokens)
+        check_stop_ids(sampling, model.config.vocab_size, rows, slots)
         first_row = jax.lax.axis_index("data") * rows
         return generate_rows(model, prompt_tokens, prompt_mask, key, sampling, slots, first_row=first_row,
                              total_rows=rows * replicas, sync_axis="data" if tensor > 1 else None)

@@ -25,8 +25,8 @@ from opd_jax.models.decoder import DecodeCache, Decoder, DecodeWeights, KVCache
 Array = jax.Array
 _log = logging.getLogger(__name__)
 
-__all__ = ["Rollout", "SamplingConfig", "default_slots", "drain_stages", "generate", "generate_rows", "kv_cache_bytes",
-           "positions_from_mask", "refill_rows", "resolve_slots", "score", "token_log_probs",
+__all__ = ["Rollout", "SamplingConfig", "check_stop_ids", "default_slots", "drain_stages", "generate", "generate_rows",
+           "kv_cache_bytes", "positions_from_mask", "refill_rows", "resolve_slots", "score", "token_log_probs",
            "token_log_probs_and_hidden"]
 
 
@@ -273,19 +273,30 @@ def generate(
             f"prompt length {prompt_tokens.shape[1]} + max_new_tokens {config.max_new_tokens} = {total} exceeds "
             f"the model's max_position_embeddings {model.config.max_position_embeddings}"
         )
-    _check_stop_ids(config.stop_ids, model.config.vocab_size)
     # Called eagerly, the cache is checked against this process's devices; traced inside another
     # jit (a sharded sampler, the plan), the caller's program decides where it lives.
     memory = None if isinstance(prompt_tokens, jax.core.Tracer) else (jax.device_count(), _device_memory_bytes())
     slots = resolve_slots(config, prompt_tokens.shape[0], model.config, model.compute_dtype, total, memory)
+    check_stop_ids(config, model.config.vocab_size, prompt_tokens.shape[0], slots)
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, prompt_tokens, prompt_mask, key, config, slots)
 
 
-def _check_stop_ids(stop_ids: tuple[int, ...], vocab_size: int) -> None:
-    outside = [i for i in stop_ids if not 0 <= i < vocab_size]
+def check_stop_ids(config: SamplingConfig, vocab_size: int, rows: int, slots: int) -> None:
+    """Refuse stop ids outside the vocabulary, and an empty stop-id set where slots should free up
+    (``slots`` below the ``rows``): no row could stop before ``max_new_tokens``. Without slots to
+    refill an empty set is fine: every row runs to ``max_new_tokens`` (fixed-length decoding).
+
+    Raises:
+      ValueError: naming ``stop_ids`` and the allowed ids.
+    """
+    outside = [i for i in config.stop_ids if not 0 <= i < vocab_size]
     if outside:
         raise ValueError(f"stop_ids {outside} lie outside the vocabulary: allowed ids are 0..{vocab_size - 1}")
+    if not config.stop_ids and slots < rows:
+        raise ValueError(f"stop_ids is empty, but {rows} prompts decode in {slots} slots: no response can stop "
+                         f"before max_new_tokens to free a slot; give stop ids (allowed ids are 0..{vocab_size - 1}) "
+                         "or as many slots as prompts")
 
 
 def kv_cache_bytes(model_config, slots: int, length: int, dtype) -> int:

@@ -346,6 +346,9 @@ def test_slots_are_checked_clamped_and_sized(model, caplog):
         clamped.tokens, sampling.generate(model, tokens, mask, jax.random.key(0), sampling.SamplingConfig(8)).tokens)
     with pytest.raises(ValueError, match=r"stop_ids \[80, -1\] lie outside the vocabulary: allowed ids are 0\.\.79"):
         sampling.generate(model, tokens, mask, jax.random.key(0), sampling.SamplingConfig(8, stop_ids=(3, 80, -1)))
+    # No stop ids with fewer slots than prompts: no slot could free up early.
+    with pytest.raises(ValueError, match=r"stop_ids is empty, but 4 prompts decode in 2 slots.*allowed ids are 0\.\.79"):
+        sampling.generate(model, tokens, mask, jax.random.key(0), sampling.SamplingConfig(8, slots=2))
     # Refused before anything is compiled or allocated: 2 · 64 layers · 8 heads · 128 dims · 2 bytes
     # per token and slot, for 32768 tokens × 2**20 slots.
     big = dataclasses.replace(CONFIG, num_layers=64, num_heads=32, num_kv_heads=8, head_dim=128)
