@@ -260,7 +260,7 @@ def choose_layout(model, devices: int, chip, memory_bytes: int, **estimate) -> t
 def resolve_layout(rollout_mesh: str, devices: int, model, chip, memory_bytes: int, **estimate
                    ) -> RolloutLayout | None:
     """The inference layout ``rollout_mesh`` names for a student on ``devices``: ``None`` for
-    ``training``; :func:`choose_layout`'s for ``auto``; the named one, checked.
+    ``training``; :func:`choose_layout`'s for ``auto`` (``None`` on one device); the named one, checked.
 
     Args:
       chip: the devices' :class:`~opd_jax.topologies.Chip` (``None``: unknown; ``auto`` keeps the
@@ -271,7 +271,7 @@ def resolve_layout(rollout_mesh: str, devices: int, model, chip, memory_bytes: i
       ValueError: a named layout that does not fit the devices, heads or rows (naming those that do).
     """
     choice = parse_rollout_mesh(rollout_mesh)
-    if choice == TRAINING or (choice == AUTO and chip is None):
+    if choice == TRAINING or (choice == AUTO and (chip is None or devices == 1)):  # one device: nothing to lay out
         return None
     if choice == AUTO:
         return choose_layout(model, devices, chip, memory_bytes, **estimate)[0].layout

@@ -159,5 +159,6 @@ def test_auto_chooses_the_layout_of_fewest_roofline_seconds():
     assert all(c.seconds >= c.seconds_without for c in candidates)
     assert rollout_estimate.resolve_layout("auto", 32, model, chip, chip.memory_bytes, **keywords) == best.layout
     assert rollout_estimate.resolve_layout("training", 32, model, chip, chip.memory_bytes, **keywords) is None
+    assert rollout_estimate.resolve_layout("auto", 1, model, chip, chip.memory_bytes, **keywords) is None
     with pytest.raises(ValueError, match="no rollout layout over 32 devices fits"):
         rollout_estimate.choose_layout(model, 32, chip, 2**30, **keywords)
