@@ -274,13 +274,11 @@ def _check_layout(spec: RunSpec, student_config, teacher_configs: dict) -> None:
             step.make_optimizer(spec.train), placement.student_rules, placement.teacher_rules, placement.teacher_mesh)
     except ValueError as error:
         raise ValueError(f"--mesh: {error}") from None
-    layout = rollout_layout.parse_rollout_mesh(spec.train.rollout_mesh)
-    if isinstance(layout, rollout_layout.RolloutLayout):
-        try:
-            rollout_layout.check_layout(layout, placement.mesh.size, student_config,
-                                        spec.train.prompts_per_step * spec.train.group_size)
-        except ValueError as error:
-            raise ValueError(f"--rollout-mesh: {error}") from None
+    try:
+        rollout_layout.check_rollout_mesh(spec.train.rollout_mesh, placement.mesh.size, student_config,
+                                          spec.train.prompts_per_step * spec.train.group_size)
+    except ValueError as error:
+        raise ValueError(f"--rollout-mesh: {error}") from None
 
 
 def launch(spec: RunSpec, *, progress: bool = True):

@@ -373,14 +373,12 @@ def _rollout_layout(config: PlanConfig, topology, devices, compute_dtype) -> tup
     estimate = dict(rows=config.rows, prompt_length=config.prompt_length, max_new_tokens=config.new_tokens,
                     lengths=config.response_lengths, stop_ids=tuple(config.student.eos_token_id),
                     compute_dtype=compute_dtype, slots=train.rollout_slots, group=train.group_size)
-    memory = topology.memory_bytes(devices)
+    candidates = rollout_estimate.layout_estimates(config.student, student_devices, topology.chip, **estimate)
     try:
         layout = rollout_estimate.resolve_layout(train.rollout_mesh, student_devices, config.student, topology.chip,
-                                                 memory, **estimate)
+                                                 topology.memory_bytes(devices), candidates=candidates, **estimate)
     except ValueError as error:
         raise ValueError(f"rollout_mesh: {error}") from None
-    candidates = [rollout_estimate.estimate_rollout(config.student, candidate, topology.chip, **estimate)
-                  for candidate in rollout_layout_lib.layouts(student_devices, config.student, config.rows)]
     chosen = next((c for c in candidates if c.layout == layout), None)
     block = {"rollout_mesh": train.rollout_mesh, "layout": "training" if layout is None else str(layout),
              "response_lengths": config.response_lengths.describe(),
@@ -459,7 +457,8 @@ def _build_programs(config: PlanConfig, devices, student, teacher, layout=None
         ),
     }
     if layout is not None:
-        programs.update(_layout_programs(config, graphdef, params, shardings, layout, key, teacher_beside))
+        programs.update(_layout_programs(config, graphdef, params, shardings, layout, sampling_config, key,
+                                         teacher_beside))
         programs["rollout"] = dataclasses.replace(programs["rollout"], executions=0)  # compared, not run
     if own_mesh or config.retokenized:
         teacher_program, scores = _teacher_program(config, step, teacher_params, shardings, rows)
@@ -472,21 +471,18 @@ def _build_programs(config: PlanConfig, devices, student, teacher, layout=None
     return {name: programs[name] for name in order if name in programs}, buffers
 
 
-def _layout_programs(config: PlanConfig, graphdef, params, shardings, layout, key, teacher_beside
-                     ) -> dict[str, _Program]:
+def _layout_programs(config: PlanConfig, graphdef, params, shardings, layout, sampling_config: SamplingConfig, key,
+                     teacher_beside) -> dict[str, _Program]:
     """``reshard`` (the student and the prompts from the training layout onto ``layout``) and
-    ``rollout_layout`` (every data replica decoding its rows in its slots), as the loop runs them."""
+    ``rollout_layout`` (every data replica decoding its rows in its slots, with ``sampling_config``'s
+    settings and the run's own slots and groups), as the loop runs them."""
     train = config.train
     target = rollout_layout_lib.rollout_shardings(layout, jax.tree.leaves(shardings.params)[0].mesh, params,
                                                   config.placement.student_rules)
     prompts = functools.partial(jax.ShapeDtypeStruct, (config.rows, config.prompt_length))
-    training = (shardings.params, shardings.batch, shardings.batch, shardings.replicated)
-    inference = (target.params, target.batch, target.batch, target.replicated)
-    sampling_config = SamplingConfig(max_new_tokens=config.new_tokens, temperature=train.temperature,
-                                     stop_ids=tuple(config.student.eos_token_id), slots=train.rollout_slots,
-                                     group_size=train.group_size)
+    sampling_config = dataclasses.replace(sampling_config, slots=train.rollout_slots, group_size=train.group_size)
     return {
-        "reshard": _Program(rollout_layout_lib.make_reshard(training, inference),
+        "reshard": _Program(rollout_layout_lib.make_reshard(shardings, target),
                             (params, prompts(jnp.int32, sharding=shardings.batch),
                              prompts(jnp.bool_, sharding=shardings.batch), key), 1, ("opt_state", *teacher_beside),
                             (0,)),

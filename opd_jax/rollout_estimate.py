@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax import sampling as sampling_lib
-from opd_jax.rollout_layout import AUTO, TRAINING, RolloutLayout, check_layout, layouts, parse_rollout_mesh
+from opd_jax.rollout_layout import AUTO, TRAINING, RolloutLayout, check_rollout_mesh, layouts
 
 __all__ = ["LayoutEstimate", "ResponseLengths", "SlotSchedule", "choose_layout", "decode_step_work",
-           "estimate_rollout", "read_lengths", "resolve_layout", "simulate_slots"]
+           "estimate_rollout", "layout_estimates", "read_lengths", "resolve_layout", "simulate_slots"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,15 +240,22 @@ def estimate_rollout(model, layout: RolloutLayout, chip, *, rows: int, prompt_le
                           float(repeats @ bound), float(repeats @ moved_seconds), kv, matmul * compute_bytes // layout.tensor)
 
 
-def choose_layout(model, devices: int, chip, memory_bytes: int, **estimate) -> tuple[LayoutEstimate, list]:
+def layout_estimates(model, devices: int, chip, **estimate) -> list[LayoutEstimate]:
+    """:func:`estimate_rollout` of every layout of ``devices`` (:func:`~opd_jax.rollout_layout.layouts`)."""
+    return [estimate_rollout(model, layout, chip, **estimate) for layout in layouts(devices, model, estimate["rows"])]
+
+
+def choose_layout(model, devices: int, chip, memory_bytes: int, *, candidates: list[LayoutEstimate] | None = None,
+                  **estimate) -> tuple[LayoutEstimate, list[LayoutEstimate]]:
     """The layout of ``devices`` with the smallest rollout roofline (collectives included) among those
-    whose weights and KV cache fit ``memory_bytes`` per chip, and every candidate's estimate.
+    whose weights and KV cache fit ``memory_bytes`` per chip, and every candidate's estimate
+    (``candidates``: :func:`layout_estimates`, computed here if not given).
 
     Raises:
       ValueError: no layout fits (the message gives the smallest requirement).
     """
-    candidates = [estimate_rollout(model, layout, chip, **estimate)
-                  for layout in layouts(devices, model, estimate["rows"])]
+    if candidates is None:
+        candidates = layout_estimates(model, devices, chip, **estimate)
     fitting = [c for c in candidates if c.kv_cache_bytes + c.weight_bytes <= memory_bytes]
     if not fitting:
         need = min((c.kv_cache_bytes + c.weight_bytes for c in candidates), default=0)
@@ -257,23 +264,23 @@ def choose_layout(model, devices: int, chip, memory_bytes: int, **estimate) -> t
     return min(fitting, key=lambda c: c.seconds), candidates
 
 
-def resolve_layout(rollout_mesh: str, devices: int, model, chip, memory_bytes: int, **estimate
-                   ) -> RolloutLayout | None:
+def resolve_layout(rollout_mesh: str, devices: int, model, chip, memory_bytes: int, *,
+                   candidates: list[LayoutEstimate] | None = None, **estimate) -> RolloutLayout | None:
     """The inference layout ``rollout_mesh`` names for a student on ``devices``: ``None`` for
     ``training``; :func:`choose_layout`'s for ``auto`` (``None`` on one device); the named one, checked.
 
     Args:
       chip: the devices' :class:`~opd_jax.topologies.Chip` (``None``: unknown; ``auto`` keeps the
         training layout).
+      candidates: :func:`layout_estimates` if already computed.
       estimate: :func:`estimate_rollout`'s keywords (``rows``, ``prompt_length``, ...).
 
     Raises:
       ValueError: a named layout that does not fit the devices, heads or rows (naming those that do).
     """
-    choice = parse_rollout_mesh(rollout_mesh)
+    choice = check_rollout_mesh(rollout_mesh, devices, model, estimate["rows"])
     if choice == TRAINING or (choice == AUTO and (chip is None or devices == 1)):  # one device: nothing to lay out
         return None
     if choice == AUTO:
-        return choose_layout(model, devices, chip, memory_bytes, **estimate)[0].layout
-    check_layout(choice, devices, model, estimate["rows"])
+        return choose_layout(model, devices, chip, memory_bytes, candidates=candidates, **estimate)[0].layout
     return choice

@@ -35,10 +35,10 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from opd_jax import sharding as sharding_lib
-from opd_jax.sampling import Rollout, SamplingConfig, check_stop_ids, generate_rows, resolve_slots
+from opd_jax.sampling import Rollout, SamplingConfig, checked_slots, generate_rows
 
-__all__ = ["AUTO", "TRAINING", "RolloutLayout", "RolloutShardings", "check_layout", "layouts", "make_reshard",
-           "parse_rollout_mesh", "replica_sampler", "rollout_shardings"]
+__all__ = ["AUTO", "TRAINING", "RolloutLayout", "RolloutShardings", "check_layout", "check_rollout_mesh", "layouts",
+           "make_reshard", "parse_rollout_mesh", "replica_sampler", "rollout_shardings"]
 
 AUTO = "auto"
 TRAINING = "training"
@@ -119,6 +119,14 @@ def check_layout(layout: RolloutLayout, devices: int, model_config, rows: int) -
         raise ValueError(f"rollout_mesh {layout}: {problem}; layouts that fit: {fits}")
 
 
+def check_rollout_mesh(rollout_mesh: str, devices: int, model_config, rows: int) -> str | RolloutLayout:
+    """:func:`parse_rollout_mesh`, and a named layout checked (:func:`check_layout`)."""
+    choice = parse_rollout_mesh(rollout_mesh)
+    if isinstance(choice, RolloutLayout):
+        check_layout(choice, devices, model_config, rows)
+    return choice
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutShardings:
     """Where the rollout's inputs live on the inference layout.
@@ -150,11 +158,17 @@ def rollout_shardings(layout: RolloutLayout, training_mesh: Mesh, params,
                             sharding_lib.batch_sharding(mesh), NamedSharding(mesh, P()))
 
 
-def make_reshard(training, inference) -> Callable:
-    """The jitted copy of ``(params, prompt_tokens, prompt_mask, key)`` from the training layout's
-    shardings (``training``, a tuple of four) into the inference layout's (``inference``); the
-    training copy stays (the update goes on from it)."""
-    return jax.jit(lambda *arrays: arrays, in_shardings=training, out_shardings=inference)
+def make_reshard(training, inference: RolloutShardings) -> Callable:
+    """The jitted copy of ``(params, prompt_tokens, prompt_mask, key)`` from the training layout
+    (``training``: anything with ``params``, ``batch`` and ``replicated`` shardings, such as the
+    step's :class:`~opd_jax.step.StepShardings`) into the inference layout; the training copy stays
+    (the update goes on from it)."""
+    return jax.jit(lambda *arrays: arrays, in_shardings=_arguments(training), out_shardings=_arguments(inference))
+
+
+def _arguments(shardings) -> tuple:
+    """The shardings of a sampler's ``(params, prompt_tokens, prompt_mask, key)``."""
+    return shardings.params, shardings.batch, shardings.batch, shardings.replicated
 
 
 def replica_sampler(graphdef, shardings: RolloutShardings, sampling: SamplingConfig
@@ -167,15 +181,13 @@ def replica_sampler(graphdef, shardings: RolloutShardings, sampling: SamplingCon
 
     def per_replica(params, prompt_tokens, prompt_mask, key):
         model = nnx.merge(graphdef, params)
-        rows, prompt_length = prompt_tokens.shape
-        slots = resolve_slots(sampling, rows, model.config, model.compute_dtype, prompt_length + sampling.max_new_tokens)
-        check_stop_ids(sampling, model.config.vocab_size, rows, slots)
+        rows = prompt_tokens.shape[0]
+        slots = checked_slots(model, prompt_tokens, prompt_mask, sampling)
         first_row = jax.lax.axis_index("data") * rows
         return generate_rows(model, prompt_tokens, prompt_mask, key, sampling, slots, first_row=first_row,
                              total_rows=rows * replicas, sync_axis="data" if tensor > 1 else None)
 
     mapped = jax.shard_map(per_replica, mesh=shardings.mesh, in_specs=(P(), P("data"), P("data"), P()),
                            out_specs=P("data"), axis_names=frozenset({"data"}), check_vma=False)
-    return jax.jit(mapped, in_shardings=(shardings.params, shardings.batch, shardings.batch, shardings.replicated),
-                   out_shardings=shardings.batch)
+    return jax.jit(mapped, in_shardings=_arguments(shardings), out_shardings=shardings.batch)
 

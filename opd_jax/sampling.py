@@ -25,7 +25,7 @@ from opd_jax.models.decoder import DecodeCache, Decoder, DecodeWeights, KVCache
 Array = jax.Array
 _log = logging.getLogger(__name__)
 
-__all__ = ["Rollout", "SamplingConfig", "check_stop_ids", "default_slots", "drain_stages", "generate", "generate_rows",
+__all__ = ["Rollout", "SamplingConfig", "checked_slots", "default_slots", "drain_stages", "generate", "generate_rows",
            "kv_cache_bytes", "positions_from_mask", "refill_rows", "resolve_slots", "score", "token_log_probs",
            "token_log_probs_and_hidden"]
 
@@ -169,11 +169,7 @@ def _split(key: Array) -> tuple[Array, Array]:
 def _step_keys(key: Array, steps: int) -> Array:
     """``[steps]`` keys: the key of response step ``n`` is the second half of the ``n``-th split of
     the chain ``key → split(key)[0] → …``."""
-    def next_key(chain, _):
-        chain, sample = _split(chain)
-        return chain, sample
-
-    return jax.lax.scan(next_key, key, None, length=steps)[1]
+    return jax.lax.scan(lambda chain, _: _split(chain), key, None, length=steps)[1]
 
 
 def _gumbel_rows(keys_S: Array, row_S: Array, rows: int, vocab: int) -> Array:
@@ -263,26 +259,41 @@ def generate(
     """
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask).astype(bool)
-    if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
-        raise ValueError(
-            f"prompt_tokens {list(prompt_tokens.shape)} and prompt_mask {list(prompt_mask.shape)} must be the same [B, P]"
-        )
-    total = prompt_tokens.shape[1] + config.max_new_tokens
-    if total > model.config.max_position_embeddings:
-        raise ValueError(
-            f"prompt length {prompt_tokens.shape[1]} + max_new_tokens {config.max_new_tokens} = {total} exceeds "
-            f"the model's max_position_embeddings {model.config.max_position_embeddings}"
-        )
     # Called eagerly, the cache is checked against this process's devices; traced inside another
     # jit (a sharded sampler, the plan), the caller's program decides where it lives.
     memory = None if isinstance(prompt_tokens, jax.core.Tracer) else (jax.device_count(), _device_memory_bytes())
-    slots = resolve_slots(config, prompt_tokens.shape[0], model.config, model.compute_dtype, total, memory)
-    check_stop_ids(config, model.config.vocab_size, prompt_tokens.shape[0], slots)
+    slots = checked_slots(model, prompt_tokens, prompt_mask, config, memory)
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, prompt_tokens, prompt_mask, key, config, slots)
 
 
-def check_stop_ids(config: SamplingConfig, vocab_size: int, rows: int, slots: int) -> None:
+def checked_slots(model: Decoder, prompt_tokens: Array, prompt_mask: Array, config: SamplingConfig,
+                  memory: tuple[int, int] | None = None) -> int:
+    """The slots :func:`generate` decodes ``[B, P]`` prompts in (:func:`resolve_slots`), after
+    checking the prompts and ``config`` against the model (what :func:`generate_rows` assumes).
+
+    Raises:
+      ValueError: shapes disagree, the prompt plus ``max_new_tokens`` exceeds the model's
+        ``max_position_embeddings``, stop ids lie outside the vocabulary (or there are none while
+        slots should free up), or the cache cannot fit ``memory``.
+    """
+    if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
+        raise ValueError(
+            f"prompt_tokens {list(prompt_tokens.shape)} and prompt_mask {list(prompt_mask.shape)} must be the same [B, P]"
+        )
+    rows, prompt_length = prompt_tokens.shape
+    total = prompt_length + config.max_new_tokens
+    if total > model.config.max_position_embeddings:
+        raise ValueError(
+            f"prompt length {prompt_length} + max_new_tokens {config.max_new_tokens} = {total} exceeds "
+            f"the model's max_position_embeddings {model.config.max_position_embeddings}"
+        )
+    slots = resolve_slots(config, rows, model.config, model.compute_dtype, total, memory)
+    _check_stop_ids(config, model.config.vocab_size, rows, slots)
+    return slots
+
+
+def _check_stop_ids(config: SamplingConfig, vocab_size: int, rows: int, slots: int) -> None:
     """Refuse stop ids outside the vocabulary, and an empty stop-id set where slots should free up
     (``slots`` below the ``rows``): no row could stop before ``max_new_tokens``. Without slots to
     refill an empty set is fine: every row runs to ``max_new_tokens`` (fixed-length decoding).
@@ -541,7 +552,7 @@ class _SlotLoop:
     slots: int
     group: int
     first_row: Array | int = 0  # the global index of prompt row 0 (a replica's share of a larger batch)
-    noise_rows: int | None = None  # rows of the whole batch the noise is drawn for (None: these rows)
+    total_rows: int | None = None  # rows of the whole batch the noise is drawn for (None: these rows)
     # A mesh axis whose members must take the same branches (replicas whose steps run collectives
     # over another axis): a loop goes on, and a refill happens, while any member wants it.
     sync_axis: str | None = None
@@ -594,7 +605,7 @@ class _SlotLoop:
                 lambda s: s, state)
         step_key_S = self.step_keys[jnp.minimum(state.written_S, config.max_new_tokens - 1)]
         token, token_logp = _sample(state.logits_SxV, step_key_S, state.row_S + self.first_row,
-                                    self.noise_rows or rows, config)
+                                    self.total_rows or rows, config)
         live = ~state.done_S
         token = jnp.where(live, token, config.pad_id)
         cache = state.cache
@@ -621,7 +632,7 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, config: Sampling
 def generate_rows(model: Decoder, prompt_tokens: Array, prompt_mask: Array, key: Array, config: SamplingConfig,
                   slots: int, *, first_row: Array | int = 0, total_rows: int | None = None,
                   sync_axis: str | None = None) -> Rollout:
-    """:func:`generate`'s program (traced, unchecked) for rows ``first_row …`` of a batch of ``total_rows``.
+    """:func:`generate`'s program (traced; inputs checked by :func:`checked_slots`) for rows ``first_row …`` of a batch of ``total_rows``.
 
     A data replica of the inference layout (:mod:`opd_jax.rollout_layout`) decodes its share of the
     batch in its own ``slots``; each row draws the noise of its global row index, so the replicas'

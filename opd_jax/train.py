@@ -599,10 +599,9 @@ def _check_run(config: TrainConfig, student: Decoder, teacher, reference: Decode
         raise ValueError(f"reference vocab_size {reference.config.vocab_size} != student vocab_size "
                          f"{student.config.vocab_size}")
     check_teacher_mesh(config, placement.mesh, placement.teacher_mesh)
-    layout = rollout_layout.parse_rollout_mesh(config.rollout_mesh)
-    if placement.mesh is not None and isinstance(layout, rollout_layout.RolloutLayout):
-        rollout_layout.check_layout(layout, placement.mesh.size, student.config,
-                                    config.prompts_per_step * config.group_size)
+    if placement.mesh is not None:
+        rollout_layout.check_rollout_mesh(config.rollout_mesh, placement.mesh.size, student.config,
+                                          config.prompts_per_step * config.group_size)
     if config.pipeline_rollouts and jax.process_count() > 1:
         raise ValueError("pipeline_rollouts runs in one process only (a sampling thread's collectives could "
                          "interleave differently on each process); set it to false for a multi-process run")

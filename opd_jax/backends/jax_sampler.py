@@ -49,35 +49,26 @@ class JaxBackend:
         the static batch (``slots`` = the rows) with every row prefilled (``group_size`` 1), since
         refilling a slot, moving rows between slots or copying a group's prefill would cross devices.
         """
-        batch = shardings.batch
-        if rollout is not None:
-            return cls._on_layout(graphdef, shardings, sampling, rollout)
+        if rollout is None:
+            batch = shardings.batch
 
-        @functools.partial(jax.jit, in_shardings=(shardings.params, batch, batch, shardings.replicated),
-                           out_shardings=batch)
-        def sample(params, prompt_tokens, prompt_mask, key):
-            rows = prompt_tokens.shape[0]
-            split = batch.shard_shape(prompt_tokens.shape)[0] < rows
-            config = dataclasses.replace(sampling, slots=rows, group_size=1) if split else sampling
-            return generate(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, config)
+            @functools.partial(jax.jit, in_shardings=(shardings.params, batch, batch, shardings.replicated),
+                               out_shardings=batch)
+            def sample(params, prompt_tokens, prompt_mask, key):
+                rows = prompt_tokens.shape[0]
+                split = batch.shard_shape(prompt_tokens.shape)[0] < rows
+                config = dataclasses.replace(sampling, slots=rows, group_size=1) if split else sampling
+                return generate(nnx.merge(graphdef, params), prompt_tokens, prompt_mask, key, config)
+        else:
+            reshard, on_layout = make_reshard(shardings, rollout), replica_sampler(graphdef, rollout, sampling)
+
+            def sample(params, prompt_tokens, prompt_mask, key):
+                return on_layout(*reshard(params, prompt_tokens, prompt_mask, key))
 
         def rollout_fn(model, prompt_tokens, prompt_mask, key, config):
             if config != sampling:
                 raise ValueError(f"the sharded sampler was built for {sampling}, asked for {config}")
             return sample(nnx.state(model), prompt_tokens, prompt_mask, key)
-
-        return cls(graphdef, rollout_fn)
-
-    @classmethod
-    def _on_layout(cls, graphdef: Any, shardings, sampling: SamplingConfig, rollout: RolloutShardings) -> JaxBackend:
-        reshard = make_reshard((shardings.params, shardings.batch, shardings.batch, shardings.replicated),
-                               (rollout.params, rollout.batch, rollout.batch, rollout.replicated))
-        sample = replica_sampler(graphdef, rollout, sampling)
-
-        def rollout_fn(model, prompt_tokens, prompt_mask, key, config):
-            if config != sampling:
-                raise ValueError(f"the sharded sampler was built for {sampling}, asked for {config}")
-            return sample(*reshard(nnx.state(model), prompt_tokens, prompt_mask, key))
 
         return cls(graphdef, rollout_fn)
 

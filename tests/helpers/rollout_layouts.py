@@ -47,8 +47,8 @@ def main():
         if CONFIG.num_heads % layout.tensor or CONFIG.num_kv_heads % layout.tensor:
             continue
         target = rollout_layout.rollout_shardings(layout, training_mesh, params)
-        reshard = rollout_layout.make_reshard((training, batch, batch, replicated),
-                                              (target.params, target.batch, target.batch, target.replicated))
+        reshard = rollout_layout.make_reshard(
+            rollout_layout.RolloutShardings(training_mesh, training, batch, replicated), target)
         moved = reshard(*placed)
         config = dataclasses.replace(SAMPLING, slots=slots)
         out = rollout_layout.replica_sampler(graphdef, target, config)(*moved)
